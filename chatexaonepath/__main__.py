@@ -1,0 +1,5 @@
+"""`python -m chatexaonepath` runs the CLI."""
+
+from .cli import main
+
+main()

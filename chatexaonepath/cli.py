@@ -1,0 +1,168 @@
+"""The `chatexaonepath` command line: one typer app, one group per pipeline stage.
+
+User mistakes (`ChatEXAONEPathError`) print one sentence and exit with code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .errors import ChatEXAONEPathError
+from .progress import console, progress_bar, setup_logging
+
+app = typer.Typer(help="Chat with a multimodal LLM about whole-slide pathology images.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+slide_app = typer.Typer(help="Whole-slide images → patch features.", no_args_is_help=True)
+synth_app = typer.Typer(help="Synthetic slides for tests, demos and benchmarks.", no_args_is_help=True)
+app.add_typer(slide_app, name="slide")
+app.add_typer(synth_app, name="synth")
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; errors only.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")]
+
+
+@slide_app.command("extract")
+def slide_extract(
+    slides: Annotated[list[Path], typer.Argument(help="Slide files, or folders of slides.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <slide_id>.h5, thumbnails/ and errors.jsonl.")],
+    encoder: Annotated[str, typer.Option(help="Patch encoder: exaonepath (real weights) or random-vit-b16 (testing).")] = "exaonepath",
+    encoder_weights: Annotated[Optional[str], typer.Option(help="EXAONEPath.ckpt, a weights folder, or a hub repo id to download.")] = None,
+    stain_norm: Annotated[str, typer.Option(help="none (paper v3) or macenko.")] = "none",
+    batch_size: Annotated[int, typer.Option(help="Patches per encoder batch.")] = 32,
+    num_workers: Annotated[Optional[int], typer.Option(help="Loader processes (default: 1 on CPU, spare cores on GPU).")] = None,
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (auto: bf16 where the hardware runs it).")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px for slides whose metadata lacks it (overrides metadata).")] = None,
+    patch_size: Annotated[int, typer.Option(help="Patch side in pixels at --target-mpp.")] = 256,
+    target_mpp: Annotated[float, typer.Option(help="µm/px of the patches (0.5 ≈ 20×).")] = 0.5,
+    min_tissue: Annotated[float, typer.Option(help="Minimum tissue fraction of a kept patch.")] = 0.25,
+    min_saturation: Annotated[int, typer.Option(help="Lowest saturation threshold (0–255) counted as tissue.")] = 12,
+    skip_errors: Annotated[bool, typer.Option("--skip-errors/--fail-fast", help="Record bad slides and go on (default), or stop at the first.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed for random encoders.")] = 0,
+    quiet: Quiet = False, verbose: Verbose = False,
+) -> None:
+    """Extract patch features from slides into CLAM/TRIDENT-compatible .h5 files (resumable)."""
+    from .vision_tower.extraction import ExtractConfig, extract_slides
+    from .vision_tower.tissue import TissueConfig
+
+    setup_logging(verbose, quiet)
+    config = ExtractConfig(
+        encoder=encoder, encoder_weights=encoder_weights, stain_norm=stain_norm, batch_size=batch_size,
+        num_workers=num_workers, precision=precision, device=device, mpp=mpp, patch_size=patch_size,
+        target_mpp=target_mpp, min_tissue=min_tissue, seed=seed, tissue=TissueConfig(min_saturation=min_saturation),
+    )
+    with progress_bar(quiet) as progress:
+        def on_slide_start(slide, total):
+            task = progress.add_task(slide.slide_id, total=total, unit="patches")
+            return lambda done, _total: progress.update(task, completed=done)
+
+        summary = extract_slides(slides, out, config, skip_errors=skip_errors, on_slide_start=on_slide_start)
+    if not quiet:
+        _print_extract_summary(summary, out)
+    if summary.failed:
+        console.print(f"[red]{len(summary.failed)} slide(s) failed; see {summary.errors_file}.")
+        raise typer.Exit(1)
+
+
+def _print_extract_summary(summary, out: Path) -> None:
+    table = Table(title=f"Features in {out}")
+    for column in ("slide", "status", "patches", "seconds", "patches/s", "note"):
+        table.add_column(column)
+    for r in summary.results:
+        rate = f"{r.num_patches / r.seconds:.1f}" if r.status == "extracted" and r.seconds > 0 else ""
+        table.add_row(r.slide_id, r.status, str(r.num_patches) if r.num_patches >= 0 else "",
+                      f"{r.seconds:.1f}" if r.seconds else "", rate, r.error or "")
+    console.print(table)
+    console.print(f"extracted {summary.count('extracted')}, skipped (already done) {summary.count('skipped')}, "
+                  f"locked by another process {summary.count('locked')}, failed {len(summary.failed)}")
+
+
+@slide_app.command("info")
+def slide_info(
+    slide: Annotated[Path, typer.Argument(help="A slide file or DICOM folder.")],
+    mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px override.")] = None,
+) -> None:
+    """Show a slide's format, resolution and pyramid."""
+    from .vision_tower.slide import open_slide
+
+    with open_slide(slide, mpp) as s:
+        table = Table(title=str(slide))
+        table.add_column("level")
+        table.add_column("size (px)")
+        table.add_column("downsample")
+        table.add_column("µm/px")
+        for level, ((w, h), ds) in enumerate(zip(s.level_dimensions, s.level_downsamples)):
+            table.add_row(str(level), f"{w}×{h}", f"{ds:.3g}", f"{s.mpp * ds:.4g}")
+        console.print(f"format: {s.vendor}   level-0 µm/px: {s.mpp:.4g} ({s.mpp_source})")
+        console.print(table)
+
+
+@slide_app.command("encoders")
+def slide_encoders() -> None:
+    """List the registered patch encoders."""
+    from .vision_tower.encoder import available_encoders
+
+    for name in available_encoders():
+        typer.echo(name)
+
+
+@synth_app.command("slide")
+def synth_slide(
+    out: Annotated[Path, typer.Argument(help="Output .tiff path.")],
+    tissue: Annotated[str, typer.Option(help="Tissue class: tumor, stroma, normal, necrosis, lymphoid, adipose.")] = "tumor",
+    size: Annotated[int, typer.Option(help="Width and height in level-0 pixels.")] = 4096,
+    mpp: Annotated[float, typer.Option(help="Level-0 µm/px (0.25 ≈ 40×, 0.5 ≈ 20×).")] = 0.25,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    no_mpp: Annotated[bool, typer.Option("--no-mpp", help="Omit µm/px from the file (to test that error).")] = False,
+    blank: Annotated[bool, typer.Option("--blank", help="Glass only, no tissue.")] = False,
+) -> None:
+    """Write a pyramidal, tiled, JPEG-compressed synthetic H&E slide that OpenSlide opens."""
+    from .vision_tower.synthetic import make_synthetic_slide, tissue_classes
+
+    if tissue not in tissue_classes():
+        raise ChatEXAONEPathError(f"Unknown tissue class {tissue!r}; choose one of {', '.join(tissue_classes())}.")
+    if size < 256:
+        raise ChatEXAONEPathError(f"--size must be at least 256 pixels, got {size}.")
+    path = make_synthetic_slide(out, tissue, (size, size), mpp, seed, blank=blank, write_mpp=not no_mpp)
+    typer.echo(str(path))
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo slide and its features.")] = Path("demo_out"),
+    encoder: Annotated[Optional[str], typer.Option(help="Patch encoder (default: exaonepath if its weights are found, else random-vit-b16).")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Run the vision tower end to end on a synthetic slide and print what it produced."""
+    from .vision_tower.demo import run_demo
+
+    setup_logging(quiet=quiet)
+    with progress_bar(quiet) as progress:
+        report = run_demo(out, encoder, progress)
+    table = Table(title="ChatEXAONEPath vision tower demo", show_header=False)
+    for key, value in report.items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one sentence and exit code 2."""
+    started = time.perf_counter()
+    try:
+        app()
+    except ChatEXAONEPathError as e:
+        console.print(f"[bold red]Error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print(f"Interrupted after {time.perf_counter() - started:.0f} s; rerun the same command to resume.")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

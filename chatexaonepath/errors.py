@@ -1,0 +1,29 @@
+"""The package's exception types: user mistakes carry one actionable sentence.
+
+The CLI catches `ChatEXAONEPathError`, prints its message and exits with code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+
+class ChatEXAONEPathError(Exception):
+    """Base class for errors caused by the user's input or environment, not by a bug."""
+
+
+class SlideError(ChatEXAONEPathError):
+    """A slide file is missing, corrupt, truncated, unsupported or unreadable."""
+
+
+class MissingMppError(SlideError):
+    """A slide does not say how many micrometres one pixel spans, and no override was given."""
+
+
+class NoTissueError(SlideError):
+    """Tissue segmentation found no tissue on a slide."""
+
+
+class EncoderError(ChatEXAONEPathError):
+    """A patch encoder is unknown, or its weights are missing or do not match the architecture."""
+
+
+class FeaturesError(ChatEXAONEPathError):
+    """A features file is missing, malformed or was written with other settings."""

@@ -1,0 +1,1 @@
+"""Seven-criteria LLM-judge evaluation (evaluation issue)."""

@@ -1,0 +1,1 @@
+"""RAIDER: retrieval-augmented instruction-data generation from pathology reports (RAIDER issue)."""

@@ -1,0 +1,394 @@
+"""Slide → features: the extraction engine and the resumable batch job behind `slide extract`.
+
+Worker processes read, decode and resize patches while the main process encodes them, so on a
+GPU the loader is what must keep up. Each slide ends as one atomic `.h5` (features.py); a batch
+skips slides already done with the same settings, takes per-slide lock files so several
+processes (or GPUs) can share one output folder, and records failures without stopping.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from ..errors import ChatEXAONEPathError, SlideError
+from .encoder import PatchEncoder, build_encoder
+from .features import FORMAT_VERSION, settings_match, write_features
+from .patching import PatchGrid, patch_grid, read_patch
+from .slide import Slide, find_slides, open_slide
+from .stain import MacenkoNormalizer
+from .tissue import TissueConfig, TissueMask, draw_tissue_outline, segment_tissue
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]  # (patches done, patches total)
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ExtractConfig:
+    """Settings of a feature extraction; saved as `extract_config.json` beside the features."""
+
+    encoder: str = "exaonepath"
+    encoder_weights: str | None = None
+    stain_norm: str = "none"  # "none" (the paper's v3) or "macenko"
+    patch_size: int = 256
+    target_mpp: float = 0.5
+    min_tissue: float = 0.25
+    batch_size: int = 32
+    num_workers: int | None = None  # None: chosen from the device and the cores
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    device: str = "auto"
+    mpp: float | None = None  # level-0 µm/px override for slides without it
+    seed: int = 0  # for random encoders only
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+
+    def __post_init__(self) -> None:
+        if self.stain_norm not in ("none", "macenko"):
+            raise ChatEXAONEPathError(f"--stain-norm must be 'none' or 'macenko', got {self.stain_norm!r}.")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise ChatEXAONEPathError(f"--precision must be one of auto, {', '.join(PRECISIONS)}; got {self.precision!r}.")
+        if self.batch_size < 1:
+            raise ChatEXAONEPathError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        if isinstance(self.tissue, dict):
+            self.tissue = TissueConfig(**self.tissue)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` → the first CUDA GPU if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ChatEXAONEPathError(f"--device {name} was asked for, but no CUDA GPU is available.")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto` → bf16 on GPUs and CPUs that run it natively (AVX-512 BF16 / AMX), else fp32/fp16."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+class PatchBatches(torch.utils.data.Dataset):
+    """Batches of patches of one slide; each item is a whole batch, so workers hand over few, large arrays."""
+
+    def __init__(self, slide: Slide, grid: PatchGrid, batch_size: int) -> None:
+        self.slide, self.grid, self.batch_size = slide, grid, batch_size
+
+    def __len__(self) -> int:
+        return (len(self.grid) + self.batch_size - 1) // self.batch_size
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+        start = index * self.batch_size
+        coords = self.grid.coords[start : start + self.batch_size]
+        size = self.grid.patch_size
+        batch = np.empty((len(coords), size, size, 3), np.uint8)
+        for i, (x, y) in enumerate(coords):
+            batch[i] = read_patch(self.slide, self.grid, x, y)
+        return start, torch.from_numpy(batch)  # (B, S, S, 3) uint8
+
+
+def _worker_init(_: int) -> None:
+    # Workers decode and resize; many threads per worker would only fight the encoder for cores.
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def default_num_workers(device: torch.device) -> int:
+    """Loader processes: on a GPU all spare cores (up to 16); on a CPU one, since the encoder needs the cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(16, max(1, cores - 1)) if device.type == "cuda" else 1
+
+
+def _loader_context():
+    # A plain fork copies OpenCV's and OpenMP's thread pools mid-state, and the worker's first
+    # cv2 call can deadlock. The forkserver starts clean once, with the heavy imports preloaded,
+    # and then forks cheap workers for every slide.
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "cv2", "openslide", __name__])
+    return context
+
+
+def patch_loader(slide: Slide, grid: PatchGrid, batch_size: int, num_workers: int, pin_memory: bool = False):
+    """A DataLoader yielding (start index, uint8 (B, S, S, 3)) batches of one slide's patches."""
+    return torch.utils.data.DataLoader(
+        PatchBatches(slide, grid, batch_size), batch_size=None, shuffle=False, num_workers=num_workers,
+        pin_memory=pin_memory, worker_init_fn=_worker_init if num_workers else None,
+        prefetch_factor=4 if num_workers else None, persistent_workers=False,
+        multiprocessing_context=_loader_context() if num_workers else None,
+    )
+
+
+@dataclass
+class SlideResult:
+    """What extracting one slide produced."""
+
+    slide_id: str
+    path: Path
+    num_patches: int
+    seconds: float
+    status: str  # "extracted" | "skipped" | "locked" | "failed"
+    error: str | None = None
+
+
+class FeatureExtractor:
+    """Holds the encoder on its device and turns slides into features files."""
+
+    def __init__(self, config: ExtractConfig, encoder: PatchEncoder | None = None) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        self.dtype = PRECISIONS[self.precision]
+        self.encoder = encoder or build_encoder(config.encoder, config.encoder_weights, config.seed)
+        model = self.encoder.model.to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(self.dtype)  # half weights on GPU: half the memory traffic
+        self.model = model
+        self.normalizer = MacenkoNormalizer() if config.stain_norm == "macenko" else None
+        self.num_workers = config.num_workers if config.num_workers is not None else default_num_workers(self.device)
+
+    @torch.inference_mode()
+    def encode(self, patches: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, S, S, 3) patches → float32 (B, D) features on the CPU."""
+        patches = patches.to(self.device, non_blocking=True)
+        if self.normalizer is not None:
+            patches = self.normalizer.normalize(patches)
+        pixels = self.encoder.preprocess(patches, torch.float32)
+        # Autocast keeps LayerNorm and softmax in float32 while matmuls run in bf16/fp16.
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            features = self.model(pixels)
+        return features.float().cpu()
+
+    def settings(self, slide: Slide) -> dict:
+        """The attributes that identify how a features file was made (see features.SETTINGS_ATTRS)."""
+        return {
+            "encoder": self.encoder.name, "encoder_weights_sha256": self.encoder.weights_sha256,
+            "encoder_weights": self.encoder.weights_source, "stain_norm": self.config.stain_norm,
+            "patch_size": self.config.patch_size, "target_mpp": self.config.target_mpp,
+            "min_tissue": self.config.min_tissue, "precision": self.precision,
+            "tissue_config": json.dumps(self.config.tissue.to_dict(), sort_keys=True),
+            "slide_fingerprint": slide.fingerprint(), "version": FORMAT_VERSION,
+        }
+
+    def prepare(self, slide: Slide) -> tuple[TissueMask, PatchGrid]:
+        """Segment tissue and lay the patch grid."""
+        tissue = segment_tissue(slide, self.config.tissue)
+        grid = patch_grid(slide, tissue, self.config.patch_size, self.config.target_mpp, self.config.min_tissue)
+        return tissue, grid
+
+    def iter_features(self, slide: Slide, grid: PatchGrid) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (start index, float32 (B, D) features) batch by batch."""
+        loader = patch_loader(slide, grid, self.config.batch_size, self.num_workers, self.device.type == "cuda")
+        for start, patches in loader:
+            yield start, self.encode(patches)
+
+    def extract(self, slide: Slide, out_dir: str | Path, progress: ProgressFn | None = None,
+                prepared: tuple[TissueMask, PatchGrid] | None = None) -> SlideResult:
+        """Extract one open slide into `out_dir/<slide_id>.h5` plus a tissue thumbnail."""
+        started = time.perf_counter()
+        out_dir = Path(out_dir)
+        tissue, grid = prepared or self.prepare(slide)
+        write_thumbnail(out_dir / "thumbnails" / f"{slide.slide_id}.png", tissue)
+        features = np.empty((len(grid), self.encoder.embed_dim), np.float16)
+        done = 0
+        for start, batch in self.iter_features(slide, grid):
+            features[start : start + len(batch)] = batch.numpy()
+            done += len(batch)
+            if progress:
+                progress(done, len(grid))
+        width0, height0 = slide.dimensions
+        attrs = self.settings(slide) | {
+            "patch_size_level0": grid.patch_size_level0, "level0_mpp": slide.mpp,
+            "mpp_source": slide.mpp_source, "level0_width": width0, "level0_height": height0,
+            "read_level": grid.read_level, "slide_id": slide.slide_id, "slide_path": str(slide.path),
+            "encoder_is_random": self.encoder.is_random,
+        }
+        write_features(out_dir / f"{slide.slide_id}.h5", features, grid.coords, attrs)
+        return SlideResult(slide.slide_id, slide.path, len(grid), time.perf_counter() - started, "extracted")
+
+
+def write_thumbnail(path: Path, tissue: TissueMask, max_side: int = 2048) -> None:
+    """Save the slide thumbnail with the tissue outline as PNG (atomically)."""
+    import cv2
+
+    if tissue.thumbnail is None:
+        return
+    image, downsample = tissue.thumbnail, tissue.downsample
+    scale = min(1.0, max_side / max(image.shape[:2]))
+    if scale < 1.0:
+        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        downsample /= scale
+    outlined = draw_tissue_outline(image, tissue, downsample)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    cv2.imwrite(str(tmp), cv2.cvtColor(outlined, cv2.COLOR_RGB2BGR))
+    os.replace(tmp, path)
+
+
+# -- the batch job --------------------------------------------------------------------------------
+@dataclass
+class ExtractSummary:
+    """Counts and per-slide results of one `extract_slides` run."""
+
+    results: list[SlideResult] = field(default_factory=list)
+    errors_file: Path | None = None
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def failed(self) -> list[SlideResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+
+class SlideLock:
+    """A lock file next to the output, so several processes can share one folder without double work.
+
+    A lock left by a killed process on this host is detected (its PID is gone) and taken over.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.held = False
+
+    def acquire(self) -> bool:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if not self._stale():
+                    return False
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, f)
+            self.held = True
+            return True
+        return False
+
+    def _stale(self) -> bool:
+        try:
+            owner = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return True  # unreadable or half-written: the writer died mid-write
+        if owner.get("host") != socket.gethostname():
+            return False  # another machine's process; cannot check, so respect it
+        try:
+            os.kill(int(owner.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            return False
+        return False
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def extract_slides(
+    inputs: list[str | os.PathLike], out_dir: str | os.PathLike, config: ExtractConfig, *,
+    skip_errors: bool = True, on_slide_start: Callable[[Slide, int], ProgressFn | None] | None = None,
+    extractor: FeatureExtractor | None = None,
+) -> ExtractSummary:
+    """Extract features for every slide in `inputs` into `out_dir`, resuming where a run stopped.
+
+    Bad slides are recorded in `out_dir/errors.jsonl` and the batch goes on (`skip_errors=False`
+    re-raises the first one instead). `on_slide_start(slide, n_patches)` may return a progress callback.
+    """
+    out_dir = Path(out_dir)
+    slides = find_slides(inputs)
+    _check_unique_ids(slides)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    extractor = extractor or FeatureExtractor(config)
+    _save_config(out_dir, config, extractor)
+    summary = ExtractSummary(errors_file=out_dir / "errors.jsonl")
+    summary.errors_file.unlink(missing_ok=True)  # this run's errors only; fixed slides drop out
+    for path in slides:
+        result = _extract_one(path, out_dir, config, extractor, on_slide_start)
+        summary.results.append(result)
+        if result.status == "failed":
+            with open(summary.errors_file, "a") as f:
+                f.write(json.dumps({"slide": str(path), "error": result.error, "time": time.time()}) + "\n")
+            if not skip_errors:
+                raise SlideError(result.error)
+    return summary
+
+
+def _extract_one(path: Path, out_dir: Path, config: ExtractConfig, extractor: FeatureExtractor,
+                 on_slide_start: Callable | None) -> SlideResult:
+    slide_id = path.name if path.is_dir() else path.stem
+    lock = SlideLock(out_dir / f"{slide_id}.lock")
+    started = time.perf_counter()
+    try:
+        with open_slide(path, config.mpp) as slide:
+            target = out_dir / f"{slide_id}.h5"
+            if settings_match(target, extractor.settings(slide)):
+                logger.info("%s: already extracted with these settings, skipped", slide_id)
+                return SlideResult(slide_id, path, -1, 0.0, "skipped")
+            if not lock.acquire():
+                logger.info("%s: being extracted by another process, skipped", slide_id)
+                return SlideResult(slide_id, path, -1, 0.0, "locked")
+            prepared = extractor.prepare(slide)
+            progress = on_slide_start(slide, len(prepared[1])) if on_slide_start else None
+            return extractor.extract(slide, out_dir, progress, prepared)
+    except ChatEXAONEPathError as e:
+        message = _one_sentence(e)
+        logger.error("%s: %s", slide_id, message)
+    except Exception as e:  # noqa: BLE001 - a decoder crash on one slide must not end a batch of thousands
+        message = f"{type(e).__name__}: {_one_sentence(e)}"
+        logger.exception("%s failed unexpectedly", slide_id)
+    finally:
+        lock.release()
+    return SlideResult(slide_id, path, 0, time.perf_counter() - started, "failed", message)
+
+
+def _one_sentence(error: Exception) -> str:
+    """The error's own message, also when a DataLoader worker wrapped it in a traceback."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+
+def _check_unique_ids(slides: list[Path]) -> None:
+    seen: dict[str, Path] = {}
+    for path in slides:
+        slide_id = path.name if path.is_dir() else path.stem
+        if slide_id in seen:
+            raise ChatEXAONEPathError(f"Two slides share the id {slide_id!r} ({seen[slide_id]} and {path}); "
+                                      "features are named by id, so rename one or extract them separately.")
+        seen[slide_id] = path
+
+
+def _save_config(out_dir: Path, config: ExtractConfig, extractor: FeatureExtractor) -> None:
+    record = asdict(config) | {
+        "resolved": {"device": str(extractor.device), "precision": extractor.precision,
+                     "num_workers": extractor.num_workers, "encoder_weights_sha256": extractor.encoder.weights_sha256,
+                     "encoder_weights": extractor.encoder.weights_source},
+    }
+    tmp = out_dir / f".extract_config.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, out_dir / "extract_config.json")

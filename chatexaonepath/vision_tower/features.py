@@ -1,0 +1,155 @@
+"""The features file: `<slide_id>.h5`, CLAM/TRIDENT-compatible, written atomically.
+
+Layout (docs/formats.md): dataset `features` (N×D float16), dataset `coords` (N×2 int64, level-0
+top-left x, y), and attributes describing how they were made. A file that exists is complete.
+`read_features` also reads the `.pt` tensors that WSI-Bench and SlideChat ship.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import FeaturesError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+# Attributes that must match for an existing file to be reused instead of re-extracted.
+SETTINGS_ATTRS = (
+    "encoder", "encoder_weights_sha256", "stain_norm", "patch_size", "target_mpp", "min_tissue",
+    "tissue_config", "precision", "slide_fingerprint", "version",
+)
+
+
+@dataclass
+class SlideFeatures:
+    """A bag of patch features: features (N, D), level-0 coords (N, 2) when known, and attrs."""
+
+    features: torch.Tensor  # (N, D), stored dtype (float16 for our files)
+    coords: torch.Tensor | None  # (N, 2) int64 level-0 top-left (x, y); None when the file has none
+    attrs: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+
+def write_features(path: str | Path, features: np.ndarray, coords: np.ndarray, attrs: dict) -> Path:
+    """Write a features file atomically: a temp file in the same folder, then a rename."""
+    import h5py
+
+    path = Path(path)
+    if features.ndim != 2 or coords.shape != (features.shape[0], 2):
+        raise ValueError(f"features {features.shape} and coords {coords.shape} do not describe one bag")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=features.astype(np.float16))
+            f.create_dataset("coords", data=coords.astype(np.int64))
+            for key, value in attrs.items():
+                f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+            f.attrs["version"] = FORMAT_VERSION
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_attrs(path: str | Path) -> dict:
+    """The attributes of a features file, without loading its arrays."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return {k: _plain(v) for k, v in f.attrs.items()}
+    except OSError as e:
+        raise FeaturesError(f"{path} is not a readable HDF5 features file: {e}.") from e
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode()
+    return value
+
+
+def read_features(path: str | Path) -> SlideFeatures:
+    """Read a `.h5` features file (ours, CLAM or TRIDENT) or a `.pt` tensor / dict of tensors."""
+    path = Path(path)
+    if not path.exists():
+        raise FeaturesError(f"Features file not found: {path}.")
+    if path.suffix == ".pt":
+        return _read_pt(path)
+    if path.suffix not in (".h5", ".hdf5"):
+        raise FeaturesError(f"{path} is neither a .h5 nor a .pt features file.")
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "features" not in f:
+                raise FeaturesError(f"{path} has no 'features' dataset (found: {', '.join(f.keys()) or 'nothing'}).")
+            features = np.asarray(f["features"][:])
+            coords = np.asarray(f["coords"][:]) if "coords" in f else None
+            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+    except OSError as e:
+        raise FeaturesError(f"{path} is not a readable HDF5 file: {e}.") from e
+    if features.ndim == 3 and features.shape[0] == 1:  # TRIDENT/CLAM sometimes keep a batch axis
+        features = features[0]
+    if coords is not None and coords.ndim == 3 and coords.shape[0] == 1:
+        coords = coords[0]
+    return _validated(path, torch.from_numpy(features), None if coords is None else torch.from_numpy(coords), attrs)
+
+
+def _read_pt(path: Path) -> SlideFeatures:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise FeaturesError(f"{path} is not a readable torch features file: {e}.") from e
+    coords = None
+    if isinstance(obj, dict):
+        key = next((k for k in ("features", "feats", "feature", "embeddings") if k in obj), None)
+        if key is None:
+            raise FeaturesError(f"{path} holds a dict without a features tensor (keys: {', '.join(map(str, obj))}).")
+        coords = obj.get("coords")
+        obj = obj[key]
+    if not isinstance(obj, torch.Tensor):
+        raise FeaturesError(f"{path} holds a {type(obj).__name__}, not a features tensor.")
+    if obj.ndim == 3 and obj.shape[0] == 1:
+        obj = obj[0]
+    if isinstance(coords, np.ndarray):
+        coords = torch.from_numpy(coords)
+    return _validated(path, obj, coords, {})
+
+
+def _validated(path: Path, features: torch.Tensor, coords: torch.Tensor | None, attrs: dict) -> SlideFeatures:
+    if features.ndim != 2 or features.shape[0] == 0:
+        raise FeaturesError(f"{path} has features of shape {tuple(features.shape)}; expected (patches, dim) with patches > 0.")
+    if coords is not None and tuple(coords.shape) != (features.shape[0], 2):
+        raise FeaturesError(f"{path} has {features.shape[0]} features but coords of shape {tuple(coords.shape)}.")
+    if not torch.isfinite(features.float()).all():
+        raise FeaturesError(f"{path} contains NaN or infinite features.")
+    return SlideFeatures(features, None if coords is None else coords.long(), attrs, path)
+
+
+def settings_match(path: Path, expected: dict) -> bool:
+    """True when `path` exists, is readable and was made with exactly the `expected` settings."""
+    if not path.exists():
+        return False
+    try:
+        attrs = read_attrs(path)
+    except FeaturesError:
+        logger.warning("%s is unreadable; it will be extracted again.", path)
+        return False
+    differing = [k for k in SETTINGS_ATTRS if k in expected and str(attrs.get(k)) != str(expected[k])]
+    if differing:
+        logger.warning("%s was made with other settings (%s); it will be extracted again.", path, ", ".join(differing))
+    return not differing

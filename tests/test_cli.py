@@ -1,0 +1,58 @@
+"""The CLI as a user runs it: real processes, real exit codes, no tracebacks on user errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from chatexaonepath.vision_tower.features import read_features
+
+
+def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "chatexaonepath.cli", *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("command", [[], ["slide"], ["slide", "extract"], ["slide", "info"], ["slide", "encoders"],
+                                     ["synth"], ["synth", "slide"], ["demo"]])
+def test_every_command_has_help(command):
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
+
+
+def test_synth_info_extract_end_to_end(tmp_path):
+    slide = tmp_path / "s1.tiff"
+    assert run_cli("synth", "slide", slide, "--tissue", "stroma", "--size", "2048", "--seed", "3").returncode == 0
+    info = run_cli("slide", "info", slide)
+    assert info.returncode == 0 and "0.25" in info.stdout + info.stderr
+    result = run_cli("slide", "extract", slide, "--out", tmp_path / "feats", "--encoder", "random-vit-b16", "--quiet")
+    assert result.returncode == 0, result.stderr
+    bag = read_features(tmp_path / "feats" / "s1.h5")
+    assert bag.features.shape[1] == 768 and bag.attrs["encoder"] == "random-vit-b16"
+
+
+def test_user_errors_exit_2_with_one_sentence(slides, tmp_path):
+    cases = [
+        (["slide", "extract", slides["no_mpp"], "--out", tmp_path, "--encoder", "random-vit-b16", "--fail-fast"], "--mpp"),
+        (["slide", "extract", slides["tumor"], "--out", tmp_path, "--encoder", "no-such-encoder"], "available"),
+        (["slide", "extract", tmp_path / "missing.svs", "--out", tmp_path, "--encoder", "random-vit-b16"], "not found"),
+        (["slide", "info", slides["text_as_svs"]], "not a slide"),
+        (["slide", "extract", slides["tumor"], "--out", tmp_path, "--stain-norm", "reinhard"], "--stain-norm"),
+        (["synth", "slide", tmp_path / "x.tiff", "--tissue", "bone"], "Unknown tissue"),
+    ]
+    for args, expected in cases:
+        result = run_cli(*args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert expected in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_batch_with_bad_slide_finishes_the_rest_and_exits_1(slides, tmp_path):
+    result = run_cli("slide", "extract", slides["tumor"], slides["text_as_svs"], "--out", tmp_path,
+                     "--encoder", "random-vit-b16")
+    assert result.returncode == 1, result.stderr
+    assert (tmp_path / "tumor.h5").exists() and (tmp_path / "errors.jsonl").exists()
+    assert "Traceback" not in result.stderr and "1 slide(s) failed" in result.stderr

@@ -1,0 +1,148 @@
+"""Batched torch Macenko normaliser: agreement with torchstain, batching, fit, edge cases."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from chatexaonepath.errors import ChatEXAONEPathError
+from chatexaonepath.vision_tower.stain import MacenkoNormalizer, _smallest
+
+torchstain = pytest.importorskip("torchstain")
+from torchstain.torch.normalizers import TorchMacenkoNormalizer  # noqa: E402
+
+# Optical-density directions of haematoxylin (purple) and eosin (pink).
+H_OD = np.array([0.65, 0.70, 0.29])
+E_OD = np.array([0.07, 0.99, 0.11])
+
+
+def he_patch(seed: int, size: int = 128, h: float = 1.0, e: float = 1.0, white: float = 0.15) -> np.ndarray:
+    """An H&E-like RGB uint8 patch: eosin background, haematoxylin nuclei, some glass, noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    c_e = e * (0.5 + 0.25 * np.sin(xx / rng.uniform(8, 20)) * np.cos(yy / rng.uniform(8, 20)))
+    c_h = np.zeros((size, size), np.float32)
+    for _ in range(int(rng.integers(10, 25))):
+        cy, cx = rng.uniform(0, size, 2)
+        r = rng.uniform(3, 9)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+        c_h = np.maximum(c_h, h * rng.uniform(0.6, 1.2) * blob * (blob > 0.2))
+    glass = np.hypot(yy - rng.uniform(0, size), xx - rng.uniform(0, size)) < size * np.sqrt(white / np.pi)
+    c_e[glass] = 0.0
+    c_h[glass] = 0.0
+    od = c_h[..., None] * H_OD + c_e[..., None] * E_OD
+    img = 240.0 * np.exp(-od) + rng.normal(0, 3, (size, size, 3))
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+STRENGTHS = [(1.0, 1.0), (0.5, 1.4), (1.5, 0.6), (0.8, 0.8), (1.3, 1.3), (0.6, 0.5)]
+
+
+@pytest.fixture(scope="module")
+def batch() -> np.ndarray:
+    return np.stack([he_patch(i, h=h, e=e) for i, (h, e) in enumerate(STRENGTHS)])
+
+
+def torchstain_normalize(images: np.ndarray, target: np.ndarray | None = None) -> np.ndarray:
+    """Reference: torchstain's per-image Macenko (C×H×W in, H×W×C int out)."""
+    ref = TorchMacenkoNormalizer()
+    if target is not None:
+        ref.fit(torch.from_numpy(target).permute(2, 0, 1))
+    outs = [ref.normalize(torch.from_numpy(img).permute(2, 0, 1), stains=False)[0] for img in images]
+    return torch.stack(outs).numpy()
+
+
+def mean_abs_diff(a: np.ndarray | torch.Tensor, b: np.ndarray) -> np.ndarray:
+    a = a.numpy() if isinstance(a, torch.Tensor) else a
+    return np.abs(a.astype(np.int32) - b.astype(np.int32)).reshape(len(a), -1).mean(1)
+
+
+def test_agrees_with_torchstain_per_image(batch):
+    ours = MacenkoNormalizer().normalize(torch.from_numpy(batch))
+    mad = mean_abs_diff(ours, torchstain_normalize(batch))
+    assert (mad <= 2.0).all(), mad
+    # and it did something: the stains were really remapped
+    assert (mean_abs_diff(ours, batch) > 3.0).all()
+
+
+def test_odd_sized_image_agrees_with_torchstain():
+    img = he_patch(42, size=128)[:101, :93]  # pixel count not a multiple of the selection block
+    ours = MacenkoNormalizer().normalize(img[None])
+    assert mean_abs_diff(ours, torchstain_normalize(img[None]))[0] <= 2.0
+
+
+def test_batched_equals_per_image(batch):
+    norm = MacenkoNormalizer()
+    batched = norm.normalize(torch.from_numpy(batch))
+    for i, img in enumerate(batch):
+        single = norm.normalize(torch.from_numpy(img))
+        assert torch.equal(batched[i], single), i
+
+
+def test_fit_changes_output_and_agrees_with_torchstain_fit(batch):
+    target = he_patch(99, h=1.4, e=0.7, white=0.05)
+    default = MacenkoNormalizer().normalize(batch)
+    norm = MacenkoNormalizer()
+    assert norm.fit(target) is norm
+    fitted = norm.normalize(batch)
+    assert (mean_abs_diff(fitted, default.numpy()) > 1.0).all()
+    mad = mean_abs_diff(fitted, torchstain_normalize(batch, target=target))
+    assert (mad <= 2.0).all(), mad
+
+
+def test_blank_and_flat_images_are_left_unchanged_and_logged(batch, caplog):
+    white = np.random.default_rng(0).integers(225, 256, size=batch.shape[1:], dtype=np.uint8)
+    flat_pink = np.broadcast_to(np.array([200, 120, 170], np.uint8), batch.shape[1:])  # no stain spread
+    images = np.concatenate([batch[:2], white[None], batch[2:4], flat_pink[None], batch[4:]])
+    with caplog.at_level(logging.WARNING, logger="chatexaonepath.vision_tower.stain"):
+        out = MacenkoNormalizer().normalize(images)
+    assert torch.equal(out[2], torch.from_numpy(white))
+    assert torch.equal(out[5], torch.from_numpy(flat_pink.copy()))
+    assert "unchanged" in caplog.text and "2" in caplog.text and "5" in caplog.text
+    others = torch.cat([out[:2], out[3:5], out[6:]])
+    assert (mean_abs_diff(others, torchstain_normalize(batch)) <= 2.0).all()
+
+
+def test_fit_on_blank_target_raises():
+    with pytest.raises(ChatEXAONEPathError):
+        MacenkoNormalizer().fit(np.full((64, 64, 3), 250, np.uint8))
+
+
+def test_dtype_shape_and_numpy_input(batch):
+    norm = MacenkoNormalizer()
+    from_numpy = norm.normalize(batch)
+    assert isinstance(from_numpy, torch.Tensor)
+    assert from_numpy.dtype == torch.uint8 and from_numpy.shape == batch.shape
+    assert torch.equal(from_numpy, norm.normalize(torch.from_numpy(batch)))
+    single = norm.normalize(batch[0])
+    assert single.shape == batch.shape[1:] and single.dtype == torch.uint8
+    assert torch.equal(single, from_numpy[0])
+    assert norm.normalize(np.zeros((0, 8, 8, 3), np.uint8)).shape == (0, 8, 8, 3)
+
+
+def test_rejects_bad_input():
+    norm = MacenkoNormalizer()
+    with pytest.raises(TypeError):
+        norm.normalize(np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError):
+        norm.normalize(np.zeros((2, 8, 8, 4), np.uint8))
+
+
+def test_blocked_selection_is_exact():
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 500, (6, 4096), generator=gen).float()  # plenty of ties
+    for k in (1, 41, 200):
+        got, idx = _smallest(values, k, ordered=True)
+        assert torch.equal(got, values.sort(1).values[:, :k])
+        assert torch.equal(values.gather(1, idx), got)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(batch):
+    norm = MacenkoNormalizer()
+    gpu = norm.normalize(torch.from_numpy(batch).cuda())
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.uint8
+    assert (mean_abs_diff(gpu.cpu(), norm.normalize(batch).numpy()) <= 0.5).all()
