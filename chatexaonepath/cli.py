@@ -35,7 +35,7 @@ def slide_extract(
     encoder_weights: Annotated[Optional[str], typer.Option(help="EXAONEPath.ckpt, a weights folder, or a hub repo id to download.")] = None,
     stain_norm: Annotated[str, typer.Option(help="none (paper v3) or macenko.")] = "none",
     batch_size: Annotated[int, typer.Option(help="Patches per encoder batch.")] = 32,
-    num_workers: Annotated[Optional[int], typer.Option(help="Loader processes (default: 1 on CPU, spare cores on GPU).")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="Loader processes (default: none on small CPUs, spare cores with a GPU).")] = None,
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (auto: bf16 where the hardware runs it).")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px for slides whose metadata lacks it (overrides metadata).")] = None,

@@ -56,3 +56,29 @@ def test_batch_with_bad_slide_finishes_the_rest_and_exits_1(slides, tmp_path):
     assert result.returncode == 1, result.stderr
     assert (tmp_path / "tumor.h5").exists() and (tmp_path / "errors.jsonl").exists()
     assert "Traceback" not in result.stderr and "1 slide(s) failed" in result.stderr
+
+
+def test_killed_extraction_resumes_without_leftovers(slides, tmp_path):
+    """SIGKILL mid-batch (no cleanup runs), then the same command finishes the job."""
+    import signal
+    import time
+
+    inputs = [slides["tumor"], slides["stroma"], slides["normal_20x"]]
+    out = tmp_path / "feats"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    args = [sys.executable, "-m", "chatexaonepath.cli", "slide", "extract", *map(str, inputs), "--out", str(out),
+            "--encoder", "random-vit-b16", "--batch-size", "2", "--quiet"]
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "tumor.h5").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)  # now inside the second slide
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (out / "tumor.h5").exists()
+    assert not (out / "normal_20x.h5").exists(), "the kill came too late to test resuming"
+    result = run_cli(*args[3:])
+    assert result.returncode == 0, result.stderr
+    assert all((out / f"{p.stem}.h5").exists() for p in inputs)
+    assert not list(out.glob(".*.tmp")) and not list(out.glob("*.lock"))
+    assert read_features(out / "stroma.h5").features.shape[1] == 768

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import ChatEXAONEPathError, SlideError
+from .cpu_inference import oneDNN_bf16_available, pack_for_cpu_bf16
 from .encoder import PatchEncoder, build_encoder
 from .features import FORMAT_VERSION, settings_match, write_features
 from .patching import PatchGrid, patch_grid, read_patch
@@ -110,9 +111,15 @@ def _worker_init(_: int) -> None:
 
 
 def default_num_workers(device: torch.device) -> int:
-    """Loader processes: on a GPU all spare cores (up to 16); on a CPU one, since the encoder needs the cores."""
+    """Loader processes: on a GPU all spare cores (up to 16); on a CPU few or none.
+
+    On a CPU the encoder is ~30× slower than the loader and already uses every core, so a loader
+    process only competes with it; measured on 2 cores, 0 and 1 workers tie end to end.
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(16, max(1, cores - 1)) if device.type == "cuda" else 1
+    if device.type == "cuda":
+        return min(16, max(1, cores - 1))
+    return 0 if cores <= 4 else max(1, cores // 8)
 
 
 def _loader_context():
@@ -159,12 +166,17 @@ class FeatureExtractor:
         self.precision = resolve_precision(config.precision, self.device)
         self.dtype = PRECISIONS[self.precision]
         self.encoder = encoder or build_encoder(config.encoder, config.encoder_weights, config.seed)
-        model = self.encoder.model.to(self.device)
-        if self.device.type == "cuda":
-            model = model.to(self.dtype)  # half weights on GPU: half the memory traffic
-        self.model = model
+        self.model = self._inference_model()
         self.normalizer = MacenkoNormalizer() if config.stain_norm == "macenko" else None
         self.num_workers = config.num_workers if config.num_workers is not None else default_num_workers(self.device)
+
+    def _inference_model(self) -> torch.nn.Module:
+        model = self.encoder.model.to(self.device)
+        if self.device.type == "cuda":
+            return model.to(self.dtype)  # half weights on GPU: half the memory traffic
+        if self.dtype == torch.bfloat16 and oneDNN_bf16_available():
+            return pack_for_cpu_bf16(model)  # ~15% faster than autocast alone (see cpu_inference.py)
+        return model
 
     @torch.inference_mode()
     def encode(self, patches: torch.Tensor) -> torch.Tensor:
@@ -349,6 +361,7 @@ def _extract_one(path: Path, out_dir: Path, config: ExtractConfig, extractor: Fe
             if not lock.acquire():
                 logger.info("%s: being extracted by another process, skipped", slide_id)
                 return SlideResult(slide_id, path, -1, 0.0, "locked")
+            _remove_partial_outputs(out_dir, slide_id)
             prepared = extractor.prepare(slide)
             progress = on_slide_start(slide, len(prepared[1])) if on_slide_start else None
             return extractor.extract(slide, out_dir, progress, prepared)
@@ -361,6 +374,14 @@ def _extract_one(path: Path, out_dir: Path, config: ExtractConfig, extractor: Fe
     finally:
         lock.release()
     return SlideResult(slide_id, path, 0, time.perf_counter() - started, "failed", message)
+
+
+def _remove_partial_outputs(out_dir: Path, slide_id: str) -> None:
+    """Delete temp files a killed run left for this slide (safe: we hold its lock)."""
+    leftovers = [*out_dir.glob(f".{slide_id}.h5.*.tmp"), *(out_dir / "thumbnails").glob(f".{slide_id}.*.tmp.png")]
+    for leftover in leftovers:
+        logger.info("removing %s, left by an interrupted run", leftover)
+        leftover.unlink(missing_ok=True)
 
 
 def _one_sentence(error: Exception) -> str:

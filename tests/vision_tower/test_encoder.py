@@ -151,3 +151,22 @@ def test_preprocess_matches_official_transform(tiny_encoder):
     torch.testing.assert_close(pixels, (crop - mean) / std, atol=1e-5, rtol=1e-5)
     big = tiny_encoder.preprocess(torch.randint(0, 256, (1, 512, 512, 3), dtype=torch.uint8))
     assert big.shape == (1, 3, 224, 224) and math.isfinite(big.abs().max().item())
+
+
+def test_packed_bf16_cpu_path_matches_float32(tiny_vit_config):
+    from chatexaonepath.vision_tower.cpu_inference import PackedBf16Linear, oneDNN_bf16_available, pack_for_cpu_bf16
+
+    if not oneDNN_bf16_available():
+        pytest.skip("this CPU or PyTorch build has no oneDNN bf16 path")
+    torch.manual_seed(0)
+    model = ViTClassTokenEncoder(tiny_vit_config).eval()
+    packed = pack_for_cpu_bf16(model)
+    assert not any(type(m) is torch.nn.Linear for m in packed.modules())
+    assert sum(isinstance(m, PackedBf16Linear) and m.attr == "gelu" for m in packed.modules()) == 2
+    x = torch.randn(4, 3, 224, 224)
+    with torch.no_grad():
+        reference = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = packed(x).float()
+    assert F.cosine_similarity(fast, reference).min() > 0.999
+    assert type(model.vit.layers[0].mlp.fc1) is torch.nn.Linear  # the original is untouched
