@@ -21,30 +21,9 @@ except ImportError:  # not installed yet: run from a checkout
 from torchstain.torch.normalizers import TorchMacenkoNormalizer
 
 from chatexaonepath.vision_tower.stain import MacenkoNormalizer
+from chatexaonepath.vision_tower.synthetic import stained_patch
 
 N_PATCHES, SIZE, REPEATS, SEED = 64, 256, 9, 0
-H_OD = np.array([0.65, 0.70, 0.29])  # haematoxylin optical-density direction
-E_OD = np.array([0.07, 0.99, 0.11])  # eosin
-
-
-def he_patch(rng: np.random.Generator, size: int) -> np.ndarray:
-    """An H&E-like RGB uint8 patch with random stain strengths, nuclei, glass and noise."""
-    h, e = rng.uniform(0.5, 1.5, 2)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    c_e = e * (0.5 + 0.25 * np.sin(xx / rng.uniform(15, 40)) * np.cos(yy / rng.uniform(15, 40)))
-    c_h = np.zeros((size, size), np.float32)
-    for _ in range(int(rng.integers(15, 40))):
-        cy, cx = rng.uniform(0, size, 2)
-        r = rng.uniform(4, 12)
-        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
-        c_h = np.maximum(c_h, h * rng.uniform(0.6, 1.2) * blob * (blob > 0.2))
-    wave = np.sin(xx / 23.0 + rng.uniform(0, 6)) + np.cos(yy / 31.0 + rng.uniform(0, 6))
-    glass = wave > rng.uniform(1.0, 1.6)
-    c_e[glass] = 0.0
-    c_h[glass] = 0.0
-    od = c_h[..., None] * H_OD + c_e[..., None] * E_OD
-    img = 240.0 * np.exp(-od) + rng.normal(0, 3, (size, size, 3))
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
 def median_ms(fns: list, repeats: int) -> list[float]:
@@ -62,7 +41,8 @@ def median_ms(fns: list, repeats: int) -> list[float]:
 
 def main() -> None:
     rng = np.random.default_rng(SEED)
-    patches = torch.from_numpy(np.stack([he_patch(rng, SIZE) for _ in range(N_PATCHES)]))
+    strengths = rng.uniform(0.5, 1.5, (N_PATCHES, 2))
+    patches = torch.from_numpy(np.stack([stained_patch(SEED + i, SIZE, h, e) for i, (h, e) in enumerate(strengths)]))
     chw = patches.permute(0, 3, 1, 2)
     reference = TorchMacenkoNormalizer()
     ours = MacenkoNormalizer()

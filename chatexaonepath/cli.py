@@ -48,7 +48,8 @@ def slide_extract(
     quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Extract patch features from slides into CLAM/TRIDENT-compatible .h5 files (resumable)."""
-    from .vision_tower.extraction import ExtractConfig, extract_slides
+    from .vision_tower.batch import extract_slides
+    from .vision_tower.extraction import ExtractConfig
     from .vision_tower.tissue import TissueConfig
 
     setup_logging(verbose, quiet)

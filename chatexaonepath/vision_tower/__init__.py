@@ -11,7 +11,7 @@ _EXPORTS = {
     "open_slide": "slide", "Slide": "slide", "segment_tissue": "tissue", "TissueConfig": "tissue",
     "patch_grid": "patching", "PatchGrid": "patching", "MacenkoNormalizer": "stain",
     "build_encoder": "encoder", "register_encoder": "encoder", "available_encoders": "encoder",
-    "read_features": "features", "write_features": "features", "extract_slides": "extraction",
+    "read_features": "features", "write_features": "features", "extract_slides": "batch",
     "ExtractConfig": "extraction", "FeatureExtractor": "extraction", "make_synthetic_slide": "synthetic",
 }
 

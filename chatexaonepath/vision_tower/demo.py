@@ -24,8 +24,9 @@ def _demo_encoder(name: str | None):
         return build_encoder(name)
     try:
         return build_encoder("exaonepath")
-    except EncoderError as e:
-        logger.warning("EXAONEPath weights not found (%s) — the demo uses RANDOM ViT-B/16 weights.", e)
+    except EncoderError:
+        logger.warning("EXAONEPath weights not found, so the demo uses RANDOM ViT-B/16 weights; "
+                       "docs/weights.md says how to get the real ones.")
         return build_encoder("random-vit-b16")
 
 

@@ -1,9 +1,8 @@
-"""Slide → features: the extraction engine and the resumable batch job behind `slide extract`.
+"""Slide → features: the extraction engine (`FeatureExtractor`); batch.py runs it over many slides.
 
-Worker processes read, decode and resize patches while the main process encodes them, so on a
-GPU the loader is what must keep up. Each slide ends as one atomic `.h5` (features.py); a batch
-skips slides already done with the same settings, takes per-slide lock files so several
-processes (or GPUs) can share one output folder, and records failures without stopping.
+Worker processes read, decode and resize patches while the main process normalises and encodes
+them on the device, so on a GPU the loader is what must keep up. Each slide ends as one atomic
+`.h5` (features.py) plus a thumbnail with the tissue outline.
 """
 
 from __future__ import annotations
@@ -11,21 +10,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from ..errors import ChatEXAONEPathError, SlideError
+from ..errors import ChatEXAONEPathError
 from .cpu_inference import oneDNN_bf16_available, pack_for_cpu_bf16
 from .encoder import PatchEncoder, build_encoder
-from .features import FORMAT_VERSION, settings_match, write_features
+from .features import FORMAT_VERSION, write_features
 from .patching import PatchGrid, patch_grid, read_patch
-from .slide import Slide, find_slides, open_slide
+from .slide import Slide
 from .stain import MacenkoNormalizer
 from .tissue import TissueConfig, TissueMask, draw_tissue_outline, segment_tissue
 
@@ -219,7 +217,7 @@ class FeatureExtractor:
         started = time.perf_counter()
         out_dir = Path(out_dir)
         tissue, grid = prepared or self.prepare(slide)
-        write_thumbnail(out_dir / "thumbnails" / f"{slide.slide_id}.png", tissue)
+        write_thumbnail(out_dir / "thumbnails" / f"{slide.slide_id}.png", slide, tissue)
         features = np.empty((len(grid), self.encoder.embed_dim), np.float16)
         done = 0
         for start, batch in self.iter_features(slide, grid):
@@ -238,178 +236,17 @@ class FeatureExtractor:
         return SlideResult(slide.slide_id, slide.path, len(grid), time.perf_counter() - started, "extracted")
 
 
-def write_thumbnail(path: Path, tissue: TissueMask, max_side: int = 2048) -> None:
-    """Save the slide thumbnail with the tissue outline as PNG (atomically)."""
+def write_thumbnail(path: Path, slide: Slide, tissue: TissueMask, long_side: int = 1024) -> None:
+    """Save a slide thumbnail (about `long_side` px) with the tissue outline as PNG, atomically."""
     import cv2
 
-    if tissue.thumbnail is None:
-        return
-    image, downsample = tissue.thumbnail, tissue.downsample
-    scale = min(1.0, max_side / max(image.shape[:2]))
-    if scale < 1.0:
-        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        downsample /= scale
+    downsample = max(1.0, max(slide.dimensions) / long_side)
+    if downsample >= tissue.downsample and tissue.thumbnail is not None:
+        image, downsample = tissue.thumbnail, tissue.downsample  # the mask's image is fine enough
+    else:
+        image, downsample = slide.read_at_downsample(downsample)
     outlined = draw_tissue_outline(image, tissue, downsample)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     cv2.imwrite(str(tmp), cv2.cvtColor(outlined, cv2.COLOR_RGB2BGR))
     os.replace(tmp, path)
-
-
-# -- the batch job --------------------------------------------------------------------------------
-@dataclass
-class ExtractSummary:
-    """Counts and per-slide results of one `extract_slides` run."""
-
-    results: list[SlideResult] = field(default_factory=list)
-    errors_file: Path | None = None
-
-    def count(self, status: str) -> int:
-        return sum(r.status == status for r in self.results)
-
-    @property
-    def failed(self) -> list[SlideResult]:
-        return [r for r in self.results if r.status == "failed"]
-
-
-class SlideLock:
-    """A lock file next to the output, so several processes can share one folder without double work.
-
-    A lock left by a killed process on this host is detected (its PID is gone) and taken over.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.held = False
-
-    def acquire(self) -> bool:
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if not self._stale():
-                    return False
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, f)
-            self.held = True
-            return True
-        return False
-
-    def _stale(self) -> bool:
-        try:
-            owner = json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            return True  # unreadable or half-written: the writer died mid-write
-        if owner.get("host") != socket.gethostname():
-            return False  # another machine's process; cannot check, so respect it
-        try:
-            os.kill(int(owner.get("pid", -1)), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError):
-            return False
-        return False
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-
-def extract_slides(
-    inputs: list[str | os.PathLike], out_dir: str | os.PathLike, config: ExtractConfig, *,
-    skip_errors: bool = True, on_slide_start: Callable[[Slide, int], ProgressFn | None] | None = None,
-    extractor: FeatureExtractor | None = None,
-) -> ExtractSummary:
-    """Extract features for every slide in `inputs` into `out_dir`, resuming where a run stopped.
-
-    Bad slides are recorded in `out_dir/errors.jsonl` and the batch goes on (`skip_errors=False`
-    re-raises the first one instead). `on_slide_start(slide, n_patches)` may return a progress callback.
-    """
-    out_dir = Path(out_dir)
-    slides = find_slides(inputs)
-    _check_unique_ids(slides)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    extractor = extractor or FeatureExtractor(config)
-    _save_config(out_dir, config, extractor)
-    summary = ExtractSummary(errors_file=out_dir / "errors.jsonl")
-    summary.errors_file.unlink(missing_ok=True)  # this run's errors only; fixed slides drop out
-    for path in slides:
-        result = _extract_one(path, out_dir, config, extractor, on_slide_start)
-        summary.results.append(result)
-        if result.status == "failed":
-            with open(summary.errors_file, "a") as f:
-                f.write(json.dumps({"slide": str(path), "error": result.error, "time": time.time()}) + "\n")
-            if not skip_errors:
-                raise SlideError(result.error)
-    return summary
-
-
-def _extract_one(path: Path, out_dir: Path, config: ExtractConfig, extractor: FeatureExtractor,
-                 on_slide_start: Callable | None) -> SlideResult:
-    slide_id = path.name if path.is_dir() else path.stem
-    lock = SlideLock(out_dir / f"{slide_id}.lock")
-    started = time.perf_counter()
-    try:
-        with open_slide(path, config.mpp) as slide:
-            target = out_dir / f"{slide_id}.h5"
-            if settings_match(target, extractor.settings(slide)):
-                logger.info("%s: already extracted with these settings, skipped", slide_id)
-                return SlideResult(slide_id, path, -1, 0.0, "skipped")
-            if not lock.acquire():
-                logger.info("%s: being extracted by another process, skipped", slide_id)
-                return SlideResult(slide_id, path, -1, 0.0, "locked")
-            _remove_partial_outputs(out_dir, slide_id)
-            prepared = extractor.prepare(slide)
-            progress = on_slide_start(slide, len(prepared[1])) if on_slide_start else None
-            return extractor.extract(slide, out_dir, progress, prepared)
-    except ChatEXAONEPathError as e:
-        message = _one_sentence(e)
-        logger.error("%s: %s", slide_id, message)
-    except Exception as e:  # noqa: BLE001 - a decoder crash on one slide must not end a batch of thousands
-        message = f"{type(e).__name__}: {_one_sentence(e)}"
-        logger.exception("%s failed unexpectedly", slide_id)
-    finally:
-        lock.release()
-    return SlideResult(slide_id, path, 0, time.perf_counter() - started, "failed", message)
-
-
-def _remove_partial_outputs(out_dir: Path, slide_id: str) -> None:
-    """Delete temp files a killed run left for this slide (safe: we hold its lock)."""
-    leftovers = [*out_dir.glob(f".{slide_id}.h5.*.tmp"), *(out_dir / "thumbnails").glob(f".{slide_id}.*.tmp.png")]
-    for leftover in leftovers:
-        logger.info("removing %s, left by an interrupted run", leftover)
-        leftover.unlink(missing_ok=True)
-
-
-def _one_sentence(error: Exception) -> str:
-    """The error's own message, also when a DataLoader worker wrapped it in a traceback."""
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        last = [line for line in text.splitlines() if line.strip()][-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return text
-
-
-
-def _check_unique_ids(slides: list[Path]) -> None:
-    seen: dict[str, Path] = {}
-    for path in slides:
-        slide_id = path.name if path.is_dir() else path.stem
-        if slide_id in seen:
-            raise ChatEXAONEPathError(f"Two slides share the id {slide_id!r} ({seen[slide_id]} and {path}); "
-                                      "features are named by id, so rename one or extract them separately.")
-        seen[slide_id] = path
-
-
-def _save_config(out_dir: Path, config: ExtractConfig, extractor: FeatureExtractor) -> None:
-    record = asdict(config) | {
-        "resolved": {"device": str(extractor.device), "precision": extractor.precision,
-                     "num_workers": extractor.num_workers, "encoder_weights_sha256": extractor.encoder.weights_sha256,
-                     "encoder_weights": extractor.encoder.weights_source},
-    }
-    tmp = out_dir / f".extract_config.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, out_dir / "extract_config.json")

@@ -10,33 +10,10 @@ import torch
 
 from chatexaonepath.errors import ChatEXAONEPathError
 from chatexaonepath.vision_tower.stain import MacenkoNormalizer, _smallest
+from chatexaonepath.vision_tower.synthetic import stained_patch as he_patch
 
 torchstain = pytest.importorskip("torchstain")
 from torchstain.torch.normalizers import TorchMacenkoNormalizer  # noqa: E402
-
-# Optical-density directions of haematoxylin (purple) and eosin (pink).
-H_OD = np.array([0.65, 0.70, 0.29])
-E_OD = np.array([0.07, 0.99, 0.11])
-
-
-def he_patch(seed: int, size: int = 128, h: float = 1.0, e: float = 1.0, white: float = 0.15) -> np.ndarray:
-    """An H&E-like RGB uint8 patch: eosin background, haematoxylin nuclei, some glass, noise."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    c_e = e * (0.5 + 0.25 * np.sin(xx / rng.uniform(8, 20)) * np.cos(yy / rng.uniform(8, 20)))
-    c_h = np.zeros((size, size), np.float32)
-    for _ in range(int(rng.integers(10, 25))):
-        cy, cx = rng.uniform(0, size, 2)
-        r = rng.uniform(3, 9)
-        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
-        c_h = np.maximum(c_h, h * rng.uniform(0.6, 1.2) * blob * (blob > 0.2))
-    glass = np.hypot(yy - rng.uniform(0, size), xx - rng.uniform(0, size)) < size * np.sqrt(white / np.pi)
-    c_e[glass] = 0.0
-    c_h[glass] = 0.0
-    od = c_h[..., None] * H_OD + c_e[..., None] * E_OD
-    img = 240.0 * np.exp(-od) + rng.normal(0, 3, (size, size, 3))
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
-
 
 STRENGTHS = [(1.0, 1.0), (0.5, 1.4), (1.5, 0.6), (0.8, 0.8), (1.3, 1.3), (0.6, 0.5)]
 
