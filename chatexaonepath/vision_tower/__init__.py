@@ -13,6 +13,8 @@ _EXPORTS = {
     "build_encoder": "encoder", "register_encoder": "encoder", "available_encoders": "encoder",
     "read_features": "features", "write_features": "features", "extract_slides": "batch",
     "ExtractConfig": "extraction", "FeatureExtractor": "extraction", "make_synthetic_slide": "synthetic",
+    "GatedAttentionAggregator": "aggregator", "AggregatorConfig": "aggregator", "AttentionPoolProjector": "projector",
+    "ProjectorConfig": "projector", "render_heatmap": "heatmap", "top_attended_patches": "heatmap",
 }
 
 

@@ -137,8 +137,10 @@ class Slide:
         return image, width0 / image.shape[1]
 
     def fingerprint(self) -> str:
-        """A cheap content fingerprint of the slide's file(s); see `slide_fingerprint`."""
-        return slide_fingerprint(self.path)
+        """A cheap content fingerprint of the slide's file(s), computed once; see `slide_fingerprint`."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = slide_fingerprint(self.path)
+        return self._fingerprint
 
     def __repr__(self) -> str:
         return f"Slide({str(self.path)!r}, mpp={self.mpp:.4g}, dimensions={self.dimensions})"
@@ -172,7 +174,11 @@ def _open_handle(path: Path):
         # Whole-slide formats are all detected above; anything else must be a plain image.
         Image.MAX_IMAGE_PIXELS = None  # large PNG/JPEG exports are legitimate here
         with Image.open(target) as probe:
+            mode = probe.mode
             probe.verify()
+        if mode not in ("RGB", "RGBA", "L", "LA", "P", "CMYK", "YCbCr"):
+            # 16-bit and float images would be clipped to white by the 8-bit RGB conversion.
+            raise SlideError(f"{path} is a {mode} image; convert it to 8-bit RGB (e.g. PNG or JPEG) first.")
         return openslide.ImageSlide(str(target))
     except UnidentifiedImageError as e:
         raise SlideError(f"{path} is not a slide or image that OpenSlide or Pillow can read "

@@ -100,3 +100,12 @@ def test_find_slides_expands_folders_and_rejects_missing(slides, tmp_path):
         find_slides([tmp_path / "missing"])
     with pytest.raises(SlideError, match="No slides"):
         find_slides([tmp_path])
+
+
+def test_16_bit_images_are_rejected_not_clipped(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((64, 64), 40000, np.uint16)).save(path)
+    with pytest.raises(SlideError, match="8-bit RGB"):
+        open_slide(path, mpp=0.5)

@@ -1,0 +1,105 @@
+"""Attention heatmaps: what the model looked at, drawn over the slide thumbnail.
+
+Each patch is a square coloured by its attention with a perceptual colormap (viridis by default);
+scores are shown by rank, as CLAM does, so that a few dominant patches do not flatten the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from .slide import Slide
+
+COLORMAPS = {"viridis": cv2.COLORMAP_VIRIDIS, "inferno": cv2.COLORMAP_INFERNO, "magma": cv2.COLORMAP_MAGMA,
+             "plasma": cv2.COLORMAP_PLASMA, "cividis": cv2.COLORMAP_CIVIDIS, "turbo": cv2.COLORMAP_TURBO}
+
+
+@dataclass
+class AttendedPatch:
+    """One of the most-attended patches: its full-resolution crop, level-0 position and score."""
+
+    image: Image.Image
+    coord: tuple[int, int]
+    attention: float
+    rank: int
+
+
+def _as_numpy(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    return values.detach().float().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+
+
+def _patch_side(coords: np.ndarray, patch_size_level0: int | None) -> int:
+    if patch_size_level0:
+        return int(patch_size_level0)
+    # Grid coordinates are multiples of the patch side: the smallest non-zero step is that side.
+    steps = np.concatenate([np.diff(np.unique(coords[:, 0])), np.diff(np.unique(coords[:, 1]))])
+    steps = steps[steps > 0]
+    if not len(steps):
+        raise ValueError("cannot infer the patch size from a single coordinate; pass patch_size_level0")
+    return int(steps.min())
+
+
+def attention_to_unit(attention: np.ndarray, scale: str = "rank") -> np.ndarray:
+    """Map scores to [0, 1]: by rank (percentile, robust to outliers) or linearly between min and max."""
+    if scale == "rank":
+        order = attention.argsort(kind="stable")
+        ranks = np.empty(len(attention), np.float64)
+        ranks[order] = np.arange(len(attention))
+        return ranks / max(len(attention) - 1, 1)
+    if scale == "linear":
+        low, high = float(attention.min()), float(attention.max())
+        return (attention - low) / (high - low) if high > low else np.zeros_like(attention, dtype=np.float64)
+    raise ValueError(f"scale must be 'rank' or 'linear', got {scale!r}")
+
+
+def render_heatmap(
+    slide: Slide, coords: torch.Tensor | np.ndarray, attention: torch.Tensor | np.ndarray, *,
+    patch_size_level0: int | None = None, opacity: float = 0.5, colormap: str = "viridis",
+    scale: str = "rank", max_side: int = 1024,
+) -> Image.Image:
+    """The slide thumbnail (about `max_side` px) with each patch tinted by its attention."""
+    coords, attention = _as_numpy(coords).astype(np.int64), _as_numpy(attention).reshape(-1)
+    if coords.shape != (len(attention), 2):
+        raise ValueError(f"{len(attention)} attention scores for coords of shape {coords.shape}")
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity must be in [0, 1], got {opacity}")
+    if colormap not in COLORMAPS:
+        raise ValueError(f"unknown colormap {colormap!r}; choose one of {', '.join(COLORMAPS)}")
+    side0 = _patch_side(coords, patch_size_level0)
+    thumbnail, downsample = slide.read_at_downsample(max(1.0, max(slide.dimensions) / max_side))
+    values = np.zeros(thumbnail.shape[:2], np.float32)
+    covered = np.zeros(thumbnail.shape[:2], np.uint8)
+    unit = attention_to_unit(attention, scale)
+    for (x, y), value in zip(coords, unit):
+        x0, y0 = int(x / downsample), int(y / downsample)
+        x1, y1 = max(x0 + 1, int((x + side0) / downsample)), max(y0 + 1, int((y + side0) / downsample))
+        values[y0:y1, x0:x1] = value
+        covered[y0:y1, x0:x1] = 1
+    colours = cv2.applyColorMap(np.round(values * 255).astype(np.uint8), COLORMAPS[colormap])
+    colours = cv2.cvtColor(colours, cv2.COLOR_BGR2RGB)
+    blended = cv2.addWeighted(thumbnail, 1.0 - opacity, colours, opacity, 0.0)
+    out = np.where(covered[..., None].astype(bool), blended, thumbnail)
+    return Image.fromarray(out)
+
+
+def top_attended_patches(
+    slide: Slide, coords: torch.Tensor | np.ndarray, attention: torch.Tensor | np.ndarray, k: int = 8, *,
+    patch_size_level0: int | None = None, size: int = 256,
+) -> list[AttendedPatch]:
+    """The `k` most-attended patches read from level 0 and resized to `size` px, highest first."""
+    coords, attention = _as_numpy(coords).astype(np.int64), _as_numpy(attention).reshape(-1)
+    side0 = _patch_side(coords, patch_size_level0)
+    best = np.argsort(-attention, kind="stable")[:k]
+    patches = []
+    for rank, index in enumerate(best, start=1):
+        x, y = (int(v) for v in coords[index])
+        crop = slide.read_region((x, y), 0, (side0, side0))
+        if side0 != size:
+            crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if side0 > size else cv2.INTER_CUBIC)
+        patches.append(AttendedPatch(Image.fromarray(crop), (x, y), float(attention[index]), rank))
+    return patches
