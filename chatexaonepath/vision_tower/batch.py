@@ -7,6 +7,7 @@ slide is retried; bad slides are recorded in `errors.jsonl` and the batch goes o
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -40,49 +41,50 @@ class ExtractSummary:
 
 
 class SlideLock:
-    """A lock file next to the output, so several processes can share one folder without double work.
+    """An exclusive lock per slide, so several processes can share one output folder.
 
-    A lock left by a killed process on this host is detected (its PID is gone) and taken over.
+    It is an advisory `flock` on `<slide_id>.lock`: the kernel releases it when its holder exits
+    or is killed, so there are no stale locks to detect. (On network filesystems flock may be
+    local to each node; give each node its own list of slides there.)
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.held = False
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def acquire(self) -> bool:
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if not self._stale():
-                    return False
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, f)
-            self.held = True
-            return True
-        return False
+        """Take the lock without waiting; False when another live process holds it."""
+        import fcntl
 
-    def _stale(self) -> bool:
-        try:
-            owner = json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            return True  # unreadable or half-written: the writer died mid-write
-        if owner.get("host") != socket.gethostname():
-            return False  # another machine's process; cannot check, so respect it
-        try:
-            os.kill(int(owner.get("pid", -1)), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError):
-            return False
-        return False
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            try:  # the holder we waited on may have unlinked the file: lock the file that is there now
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode())
+        self._fd = fd
+        return True
 
     def release(self) -> None:
-        if self.held:
+        """Remove the lock file and release the lock (unlink first, so no one locks a dead file)."""
+        if self._fd is not None:
             self.path.unlink(missing_ok=True)
-            self.held = False
+            os.close(self._fd)
+            self._fd = None
 
 
 def extract_slides(
@@ -98,11 +100,13 @@ def extract_slides(
     out_dir = Path(out_dir)
     slides = find_slides(inputs)
     _check_unique_ids(slides)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ChatEXAONEPathError(f"--out {out_dir} is a file; give a folder for the features.")
     out_dir.mkdir(parents=True, exist_ok=True)
     extractor = extractor or FeatureExtractor(config)
     _save_config(out_dir, config, extractor)
     summary = ExtractSummary(errors_file=out_dir / "errors.jsonl")
-    summary.errors_file.unlink(missing_ok=True)  # this run's errors only; fixed slides drop out
+    _forget_errors(summary.errors_file, slides)  # a retried slide's old error no longer applies
     for path in slides:
         result = _extract_one(path, out_dir, config, extractor, on_slide_start)
         summary.results.append(result)
@@ -128,6 +132,8 @@ def _extract_one(path: Path, out_dir: Path, config: ExtractConfig, extractor: Fe
             if not lock.acquire():
                 logger.info("%s: being extracted by another process, skipped", slide_id)
                 return SlideResult(slide_id, path, -1, 0.0, "locked")
+            if settings_match(target, extractor.settings(slide)):  # finished while we waited
+                return SlideResult(slide_id, path, -1, 0.0, "skipped")
             _remove_partial_outputs(out_dir, slide_id)
             prepared = extractor.prepare(slide)
             progress = on_slide_start(slide, len(prepared[1])) if on_slide_start else None
@@ -145,7 +151,8 @@ def _extract_one(path: Path, out_dir: Path, config: ExtractConfig, extractor: Fe
 
 def _remove_partial_outputs(out_dir: Path, slide_id: str) -> None:
     """Delete temp files a killed run left for this slide (safe: we hold its lock)."""
-    leftovers = [*out_dir.glob(f".{slide_id}.h5.*.tmp"), *(out_dir / "thumbnails").glob(f".{slide_id}.*.tmp.png")]
+    name = glob.escape(slide_id)
+    leftovers = [*out_dir.glob(f".{name}.h5.[0-9]*.tmp"), *(out_dir / "thumbnails").glob(f".{name}.[0-9]*.tmp.png")]
     for leftover in leftovers:
         logger.info("removing %s, left by an interrupted run", leftover)
         leftover.unlink(missing_ok=True)
@@ -159,6 +166,23 @@ def _one_sentence(error: Exception) -> str:
         text = last.split(": ", 1)[1] if ": " in last else last
     return text
 
+
+
+def _forget_errors(errors_file: Path, slides: list[Path]) -> None:
+    """Drop the records of slides this run retries; keep those of other runs sharing the folder."""
+    if not errors_file.exists():
+        return
+    retried = {str(p) for p in slides}
+    kept = []
+    for line in errors_file.read_text().splitlines():
+        try:
+            if json.loads(line).get("slide") not in retried:
+                kept.append(line)
+        except ValueError:
+            continue  # a half-written line from a killed run
+    tmp = errors_file.with_name(f".{errors_file.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, errors_file)
 
 
 def _check_unique_ids(slides: list[Path]) -> None:

@@ -140,9 +140,19 @@ def convert_dino_state_dict(state_dict: dict[str, torch.Tensor], num_layers: int
     The fused `qkv` projection is split into q, k, v. Any key that is not used raises `EncoderError`.
     """
     state = dict(state_dict)
-    for prefix in _DINO_PREFIXES:  # wrappers (DDP, Lightning) add one prefix to every key
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
+    # A DINO teacher/student checkpoint carries its self-distillation projection head beside the
+    # backbone; the encoder is the backbone alone (EXAONEPath's num_classes is 0).
+    head = [k for k in state if any(part in k for part in ("head.mlp.", "head.last_layer."))]
+    if head:
+        logger.info("Ignoring %d DINO projection-head weights (%s…)", len(head), head[0])
+        state = {k: v for k, v in state.items() if k not in head}
+    stripped = True
+    while stripped:  # wrappers (DDP, Lightning, DINO) each add a prefix to every key, possibly nested
+        stripped = False
+        for prefix in _DINO_PREFIXES:
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                stripped = True
     out: dict[str, torch.Tensor] = {}
 
     def take(src: str, dst: str) -> None:

@@ -7,6 +7,7 @@ them on the device, so on a GPU the loader is what must keep up. Each slide ends
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -58,6 +59,16 @@ class ExtractConfig:
             raise ChatEXAONEPathError(f"--precision must be one of auto, {', '.join(PRECISIONS)}; got {self.precision!r}.")
         if self.batch_size < 1:
             raise ChatEXAONEPathError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        if self.patch_size < 16:
+            raise ChatEXAONEPathError(f"--patch-size must be at least 16 pixels, got {self.patch_size}.")
+        if not 0.05 <= self.target_mpp <= 50:
+            raise ChatEXAONEPathError(f"--target-mpp must be a plausible µm/px (0.05–50; the paper uses 0.5), got {self.target_mpp}.")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise ChatEXAONEPathError(f"--min-tissue is a fraction between 0 and 1, got {self.min_tissue}.")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ChatEXAONEPathError(f"--num-workers must be 0 or more, got {self.num_workers}.")
+        if self.mpp is not None and not 0.05 <= self.mpp <= 50:
+            raise ChatEXAONEPathError(f"--mpp {self.mpp} is not a plausible µm/px (e.g. 0.25 for 40×, 0.5 for 20×).")
         if isinstance(self.tissue, dict):
             self.tissue = TissueConfig(**self.tissue)
 
@@ -66,7 +77,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     """`auto` → the first CUDA GPU if there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ChatEXAONEPathError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N.") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ChatEXAONEPathError(f"--device {name} was asked for, but no CUDA GPU is available.")
     return device
@@ -169,9 +183,10 @@ class FeatureExtractor:
         self.num_workers = config.num_workers if config.num_workers is not None else default_num_workers(self.device)
 
     def _inference_model(self) -> torch.nn.Module:
-        model = self.encoder.model.to(self.device)
         if self.device.type == "cuda":
-            return model.to(self.dtype)  # half weights on GPU: half the memory traffic
+            # A copy in half precision: half the memory traffic, and the caller's encoder stays fp32.
+            return copy.deepcopy(self.encoder.model).to(self.device, self.dtype)
+        model = self.encoder.model.to(self.device)
         if self.dtype == torch.bfloat16 and oneDNN_bf16_available():
             return pack_for_cpu_bf16(model)  # ~15% faster than autocast alone (see cpu_inference.py)
         return model
@@ -193,7 +208,7 @@ class FeatureExtractor:
         return {
             "encoder": self.encoder.name, "encoder_weights_sha256": self.encoder.weights_sha256,
             "encoder_weights": self.encoder.weights_source, "stain_norm": self.config.stain_norm,
-            "patch_size": self.config.patch_size, "target_mpp": self.config.target_mpp,
+            "patch_size": self.config.patch_size, "target_mpp": self.config.target_mpp, "level0_mpp": slide.mpp,
             "min_tissue": self.config.min_tissue, "precision": self.precision,
             "tissue_config": json.dumps(self.config.tissue.to_dict(), sort_keys=True),
             "slide_fingerprint": slide.fingerprint(), "version": FORMAT_VERSION,
@@ -227,7 +242,7 @@ class FeatureExtractor:
                 progress(done, len(grid))
         width0, height0 = slide.dimensions
         attrs = self.settings(slide) | {
-            "patch_size_level0": grid.patch_size_level0, "level0_mpp": slide.mpp,
+            "patch_size_level0": grid.patch_size_level0,
             "mpp_source": slide.mpp_source, "level0_width": width0, "level0_height": height0,
             "read_level": grid.read_level, "slide_id": slide.slide_id, "slide_path": str(slide.path),
             "encoder_is_random": self.encoder.is_random,

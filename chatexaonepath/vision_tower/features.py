@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 # Attributes that must match for an existing file to be reused instead of re-extracted.
 SETTINGS_ATTRS = (
-    "encoder", "encoder_weights_sha256", "stain_norm", "patch_size", "target_mpp", "min_tissue",
+    "encoder", "encoder_weights_sha256", "stain_norm", "patch_size", "target_mpp", "level0_mpp", "min_tissue",
     "tissue_config", "precision", "slide_fingerprint", "version",
 )
 
@@ -57,6 +57,8 @@ def write_features(path: str | Path, features: np.ndarray, coords: np.ndarray, a
             for key, value in attrs.items():
                 f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
             f.attrs["version"] = FORMAT_VERSION
+        with open(tmp, "rb+") as f:  # on disk before the rename makes it "complete"
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -26,6 +26,8 @@ SLIDE_SUFFIXES = (
 PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Plausible µm/px for microscopy; outside it the number is a screen DPI or a unit mix-up.
 MPP_RANGE = (0.05, 50.0)
+# Largest level read in one piece for thumbnails and segmentation (~64 MB as RGBA).
+STRIP_PIXELS = 16 * 1024 * 1024
 
 
 class Slide:
@@ -129,12 +131,29 @@ class Slide:
         import cv2
 
         level = self.best_level_for_downsample(downsample)
-        image = self.read_level(level)
         width0, height0 = self.dimensions
-        target = (max(1, round(width0 / downsample)), max(1, round(height0 / downsample)))
-        if (image.shape[1], image.shape[0]) != target:
-            image = cv2.resize(image, target, interpolation=cv2.INTER_AREA)
-        return image, width0 / image.shape[1]
+        target_w, target_h = max(1, round(width0 / downsample)), max(1, round(height0 / downsample))
+        level_w, level_h = self.level_dimensions[level]
+        if level_w * level_h <= STRIP_PIXELS:
+            image = self.read_level(level)
+            if (image.shape[1], image.shape[0]) != (target_w, target_h):
+                image = cv2.resize(image, (target_w, target_h), interpolation=cv2.INTER_AREA)
+            return image, width0 / target_w
+        # A slide without a coarse pyramid level (single-level TIFF, big PNG) would need tens of GB
+        # at once: read it in horizontal strips and shrink each one into place.
+        image = np.empty((target_h, target_w, 3), np.uint8)
+        rows = max(1, STRIP_PIXELS // level_w)
+        level_ds = self.level_downsamples[level]
+        done = 0
+        for top in range(0, level_h, rows):
+            bottom = min(level_h, top + rows)
+            end = target_h if bottom == level_h else round(bottom * target_h / level_h)
+            if end <= done:
+                continue
+            strip = self.read_region((0, round(top * level_ds)), level, (level_w, bottom - top))
+            image[done:end] = cv2.resize(strip, (target_w, end - done), interpolation=cv2.INTER_AREA)
+            done = end
+        return image, width0 / target_w
 
     def fingerprint(self) -> str:
         """A cheap content fingerprint of the slide's file(s), computed once; see `slide_fingerprint`."""
@@ -176,7 +195,9 @@ def _open_handle(path: Path):
         with Image.open(target) as probe:
             mode = probe.mode
             probe.verify()
-        if mode not in ("RGB", "RGBA", "L", "LA", "P", "CMYK", "YCbCr"):
+        if mode in ("L", "LA", "1"):  # tissue is found by colour saturation: grey has none
+            raise SlideError(f"{path} is a greyscale image; a colour (RGB) H&E image is needed.")
+        if mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
             # 16-bit and float images would be clipped to white by the 8-bit RGB conversion.
             raise SlideError(f"{path} is a {mode} image; convert it to 8-bit RGB (e.g. PNG or JPEG) first.")
         return openslide.ImageSlide(str(target))
@@ -200,9 +221,9 @@ def _metadata_mpp(handle, path: Path) -> float | None:
 
     props = handle.properties
     values = [props.get(openslide.PROPERTY_NAME_MPP_X), props.get(openslide.PROPERTY_NAME_MPP_Y)]
-    mpps = [float(v) for v in values if v not in (None, "")]
-    if not mpps and "aperio.MPP" in props:
-        mpps = [float(props["aperio.MPP"])]
+    mpps = _floats(values)
+    if not mpps:
+        mpps = _floats([props.get("aperio.MPP")])
     if not mpps:
         mpps = _tiff_resolution_mpp(props)
     if not mpps and isinstance(handle, openslide.ImageSlide):
@@ -215,13 +236,24 @@ def _metadata_mpp(handle, path: Path) -> float | None:
     return float(sum(mpps) / len(mpps))
 
 
+def _floats(values: list[object]) -> list[float]:
+    """The values that parse as numbers; scanners sometimes write junk into these fields."""
+    numbers = []
+    for value in values:
+        try:
+            numbers.append(float(value))
+        except (TypeError, ValueError):
+            continue
+    return numbers
+
+
 def _tiff_resolution_mpp(props) -> list[float]:
     unit = props.get("tiff.ResolutionUnit", "").lower()
     per_um = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
-    res = props.get("tiff.XResolution")
-    if per_um is None or res in (None, "") or float(res) <= 0:
+    res = _floats([props.get("tiff.XResolution")])
+    if per_um is None or not res or res[0] <= 0:
         return []
-    return [per_um / float(res)]
+    return [per_um / res[0]]
 
 
 def _image_dpi_mpp(path: Path) -> list[float]:
@@ -254,7 +286,7 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
     try:
         found = _metadata_mpp(handle, path)
         _check_readable(handle, path)
-    except SlideError:
+    except BaseException:
         handle.close()
         raise
     if mpp is not None:

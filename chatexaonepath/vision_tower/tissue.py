@@ -107,11 +107,15 @@ def _filter_contours(mask: np.ndarray, config: TissueConfig, mask_mpp: float):
     if hierarchy is None:
         return [], []
     hierarchy = hierarchy[0]  # (n, 4): next, previous, first child, parent
+    children: dict[int, list[np.ndarray]] = {}
+    for j, parent in enumerate(hierarchy[:, 3]):
+        if parent != -1:
+            children.setdefault(int(parent), []).append(found[j])
     kept, kept_holes = [], []
     for i, contour in enumerate(found):
         if hierarchy[i][3] != -1:
             continue  # a hole; handled with its parent
-        holes = [found[j] for j in range(len(found)) if hierarchy[j][3] == i]
+        holes = children.get(i, [])
         holes = sorted((h for h in holes if cv2.contourArea(h) >= min_hole), key=cv2.contourArea, reverse=True)
         holes = holes[: config.max_holes]
         area = cv2.contourArea(contour) - sum(cv2.contourArea(h) for h in holes)

@@ -1,7 +1,6 @@
 """The batch job: resume, skip, locks and bad slides."""
 
 import json
-import os
 
 import pytest
 
@@ -55,17 +54,42 @@ def test_bad_slides_are_recorded_and_the_batch_goes_on(slides, tmp_path, extract
         extract_slides(inputs, tmp_path / "ff", extractor.config, extractor=extractor, skip_errors=False)
 
 
-def test_live_locks_are_respected_and_stale_ones_taken_over(slides, tmp_path, extractor):
-    import socket
+def test_live_locks_are_respected_and_dead_ones_ignored(slides, tmp_path, extractor):
+    held = SlideLock(tmp_path / "tumor.lock")
+    assert held.acquire()  # another worker is on this slide
+    summary = extract_slides([slides["tumor"]], tmp_path, extractor.config, extractor=extractor)
+    assert summary.results[0].status == "locked" and not (tmp_path / "tumor.h5").exists()
+    held.release()
+    # a lock file left by a killed process holds no flock: the slide is simply taken
+    (tmp_path / "tumor.lock").write_text(json.dumps({"host": "gone", "pid": 1}))
+    summary = extract_slides([slides["tumor"]], tmp_path, extractor.config, extractor=extractor)
+    assert summary.results[0].status == "extracted" and not (tmp_path / "tumor.lock").exists()
 
-    lock = tmp_path / "tumor.lock"
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-    summary = extract_slides([slides["tumor"]], tmp_path, extractor.config, extractor=extractor)
-    assert summary.results[0].status == "locked" and lock.exists()
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345}))  # no such process
-    summary = extract_slides([slides["tumor"]], tmp_path, extractor.config, extractor=extractor)
-    assert summary.results[0].status == "extracted" and not lock.exists()
-    assert SlideLock(lock).acquire()
+
+def test_leftovers_of_a_killed_run_are_removed_but_not_other_slides(slides, tmp_path, extractor):
+    (tmp_path / "thumbnails").mkdir(parents=True)
+    mine = [tmp_path / ".tumor.h5.4242.tmp", tmp_path / "thumbnails" / ".tumor.4242.tmp.png"]
+    other = tmp_path / ".tumor.v2.h5.4242.tmp"  # the id "tumor.v2" is another slide
+    for path in [*mine, other]:
+        path.write_bytes(b"partial")
+    extract_slides([slides["tumor"]], tmp_path, extractor.config, extractor=extractor)
+    assert not any(p.exists() for p in mine) and other.exists()
+
+
+def test_changing_mpp_override_re_extracts(slides, tmp_path, tiny_encoder):
+    first = ExtractConfig(encoder=tiny_encoder.name, num_workers=0, mpp=0.25)
+    extract_slides([slides["no_mpp"]], tmp_path, first, extractor=FeatureExtractor(first, tiny_encoder))
+    second = ExtractConfig(encoder=tiny_encoder.name, num_workers=0, mpp=0.3)
+    summary = extract_slides([slides["no_mpp"]], tmp_path, second, extractor=FeatureExtractor(second, tiny_encoder))
+    assert summary.count("extracted") == 1
+    assert read_features(tmp_path / "no_mpp.h5").attrs["level0_mpp"] == 0.3
+
+
+def test_errors_of_other_slides_survive_a_rerun(slides, tmp_path, extractor):
+    extract_slides([slides["text_as_svs"]], tmp_path, extractor.config, extractor=extractor)
+    extract_slides([slides["tumor"]], tmp_path, extractor.config, extractor=extractor)
+    errors = [json.loads(line) for line in (tmp_path / "errors.jsonl").read_text().splitlines()]
+    assert [e["slide"] for e in errors] == [str(slides["text_as_svs"])]
 
 
 def test_duplicate_slide_ids_are_rejected(slides, tmp_path, extractor):

@@ -170,3 +170,14 @@ def test_packed_bf16_cpu_path_matches_float32(tiny_vit_config):
             fast = packed(x).float()
     assert F.cosine_similarity(fast, reference).min() > 0.999
     assert type(model.vit.layers[0].mlp.fc1) is torch.nn.Linear  # the original is untouched
+
+
+def test_dino_teacher_and_lightning_layouts_load(tiny_vit_config):
+    sd = random_dino_state_dict(64, 2, 128)
+    teacher = {f"backbone.{k}": v for k, v in sd.items()} | {"head.mlp.0.weight": torch.zeros(8, 64),
+                                                             "head.last_layer.weight_g": torch.zeros(1, 8)}
+    lightning = {f"model.backbone.{k}": v for k, v in sd.items()}
+    for layout in (teacher, lightning):
+        model = ViTClassTokenEncoder(tiny_vit_config)
+        load_converted(model, convert_dino_state_dict(layout, 2))
+        torch.testing.assert_close(model.vit.layernorm.weight, sd["norm.weight"])

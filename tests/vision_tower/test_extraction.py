@@ -65,9 +65,23 @@ def test_mpp_override_extracts_a_slide_without_metadata(slides, tmp_path, tiny_e
     assert read_features(tmp_path / "no_mpp.h5").attrs["mpp_source"] == "override"
 
 
-def test_macenko_and_precision_are_recorded(slides, tmp_path, tiny_encoder):
-    config = ExtractConfig(encoder=tiny_encoder.name, num_workers=0, stain_norm="macenko", precision="fp32")
-    extract_slides([slides["tumor"]], tmp_path, config, extractor=FeatureExtractor(config, tiny_encoder))
-    attrs = read_features(tmp_path / "tumor.h5").attrs
+def test_macenko_changes_features_and_precision_is_recorded(slides, tmp_path, tiny_encoder):
+    outputs = {}
+    for stain in ("none", "macenko"):
+        config = ExtractConfig(encoder=tiny_encoder.name, num_workers=0, stain_norm=stain, precision="fp32")
+        extract_slides([slides["tumor"]], tmp_path / stain, config, extractor=FeatureExtractor(config, tiny_encoder))
+        outputs[stain] = read_features(tmp_path / stain / "tumor.h5")
+    attrs = outputs["macenko"].attrs
     assert attrs["stain_norm"] == "macenko" and attrs["precision"] == "fp32"
+    assert not np.allclose(outputs["none"].features.float().numpy(), outputs["macenko"].features.float().numpy(), atol=1e-2)
 
+
+def test_bad_settings_are_one_sentence_errors():
+    from chatexaonepath.errors import ChatEXAONEPathError
+
+    for bad in [dict(min_tissue=25), dict(patch_size=8), dict(target_mpp=0), dict(num_workers=-1), dict(mpp=300.0),
+                dict(stain_norm="reinhard"), dict(precision="int4"), dict(batch_size=0)]:
+        with pytest.raises(ChatEXAONEPathError):
+            ExtractConfig(encoder="random-vit-b16", **bad)
+    with pytest.raises(ChatEXAONEPathError, match="not a device"):
+        FeatureExtractor(ExtractConfig(encoder="random-vit-b16", device="foo"))

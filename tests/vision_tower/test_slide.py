@@ -109,3 +109,27 @@ def test_16_bit_images_are_rejected_not_clipped(tmp_path):
     Image.fromarray(np.full((64, 64), 40000, np.uint16)).save(path)
     with pytest.raises(SlideError, match="8-bit RGB"):
         open_slide(path, mpp=0.5)
+
+
+def test_greyscale_images_are_rejected_with_a_reason(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "grey.png"
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(path)
+    with pytest.raises(SlideError, match="greyscale"):
+        open_slide(path, mpp=0.5)
+
+
+def test_single_level_slides_are_read_in_strips(tmp_path, monkeypatch):
+    """Without a pyramid, a thumbnail is assembled strip by strip and matches the one-piece read."""
+    from chatexaonepath.vision_tower import slide as slide_module
+    from chatexaonepath.vision_tower.synthetic import make_synthetic_slide
+
+    path = make_synthetic_slide(tmp_path / "flat.tiff", "stroma", (2048, 1536), mpp=0.5, seed=9, downsample=1000)
+    with open_slide(path) as slide:
+        assert slide.level_count == 1
+        whole, ds_whole = slide.read_at_downsample(16)
+        monkeypatch.setattr(slide_module, "STRIP_PIXELS", 2048 * 100)  # force ~16 strips
+        strips, ds_strips = slide.read_at_downsample(16)
+    assert strips.shape == whole.shape == (96, 128, 3) and ds_whole == ds_strips
+    assert np.abs(strips.astype(int) - whole.astype(int)).mean() < 2.0
