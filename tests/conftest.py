@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Converted models live in the user cache; a test session without one gets its own, reused across runs.
+os.environ.setdefault("CHATEXAONEPATH_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "test"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

