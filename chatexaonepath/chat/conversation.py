@@ -3,8 +3,9 @@
 Labels are built turn by turn while tokenising: every assistant reply (and the end-of-turn token
 after it) keeps its ids, everything else is IGNORE_INDEX. Inference builds its prompt with the
 same code (`add_generation_prompt=True`), so the two can never disagree. Each `<image>` in a user
-turn becomes `num_image_tokens` copies of the image token, which the model replaces by the
-slide's visual tokens.
+turn becomes `num_image_tokens` copies of IMAGE_TOKEN_INDEX, an id outside the vocabulary that the
+model replaces by the slide's visual tokens (as LLaVA does): the tokenizer and the LLM's embedding
+matrix stay exactly as released, so the frozen base LLM can be referenced rather than copied.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 from ..errors import ChatEXAONEPathError
 
 IGNORE_INDEX = -100  # label value the loss ignores (prompt, system, image positions)
-IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN = "<image>"  # the placeholder in conversation text
+IMAGE_TOKEN_INDEX = -200  # its id in input_ids: never a real token
 DEFAULT_SYSTEM_PROMPT = (
     "You are ChatEXAONEPath, an assistant for pathologists. You are shown a whole-slide image of an "
     "H&E-stained tissue section. Answer questions about it concisely in professional pathology language. "
@@ -56,14 +58,6 @@ def turns_from_llava(conversations: list[dict]) -> list[Turn]:
     return turns
 
 
-def ensure_image_token(tokenizer, image_token: str = IMAGE_TOKEN) -> bool:
-    """Add the image placeholder as a special token if missing; True when the vocabulary grew."""
-    if image_token in tokenizer.get_vocab():
-        return False
-    tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
-    return True
-
-
 class PromptBuilder:
     """Tokenises conversations in the LLaMA-2 chat format or with the tokenizer's chat template."""
 
@@ -73,11 +67,9 @@ class PromptBuilder:
             style = "chat_template" if getattr(tokenizer, "chat_template", None) else "llama2"
         if style not in ("llama2", "chat_template"):
             raise ValueError(f"prompt style must be auto, llama2 or chat_template, got {style!r}")
-        if image_token not in tokenizer.get_vocab():
-            raise ValueError(f"the tokenizer has no {image_token!r} token; call ensure_image_token first")
         self.tokenizer, self.style, self.system_prompt = tokenizer, style, system_prompt
         self.image_token, self.num_image_tokens = image_token, num_image_tokens
-        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.image_token_id = IMAGE_TOKEN_INDEX
 
     # -- tokenising text with image placeholders ---------------------------------------------------
     def _encode(self, text: str) -> list[int]:

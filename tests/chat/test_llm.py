@@ -5,21 +5,6 @@ from chatexaonepath.errors import ChatEXAONEPathError
 from chatexaonepath.chat.llm import choose_dtype, embedded_llm_dir, load_llm
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
-    """A 2-layer, 64-wide random LLaMA with the embedded model's tokenizer, saved like a hub folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(embedded_llm_dir())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.slow
 def test_embedded_llm_loads_offline_and_is_cached(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -34,8 +19,8 @@ def test_embedded_llm_loads_offline_and_is_cached(monkeypatch):
     assert out.shape[1] == ids.shape[1] + 5 and tokenizer.pad_token is not None
 
 
-def test_local_folder_loads_on_cpu_in_float32(tiny_llama_dir):
-    model, tokenizer = load_llm(str(tiny_llama_dir))
+def test_local_folder_loads_on_cpu_in_float32(tiny_llm_dir):
+    model, tokenizer = load_llm(str(tiny_llm_dir))
     assert model.dtype == torch.float32 and model.device.type == "cpu" and not model.training
     assert tokenizer.pad_token is not None
 
@@ -46,10 +31,10 @@ def test_missing_model_is_one_sentence_error(tmp_path, monkeypatch):
         load_llm(str(tmp_path / "no-such-model"))
 
 
-def test_quantization_needs_cuda_and_dtype_is_checked(tiny_llama_dir):
+def test_quantization_needs_cuda_and_dtype_is_checked(tiny_llm_dir):
     if not torch.cuda.is_available():
         with pytest.raises(ChatEXAONEPathError, match="CUDA"):
-            load_llm(str(tiny_llama_dir), quantization="4bit")
+            load_llm(str(tiny_llm_dir), quantization="4bit")
     with pytest.raises(ChatEXAONEPathError, match="llm-dtype"):
         choose_dtype("int3", torch.device("cpu"))
     assert choose_dtype("auto", torch.device("cpu")) == torch.float32

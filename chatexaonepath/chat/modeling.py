@@ -1,0 +1,223 @@
+"""The ChatEXAONEPath model: vision tower (CLAM aggregator + attention-pool projector) + a causal LLM.
+
+Patch features of a slide become K visual tokens; each run of K image placeholders in the prompt
+is replaced by them in `inputs_embeds` (LLaVA-style), after checking that the counts match.
+A checkpoint holds the config, the tower weights and the LoRA adapter; the base LLM is referenced
+by id or path, never copied.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.utils import ModelOutput
+
+from ..vision_tower.aggregator import AggregatorConfig, AggregatorOutput, GatedAttentionAggregator, pad_bags
+from ..vision_tower.projector import AttentionPoolProjector, ProjectorConfig
+from .conversation import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+
+logger = logging.getLogger(__name__)
+
+TOWER_WEIGHTS = "tower.safetensors"
+ADAPTER_DIR = "adapter"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class ChatEXAONEPathConfig(PretrainedConfig):
+    """Everything needed to rebuild the model: tower sizes, the base LLM, visual tokens, prompt."""
+
+    model_type = "chatexaonepath"
+
+    def __init__(self, llm_name_or_path: str = "meta-llama/Llama-2-7b-chat-hf", llm_hidden_size: int | None = None,
+                 aggregator: dict | None = None, projector: dict | None = None, num_visual_tokens: int = 1,
+                 image_token: str = IMAGE_TOKEN, image_token_index: int = IMAGE_TOKEN_INDEX,
+                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, prompt_style: str = "auto",
+                 lora: dict | None = None, tower_trained: bool = False, **kwargs) -> None:
+        self.llm_name_or_path = llm_name_or_path
+        self.llm_hidden_size = llm_hidden_size
+        self.aggregator = AggregatorConfig(**(aggregator or {})).to_dict()
+        projector = dict(projector or {})
+        projector.update(in_dim=self.aggregator["hidden_dim"], num_tokens=num_visual_tokens)
+        if llm_hidden_size is not None:
+            projector["out_dim"] = llm_hidden_size
+        self.projector = ProjectorConfig(**projector).to_dict()  # validates num_tokens, heads
+        self.num_visual_tokens = num_visual_tokens
+        self.image_token, self.image_token_index = image_token, image_token_index
+        self.system_prompt, self.prompt_style = system_prompt, prompt_style
+        self.lora = lora  # {"r", "alpha", "dropout", "target_modules"} once LoRA is enabled
+        self.tower_trained = tower_trained
+        if prompt_style not in ("auto", "llama2", "chat_template"):
+            raise ValueError(f"prompt_style must be auto, llama2 or chat_template, got {prompt_style!r}")
+        if image_token_index >= 0:
+            raise ValueError(f"image_token_index must be negative (outside the vocabulary), got {image_token_index}")
+        super().__init__(**kwargs)
+
+
+@dataclass
+class ChatEXAONEPathOutput(ModelOutput):
+    """Loss and logits of the LLM, plus what the tower computed (attention is the explanation)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: object | None = None
+    visual_tokens: torch.Tensor | None = None  # (B, K, d_llm)
+    patch_attention: torch.Tensor | None = None  # (B, N_max) softmax over each slide's patches
+    patch_mask: torch.Tensor | None = None  # (B, N_max)
+
+
+class SlideEncoder(nn.Module):
+    """Patch features → (visual tokens, aggregator output)."""
+
+    def __init__(self, config: ChatEXAONEPathConfig) -> None:
+        super().__init__()
+        self.aggregator = GatedAttentionAggregator(AggregatorConfig(**config.aggregator))
+        self.projector = AttentionPoolProjector(ProjectorConfig(**config.projector))
+
+    def forward(self, slide_features: list[torch.Tensor] | torch.Tensor,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, AggregatorOutput]:
+        aggregated = self.aggregator(slide_features, mask)
+        tokens = self.projector(aggregated.patch_embeddings, aggregated.attention_logits, aggregated.mask)
+        return tokens, aggregated  # (B, K, d_llm)
+
+
+class ChatEXAONEPathForCausalLM(nn.Module):
+    """Vision tower + causal LLM, LLaVA-style: visual tokens spliced in at the image placeholders."""
+
+    def __init__(self, config: ChatEXAONEPathConfig, llm: nn.Module, tokenizer=None) -> None:
+        super().__init__()
+        hidden = llm.get_input_embeddings().embedding_dim
+        if config.llm_hidden_size is None:
+            config = ChatEXAONEPathConfig(**{**config.to_dict(), "llm_hidden_size": hidden})
+        if config.llm_hidden_size != hidden:
+            raise ValueError(f"config says the LLM has hidden size {config.llm_hidden_size}, the LLM has {hidden}")
+        self.config, self.llm, self.tokenizer = config, llm, tokenizer
+        self.tower = SlideEncoder(config)
+
+    # -- construction --------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, config: ChatEXAONEPathConfig, *, dtype: str = "auto", device: str = "auto") -> "ChatEXAONEPathForCausalLM":
+        """A new model with an untrained tower around the LLM named in `config`."""
+        from .llm import load_llm
+
+        llm, tokenizer = load_llm(config.llm_name_or_path, dtype=dtype, device=device)
+        model = cls(config, llm, tokenizer)
+        return model.to(llm.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    # -- the splice ------------------------------------------------------------------------------------
+    def get_slide_tokens(self, slide_features: list[torch.Tensor] | torch.Tensor,
+                         mask: torch.Tensor | None = None) -> tuple[torch.Tensor, AggregatorOutput]:
+        """Visual tokens (B, K, d_llm) for a batch of slides, and the aggregator's attention."""
+        if isinstance(slide_features, (list, tuple)):
+            slide_features, mask = pad_bags([f.to(self.device) for f in slide_features])
+        return self.tower(slide_features.to(self.device), None if mask is None else mask.to(self.device))
+
+    def merge_visual_tokens(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor,
+                            labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token embeddings with each sample's K placeholders replaced by its slide's K visual tokens."""
+        is_image = input_ids == self.config.image_token_index  # (B, L)
+        batch, k = visual_tokens.shape[:2]
+        per_sample = is_image.sum(1)
+        if input_ids.shape[0] != batch or (per_sample != k).any():
+            raise ValueError(f"image placeholders per sample {per_sample.tolist()} do not match {batch} slide(s) "
+                             f"× {k} visual tokens; every sample needs exactly {k} placeholder ids")
+        embeddings = self.llm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # (B, L, d)
+        tokens = visual_tokens.to(embeddings.dtype).reshape(-1, embeddings.shape[-1])  # (B*K, d), row-major
+        embeddings = embeddings.masked_scatter(is_image.unsqueeze(-1).expand_as(embeddings), tokens)
+        if labels is not None:
+            labels = labels.masked_fill(is_image, IGNORE_INDEX)
+        return embeddings, labels
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                slide_features: list[torch.Tensor] | torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                slide_mask: torch.Tensor | None = None, **llm_kwargs) -> ChatEXAONEPathOutput:
+        """LLM loss/logits with visual tokens spliced in; labels at image positions become IGNORE_INDEX."""
+        input_ids = input_ids.to(self.device)
+        tokens, aggregated = self.get_slide_tokens(slide_features, slide_mask)
+        embeddings, labels = self.merge_visual_tokens(input_ids, tokens, None if labels is None else labels.to(self.device))
+        out = self.llm(inputs_embeds=embeddings, attention_mask=None if attention_mask is None else
+                       attention_mask.to(self.device), labels=labels, **llm_kwargs)
+        return ChatEXAONEPathOutput(loss=out.loss, logits=out.logits, past_key_values=getattr(out, "past_key_values", None),
+                                    visual_tokens=tokens, patch_attention=aggregated.attention, patch_mask=aggregated.mask)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, slide_features: list[torch.Tensor] | torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
+        """Generated token ids (new tokens only) for prompts that contain the image placeholders."""
+        input_ids = input_ids.to(self.device)
+        tokens, _ = self.get_slide_tokens(slide_features)
+        embeddings, _ = self.merge_visual_tokens(input_ids, tokens)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.llm.generate(inputs_embeds=embeddings, attention_mask=attention_mask.to(self.device),
+                                 **generate_kwargs)
+
+    # -- LoRA ------------------------------------------------------------------------------------------
+    def enable_lora(self, r: int = 64, alpha: int = 16, dropout: float = 0.05,
+                    target_modules: tuple[str, ...] = LORA_TARGETS) -> None:
+        """Wrap the LLM with PEFT LoRA adapters (the paper: r=64, α=16 on q, k, v, o)."""
+        from peft import LoraConfig, get_peft_model
+
+        lora = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": list(target_modules)}
+        self.llm = get_peft_model(self.llm, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                       target_modules=list(target_modules), task_type="CAUSAL_LM"))
+        self.config.lora = lora
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA weights into the LLM (for export or faster inference)."""
+        if self.config.lora is None:
+            raise ValueError("this model has no LoRA adapter to merge")
+        self.llm = self.llm.merge_and_unload()
+        self.config.lora = None
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, *, save_llm: bool = False) -> Path:
+        """Write config.json, tower weights, the LoRA adapter and the tokenizer (the base LLM only if asked)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = self.config
+        if save_llm:  # an exported, self-contained model: the (merged) LLM travels with the tower
+            self.llm.save_pretrained(directory / "llm")
+            config = ChatEXAONEPathConfig(**{**config.to_dict(), "llm_name_or_path": "llm"})
+        config.to_json_file(directory / "config.json")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.tower.state_dict().items()}
+        save_file(state, str(directory / TOWER_WEIGHTS), metadata={"format": "pt"})
+        if self.config.lora is not None:
+            self.llm.save_pretrained(directory / ADAPTER_DIR)  # PEFT writes adapter_config.json + weights only
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, dtype: str = "auto", device: str = "auto") -> "ChatEXAONEPathForCausalLM":
+        """Rebuild a saved model: its base LLM (by reference), tower weights and LoRA adapter."""
+        from safetensors.torch import load_file
+
+        from .llm import load_llm
+
+        directory = Path(directory)
+        if not (directory / "config.json").exists():
+            raise FileNotFoundError(f"{directory} is not a ChatEXAONEPath checkpoint (no config.json)")
+        config = ChatEXAONEPathConfig.from_dict(json.loads((directory / "config.json").read_text()))
+        llm_ref = config.llm_name_or_path
+        if not Path(llm_ref).is_absolute() and (directory / llm_ref).exists():
+            llm_ref = str(directory / llm_ref)  # an exported model carries its LLM inside
+        llm, tokenizer = load_llm(llm_ref, dtype=dtype, device=device)
+        if (directory / ADAPTER_DIR / "adapter_config.json").exists():
+            from peft import PeftModel
+
+            llm = PeftModel.from_pretrained(llm, directory / ADAPTER_DIR)
+        model = cls(config, llm, tokenizer)
+        model.tower.load_state_dict(load_file(str(directory / TOWER_WEIGHTS)), strict=True)
+        return model.to(model.device).eval()

@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from chatexaonepath.chat.conversation import IGNORE_INDEX, IMAGE_TOKEN, PromptBuilder, turns_from_llava
+from chatexaonepath.chat.modeling import ChatEXAONEPathConfig, ChatEXAONEPathForCausalLM
+
+K = 2
+
+
+@pytest.fixture
+def model(tiny_llm_dir):
+    config = ChatEXAONEPathConfig(llm_name_or_path=str(tiny_llm_dir), num_visual_tokens=K,
+                                  aggregator={"in_dim": 32, "hidden_dim": 16, "attention_dim": 8, "dropout": 0.0},
+                                  projector={"num_heads": 4}, prompt_style="llama2")
+    torch.manual_seed(0)
+    return ChatEXAONEPathForCausalLM.build(config).eval()
+
+
+def encode(model, question="What is the diagnosis?", answer="Carcinoma."):
+    builder = PromptBuilder(model.tokenizer, num_image_tokens=K, style="llama2", system_prompt="Be brief.")
+    turns = turns_from_llava([{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}, {"from": "gpt", "value": answer}])
+    built = builder.build(turns)
+    return torch.tensor([built.input_ids]), torch.tensor([built.labels])
+
+
+def test_visual_tokens_land_exactly_on_the_placeholders(model):
+    input_ids, labels = encode(model)
+    features = [torch.randn(30, 32)]
+    tokens, _ = model.get_slide_tokens(features)
+    embeds, merged_labels = model.merge_visual_tokens(input_ids, tokens, labels)
+    positions = (input_ids[0] == model.config.image_token_index).nonzero().flatten()
+    assert len(positions) == K
+    torch.testing.assert_close(embeds[0, positions], tokens[0])
+    text = (input_ids[0] != model.config.image_token_index).nonzero().flatten()
+    torch.testing.assert_close(embeds[0, text], model.llm.get_input_embeddings()(input_ids[0, text]))
+    assert (merged_labels[0, positions] == IGNORE_INDEX).all()
+    assert torch.equal(merged_labels[0, text], labels[0, text])
+
+
+def test_placeholder_count_mismatch_raises_with_both_numbers(model):
+    input_ids, _ = encode(model)
+    short = input_ids[:, input_ids[0] != model.config.image_token_index][:, :-1]  # no placeholders
+    with pytest.raises(ValueError, match=r"\[0\].*1 slide\(s\) × 2 visual tokens"):
+        model(short, slide_features=[torch.randn(5, 32)])
+    with pytest.raises(ValueError, match="2 slide"):
+        model(input_ids, slide_features=[torch.randn(5, 32), torch.randn(6, 32)])
+
+
+def test_batch_of_slides_with_different_patch_counts(model):
+    input_ids, labels = encode(model)
+    batch_ids, batch_labels = input_ids.repeat(2, 1), labels.repeat(2, 1)
+    features = [torch.randn(12, 32), torch.randn(40, 32)]
+    out = model(batch_ids, slide_features=features, labels=batch_labels)
+    assert torch.isfinite(out.loss) and out.patch_attention.shape == (2, 40)
+    assert out.patch_mask.sum(1).tolist() == [12, 40]
+    alone = model(input_ids, slide_features=features[:1])
+    torch.testing.assert_close(out.logits[0], alone.logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_loss_only_counts_the_reply(model):
+    input_ids, labels = encode(model)
+    features = [torch.randn(10, 32)]
+    out = model(input_ids, slide_features=features, labels=labels)
+    logits = out.logits[0, :-1]
+    targets = labels[0, 1:]
+    keep = targets != IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_save_and_load_roundtrip_with_lora_gives_identical_logits(model, tmp_path):
+    model.enable_lora(r=4, alpha=8, dropout=0.0)
+    torch.manual_seed(1)
+    for name, param in model.llm.named_parameters():  # make the adapter non-trivial
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)
+    input_ids, _ = encode(model)
+    features = [torch.randn(25, 32)]
+    with torch.no_grad():
+        before = model(input_ids, slide_features=features).logits
+    path = model.save_pretrained(tmp_path / "ckpt")
+    assert (path / "adapter" / "adapter_config.json").exists() and (path / "tower.safetensors").exists()
+    assert not list(path.glob("model*.safetensors"))  # the base LLM is referenced, not copied
+    reloaded = ChatEXAONEPathForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        after = reloaded(input_ids, slide_features=features).logits
+    assert torch.equal(before, after)
+    reloaded.merge_lora()
+    with torch.no_grad():
+        merged = reloaded(input_ids, slide_features=features).logits
+    torch.testing.assert_close(merged, before, atol=1e-4, rtol=1e-4)
+
+
+def test_generate_returns_new_tokens(model):
+    builder = PromptBuilder(model.tokenizer, num_image_tokens=K, style="llama2")
+    prompt = builder.build(turns_from_llava([{"from": "human", "value": f"{IMAGE_TOKEN}\nDiagnosis?"}])[:1],
+                           add_generation_prompt=True)
+    ids = model.generate(torch.tensor([prompt.input_ids]), [torch.randn(8, 32)], max_new_tokens=4, do_sample=False)
+    assert ids.shape == (1, 4)
+
+
+def test_config_validates():
+    with pytest.raises(ValueError):
+        ChatEXAONEPathConfig(num_visual_tokens=0)
+    with pytest.raises(ValueError, match="prompt_style"):
+        ChatEXAONEPathConfig(prompt_style="vicuna")
