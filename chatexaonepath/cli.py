@@ -134,6 +134,64 @@ def synth_slide(
     typer.echo(str(path))
 
 
+@app.command("chat")
+def chat(
+    slide: Annotated[Path, typer.Argument(help="The slide to talk about.")],
+    model: Annotated[Optional[Path], typer.Option("--model", help="A trained ChatEXAONEPath checkpoint folder.")] = None,
+    llm: Annotated[str, typer.Option(help="LLM when no --model is given: a HF id, a path, or 'embedded'.")] = "embedded",
+    encoder: Annotated[Optional[str], typer.Option(help="Patch encoder (default: exaonepath if found, else random-vit-b16).")] = None,
+    encoder_weights: Annotated[Optional[str], typer.Option(help="EXAONEPath weights file, folder or hub id.")] = None,
+    mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px for slides whose metadata lacks it.")] = None,
+    question: Annotated[Optional[str], typer.Option("--question", help="Ask one question, print the answer, exit.")] = None,
+    heatmap: Annotated[Optional[Path], typer.Option(help="Write the attention heatmap to this PNG.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 for greedy (reproducible) answers.")] = 0.0,
+    verbose: Verbose = False,
+) -> None:
+    """Chat about a slide in the terminal (streamed, multi-turn), or ask one --question."""
+    from .chat.session import ChatSession, load_chat_model
+    from .vision_tower.encoder import build_encoder_or_random
+    from .vision_tower.extraction import ExtractConfig, FeatureExtractor
+
+    setup_logging(verbose)
+    chat_model = load_chat_model(model, llm)
+    patch_encoder = build_encoder_or_random(encoder, encoder_weights)
+    config = ExtractConfig(encoder=patch_encoder.name, mpp=mpp)
+    session = ChatSession(chat_model, config, extractor=FeatureExtractor(config, patch_encoder),
+                          max_new_tokens=max_new_tokens, temperature=temperature)
+    with progress_bar() as progress:
+        task = progress.add_task("features", total=None, unit="patches")
+        loaded = session.load_slide(slide, mpp, lambda done, total: progress.update(task, completed=done, total=total))
+        progress.update(task, visible=loaded.extracted)
+    console.print(f"[bold]{slide.name}[/]: {len(loaded.features)} patches"
+                  f"{' (features from cache)' if not loaded.extracted else ''}."
+                  f"{'' if question else ' Type a question; Ctrl-D to quit.'}")
+    if heatmap is not None:
+        from .vision_tower.heatmap import render_heatmap
+        from .vision_tower.slide import open_slide
+
+        with open_slide(slide, mpp) as s:
+            render_heatmap(s, loaded.features.coords, loaded.attention,
+                           patch_size_level0=loaded.features.attrs.get("patch_size_level0")).save(heatmap)
+        console.print(f"attention heatmap: {heatmap}")
+    questions = [question] if question else None
+    while True:
+        if questions is not None:
+            if not questions:
+                break
+            text = questions.pop()
+        else:
+            try:
+                text = console.input("[bold cyan]you> [/]")
+            except EOFError:
+                break
+            if not text.strip():
+                continue
+        sys.stdout.write("model> " if questions is None else "")
+        session.ask(text, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        sys.stdout.write("\n")
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo slide and its features.")] = Path("demo_out"),

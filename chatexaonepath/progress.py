@@ -46,3 +46,9 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
                         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)])
     for noisy in ("urllib3", "httpx", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    try:  # transformers' own tqdm bars ("Loading weights") would interleave with ours
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass

@@ -16,7 +16,7 @@ def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("command", [[], ["slide"], ["slide", "extract"], ["slide", "info"], ["slide", "encoders"],
-                                     ["synth"], ["synth", "slide"], ["demo"]])
+                                     ["synth"], ["synth", "slide"], ["demo"], ["chat"]])
 def test_every_command_has_help(command):
     result = run_cli(*command, "--help")
     assert result.returncode == 0, result.stderr
@@ -82,3 +82,21 @@ def test_killed_extraction_resumes_without_leftovers(slides, tmp_path):
     assert all((out / f"{p.stem}.h5").exists() for p in inputs)
     assert not list(out.glob(".*.tmp")) and not list(out.glob("*.lock"))
     assert read_features(out / "stroma.h5").features.shape[1] == 768
+
+
+def test_chat_answers_one_question_and_writes_a_heatmap(slides, tmp_path):
+    from tests.chat.conftest import make_tiny_llm
+
+    llm = make_tiny_llm(tmp_path / "llm")
+    heatmap = tmp_path / "attention.png"
+    result = run_cli("chat", slides["tumor"], "--llm", llm, "--encoder", "random-vit-b16", "--question",
+                     "What is the diagnosis?", "--max-new-tokens", "5", "--heatmap", heatmap)
+    assert result.returncode == 0, result.stderr
+    assert "UNTRAINED" in result.stderr and heatmap.stat().st_size > 0
+    assert result.stdout.strip()  # the streamed answer
+
+
+def test_chat_with_a_missing_checkpoint_exits_2(slides, tmp_path):
+    result = run_cli("chat", slides["tumor"], "--model", tmp_path / "nothing", "--question", "Hi?")
+    assert result.returncode == 2 and "not a ChatEXAONEPath checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr

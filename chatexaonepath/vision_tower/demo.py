@@ -6,8 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..errors import EncoderError
-from .encoder import build_encoder
+from .encoder import build_encoder_or_random
 from .extraction import ExtractConfig, FeatureExtractor
 from .features import read_features
 from .slide import open_slide
@@ -16,18 +15,6 @@ from .synthetic import make_synthetic_slide
 logger = logging.getLogger(__name__)
 
 DEMO_SLIDE_SIZE = 6144  # at 0.25 µm/px: about 80 tissue patches at 0.5 µm/px, ~15 s on 2 cores
-
-
-def _demo_encoder(name: str | None):
-    """The requested encoder; by default EXAONEPath when its weights are found, else a random ViT-B/16."""
-    if name is not None:
-        return build_encoder(name)
-    try:
-        return build_encoder("exaonepath")
-    except EncoderError:
-        logger.warning("EXAONEPath weights not found, so the demo uses RANDOM ViT-B/16 weights; "
-                       "docs/weights.md says how to get the real ones.")
-        return build_encoder("random-vit-b16")
 
 
 def run_demo(out_dir: str | Path, encoder_name: str | None = None, progress=None) -> dict[str, object]:
@@ -41,7 +28,7 @@ def run_demo(out_dir: str | Path, encoder_name: str | None = None, progress=None
     timings["synthetic slide"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    encoder = _demo_encoder(encoder_name)
+    encoder = build_encoder_or_random(encoder_name)
     extractor = FeatureExtractor(ExtractConfig(encoder=encoder.name), encoder=encoder)
     timings["load encoder"] = time.perf_counter() - started
 

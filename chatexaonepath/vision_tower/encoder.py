@@ -294,6 +294,13 @@ def _build_random_vit(weights: str | None = None, seed: int = 0) -> PatchEncoder
     return PatchEncoder("random-vit-b16", model, 768, _state_sha256(model), f"random(seed={seed})")
 
 
-def default_num_threads() -> int:
-    """Intra-op threads for the encoder on CPU: all cores (the loader workers mostly sleep)."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+def build_encoder_or_random(name: str | None = None, weights: str | None = None) -> PatchEncoder:
+    """`name` if given; otherwise EXAONEPath when its weights are found, else a random ViT-B/16 (warned)."""
+    if name is not None:
+        return build_encoder(name, weights)
+    try:
+        return build_encoder("exaonepath", weights)
+    except EncoderError:
+        logger.warning("EXAONEPath weights not found, so RANDOM ViT-B/16 weights are used; "
+                       "docs/weights.md says how to get the real ones.")
+        return build_encoder("random-vit-b16")

@@ -1,0 +1,179 @@
+"""A chat about one slide: load it once (features cached on disk), then ask, with streamed answers.
+
+Features are cached by slide fingerprint and extraction settings, so asking about the same slide
+again — in this process or a later one — never re-extracts; the slide's visual tokens are kept in
+memory, so a follow-up question costs only generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..assets import user_cache_dir
+from ..errors import ChatEXAONEPathError
+from ..vision_tower.extraction import ExtractConfig, FeatureExtractor
+from ..vision_tower.features import SlideFeatures, read_features, settings_match
+from ..vision_tower.slide import open_slide
+from .conversation import IMAGE_TOKEN, PromptBuilder, Turn
+from .modeling import ChatEXAONEPathForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChatAnswer:
+    """One reply, with the per-patch attention that explains which regions the tower weighted."""
+
+    text: str
+    attention: torch.Tensor  # (N,) softmax over the slide's patches
+    coords: torch.Tensor | None  # (N, 2) level-0 top-left of each patch
+    new_tokens: int
+    seconds: float
+    first_token_seconds: float | None = None
+
+
+@dataclass
+class LoadedSlide:
+    """The slide a session talks about."""
+
+    path: Path
+    features: SlideFeatures
+    visual_tokens: torch.Tensor  # (1, K, d_llm)
+    attention: torch.Tensor  # (N,)
+    extracted: bool  # False when the features came from the cache
+    turns: list[Turn] = field(default_factory=list)
+
+
+UNTRAINED_WARNING = ("The vision tower is UNTRAINED (no --model checkpoint): answers do not depend on the slide "
+                     "and are not diagnostic. Train one with `chatexaonepath train` or pass --model.")
+
+
+def load_chat_model(checkpoint: str | Path | None = None, llm: str = "embedded") -> ChatEXAONEPathForCausalLM:
+    """A trained checkpoint, or (without one) an untrained tower around `llm`, with a loud warning."""
+    from .modeling import ChatEXAONEPathConfig
+
+    if checkpoint is not None:
+        try:
+            model = ChatEXAONEPathForCausalLM.from_pretrained(checkpoint)
+        except FileNotFoundError as e:
+            raise ChatEXAONEPathError(f"{checkpoint} is not a ChatEXAONEPath checkpoint (no config.json).") from e
+        if not model.config.tower_trained:
+            logger.warning(UNTRAINED_WARNING)
+        return model
+    logger.warning(UNTRAINED_WARNING)
+    return ChatEXAONEPathForCausalLM.build(ChatEXAONEPathConfig(llm_name_or_path=llm))
+
+
+class ChatSession:
+    """Multi-turn chat about one slide at a time with a ChatEXAONEPath model."""
+
+    def __init__(self, model: ChatEXAONEPathForCausalLM, extract_config: ExtractConfig | None = None, *,
+                 features_dir: str | Path | None = None, extractor: FeatureExtractor | None = None,
+                 max_new_tokens: int = 256, temperature: float = 0.0, system_prompt: str | None = None) -> None:
+        self.model = model.eval()
+        self.extract_config = extract_config or ExtractConfig()
+        self.features_dir = Path(features_dir) if features_dir else user_cache_dir() / "features"
+        self._extractor = extractor
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        config = model.config
+        self.builder = PromptBuilder(model.tokenizer, num_image_tokens=config.num_visual_tokens,
+                                     image_token=config.image_token,
+                                     system_prompt=config.system_prompt if system_prompt is None else system_prompt,
+                                     style=config.prompt_style)
+        self.slide: LoadedSlide | None = None
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = FeatureExtractor(self.extract_config)
+        return self._extractor
+
+    # -- slides ----------------------------------------------------------------------------------------
+    def load_slide(self, path: str | Path, mpp: float | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> LoadedSlide:
+        """Extract (or reuse cached) features of a slide and start a new conversation about it."""
+        path = Path(path)
+        with open_slide(path, mpp if mpp is not None else self.extract_config.mpp) as slide:
+            settings = self.extractor.settings(slide)
+            cache = self.features_dir / settings["slide_fingerprint"].split(":")[-1][:32]
+            target = cache / f"{slide.slide_id}.h5"
+            extracted = not settings_match(target, settings)
+            if extracted:
+                self.extractor.extract(slide, cache, progress)
+        features = read_features(target)
+        with torch.no_grad():
+            tokens, aggregated = self.model.get_slide_tokens([features.features.float()])
+        self.slide = LoadedSlide(path, features, tokens, aggregated.attention[0].cpu(), extracted)
+        return self.slide
+
+    def reset(self) -> None:
+        """Forget the conversation, keep the slide."""
+        if self.slide is not None:
+            self.slide.turns.clear()
+
+    # -- asking ----------------------------------------------------------------------------------------
+    def _prompt_ids(self, question: str) -> list[int]:
+        """Prompt for the next reply; drops the oldest exchanges (never the image) to fit the context."""
+        history = list(self.slide.turns)
+        limit = getattr(self.model.llm.config, "max_position_embeddings", None) or 4096
+        while True:
+            turns = history + [Turn("user", question)]
+            turns[0] = Turn("user", f"{IMAGE_TOKEN}\n{turns[0].content}")  # the image rides on the first kept turn
+            ids = self.builder.build(turns, add_generation_prompt=True).input_ids
+            if len(ids) + self.max_new_tokens <= limit:
+                return ids
+            if not history:
+                raise ChatEXAONEPathError(f"The question is too long for the model's context ({len(ids)} prompt tokens "
+                                          f"+ {self.max_new_tokens} to generate > {limit}); shorten it.")
+            dropped, history = history[:2], history[2:]
+            logger.info("Context full: dropped the oldest exchange (%r…)", dropped[0].content[:40])
+
+    def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> ChatAnswer:
+        """Answer `question` about the loaded slide, calling `on_text` with each piece as it is generated."""
+        from transformers import TextIteratorStreamer
+
+        if self.slide is None:
+            raise ChatEXAONEPathError("Load a slide before asking about it.")
+        question = question.strip()
+        if not question:
+            raise ChatEXAONEPathError("The question is empty.")
+        input_ids = torch.tensor([self._prompt_ids(question)], device=self.model.device)
+        streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=False, skip_special_tokens=True)
+        sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
+        result: dict = {}
+
+        def generate() -> None:
+            try:
+                embeds, _ = self.model.merge_visual_tokens(input_ids, self.slide.visual_tokens)
+                with torch.no_grad():
+                    result["ids"] = self.model.llm.generate(
+                        inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                        max_new_tokens=self.max_new_tokens, pad_token_id=self.model.tokenizer.pad_token_id, **sampling)
+            except BaseException as e:  # surfaced in the caller's thread below
+                result["error"] = e
+                streamer.end()
+
+        started = time.perf_counter()
+        worker = threading.Thread(target=generate, daemon=True)
+        worker.start()
+        pieces, first = [], None
+        for piece in streamer:
+            if piece and first is None:
+                first = time.perf_counter() - started
+            pieces.append(piece)
+            if on_text is not None and piece:
+                on_text(piece)
+        worker.join()
+        if "error" in result:
+            raise result["error"]
+        text = "".join(pieces).strip()
+        self.slide.turns += [Turn("user", question), Turn("assistant", text)]
+        return ChatAnswer(text, self.slide.attention, self.slide.features.coords, int(result["ids"].shape[1]),
+                          time.perf_counter() - started, first)
