@@ -100,3 +100,16 @@ def test_chat_with_a_missing_checkpoint_exits_2(slides, tmp_path):
     result = run_cli("chat", slides["tumor"], "--model", tmp_path / "nothing", "--question", "Hi?")
     assert result.returncode == 2 and "not a ChatEXAONEPath checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_interactive_chat_reads_questions_until_end_of_input(slides, tmp_path):
+    from tests.chat.conftest import make_tiny_llm
+
+    llm = make_tiny_llm(tmp_path / "llm")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-m", "chatexaonepath.cli", "chat", str(slides["tumor"]), "--llm", str(llm),
+                             "--encoder", "random-vit-b16", "--max-new-tokens", "3"],
+                            input="What is the diagnosis?\n\nAnd the grade?\n", capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("model> ") == 2  # two questions, the blank line skipped

@@ -86,6 +86,10 @@ def load_llm(name_or_path: str = EMBEDDED, *, dtype: str = "auto", device: str =
             raise ChatEXAONEPathError(f"--quantization must be 4bit or 8bit, got {quantization!r}.")
         if target.type != "cuda":
             raise ChatEXAONEPathError("4/8-bit loading needs a CUDA GPU (bitsandbytes); drop --quantization on CPU.")
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ChatEXAONEPathError("4/8-bit loading needs bitsandbytes: `pip install bitsandbytes`.")
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=quantization == "4bit",

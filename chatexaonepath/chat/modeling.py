@@ -189,6 +189,8 @@ class ChatEXAONEPathForCausalLM(nn.Module):
         config = self.config
         if save_llm:  # an exported, self-contained model: the (merged) LLM travels with the tower
             self.llm.save_pretrained(directory / "llm")
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(directory / "llm")
             config = ChatEXAONEPathConfig(**{**config.to_dict(), "llm_name_or_path": "llm"})
         config.to_json_file(directory / "config.json")
         state = {k: v.detach().contiguous().cpu() for k, v in self.tower.state_dict().items()}

@@ -104,3 +104,20 @@ def test_config_validates():
         ChatEXAONEPathConfig(num_visual_tokens=0)
     with pytest.raises(ValueError, match="prompt_style"):
         ChatEXAONEPathConfig(prompt_style="vicuna")
+
+
+def test_merged_export_is_self_contained_and_equal(model, tmp_path):
+    model.enable_lora(r=4, alpha=8, dropout=0.0)
+    for name, param in model.llm.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)
+    input_ids, _ = encode(model)
+    features = [torch.randn(9, 32)]
+    with torch.no_grad():
+        before = model(input_ids, slide_features=features).logits
+    model.merge_lora()
+    path = model.save_pretrained(tmp_path / "export", save_llm=True)
+    assert (path / "llm" / "config.json").exists() and not (path / "adapter").exists()
+    reloaded = ChatEXAONEPathForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids, slide_features=features).logits, before, atol=1e-4, rtol=1e-4)
