@@ -23,6 +23,15 @@ def encode(model, question="What is the diagnosis?", answer="Carcinoma."):
     return torch.tensor([built.input_ids]), torch.tensor([built.labels])
 
 
+def with_trained_looking_lora(model) -> None:
+    """Enable LoRA and give it non-zero B matrices, so the adapter actually changes the logits."""
+    model.enable_lora(r=4, alpha=8, dropout=0.0)
+    torch.manual_seed(1)
+    for name, param in model.llm.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)
+
+
 def test_visual_tokens_land_exactly_on_the_placeholders(model):
     input_ids, labels = encode(model)
     features = [torch.randn(30, 32)]
@@ -69,11 +78,7 @@ def test_loss_only_counts_the_reply(model):
 
 
 def test_save_and_load_roundtrip_with_lora_gives_identical_logits(model, tmp_path):
-    model.enable_lora(r=4, alpha=8, dropout=0.0)
-    torch.manual_seed(1)
-    for name, param in model.llm.named_parameters():  # make the adapter non-trivial
-        if "lora_B" in name:
-            param.data.normal_(0, 0.1)
+    with_trained_looking_lora(model)
     input_ids, _ = encode(model)
     features = [torch.randn(25, 32)]
     with torch.no_grad():
@@ -107,10 +112,7 @@ def test_config_validates():
 
 
 def test_merged_export_is_self_contained_and_equal(model, tmp_path):
-    model.enable_lora(r=4, alpha=8, dropout=0.0)
-    for name, param in model.llm.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.1)
+    with_trained_looking_lora(model)
     input_ids, _ = encode(model)
     features = [torch.randn(9, 32)]
     with torch.no_grad():
