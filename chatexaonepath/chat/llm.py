@@ -64,11 +64,16 @@ def resolve_llm(name_or_path: str) -> str:
 
 
 def choose_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` → bf16 on GPUs that have it (fp16 otherwise), float32 on CPU."""
+    """`auto` → bf16 on GPUs that have it (fp16 otherwise) and on CPUs that run bf16 natively, else float32.
+
+    Decoding is memory-bound: bf16 weights halve the bytes read per token (measured on the 2-core
+    AVX-512-BF16 dev machine with SmolLM2-135M: 16.8 → 24.9 tokens/s, prefill 1.8× faster).
+    """
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.bfloat16 if native else torch.float32
     if name not in DTYPES:
         raise ChatEXAONEPathError(f"--llm-dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}.")
     return DTYPES[name]

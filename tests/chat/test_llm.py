@@ -19,9 +19,11 @@ def test_embedded_llm_loads_offline_and_is_cached(monkeypatch):
     assert out.shape[1] == ids.shape[1] + 5 and tokenizer.pad_token is not None
 
 
-def test_local_folder_loads_on_cpu_in_float32(tiny_llm_dir):
+def test_local_folder_loads_on_cpu(tiny_llm_dir):
     model, tokenizer = load_llm(str(tiny_llm_dir))
-    assert model.dtype == torch.float32 and model.device.type == "cpu" and not model.training
+    assert model.dtype == choose_dtype("auto", torch.device("cpu")) and model.device.type == "cpu"
+    assert not model.training
+    assert load_llm(str(tiny_llm_dir), dtype="fp32")[0].dtype == torch.float32
     assert tokenizer.pad_token is not None
 
 
@@ -37,4 +39,4 @@ def test_quantization_needs_cuda_and_dtype_is_checked(tiny_llm_dir):
             load_llm(str(tiny_llm_dir), quantization="4bit")
     with pytest.raises(ChatEXAONEPathError, match="llm-dtype"):
         choose_dtype("int3", torch.device("cpu"))
-    assert choose_dtype("auto", torch.device("cpu")) == torch.float32
+    assert choose_dtype("auto", torch.device("cpu")) in (torch.float32, torch.bfloat16)

@@ -13,7 +13,7 @@ def model(tiny_llm_dir):
                                   aggregator={"in_dim": 32, "hidden_dim": 16, "attention_dim": 8, "dropout": 0.0},
                                   projector={"num_heads": 4}, prompt_style="llama2")
     torch.manual_seed(0)
-    return ChatEXAONEPathForCausalLM.build(config).eval()
+    return ChatEXAONEPathForCausalLM.build(config, dtype="fp32").eval()  # exact comparisons below
 
 
 def encode(model, question="What is the diagnosis?", answer="Carcinoma."):
@@ -86,7 +86,7 @@ def test_save_and_load_roundtrip_with_lora_gives_identical_logits(model, tmp_pat
     path = model.save_pretrained(tmp_path / "ckpt")
     assert (path / "adapter" / "adapter_config.json").exists() and (path / "tower.safetensors").exists()
     assert not list(path.glob("model*.safetensors"))  # the base LLM is referenced, not copied
-    reloaded = ChatEXAONEPathForCausalLM.from_pretrained(path)
+    reloaded = ChatEXAONEPathForCausalLM.from_pretrained(path, dtype="fp32")
     with torch.no_grad():
         after = reloaded(input_ids, slide_features=features).logits
     assert torch.equal(before, after)
@@ -120,6 +120,6 @@ def test_merged_export_is_self_contained_and_equal(model, tmp_path):
     model.merge_lora()
     path = model.save_pretrained(tmp_path / "export", save_llm=True)
     assert (path / "llm" / "config.json").exists() and not (path / "adapter").exists()
-    reloaded = ChatEXAONEPathForCausalLM.from_pretrained(path)
+    reloaded = ChatEXAONEPathForCausalLM.from_pretrained(path, dtype="fp32")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids, slide_features=features).logits, before, atol=1e-4, rtol=1e-4)
