@@ -1,0 +1,175 @@
+"""Text-LLM backends shared by RAIDER (answer generation) and the evaluator (the judge).
+
+One interface, `complete(messages, **gen) -> str` with an async twin `acomplete`, behind a small
+registry of spec strings:
+  `openai:MODEL@URL`   any OpenAI-compatible server (vLLM, llama.cpp server, TGI, Ollama's /v1)
+  `ollama:MODEL`       shorthand for a local Ollama (http://localhost:11434/v1), e.g. the paper's
+                       `ollama:llama3.1:70b-instruct`
+  `local:embedded`     in-process transformers (`local:ID_OR_PATH` for any causal LM)
+Nothing leaves the machine unless the user names a remote endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from typing import Callable, Protocol
+
+from .errors import ChatEXAONEPathError
+
+logger = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]  # [{"role": "system"|"user"|"assistant", "content": …}, …]
+OLLAMA_URL = "http://localhost:11434/v1"
+
+
+class BackendError(ChatEXAONEPathError):
+    """A text-LLM backend could not be reached or refused the request."""
+
+
+class TextBackend(Protocol):
+    """What RAIDER and the judge need from an LLM."""
+
+    name: str
+
+    def complete(self, messages: Messages, **gen: object) -> str: ...
+
+    async def acomplete(self, messages: Messages, **gen: object) -> str: ...
+
+
+_BACKENDS: dict[str, Callable[[str], TextBackend]] = {}
+
+
+def register_backend(kind: str) -> Callable[[Callable[[str], TextBackend]], Callable[[str], TextBackend]]:
+    """Register a builder `fn(rest_of_spec) -> TextBackend` for specs `kind:…`."""
+
+    def decorator(fn: Callable[[str], TextBackend]) -> Callable[[str], TextBackend]:
+        _BACKENDS[kind] = fn
+        return fn
+
+    return decorator
+
+
+def available_backends() -> list[str]:
+    """The spec prefixes `build_backend` accepts."""
+    return sorted(_BACKENDS)
+
+
+def build_backend(spec: str) -> TextBackend:
+    """Build a backend from a spec such as `openai:qwen2.5-7b@http://127.0.0.1:8000/v1` or `local:embedded`."""
+    kind, _, rest = spec.partition(":")
+    if kind not in _BACKENDS:
+        raise BackendError(f"Unknown LLM backend {spec!r}; use one of {', '.join(k + ':…' for k in available_backends())}.")
+    if not rest:
+        raise BackendError(f"LLM backend {spec!r} names no model (e.g. {kind}:MODEL).")
+    return _BACKENDS[kind](rest)
+
+
+class OpenAICompatibleBackend:
+    """Chat completions from an OpenAI-compatible HTTP server, through the official `openai` client."""
+
+    def __init__(self, model: str, base_url: str, api_key: str | None = None, timeout: float = 120.0,
+                 max_retries: int = 2) -> None:
+        from openai import AsyncOpenAI, OpenAI
+
+        self.model, self.base_url = model, base_url.rstrip("/")
+        self.name = f"openai:{model}@{self.base_url}"
+        # Local servers accept any key; the client insists on one.
+        key = api_key or os.environ.get("OPENAI_API_KEY") or "not-needed-for-local-servers"
+        options = dict(base_url=self.base_url, api_key=key, timeout=timeout, max_retries=max_retries)
+        self._client, self._async_client = OpenAI(**options), AsyncOpenAI(**options)
+
+    def _request(self, messages: Messages, gen: dict) -> dict:
+        request = {"model": self.model, "messages": messages}
+        for ours, theirs in (("max_tokens", "max_tokens"), ("temperature", "temperature"), ("seed", "seed"),
+                             ("top_p", "top_p"), ("stop", "stop")):
+            if gen.get(ours) is not None:
+                request[theirs] = gen[ours]
+        return request
+
+    def complete(self, messages: Messages, **gen: object) -> str:
+        """One chat completion (blocking)."""
+        try:
+            response = self._client.chat.completions.create(**self._request(messages, gen))
+        except Exception as e:  # noqa: BLE001 - mapped to one sentence per failure kind
+            raise self._explain(e) from e
+        return response.choices[0].message.content or ""
+
+    async def acomplete(self, messages: Messages, **gen: object) -> str:
+        """One chat completion (async, for concurrent generation)."""
+        try:
+            response = await self._async_client.chat.completions.create(**self._request(messages, gen))
+        except Exception as e:  # noqa: BLE001
+            raise self._explain(e) from e
+        return response.choices[0].message.content or ""
+
+    def _explain(self, error: Exception) -> BackendError:
+        import openai
+
+        if isinstance(error, openai.APITimeoutError):
+            return BackendError(f"The LLM server at {self.base_url} did not answer in time; is it overloaded?")
+        if isinstance(error, openai.APIConnectionError):
+            return BackendError(f"Cannot reach the LLM server at {self.base_url}; is it running (and the URL right)?")
+        if isinstance(error, (openai.AuthenticationError, openai.PermissionDeniedError)):
+            return BackendError(f"The LLM server at {self.base_url} refused the API key; set OPENAI_API_KEY.")
+        if isinstance(error, openai.NotFoundError):
+            return BackendError(f"The LLM server at {self.base_url} has no model {self.model!r}; check the name "
+                                "(for Ollama: `ollama pull MODEL`).")
+        if isinstance(error, openai.APIStatusError):
+            return BackendError(f"The LLM server at {self.base_url} answered HTTP {error.status_code}: "
+                                f"{str(error.message)[:200]}.")
+        return BackendError(f"The request to {self.base_url} failed: {error}.")
+
+
+@register_backend("openai")
+def _openai(rest: str) -> OpenAICompatibleBackend:
+    model, at, url = rest.rpartition("@")
+    if not at or not model or not url.startswith(("http://", "https://")):
+        raise BackendError(f"openai backends are written openai:MODEL@URL (e.g. openai:llama3@http://127.0.0.1:8000/v1), "
+                           f"got openai:{rest}.")
+    return OpenAICompatibleBackend(model, url)
+
+
+@register_backend("ollama")
+def _ollama(model: str) -> OpenAICompatibleBackend:
+    backend = OpenAICompatibleBackend(model, os.environ.get("OLLAMA_URL", OLLAMA_URL))
+    backend.name = f"ollama:{model}"
+    return backend
+
+
+class LocalBackend:
+    """In-process generation with transformers (the embedded SmolLM2 by default); greedy unless asked."""
+
+    def __init__(self, name_or_path: str = "embedded") -> None:
+        from .chat.llm import load_llm
+
+        self.name = f"local:{name_or_path}"
+        self.model, self.tokenizer = load_llm(name_or_path)
+        self._lock = threading.Lock()  # one generation at a time: the model is not re-entrant
+
+    def complete(self, messages: Messages, **gen: object) -> str:
+        """Generate a reply with the tokenizer's chat template."""
+        import torch
+
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                 return_dict=True)["input_ids"].to(self.model.device)
+        temperature = float(gen.get("temperature") or 0.0)
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        if gen.get("seed") is not None:
+            torch.manual_seed(int(gen["seed"]))
+        with self._lock, torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                      max_new_tokens=int(gen.get("max_tokens") or 256),
+                                      pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+    async def acomplete(self, messages: Messages, **gen: object) -> str:
+        """`complete` in a worker thread, so an event loop keeps serving other work."""
+        return await asyncio.to_thread(self.complete, messages, **gen)
+
+
+@register_backend("local")
+def _local(name_or_path: str) -> LocalBackend:
+    return LocalBackend(name_or_path)

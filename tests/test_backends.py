@@ -1,0 +1,80 @@
+import asyncio
+import socket
+import time
+
+import pytest
+
+from chatexaonepath.backends import BackendError, available_backends, build_backend
+from tests.fake_openai import FakeOpenAIServer
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What organ?"}]
+
+
+def test_openai_compatible_server_roundtrip_and_generation_settings():
+    with FakeOpenAIServer() as server:
+        backend = build_backend(f"openai:test-model@{server.url}")
+        assert backend.complete(MESSAGES, max_tokens=12, temperature=0.0, seed=3) == "echo: What organ?"
+        sent = server.requests[-1]
+        assert sent["model"] == "test-model" and sent["max_tokens"] == 12 and sent["seed"] == 3
+        assert sent["messages"] == MESSAGES
+
+
+def test_async_calls_run_concurrently():
+    with FakeOpenAIServer(delay=0.3) as server:
+        backend = build_backend(f"openai:test-model@{server.url}")
+
+        async def many():
+            return await asyncio.gather(*(backend.acomplete(MESSAGES) for _ in range(6)))
+
+        started = time.perf_counter()
+        answers = asyncio.run(many())
+        assert answers == ["echo: What organ?"] * 6
+        assert time.perf_counter() - started < 6 * 0.3  # overlapped, not one after another
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("unreachable", "Cannot reach"), ("auth", "refused the API key"), ("model", "has no model"),
+])
+def test_failures_are_one_clear_sentence(case, expected, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "wrong")
+    if case == "unreachable":
+        backend = build_backend(f"openai:test-model@http://127.0.0.1:{free_port()}/v1")
+        backend._client = backend._client.with_options(max_retries=0)
+        with pytest.raises(BackendError, match=expected) as info:
+            backend.complete(MESSAGES)
+    else:
+        with FakeOpenAIServer(api_key="right" if case == "auth" else None) as server:
+            backend = build_backend(f"openai:{'test-model' if case == 'auth' else 'other'}@{server.url}")
+            with pytest.raises(BackendError, match=expected) as info:
+                backend.complete(MESSAGES)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("gpt4", "Unknown LLM backend"), ("openai:model-without-url", "openai:MODEL@URL"), ("ollama:", "names no model"),
+])
+def test_malformed_specs_are_rejected(spec, expected):
+    with pytest.raises(BackendError, match=expected):
+        build_backend(spec)
+    assert {"openai", "ollama", "local"} <= set(available_backends())
+
+
+def test_ollama_shorthand_points_at_local_ollama(monkeypatch):
+    monkeypatch.delenv("OLLAMA_URL", raising=False)
+    backend = build_backend("ollama:llama3.1:70b-instruct")
+    assert backend.model == "llama3.1:70b-instruct" and backend.base_url == "http://localhost:11434/v1"
+
+
+def test_local_backend_generates_in_process(tmp_path):
+    from tests.chat.conftest import make_tiny_llm
+
+    backend = build_backend(f"local:{make_tiny_llm(tmp_path / 'llm')}")
+    first = backend.complete(MESSAGES, max_tokens=4)
+    assert isinstance(first, str) and backend.complete(MESSAGES, max_tokens=4) == first  # greedy
+    assert asyncio.run(backend.acomplete(MESSAGES, max_tokens=4)) == first
