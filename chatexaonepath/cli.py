@@ -188,7 +188,12 @@ def chat(
             if not text.strip():
                 continue
         sys.stdout.write("model> " if questions is None else "")
-        session.ask(text, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        try:
+            session.ask(text, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        except ChatEXAONEPathError as e:
+            if questions is not None:
+                raise
+            console.print(f"[bold red]Error:[/] {e}", highlight=False)  # the conversation goes on
         sys.stdout.write("\n")
 
 
@@ -221,6 +226,9 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print(f"Interrupted after {time.perf_counter() - started:.0f} s; rerun the same command to resume.")
         sys.exit(130)
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        sys.stderr.close()
+        sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def test_chat_answers_one_question_and_writes_a_heatmap(slides, tmp_path):
 
 def test_chat_with_a_missing_checkpoint_exits_2(slides, tmp_path):
     result = run_cli("chat", slides["tumor"], "--model", tmp_path / "nothing", "--question", "Hi?")
-    assert result.returncode == 2 and "not a ChatEXAONEPath checkpoint" in result.stderr
+    assert result.returncode == 2 and "not a complete ChatEXAONEPath checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
 
 

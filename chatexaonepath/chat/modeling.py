@@ -96,8 +96,12 @@ class ChatEXAONEPathForCausalLM(nn.Module):
             config = ChatEXAONEPathConfig(**{**config.to_dict(), "llm_hidden_size": hidden})
         if config.llm_hidden_size != hidden:
             raise ValueError(f"config says the LLM has hidden size {config.llm_hidden_size}, the LLM has {hidden}")
+        if config.prompt_style == "auto" and tokenizer is not None:
+            # Decide once and record it: a later tokenizer revision must not switch the format under a trained model.
+            config.prompt_style = "chat_template" if getattr(tokenizer, "chat_template", None) else "llama2"
         self.config, self.llm, self.tokenizer = config, llm, tokenizer
         self.tower = SlideEncoder(config)
+        self._lora_merged = False
 
     # -- construction --------------------------------------------------------------------------------
     @classmethod
@@ -142,12 +146,21 @@ class ChatEXAONEPathForCausalLM(nn.Module):
                 slide_mask: torch.Tensor | None = None, **llm_kwargs) -> ChatEXAONEPathOutput:
         """LLM loss/logits with visual tokens spliced in; labels at image positions become IGNORE_INDEX."""
         input_ids = input_ids.to(self.device)
-        tokens, aggregated = self.get_slide_tokens(slide_features, slide_mask)
-        embeddings, labels = self.merge_visual_tokens(input_ids, tokens, None if labels is None else labels.to(self.device))
+        labels = None if labels is None else labels.to(self.device)
+        if slide_features is None:  # a text-only conversation
+            if (input_ids == self.config.image_token_index).any():
+                raise ValueError("image placeholders in the input but no slide_features were given")
+            tokens = aggregated = None
+            embeddings = self.llm.get_input_embeddings()(input_ids)
+        else:
+            tokens, aggregated = self.get_slide_tokens(slide_features, slide_mask)
+            embeddings, labels = self.merge_visual_tokens(input_ids, tokens, labels)
         out = self.llm(inputs_embeds=embeddings, attention_mask=None if attention_mask is None else
                        attention_mask.to(self.device), labels=labels, **llm_kwargs)
-        return ChatEXAONEPathOutput(loss=out.loss, logits=out.logits, past_key_values=getattr(out, "past_key_values", None),
-                                    visual_tokens=tokens, patch_attention=aggregated.attention, patch_mask=aggregated.mask)
+        return ChatEXAONEPathOutput(
+            loss=out.loss, logits=out.logits, past_key_values=getattr(out, "past_key_values", None), visual_tokens=tokens,
+            patch_attention=None if aggregated is None else aggregated.attention,
+            patch_mask=None if aggregated is None else aggregated.mask)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, slide_features: list[torch.Tensor] | torch.Tensor,
@@ -158,6 +171,8 @@ class ChatEXAONEPathForCausalLM(nn.Module):
         embeddings, _ = self.merge_visual_tokens(input_ids, tokens)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if (attention_mask[:, -1] == 0).any():
+            raise ValueError("generate() needs left-padded prompts (the last position of every row must be real)")
         return self.llm.generate(inputs_embeds=embeddings, attention_mask=attention_mask.to(self.device),
                                  **generate_kwargs)
 
@@ -178,12 +193,17 @@ class ChatEXAONEPathForCausalLM(nn.Module):
             raise ValueError("this model has no LoRA adapter to merge")
         self.llm = self.llm.merge_and_unload()
         self.config.lora = None
+        self._lora_merged = True  # the base LLM named in the config no longer holds these weights
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, *, save_llm: bool = False) -> Path:
         """Write config.json, tower weights, the LoRA adapter and the tokenizer (the base LLM only if asked)."""
         from safetensors.torch import save_file
 
+        if self._lora_merged and not save_llm:
+            raise ValueError("the LoRA weights were merged into the LLM; save with save_llm=True or they are lost")
+        if save_llm and self.config.lora is not None:
+            raise ValueError("merge_lora() before save_pretrained(save_llm=True), so the export is self-contained")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = self.config
@@ -202,8 +222,12 @@ class ChatEXAONEPathForCausalLM(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, dtype: str = "auto", device: str = "auto") -> "ChatEXAONEPathForCausalLM":
-        """Rebuild a saved model: its base LLM (by reference), tower weights and LoRA adapter."""
+    def from_pretrained(cls, directory: str | Path, *, dtype: str = "auto", device: str = "auto",
+                        trainable: bool = False) -> "ChatEXAONEPathForCausalLM":
+        """Rebuild a saved model: its base LLM (by reference), tower weights and LoRA adapter.
+
+        `trainable=True` keeps the adapter trainable (to resume or continue training).
+        """
         from safetensors.torch import load_file
 
         from .llm import load_llm
@@ -215,11 +239,20 @@ class ChatEXAONEPathForCausalLM(nn.Module):
         llm_ref = config.llm_name_or_path
         if not Path(llm_ref).is_absolute() and (directory / llm_ref).exists():
             llm_ref = str(directory / llm_ref)  # an exported model carries its LLM inside
+        for required in (TOWER_WEIGHTS,):
+            if not (directory / required).exists():
+                raise FileNotFoundError(f"{directory} lacks {required}; the checkpoint is incomplete")
         llm, tokenizer = load_llm(llm_ref, dtype=dtype, device=device)
+        if (directory / "tokenizer_config.json").exists():  # the tokenizer the model was trained with
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
         if (directory / ADAPTER_DIR / "adapter_config.json").exists():
             from peft import PeftModel
 
-            llm = PeftModel.from_pretrained(llm, directory / ADAPTER_DIR)
+            llm = PeftModel.from_pretrained(llm, directory / ADAPTER_DIR, is_trainable=trainable)
         model = cls(config, llm, tokenizer)
         model.tower.load_state_dict(load_file(str(directory / TOWER_WEIGHTS)), strict=True)
         return model.to(model.device).eval()

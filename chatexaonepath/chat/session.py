@@ -63,7 +63,9 @@ def load_chat_model(checkpoint: str | Path | None = None, llm: str = "embedded")
         try:
             model = ChatEXAONEPathForCausalLM.from_pretrained(checkpoint)
         except FileNotFoundError as e:
-            raise ChatEXAONEPathError(f"{checkpoint} is not a ChatEXAONEPath checkpoint (no config.json).") from e
+            raise ChatEXAONEPathError(f"{checkpoint} is not a complete ChatEXAONEPath checkpoint: {e}.") from e
+        except (ValueError, RuntimeError, OSError) as e:  # config validation, weight shapes, unreadable files
+            raise ChatEXAONEPathError(f"Could not load the checkpoint {checkpoint}: {str(e).splitlines()[0]}.") from e
         if not model.config.tower_trained:
             logger.warning(UNTRAINED_WARNING)
         return model
@@ -137,25 +139,32 @@ class ChatSession:
 
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> ChatAnswer:
         """Answer `question` about the loaded slide, calling `on_text` with each piece as it is generated."""
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         if self.slide is None:
             raise ChatEXAONEPathError("Load a slide before asking about it.")
-        question = question.strip()
+        # A literal placeholder in text would be read as a second image; keep it as plain text.
+        question = question.strip().replace(self.builder.image_token, "[image]")
         if not question:
             raise ChatEXAONEPathError("The question is empty.")
         input_ids = torch.tensor([self._prompt_ids(question)], device=self.model.device)
         streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=False, skip_special_tokens=True)
         sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
         result: dict = {}
+        stop = threading.Event()
+
+        class StopWhenAsked(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs) -> bool:
+                return stop.is_set()
 
         def generate() -> None:
             try:
-                embeds, _ = self.model.merge_visual_tokens(input_ids, self.slide.visual_tokens)
-                with torch.no_grad():
+                with torch.no_grad():  # no_grad is per thread: it must be set here
+                    embeds, _ = self.model.merge_visual_tokens(input_ids, self.slide.visual_tokens)
                     result["ids"] = self.model.llm.generate(
                         inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                        max_new_tokens=self.max_new_tokens, pad_token_id=self.model.tokenizer.pad_token_id, **sampling)
+                        max_new_tokens=self.max_new_tokens, pad_token_id=self.model.tokenizer.pad_token_id,
+                        stopping_criteria=StoppingCriteriaList([StopWhenAsked()]), **sampling)
             except BaseException as e:  # surfaced in the caller's thread below
                 result["error"] = e
                 streamer.end()
@@ -164,16 +173,19 @@ class ChatSession:
         worker = threading.Thread(target=generate, daemon=True)
         worker.start()
         pieces, first = [], None
-        for piece in streamer:
-            if piece and first is None:
-                first = time.perf_counter() - started
-            pieces.append(piece)
-            if on_text is not None and piece:
-                on_text(piece)
-        worker.join()
+        try:
+            for piece in streamer:
+                if piece and first is None:
+                    first = time.perf_counter() - started
+                pieces.append(piece)
+                if on_text is not None and piece:
+                    on_text(piece)
+        finally:  # a failing callback (or Ctrl-C) stops generation instead of leaving it running
+            stop.set()
+            worker.join()
         if "error" in result:
             raise result["error"]
-        text = "".join(pieces).strip()
+        text = "".join(pieces).strip().replace(self.builder.image_token, "[image]")
         self.slide.turns += [Turn("user", question), Turn("assistant", text)]
         return ChatAnswer(text, self.slide.attention, self.slide.features.coords, int(result["ids"].shape[1]),
                           time.perf_counter() - started, first)

@@ -123,3 +123,43 @@ def test_merged_export_is_self_contained_and_equal(model, tmp_path):
     reloaded = ChatEXAONEPathForCausalLM.from_pretrained(path, dtype="fp32")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids, slide_features=features).logits, before, atol=1e-4, rtol=1e-4)
+
+
+def test_merged_lora_cannot_be_saved_without_its_llm_and_export_needs_a_merge(model, tmp_path):
+    with_trained_looking_lora(model)
+    with pytest.raises(ValueError, match="merge_lora"):
+        model.save_pretrained(tmp_path / "a", save_llm=True)
+    model.merge_lora()
+    with pytest.raises(ValueError, match="save_llm=True"):
+        model.save_pretrained(tmp_path / "b")
+
+
+def test_reloaded_adapter_can_be_trained(model, tmp_path):
+    with_trained_looking_lora(model)
+    path = model.save_pretrained(tmp_path / "ckpt")
+    frozen = ChatEXAONEPathForCausalLM.from_pretrained(path, dtype="fp32")
+    trainable = ChatEXAONEPathForCausalLM.from_pretrained(path, dtype="fp32", trainable=True)
+    count = lambda m: sum(p.requires_grad for n, p in m.llm.named_parameters() if "lora_" in n)  # noqa: E731
+    assert count(frozen) == 0 and count(trainable) > 0
+
+
+def test_prompt_style_is_decided_once_and_saved(tiny_llm_dir, tmp_path):
+    config = ChatEXAONEPathConfig(llm_name_or_path=str(tiny_llm_dir), aggregator={"in_dim": 32, "hidden_dim": 16,
+                                  "attention_dim": 8}, projector={"num_heads": 4})
+    model = ChatEXAONEPathForCausalLM.build(config, dtype="fp32")
+    assert model.config.prompt_style == "chat_template"  # the embedded tokenizer has a template
+    reloaded = ChatEXAONEPathForCausalLM.from_pretrained(model.save_pretrained(tmp_path / "c"), dtype="fp32")
+    assert reloaded.config.prompt_style == "chat_template"
+
+
+def test_text_only_samples_and_padding_guard(model):
+    ids = torch.tensor([model.tokenizer.encode("Hello there")])
+    out = model(ids, labels=ids)
+    assert torch.isfinite(out.loss) and out.patch_attention is None
+    input_ids, _ = encode(model)
+    with pytest.raises(ValueError, match="no slide_features"):
+        model(input_ids)
+    mask = torch.ones_like(input_ids)
+    mask[0, -1] = 0
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generate(input_ids, [torch.randn(4, 32)], attention_mask=mask, max_new_tokens=2)

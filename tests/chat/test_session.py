@@ -71,3 +71,27 @@ def test_asking_without_a_slide_or_question_is_an_error(session, slides):
     session.load_slide(slides["tumor"])
     with pytest.raises(ChatEXAONEPathError, match="empty"):
         session.ask("   ")
+
+
+def test_a_literal_image_placeholder_in_a_question_is_plain_text(session, slides):
+    session.load_slide(slides["tumor"])
+    session.ask("Is there an <image> tag here?")
+    session.ask("And now?")  # history with the question does not break the next prompt
+    assert "<image>" not in session.slide.turns[0].content
+
+
+def test_a_failing_callback_stops_generation(session, slides):
+    import threading
+
+    session.load_slide(slides["tumor"])
+    session.max_new_tokens = 200
+
+    def explode(piece):
+        raise RuntimeError("display went away")
+
+    before = set(threading.enumerate())
+    with pytest.raises(RuntimeError, match="display went away"):
+        session.ask("Describe it.", on_text=explode)
+    assert not [t for t in threading.enumerate() if t not in before]  # the generation thread has ended
+    session.max_new_tokens = 4
+    assert session.ask("Still there?").new_tokens <= 4
