@@ -1,0 +1,201 @@
+"""Reports → clean text: PDFs (text layer, or OCR when scanned), images (OCR), .txt/.md, and CSV tables.
+
+Every report either yields text or is listed with the reason it could not be read; none is
+dropped silently. Cleaning removes what OCR and page layout add: hyphenation at line ends,
+headers and footers repeated on every page, control characters and runs of whitespace.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ChatEXAONEPathError
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".md")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+# A PDF page with less text than this in its text layer is treated as scanned and OCRed.
+MIN_TEXT_LAYER_CHARS = 40
+
+
+@dataclass
+class Report:
+    """One report's text and where it came from."""
+
+    report_id: str
+    text: str
+    source: str  # file (and row, for CSV)
+    method: str  # "text", "pdf-text", "ocr", "csv"
+
+
+@dataclass
+class Unreadable:
+    """A report that produced no text, with the reason."""
+
+    source: str
+    reason: str
+
+
+def clean_text(text: str) -> str:
+    """Undo hyphenation at line ends, drop control characters, normalise whitespace, keep paragraphs."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u00ad", "")
+    text = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", " ", text)
+    text = re.sub(r"(\w)-\n(\w)", r"\1\2", text)  # "carci-\nnoma" → "carcinoma"
+    text = re.sub(r"[ \t\u00a0]+", " ", text)
+    text = re.sub(r" *\n *", "\n", text)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
+
+
+_PAGE_NUMBER = re.compile(r"^(page\s*)?\d+(\s*(of|/)\s*\d+)?$", re.IGNORECASE)
+
+
+def remove_repeated_lines(pages: list[str], min_pages: int = 3) -> list[str]:
+    """Drop page numbers, and header/footer lines that recur verbatim on most pages."""
+    if len(pages) < min_pages:
+        return pages
+    key = lambda line: " ".join(line.lower().split())  # noqa: E731
+    counts = Counter(k for page in pages for k in {key(line) for line in page.splitlines() if line.strip()})
+    repeated = {k for k, n in counts.items() if n >= max(min_pages, 0.6 * len(pages))}
+    return ["\n".join(line for line in page.splitlines()
+                      if key(line) not in repeated and not _PAGE_NUMBER.match(line.strip())) for page in pages]
+
+
+def ocr_image(image) -> str:
+    """OCR a PIL image with tesseract; a clear error when tesseract is not installed."""
+    import pytesseract
+
+    try:
+        return pytesseract.image_to_string(image.convert("L"))
+    except pytesseract.TesseractNotFoundError as e:
+        raise ChatEXAONEPathError("OCR needs the tesseract program: `apt-get install tesseract-ocr` "
+                                  "(make setup installs it).") from e
+
+
+def _pdf_pages(path: Path) -> tuple[list[str], str]:
+    from pypdf import PdfReader
+
+    reader = PdfReader(str(path))
+    pages, method = [], "pdf-text"
+    for page in reader.pages:
+        text = page.extract_text() or ""
+        if len(text.strip()) < MIN_TEXT_LAYER_CHARS and page.images:
+            from io import BytesIO
+
+            from PIL import Image
+
+            text = "\n".join(ocr_image(Image.open(BytesIO(img.data))) for img in page.images)
+            method = "ocr"
+        pages.append(text)
+    return pages, method
+
+
+def read_report_file(path: str | Path) -> Report:
+    """Text of one report file (.pdf, image, .txt, .md); raises ChatEXAONEPathError when unreadable."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in TEXT_SUFFIXES:
+            pages, method = [path.read_text(errors="replace")], "text"
+        elif suffix == ".pdf":
+            pages, method = _pdf_pages(path)
+        elif suffix in IMAGE_SUFFIXES:
+            from PIL import Image
+
+            with Image.open(path) as image:
+                pages, method = [ocr_image(image)], "ocr"
+        else:
+            raise ChatEXAONEPathError(f"{path} is not a report format this reads (.pdf, .txt, .md, .png, .jpg, .tif).")
+    except ChatEXAONEPathError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pypdf/Pillow raise many types for one meaning: unreadable
+        raise ChatEXAONEPathError(f"Could not read {path}: {type(e).__name__}: {str(e)[:160]}.") from e
+    text = clean_text("\n\n".join(remove_repeated_lines(pages)))
+    if not text:
+        raise ChatEXAONEPathError(f"{path} has no text (empty, or a scan OCR could not read).")
+    return Report(path.stem, text, str(path), method)
+
+
+def read_report_csv(path: str | Path, id_column: str | None = None, text_column: str = "text") -> tuple[list[Report], list[Unreadable]]:
+    """Reports from a CSV table (TCGA-Reports: `patient_filename,text`); empty rows are listed, not dropped."""
+    path = Path(path)
+    csv.field_size_limit(1 << 26)  # report texts exceed the module's 128 KB default
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        id_column = id_column or next((c for c in ("patient_filename", "report_id", "id", "filename") if c in columns), None)
+        if id_column not in columns or text_column not in columns:
+            raise ChatEXAONEPathError(f"{path} needs an id column and a {text_column!r} column; it has {', '.join(columns)}.")
+        reports, unreadable = [], []
+        for row_number, row in enumerate(reader, start=2):
+            source = f"{path}:{row_number}"
+            report_id, text = (row.get(id_column) or "").strip(), clean_text(row.get(text_column) or "")
+            if not report_id or not text:
+                unreadable.append(Unreadable(source, "no id" if not report_id else "empty text"))
+                continue
+            reports.append(Report(report_id, text, source, "csv"))
+    return reports, unreadable
+
+
+def read_reports(inputs: list[str | Path]) -> tuple[list[Report], list[Unreadable]]:
+    """All reports in the given files and folders, plus the ones that could not be read and why."""
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if not item.exists():
+            raise ChatEXAONEPathError(f"Report file or folder not found: {item}.")
+        files += sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith(".")) if item.is_dir() else [item]
+    reports, unreadable = [], []
+    for file in files:
+        try:
+            if file.suffix.lower() == ".csv":
+                found, bad = read_report_csv(file)
+                reports += found
+                unreadable += bad
+            else:
+                reports.append(read_report_file(file))
+        except ChatEXAONEPathError as e:
+            logger.warning("%s", e)
+            unreadable.append(Unreadable(str(file), str(e)))
+    duplicates = [k for k, n in Counter(r.report_id for r in reports).items() if n > 1]
+    if duplicates:
+        raise ChatEXAONEPathError(f"{len(duplicates)} report ids occur twice (e.g. {duplicates[0]!r}); "
+                                  "give each report a unique file name or CSV id.")
+    return reports, unreadable
+
+
+def tcga_patient(identifier: str) -> str | None:
+    """The TCGA patient barcode (first 12 characters, TCGA-XX-XXXX) in a report or slide name."""
+    match = re.search(r"TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}", identifier.upper())
+    return match.group(0) if match else None
+
+
+def map_reports_to_slides(report_ids: list[str], slide_ids: list[str],
+                          explicit: dict[str, list[str]] | None = None) -> tuple[dict[str, list[str]], list[str], list[str]]:
+    """Report → slides by an explicit map, then equal stems, then TCGA patient barcode.
+
+    Returns (mapping, unmatched report ids, unmatched slide ids).
+    """
+    explicit = explicit or {}
+    by_patient: dict[str, list[str]] = {}
+    for slide in slide_ids:
+        patient = tcga_patient(slide)
+        if patient:
+            by_patient.setdefault(patient, []).append(slide)
+    slides = set(slide_ids)
+    mapping: dict[str, list[str]] = {}
+    for report in report_ids:
+        if report in explicit:
+            mapping[report] = [s for s in explicit[report] if s in slides]
+        elif report in slides:
+            mapping[report] = [report]
+        elif tcga_patient(report) in by_patient:
+            mapping[report] = sorted(by_patient[tcga_patient(report)])
+    used = {s for matched in mapping.values() for s in matched}
+    mapping = {r: s for r, s in mapping.items() if s}
+    return mapping, [r for r in report_ids if r not in mapping], sorted(slides - used)
