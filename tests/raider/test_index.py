@@ -1,0 +1,59 @@
+import pytest
+
+from chatexaonepath.errors import ChatEXAONEPathError
+from chatexaonepath.raider.chunking import chunk_report
+from chatexaonepath.raider.index import ChunkIndex, Embedder
+
+REPORTS = {
+    "r1": "FINAL DIAGNOSIS:\nInvasive ductal carcinoma of the left breast, grade 2.\n\nMARGINS:\nAll margins are "
+          "negative for carcinoma.\n\nLYMPH NODES:\nTwo of twelve axillary lymph nodes contain metastatic carcinoma.",
+    "r2": "FINAL DIAGNOSIS:\nColon, sigmoid, resection: adenocarcinoma, moderately differentiated.\n\nCOMMENT:\n"
+          "Lymphovascular invasion is present.",
+}
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder()  # the embedded all-MiniLM-L6-v2, offline
+
+
+def chunks():
+    return [c for rid, text in REPORTS.items() for c in chunk_report(rid, text, size=120)]
+
+
+def test_index_is_idempotent_and_retrieval_stays_in_the_report(tmp_path, embedder):
+    index = ChunkIndex(tmp_path / "db", embedder)
+    added, present = index.add(chunks())
+    assert added == len(chunks()) and present == 0
+    assert index.add(chunks()) == (0, len(chunks())) and len(index) == added
+    assert index.report_ids() == ["r1", "r2"]
+    hits = index.retrieve("r1", "How many lymph nodes are involved?", k=2)
+    assert "Two of twelve" in hits[0].text and hits[0].section == "lymph_nodes"
+    assert all(h.chunk_id.startswith("r1:") for h in hits)
+    assert 0.0 < hits[0].score <= 1.0 and hits[0].score >= hits[-1].score
+    colon = index.retrieve("r2", "How many lymph nodes are involved?", k=4)
+    assert all(h.chunk_id.startswith("r2:") for h in colon)  # never another report's chunks
+
+
+def test_index_persists_and_rebuild_starts_over(tmp_path, embedder):
+    ChunkIndex(tmp_path / "db", embedder).add(chunks())
+    assert len(ChunkIndex(tmp_path / "db", embedder)) == len(chunks())
+    assert len(ChunkIndex(tmp_path / "db", embedder, rebuild=True)) == 0
+
+
+def test_mixing_embedders_is_refused(tmp_path, embedder):
+    ChunkIndex(tmp_path / "db", embedder).add(chunks())
+    embedder_b = Embedder.__new__(Embedder)
+    embedder_b.name, embedder_b.model = "another-model", embedder.model
+    with pytest.raises(ChatEXAONEPathError, match="built with the embedder"):
+        ChunkIndex(tmp_path / "db", embedder_b)
+
+
+def test_unreachable_chroma_server_is_one_sentence(embedder):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ChatEXAONEPathError, match="Could not open the Chroma server"):
+        ChunkIndex(embedder=embedder, host="127.0.0.1", port=port)
