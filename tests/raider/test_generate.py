@@ -1,0 +1,48 @@
+import pytest
+
+from chatexaonepath.errors import ChatEXAONEPathError
+from chatexaonepath.raider.generate import NOT_MENTIONED, answer_messages, answer_problems, load_questions
+
+
+def test_default_question_bank_covers_the_categories():
+    questions = load_questions()
+    categories = {q.category for q in questions}
+    assert {"diagnosis", "organ", "histologic_type", "grade", "margins", "lymph_nodes", "invasion", "stage",
+            "biomarkers"} <= categories
+    assert all(sum(q.category == c for q in questions) >= 2 for c in categories)  # several phrasings each
+
+
+@pytest.mark.parametrize("content,expected", [
+    ("categories: []", "non-empty"), ("categories:\n  - id: x\n", "needs an 'id' and 'questions'"),
+    ("categories: [unclosed", "not valid YAML"),
+])
+def test_malformed_question_banks_raise(tmp_path, content, expected):
+    path = tmp_path / "q.yaml"
+    path.write_text(content)
+    with pytest.raises(ChatEXAONEPathError, match=expected):
+        load_questions(path)
+    with pytest.raises(ChatEXAONEPathError, match="not found"):
+        load_questions(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("answer", ["Invasive ductal carcinoma", "Grade 2", NOT_MENTIONED, "Negative margins",
+                                    "pT2 N0", "T2 N1 M0", "HER2 negative, ER positive"])
+def test_good_answers_pass(answer):
+    assert answer_problems(answer) == []
+
+
+@pytest.mark.parametrize("answer,problem", [
+    ("", "empty"), ("The tumor is an invasive ductal carcinoma of the left breast with grade two", "words"),
+    ("Tumor measures 2.3 cm", "measurement"), ("Carcinoma, 3 x 2 mm", "measurement"),
+    ("Resected on 03/12/2019", "date"), ("Carcinoma in block A3", "identifier"),
+    ("Accession S19-12345", "identifier"),
+    ("I cannot determine that", "refusal"),
+])
+def test_rule_breaking_answers_are_caught_with_a_reason(answer, problem):
+    assert any(problem in p for p in answer_problems(answer))
+
+
+def test_prompt_contains_only_the_excerpts_and_the_rules():
+    messages = answer_messages("What grade?", ["Nottingham grade 2.", "Margins negative."])
+    assert messages[0]["role"] == "system" and "at most 10 words" in messages[0]["content"]
+    assert "[1] Nottingham grade 2." in messages[1]["content"] and "[2] Margins negative." in messages[1]["content"]
