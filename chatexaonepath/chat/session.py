@@ -22,7 +22,7 @@ from ..vision_tower.extraction import ExtractConfig, FeatureExtractor
 from ..vision_tower.features import SlideFeatures, read_features, settings_match
 from ..vision_tower.slide import open_slide
 from .conversation import IMAGE_TOKEN, PromptBuilder, Turn
-from .modeling import ChatEXAONEPathForCausalLM
+from .modeling import ChatEXAONEPathConfig, ChatEXAONEPathForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,6 @@ UNTRAINED_WARNING = ("The vision tower is UNTRAINED (no --model checkpoint): ans
 
 def load_chat_model(checkpoint: str | Path | None = None, llm: str = "embedded") -> ChatEXAONEPathForCausalLM:
     """A trained checkpoint, or (without one) an untrained tower around `llm`, with a loud warning."""
-    from .modeling import ChatEXAONEPathConfig
-
     if checkpoint is not None:
         try:
             model = ChatEXAONEPathForCausalLM.from_pretrained(checkpoint)

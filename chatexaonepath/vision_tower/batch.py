@@ -20,7 +20,7 @@ from typing import Callable
 from ..errors import ChatEXAONEPathError, SlideError
 from .extraction import ExtractConfig, FeatureExtractor, ProgressFn, SlideResult
 from .features import settings_match
-from .slide import Slide, find_slides, open_slide
+from .slide import Slide, find_slides, open_slide, slide_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def extract_slides(
 
 def _extract_one(path: Path, out_dir: Path, config: ExtractConfig, extractor: FeatureExtractor,
                  on_slide_start: Callable | None) -> SlideResult:
-    slide_id = path.name if path.is_dir() else path.stem
+    slide_id = slide_id_of(path)
     lock = SlideLock(out_dir / f"{slide_id}.lock")
     started = time.perf_counter()
     try:
@@ -188,7 +188,7 @@ def _forget_errors(errors_file: Path, slides: list[Path]) -> None:
 def _check_unique_ids(slides: list[Path]) -> None:
     seen: dict[str, Path] = {}
     for path in slides:
-        slide_id = path.name if path.is_dir() else path.stem
+        slide_id = slide_id_of(path)
         if slide_id in seen:
             raise ChatEXAONEPathError(f"Two slides share the id {slide_id!r} ({seen[slide_id]} and {path}); "
                                       "features are named by id, so rename one or extract them separately.")

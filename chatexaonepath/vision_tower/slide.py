@@ -77,7 +77,7 @@ class Slide:
     @property
     def slide_id(self) -> str:
         """The slide's id: the file stem, or the folder name for DICOM folders."""
-        return self.path.name if self.path.is_dir() else self.path.stem
+        return slide_id_of(self.path)
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -163,6 +163,11 @@ class Slide:
 
     def __repr__(self) -> str:
         return f"Slide({str(self.path)!r}, mpp={self.mpp:.4g}, dimensions={self.dimensions})"
+
+
+def slide_id_of(path: Path) -> str:
+    """A slide's id: the file stem, or the folder name for DICOM folders (names its features file)."""
+    return path.name if path.is_dir() else path.stem
 
 
 def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:

@@ -32,6 +32,15 @@ def with_trained_looking_lora(model) -> None:
             param.data.normal_(0, 0.1)
 
 
+def lora_logits(model, patches: int):
+    """Give the model a non-trivial adapter; return its inputs, slide features and logits."""
+    with_trained_looking_lora(model)
+    input_ids, _ = encode(model)
+    features = [torch.randn(patches, 32)]
+    with torch.no_grad():
+        return input_ids, features, model(input_ids, slide_features=features).logits
+
+
 def test_visual_tokens_land_exactly_on_the_placeholders(model):
     input_ids, labels = encode(model)
     features = [torch.randn(30, 32)]
@@ -78,11 +87,7 @@ def test_loss_only_counts_the_reply(model):
 
 
 def test_save_and_load_roundtrip_with_lora_gives_identical_logits(model, tmp_path):
-    with_trained_looking_lora(model)
-    input_ids, _ = encode(model)
-    features = [torch.randn(25, 32)]
-    with torch.no_grad():
-        before = model(input_ids, slide_features=features).logits
+    input_ids, features, before = lora_logits(model, 25)
     path = model.save_pretrained(tmp_path / "ckpt")
     assert (path / "adapter" / "adapter_config.json").exists() and (path / "tower.safetensors").exists()
     assert not list(path.glob("model*.safetensors"))  # the base LLM is referenced, not copied
@@ -112,11 +117,7 @@ def test_config_validates():
 
 
 def test_merged_export_is_self_contained_and_equal(model, tmp_path):
-    with_trained_looking_lora(model)
-    input_ids, _ = encode(model)
-    features = [torch.randn(9, 32)]
-    with torch.no_grad():
-        before = model(input_ids, slide_features=features).logits
+    input_ids, features, before = lora_logits(model, 9)
     model.merge_lora()
     path = model.save_pretrained(tmp_path / "export", save_llm=True)
     assert (path / "llm" / "config.json").exists() and not (path / "adapter").exists()
