@@ -16,8 +16,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
-	# Debian packages: tesseract for OCR of scanned reports (RAIDER ingest).
-	command -v tesseract >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq tesseract-ocr; }
+	# Debian packages: tesseract for OCR of scanned reports (RAIDER ingest), chromium for the
+	# app's browser tests (Playwright's own browser download needs the internet).
+	command -v tesseract >/dev/null && command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq tesseract-ocr chromium; }
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[test]'

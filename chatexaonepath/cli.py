@@ -14,7 +14,10 @@ import typer
 from rich.table import Table
 
 from .errors import ChatEXAONEPathError
+from .eval.cli import app as eval_app
 from .progress import console, progress_bar, setup_logging
+from .raider.cli import app as raider_app
+from .train.cli import app as train_app
 
 app = typer.Typer(help="Chat with a multimodal LLM about whole-slide pathology images.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -22,6 +25,10 @@ slide_app = typer.Typer(help="Whole-slide images → patch features.", no_args_i
 synth_app = typer.Typer(help="Synthetic slides for tests, demos and benchmarks.", no_args_is_help=True)
 app.add_typer(slide_app, name="slide")
 app.add_typer(synth_app, name="synth")
+# Each stage keeps its commands beside its code (train/cli.py, …) so this file stays a table of contents.
+app.add_typer(raider_app, name="raider")
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; errors only.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")]
