@@ -29,10 +29,31 @@ class BackendError(ChatEXAONEPathError):
     """A text-LLM backend could not be reached or refused the request."""
 
 
+class Usage:
+    """Token counts over a backend's lifetime (thread-safe), for run summaries."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens = self.completion_tokens = self.requests = 0
+        self._lock = threading.Lock()
+
+    def add(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """Count one finished request."""
+        with self._lock:
+            self.prompt_tokens += int(prompt_tokens or 0)
+            self.completion_tokens += int(completion_tokens or 0)
+            self.requests += 1
+
+    def as_dict(self) -> dict[str, int]:
+        """Counts as a JSON-ready dict."""
+        return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens}
+
+
 class TextBackend(Protocol):
     """What RAIDER and the judge need from an LLM."""
 
     name: str
+    usage: Usage
 
     def complete(self, messages: Messages, **gen: object) -> str: ...
 
@@ -76,6 +97,7 @@ class OpenAICompatibleBackend:
 
         self.model, self.base_url = model, base_url.rstrip("/")
         self.name = f"openai:{model}@{self.base_url}"
+        self.usage = Usage()
         # Local servers accept any key; the client insists on one.
         key = api_key or os.environ.get("OPENAI_API_KEY") or "not-needed-for-local-servers"
         options = dict(base_url=self.base_url, api_key=key, timeout=timeout, max_retries=max_retries)
@@ -95,7 +117,7 @@ class OpenAICompatibleBackend:
             response = self._client.chat.completions.create(**self._request(messages, gen))
         except Exception as e:  # noqa: BLE001 - mapped to one sentence per failure kind
             raise self._explain(e) from e
-        return response.choices[0].message.content or ""
+        return self._text(response)
 
     async def acomplete(self, messages: Messages, **gen: object) -> str:
         """One chat completion (async, for concurrent generation)."""
@@ -103,6 +125,14 @@ class OpenAICompatibleBackend:
             response = await self._async_client.chat.completions.create(**self._request(messages, gen))
         except Exception as e:  # noqa: BLE001
             raise self._explain(e) from e
+        return self._text(response)
+
+    def _text(self, response: object) -> str:
+        usage = getattr(response, "usage", None)
+        if usage is not None:
+            self.usage.add(usage.prompt_tokens, usage.completion_tokens)
+        if not response.choices:
+            raise BackendError(f"The LLM server at {self.base_url} returned no choices.")
         return response.choices[0].message.content or ""
 
     def _explain(self, error: Exception) -> BackendError:
@@ -146,6 +176,7 @@ class LocalBackend:
         from .chat.llm import load_llm
 
         self.name = f"local:{name_or_path}"
+        self.usage = Usage()
         self.model, self.tokenizer = load_llm(name_or_path)
         self._lock = threading.Lock()  # one generation at a time: the model is not re-entrant
 
@@ -163,6 +194,7 @@ class LocalBackend:
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
                                       max_new_tokens=int(gen.get("max_tokens") or 256),
                                       pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        self.usage.add(ids.shape[1], out.shape[1] - ids.shape[1])
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
     async def acomplete(self, messages: Messages, **gen: object) -> str:

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from chatexaonepath.backends import BackendError, available_backends, build_backend
-from tests.fake_openai import FakeOpenAIServer
+from chatexaonepath.loopback import FakeOpenAIServer
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What organ?"}]
 
@@ -78,3 +78,11 @@ def test_local_backend_generates_in_process(tmp_path):
     first = backend.complete(MESSAGES, max_tokens=4)
     assert isinstance(first, str) and backend.complete(MESSAGES, max_tokens=4) == first  # greedy
     assert asyncio.run(backend.acomplete(MESSAGES, max_tokens=4)) == first
+
+
+def test_openai_backend_counts_tokens_for_run_summaries():
+    with FakeOpenAIServer(reply=lambda messages: "three word answer") as server:
+        backend = build_backend(f"openai:test-model@{server.url}")
+        backend.complete([{"role": "user", "content": "one two"}])
+        backend.complete([{"role": "user", "content": "four five six"}])
+    assert backend.usage.as_dict() == {"requests": 2, "prompt_tokens": 5, "completion_tokens": 6}
