@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from .errors import ChatEXAONEPathError
@@ -26,7 +27,15 @@ OLLAMA_URL = "http://localhost:11434/v1"
 
 
 class BackendError(ChatEXAONEPathError):
-    """A text-LLM backend could not be reached or refused the request."""
+    """A text-LLM backend could not be reached or refused the request.
+
+    `retryable` is true for failures that may pass on a later try (timeouts, overload, 5xx), false
+    for those that will not (wrong key, unknown model, bad request).
+    """
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class Usage:
@@ -59,14 +68,17 @@ class TextBackend(Protocol):
 
     async def acomplete(self, messages: Messages, **gen: object) -> str: ...
 
+    async def aclose(self) -> None: ...
 
-_BACKENDS: dict[str, Callable[[str], TextBackend]] = {}
+
+Builder = Callable[[str, "BackendOptions"], TextBackend]
+_BACKENDS: dict[str, Builder] = {}
 
 
-def register_backend(kind: str) -> Callable[[Callable[[str], TextBackend]], Callable[[str], TextBackend]]:
-    """Register a builder `fn(rest_of_spec) -> TextBackend` for specs `kind:…`."""
+def register_backend(kind: str) -> Callable[[Builder], Builder]:
+    """Register a builder `fn(rest_of_spec, options) -> TextBackend` for specs `kind:…`."""
 
-    def decorator(fn: Callable[[str], TextBackend]) -> Callable[[str], TextBackend]:
+    def decorator(fn: Builder) -> Builder:
         _BACKENDS[kind] = fn
         return fn
 
@@ -78,14 +90,22 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def build_backend(spec: str) -> TextBackend:
+@dataclass
+class BackendOptions:
+    """How HTTP backends treat a request: per-request timeout and the client's retries (with backoff)."""
+
+    timeout: float = 120.0
+    max_retries: int = 2
+
+
+def build_backend(spec: str, options: BackendOptions | None = None) -> TextBackend:
     """Build a backend from a spec such as `openai:qwen2.5-7b@http://127.0.0.1:8000/v1` or `local:embedded`."""
     kind, _, rest = spec.partition(":")
     if kind not in _BACKENDS:
         raise BackendError(f"Unknown LLM backend {spec!r}; use one of {', '.join(k + ':…' for k in available_backends())}.")
     if not rest:
         raise BackendError(f"LLM backend {spec!r} names no model (e.g. {kind}:MODEL).")
-    return _BACKENDS[kind](rest)
+    return _BACKENDS[kind](rest, options or BackendOptions())
 
 
 class OpenAICompatibleBackend:
@@ -93,15 +113,25 @@ class OpenAICompatibleBackend:
 
     def __init__(self, model: str, base_url: str, api_key: str | None = None, timeout: float = 120.0,
                  max_retries: int = 2) -> None:
-        from openai import AsyncOpenAI, OpenAI
+        from openai import OpenAI
 
         self.model, self.base_url = model, base_url.rstrip("/")
         self.name = f"openai:{model}@{self.base_url}"
         self.usage = Usage()
         # Local servers accept any key; the client insists on one.
         key = api_key or os.environ.get("OPENAI_API_KEY") or "not-needed-for-local-servers"
-        options = dict(base_url=self.base_url, api_key=key, timeout=timeout, max_retries=max_retries)
-        self._client, self._async_client = OpenAI(**options), AsyncOpenAI(**options)
+        self._options = dict(base_url=self.base_url, api_key=key, timeout=timeout, max_retries=max_retries)
+        self._client = OpenAI(**self._options)
+        self._async_clients: dict[int, object] = {}
+
+    def _async_client(self) -> object:
+        """An async client for the running event loop: httpx pools cannot outlive the loop they were made in."""
+        from openai import AsyncOpenAI
+
+        loop = asyncio.get_running_loop()
+        if id(loop) not in self._async_clients:
+            self._async_clients = {id(loop): AsyncOpenAI(**self._options)}  # drop clients of finished loops
+        return self._async_clients[id(loop)]
 
     def _request(self, messages: Messages, gen: dict) -> dict:
         request = {"model": self.model, "messages": messages}
@@ -122,10 +152,16 @@ class OpenAICompatibleBackend:
     async def acomplete(self, messages: Messages, **gen: object) -> str:
         """One chat completion (async, for concurrent generation)."""
         try:
-            response = await self._async_client.chat.completions.create(**self._request(messages, gen))
+            response = await self._async_client().chat.completions.create(**self._request(messages, gen))
         except Exception as e:  # noqa: BLE001
             raise self._explain(e) from e
         return self._text(response)
+
+    async def aclose(self) -> None:
+        """Close the running loop's connections (call before the loop ends, or httpx complains at exit)."""
+        client = self._async_clients.pop(id(asyncio.get_running_loop()), None)
+        if client is not None:
+            await client.close()
 
     def _text(self, response: object) -> str:
         usage = getattr(response, "usage", None)
@@ -139,7 +175,8 @@ class OpenAICompatibleBackend:
         import openai
 
         if isinstance(error, openai.APITimeoutError):
-            return BackendError(f"The LLM server at {self.base_url} did not answer in time; is it overloaded?")
+            return BackendError(f"The LLM server at {self.base_url} did not answer in time; is it overloaded?",
+                                retryable=True)
         if isinstance(error, openai.APIConnectionError):
             return BackendError(f"Cannot reach the LLM server at {self.base_url}; is it running (and the URL right)?")
         if isinstance(error, (openai.AuthenticationError, openai.PermissionDeniedError)):
@@ -149,22 +186,24 @@ class OpenAICompatibleBackend:
                                 "(for Ollama: `ollama pull MODEL`).")
         if isinstance(error, openai.APIStatusError):
             return BackendError(f"The LLM server at {self.base_url} answered HTTP {error.status_code}: "
-                                f"{str(error.message)[:200]}.")
+                                f"{str(error.message)[:200]}.", retryable=error.status_code in (408, 429) or
+                                error.status_code >= 500)
         return BackendError(f"The request to {self.base_url} failed: {error}.")
 
 
 @register_backend("openai")
-def _openai(rest: str) -> OpenAICompatibleBackend:
+def _openai(rest: str, options: BackendOptions) -> OpenAICompatibleBackend:
     model, at, url = rest.rpartition("@")
     if not at or not model or not url.startswith(("http://", "https://")):
         raise BackendError(f"openai backends are written openai:MODEL@URL (e.g. openai:llama3@http://127.0.0.1:8000/v1), "
                            f"got openai:{rest}.")
-    return OpenAICompatibleBackend(model, url)
+    return OpenAICompatibleBackend(model, url, timeout=options.timeout, max_retries=options.max_retries)
 
 
 @register_backend("ollama")
-def _ollama(model: str) -> OpenAICompatibleBackend:
-    backend = OpenAICompatibleBackend(model, os.environ.get("OLLAMA_URL", OLLAMA_URL))
+def _ollama(model: str, options: BackendOptions) -> OpenAICompatibleBackend:
+    backend = OpenAICompatibleBackend(model, os.environ.get("OLLAMA_URL", OLLAMA_URL), timeout=options.timeout,
+                                      max_retries=options.max_retries)
     backend.name = f"ollama:{model}"
     return backend
 
@@ -201,7 +240,10 @@ class LocalBackend:
         """`complete` in a worker thread, so an event loop keeps serving other work."""
         return await asyncio.to_thread(self.complete, messages, **gen)
 
+    async def aclose(self) -> None:
+        """Nothing to close: no connections."""
+
 
 @register_backend("local")
-def _local(name_or_path: str) -> LocalBackend:
+def _local(name_or_path: str, options: BackendOptions) -> LocalBackend:  # noqa: ARG001 - no network, no timeout
     return LocalBackend(name_or_path)

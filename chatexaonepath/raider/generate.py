@@ -1,28 +1,62 @@
 """RAIDER generation: for each (report, question), retrieved chunks → a short, constrained answer.
 
-This module holds the question bank, the answer prompt and the answer rules; the resumable,
-concurrent generation loop builds on them (RAIDER issue).
+The question bank, the prompts and the answer rules, and the resumable, concurrent loop that
+applies them: every finished (report, question) is appended to a log and flushed, so a killed run
+loses only what was in flight, and a rerun asks only what is missing. records.py turns the log
+into training data.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
+import logging
+import os
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import yaml
 
+from ..backends import BackendError
 from ..errors import ChatEXAONEPathError
+
+if TYPE_CHECKING:
+    from ..backends import TextBackend
+    from .index import ChunkIndex
+
+logger = logging.getLogger(__name__)
 
 PROMPT_VERSION = "raider-answer-v1"
 MAX_WORDS = 10
+CAPTION_MAX_WORDS = 30
 NOT_MENTIONED = "not mentioned in the report"
+_FORBIDDEN = "Do not give measurements, numbers with units, specimen or block identifiers, or dates."
 ANSWER_RULES = (
-    f"Answer in at most {MAX_WORDS} words. Use only the report excerpts. Do not give measurements, numbers "
-    f"with units, specimen or block identifiers, or dates. If the excerpts do not say, answer exactly: "
-    f"{NOT_MENTIONED}."
+    f"Answer in at most {MAX_WORDS} words. Use only the report excerpts. {_FORBIDDEN} If the excerpts do not "
+    f"say, answer exactly: {NOT_MENTIONED}."
 )
+CAPTION_RULES = (
+    f"Summarise the report's diagnosis and main findings in one sentence of at most {CAPTION_MAX_WORDS} words. "
+    f"Use only the report excerpts. {_FORBIDDEN}"
+)
+# What retrieval looks for when writing a slide's caption (phase-1 data).
+CAPTION_QUERY = "final diagnosis, tumour type and grade, main microscopic findings"
+# Phase-1 instructions; one per slide, chosen by the slide id so reruns give the same data.
+CAPTION_INSTRUCTIONS = (
+    "Describe this slide.",
+    "Summarise the findings in this whole-slide image.",
+    "Give a brief pathology description of this slide.",
+    "What does this slide show? Answer as a short report.",
+)
+# Ways of saying "the report is silent"; not findings such as "not identified" or "not present".
+_NOT_MENTIONED_LIKE = re.compile(r"\bnot (mentioned|stated|specified|reported|described|provided|given)\b"
+                                 r"|\b(does|do|did) not (mention|state|specify|say|report|describe)\b"
+                                 r"|\bno (information|mention)\b", re.IGNORECASE)
 # Measurements and identifiers the answers must not carry (they cannot be seen on the slide).
 _MEASUREMENT = re.compile(r"\d+(\.\d+)?\s*(x\s*\d+(\.\d+)?\s*)*(mm|cm|µm|um|m|g|kg|mg|ml|%)\b", re.IGNORECASE)
 _DATE = re.compile(r"\b\d{1,4}[/-]\d{1,2}[/-]\d{1,4}\b|\b(19|20)\d{2}\b")
@@ -61,23 +95,55 @@ def load_questions(path: str | Path | None = None) -> list[Question]:
     return questions
 
 
+def _excerpts(excerpts: list[str]) -> str:
+    return "\n\n".join(f"[{i + 1}] {text.strip()}" for i, text in enumerate(excerpts))
+
+
 def answer_messages(question: str, excerpts: list[str]) -> list[dict[str, str]]:
     """The chat messages that ask the LLM for one constrained answer from retrieved excerpts."""
-    context = "\n\n".join(f"[{i + 1}] {text.strip()}" for i, text in enumerate(excerpts))
+    context = _excerpts(excerpts)
     return [
         {"role": "system", "content": "You extract facts from pathology reports. " + ANSWER_RULES},
         {"role": "user", "content": f"Report excerpts:\n{context}\n\nQuestion: {question}\nAnswer:"},
     ]
 
 
-def answer_problems(answer: str) -> list[str]:
+def caption_messages(excerpts: list[str]) -> list[dict[str, str]]:
+    """The chat messages that ask the LLM for a slide's one-sentence caption from retrieved excerpts."""
+    context = _excerpts(excerpts)
+    return [
+        {"role": "system", "content": "You summarise pathology reports. " + CAPTION_RULES},
+        {"role": "user", "content": f"Report excerpts:\n{context}\n\nSummary:"},
+    ]
+
+
+def normalize_answer(raw: str, max_words: int = MAX_WORDS) -> str:
+    """The answer in a model's reply: its first line, without a label, quotes or a final period.
+
+    A reply longer than `max_words` is cut to its first sentence (small models answer, then ramble
+    on). Replies that say the report is silent ("not stated", "no information") become exactly
+    NOT_MENTIONED, so they can be counted and filtered.
+    """
+    lines = [line.strip() for line in raw.strip().splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if len(text.split()) > max_words:
+        text = re.split(r"(?<=[a-z)][.!?])\s+(?=[A-Z])", text, maxsplit=1)[0]
+    text = re.sub(r"^(answer|a|summary)\s*:\s*", "", text, flags=re.IGNORECASE).strip().strip("\"'`*").strip()
+    if text.endswith(".") and not text.endswith(".."):
+        text = text[:-1].rstrip()
+    if _NOT_MENTIONED_LIKE.search(text) and len(text.split()) <= MAX_WORDS + 2:
+        return NOT_MENTIONED
+    return text
+
+
+def answer_problems(answer: str, max_words: int = MAX_WORDS) -> list[str]:
     """Why an answer breaks the rules (empty list when it is acceptable)."""
     text = answer.strip().strip('"').strip()
     problems = []
     if not text:
         return ["empty answer"]
-    if len(text.split()) > MAX_WORDS:
-        problems.append(f"{len(text.split())} words, more than {MAX_WORDS}")
+    if len(text.split()) > max_words:
+        problems.append(f"{len(text.split())} words, more than {max_words}")
     if _MEASUREMENT.search(text):
         problems.append("contains a measurement")
     if _DATE.search(text):
@@ -87,3 +153,231 @@ def answer_problems(answer: str) -> list[str]:
     if _REFUSAL.search(text):
         problems.append("is a refusal, not an answer")
     return problems
+
+
+@dataclass
+class GenerateConfig:
+    """How `raider generate` asks: retrieval depth, retries, concurrency and sampling."""
+
+    k: int = 4  # chunks retrieved per (report, question), from that report only
+    max_attempts: int = 3  # answers tried per question; each retry tells the LLM what was wrong
+    concurrency: int = 1  # requests in flight at once
+    timeout: float = 120.0  # seconds per request (HTTP backends)
+    request_retries: int = 2  # per request, with exponential backoff (the openai client's)
+    temperature: float = 0.0
+    retry_temperature: float = 0.7  # a greedy model would repeat the same mistake
+    max_tokens: int = 48
+    phrasings: int = 1  # phrasings asked per category and report (0: all); chosen by the report id
+    captions: bool = True  # also write one caption per report for phase 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("k", "max_attempts", "concurrency", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ChatEXAONEPathError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.phrasings < 0 or self.request_retries < 0 or self.timeout <= 0:
+            raise ChatEXAONEPathError("phrasings and request retries must be ≥ 0 and the timeout > 0.")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One request: a question (or the caption) for one report."""
+
+    report_id: str
+    category: str  # question category, or "caption"
+    question: str
+
+    @property
+    def key(self) -> str:
+        """The log key: a (report, question) pair is asked once, whatever the run."""
+        return f"{self.report_id}\t{self.question}"
+
+    @property
+    def is_caption(self) -> bool:
+        return self.category == CAPTION
+
+
+CAPTION = "caption"
+
+
+def _pick(items: list, n: int, salt: str) -> list:
+    """`n` items chosen by a stable hash of `salt` (all of them when n is 0)."""
+    if n == 0 or n >= len(items):
+        return list(items)
+    ranked = sorted(items, key=lambda q: hashlib.sha256(f"{salt}\x00{q.text}".encode()).hexdigest())
+    return ranked[:n]
+
+
+def plan_tasks(report_ids: Iterable[str], questions: list[Question], config: GenerateConfig) -> list[Task]:
+    """Every request of a run, in a stable order: per report, its caption, then its questions."""
+    by_category: dict[str, list[Question]] = {}
+    for q in questions:
+        by_category.setdefault(q.category, []).append(q)
+    tasks = []
+    for report_id in report_ids:
+        if config.captions:
+            tasks.append(Task(report_id, CAPTION, CAPTION_QUERY))
+        for category, phrasings in by_category.items():
+            tasks += [Task(report_id, category, q.text) for q in _pick(phrasings, config.phrasings, report_id)]
+    return tasks
+
+
+class ResultLog:
+    """The append-only JSONL log of finished requests: the run's memory across kills.
+
+    Line 1 is a header with the settings that shape answers; a rerun with different ones is
+    refused rather than mixing two kinds of answer in one dataset. Every record is flushed and
+    fsynced before the next is taken, and a torn last line (a kill mid-write) is ignored.
+    """
+
+    def __init__(self, path: Path, settings: dict) -> None:
+        self.path, self.settings = Path(path), settings
+        self.records: dict[str, dict] = {}
+        if self.path.exists() and self.path.stat().st_size:
+            self._load()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "w") as f:
+                f.write(json.dumps({"header": settings}) + "\n")
+        self._file = open(self.path, "a")
+
+    def _load(self) -> None:
+        lines = self.path.read_text().split("\n")
+        try:
+            header = json.loads(lines[0])["header"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ChatEXAONEPathError(f"{self.path} is not a RAIDER log; remove it or choose another --out.") from e
+        changed = sorted(k for k in self.settings if header.get(k) != self.settings[k])
+        if changed:
+            raise ChatEXAONEPathError(
+                f"{self.path} was made with other settings ({', '.join(f'{k}={header.get(k)!r}' for k in changed)}); "
+                "use another --out, or --fresh to start over.")
+        torn = 0
+        for number, line in enumerate(lines[1:], start=2):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                self.records[record["key"]] = record
+            except (ValueError, KeyError, TypeError):
+                torn += 1
+                logger.warning("%s:%d is damaged (a run killed while writing?); that request is asked again.",
+                               self.path, number)
+        if lines[-1].strip():
+            # A kill mid-write left no newline: start the next record on a fresh line.
+            with open(self.path, "a") as f:
+                f.write("\n")
+
+    def append(self, record: dict) -> None:
+        """Store one finished request durably."""
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.records[record["key"]] = record
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass
+class RunStats:
+    """What one `generate` call did (the log holds everything ever done)."""
+
+    asked: int = 0
+    skipped: int = 0  # already in the log
+    seconds: float = 0.0
+    usage: dict = field(default_factory=dict)
+
+
+async def _ask(task: Task, index: "ChunkIndex", backend: "TextBackend", config: GenerateConfig) -> dict:
+    """Retrieve, ask, validate and retry one task; returns its log record."""
+    started = time.perf_counter()
+    hits = index.retrieve(task.report_id, task.question, k=config.k)
+    excerpts = [h.text for h in hits]
+    messages = caption_messages(excerpts) if task.is_caption else answer_messages(task.question, excerpts)
+    max_words = CAPTION_MAX_WORDS if task.is_caption else MAX_WORDS
+    attempts = []
+    answer, problems = "", ["not asked"]
+    for attempt in range(config.max_attempts):
+        temperature = config.temperature if attempt == 0 else max(config.temperature, config.retry_temperature)
+        raw = await backend.acomplete(messages, temperature=temperature, max_tokens=config.max_tokens,
+                                      seed=config.seed + attempt)
+        answer = normalize_answer(raw, max_words)
+        problems = answer_problems(answer, max_words)
+        if task.is_caption and answer == NOT_MENTIONED:
+            problems.append("a caption must describe the report")
+        attempts.append({"answer": answer, "problems": problems})
+        if not problems:
+            break
+        messages = messages + [
+            {"role": "assistant", "content": raw},
+            {"role": "user", "content": f"That breaks the rules: {'; '.join(problems)}. Answer again, following "
+                                        f"the rules, in at most {max_words} words."}]
+    status = "rejected" if problems else ("not_mentioned" if answer == NOT_MENTIONED else "ok")
+    return {"key": task.key, "report_id": task.report_id, "category": task.category, "question": task.question,
+            "status": status, "answer": answer, "attempts": attempts,
+            "chunks": [{"id": h.chunk_id, "score": round(h.score, 4), "section": h.section} for h in hits],
+            "backend": backend.name, "prompt_version": PROMPT_VERSION,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+async def _run_tasks(tasks: list[Task], index: "ChunkIndex", backend: "TextBackend", config: GenerateConfig,
+                     log: ResultLog, on_record: Callable[[dict], None] | None) -> None:
+    pending = iter(tasks)  # shared by the workers; safe, since they all run on one event loop
+    failure: list[BaseException] = []
+
+    async def worker() -> None:
+        for task in pending:
+            if failure:
+                return
+            try:
+                record = await _ask(task, index, backend, config)
+            except BackendError as e:
+                failure.append(e)
+                return
+            log.append(record)
+            if on_record:
+                on_record(record)
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(min(config.concurrency, max(len(tasks), 1)))))
+    finally:
+        await backend.aclose()
+    if failure:
+        raise failure[0]
+
+
+def generate_answers(index: "ChunkIndex", backend: "TextBackend", questions: list[Question], log_path: Path,
+                     config: GenerateConfig, report_ids: list[str] | None = None,
+                     on_record: Callable[[dict], None] | None = None,
+                     on_plan: Callable[[int, int], None] | None = None) -> tuple[ResultLog, RunStats]:
+    """Ask every (report, question) not yet in the log at `log_path`; returns the log and this run's stats.
+
+    `report_ids` defaults to every report in the index. `on_plan(total, already_done)` is called
+    once before asking, `on_record(record)` after each answer is stored. A backend failure stops
+    the run after the requests in flight, keeping every stored answer, and is re-raised.
+    """
+    settings = {"backend": backend.name, "k": config.k, "prompt_version": PROMPT_VERSION,
+                "embedder": index.embedder.name, "max_attempts": config.max_attempts}
+    log = ResultLog(log_path, settings)
+    report_ids = index.report_ids() if report_ids is None else report_ids
+    tasks = plan_tasks(report_ids, questions, config)
+    todo = [t for t in tasks if t.key not in log.records]
+    stats = RunStats(asked=len(todo), skipped=len(tasks) - len(todo))
+    if on_plan:
+        on_plan(len(tasks), stats.skipped)
+    logger.info("%d requests planned for %d reports; %d already in %s.", len(tasks), len(report_ids),
+                stats.skipped, log_path)
+    started = time.perf_counter()
+    before = backend.usage.as_dict()
+    try:
+        asyncio.run(_run_tasks(todo, index, backend, config, log, on_record))
+    except BackendError as e:
+        done = sum(t.key in log.records for t in todo)
+        raise BackendError(f"{e} ({done} of {len(todo)} answers of this run are saved in {log_path}; "
+                           "rerun the same command to go on.)") from e
+    finally:
+        log.close()
+        stats.seconds = time.perf_counter() - started
+        stats.usage = {k: v - before.get(k, 0) for k, v in backend.usage.as_dict().items()}
+    return log, stats

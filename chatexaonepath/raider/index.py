@@ -112,9 +112,18 @@ class ChunkIndex:
         metadatas = self.collection.get(include=["metadatas"])["metadatas"]
         return sorted({m["report_id"] for m in metadatas})
 
+    def query_embedding(self, question: str) -> list[float]:
+        """The embedding of a query; cached, since RAIDER asks the same questions of every report."""
+        cache = self.__dict__.setdefault("_query_cache", {})
+        if question not in cache:
+            if len(cache) > 4096:
+                cache.clear()
+            cache[question] = self.embedder.encode([question])[0]
+        return cache[question]
+
     def retrieve(self, report_id: str, question: str, k: int = 4) -> list[Retrieved]:
         """The `k` chunks of one report most similar to `question` (never another report's)."""
-        result = self.collection.query(query_embeddings=self.embedder.encode([question]), n_results=k,
+        result = self.collection.query(query_embeddings=[self.query_embedding(question)], n_results=k,
                                        where={"report_id": report_id}, include=["documents", "metadatas", "distances"])
         return [Retrieved(cid, doc, 1.0 - float(dist), meta.get("section") or None, int(meta["start"]), int(meta["end"]))
                 for cid, doc, meta, dist in zip(result["ids"][0], result["documents"][0], result["metadatas"][0],

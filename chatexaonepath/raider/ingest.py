@@ -8,6 +8,7 @@ headers and footers repeated on every page, control characters and runs of white
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import re
 from collections import Counter
@@ -199,3 +200,91 @@ def map_reports_to_slides(report_ids: list[str], slide_ids: list[str],
     used = {s for matched in mapping.values() for s in matched}
     mapping = {r: s for r, s in mapping.items() if s}
     return mapping, [r for r in report_ids if r not in mapping], sorted(slides - used)
+
+
+def read_slide_map_csv(path: str | Path) -> dict[str, list[str]]:
+    """A user's report → slide map: a CSV with `report_id` and `slide_id` columns (one row per pair)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ChatEXAONEPathError(f"Slide map not found: {path}.")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not {"report_id", "slide_id"} <= set(reader.fieldnames or []):
+            raise ChatEXAONEPathError(f"{path} needs 'report_id' and 'slide_id' columns; it has "
+                                      f"{', '.join(reader.fieldnames or []) or 'none'}.")
+        mapping: dict[str, list[str]] = {}
+        for row in reader:
+            if row["report_id"] and row["slide_id"]:
+                mapping.setdefault(row["report_id"].strip(), []).append(row["slide_id"].strip())
+    return mapping
+
+
+def slide_ids_in(inputs: list[str | Path]) -> list[str]:
+    """Slide ids from slide files/folders, or from a features folder (`<slide_id>.h5` / `.pt`)."""
+    from ..vision_tower.slide import find_slides, slide_id_of
+
+    ids: list[str] = []
+    for item in map(Path, inputs):
+        features = sorted(item.glob("*.h5")) + sorted(item.glob("*.pt")) if item.is_dir() else []
+        ids += [p.stem for p in features] if features else [slide_id_of(p) for p in find_slides([item])]
+    return sorted(set(ids))
+
+
+def _check_file_safe(report_id: str) -> None:
+    if not report_id.strip() or report_id in (".", "..") or re.search(r"[/\\\x00]", report_id):
+        raise ChatEXAONEPathError(f"Report id {report_id!r} cannot name a file; give the report another id.")
+
+
+def write_ingested(out_dir: str | Path, reports: list[Report], unreadable: list[Unreadable],
+                   slide_ids: list[str] | None = None, explicit: dict[str, list[str]] | None = None) -> dict:
+    """Write `reports/<id>.txt`, `reports.jsonl`, `unreadable.jsonl` and (with slides) `slide_map.json`.
+
+    Returns the slide map record ({} without slides). Files are written atomically, so a killed
+    ingest leaves either the old or the new outputs.
+    """
+    from ..fileio import atomic_write_json, atomic_write_jsonl, atomic_write_text
+
+    out_dir = Path(out_dir)
+    for report in reports:
+        _check_file_safe(report.report_id)
+    for report in reports:
+        atomic_write_text(out_dir / "reports" / f"{report.report_id}.txt", report.text + "\n")
+    atomic_write_jsonl(out_dir / "reports.jsonl", [
+        {"report_id": r.report_id, "source": r.source, "method": r.method, "chars": len(r.text), "text": r.text}
+        for r in reports])
+    atomic_write_jsonl(out_dir / "unreadable.jsonl", [{"source": u.source, "reason": u.reason} for u in unreadable])
+    if slide_ids is None:
+        (out_dir / "slide_map.json").unlink(missing_ok=True)
+        return {}
+    mapping, unmatched_reports, unmatched_slides = map_reports_to_slides([r.report_id for r in reports], slide_ids,
+                                                                        explicit)
+    record = {"mapping": mapping, "unmatched_reports": unmatched_reports, "unmatched_slides": unmatched_slides}
+    atomic_write_json(out_dir / "slide_map.json", record)
+    return record
+
+
+def load_ingested(directory: str | Path) -> list[Report]:
+    """The reports written by `raider ingest` (its `reports.jsonl`)."""
+    path = Path(directory) / "reports.jsonl"
+    if not path.is_file():
+        raise ChatEXAONEPathError(f"{directory} has no reports.jsonl; run `chatexaonepath raider ingest … --out "
+                                  f"{directory}` first.")
+    reports = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            row = json.loads(line)
+            reports.append(Report(row["report_id"], row["text"], row["source"], row["method"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ChatEXAONEPathError(f"{path}:{number} is not a report record ({e}); rerun the ingest.") from e
+    return reports
+
+
+def load_slide_map(directory: str | Path) -> dict[str, list[str]] | None:
+    """The report → slides map written by `raider ingest --slides`, or None when it mapped no slides."""
+    path = Path(directory) / "slide_map.json"
+    if not path.is_file():
+        return None
+    try:
+        return {str(k): [str(s) for s in v] for k, v in json.loads(path.read_text())["mapping"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ChatEXAONEPathError(f"{path} is not a slide map; rerun `chatexaonepath raider ingest`.") from e

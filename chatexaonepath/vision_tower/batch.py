@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ChatEXAONEPathError, SlideError
+from ..fileio import atomic_write_json, atomic_write_text
 from .extraction import ExtractConfig, FeatureExtractor, ProgressFn, SlideResult
 from .features import settings_match
 from .slide import Slide, find_slides, open_slide, slide_id_of
@@ -180,9 +181,7 @@ def _forget_errors(errors_file: Path, slides: list[Path]) -> None:
                 kept.append(line)
         except ValueError:
             continue  # a half-written line from a killed run
-    tmp = errors_file.with_name(f".{errors_file.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, errors_file)
+    atomic_write_text(errors_file, "".join(line + "\n" for line in kept))
 
 
 def _check_unique_ids(slides: list[Path]) -> None:
@@ -201,6 +200,4 @@ def _save_config(out_dir: Path, config: ExtractConfig, extractor: FeatureExtract
                      "num_workers": extractor.num_workers, "encoder_weights_sha256": extractor.encoder.weights_sha256,
                      "encoder_weights": extractor.encoder.weights_source},
     }
-    tmp = out_dir / f".extract_config.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, out_dir / "extract_config.json")
+    atomic_write_json(out_dir / "extract_config.json", record)

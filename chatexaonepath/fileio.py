@@ -1,0 +1,35 @@
+"""Atomic file writes: a file that exists under its final name is complete.
+
+Every stage writes its outputs this way, so a kill never leaves a half-written JSON that a rerun
+or the next stage would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to a temp file beside `path`, fsync it, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_write_json(path: str | Path, data: Any, indent: int | None = 2) -> Path:
+    """`data` as JSON (UTF-8, non-ASCII kept), written atomically."""
+    return atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=False, default=str) + "\n")
+
+
+def atomic_write_jsonl(path: str | Path, records: Iterable[Any]) -> Path:
+    """One JSON object per line, written atomically."""
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
