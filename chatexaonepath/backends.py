@@ -63,6 +63,7 @@ class TextBackend(Protocol):
 
     name: str
     usage: Usage
+    max_concurrency: int | None  # requests it serves at once; None: as many as the server takes
 
     def complete(self, messages: Messages, **gen: object) -> str: ...
 
@@ -118,6 +119,7 @@ class OpenAICompatibleBackend:
         self.model, self.base_url = model, base_url.rstrip("/")
         self.name = f"openai:{model}@{self.base_url}"
         self.usage = Usage()
+        self.max_concurrency: int | None = None
         # Local servers accept any key; the client insists on one.
         key = api_key or os.environ.get("OPENAI_API_KEY") or "not-needed-for-local-servers"
         self._options = dict(base_url=self.base_url, api_key=key, timeout=timeout, max_retries=max_retries)
@@ -136,7 +138,7 @@ class OpenAICompatibleBackend:
     def _request(self, messages: Messages, gen: dict) -> dict:
         request = {"model": self.model, "messages": messages}
         for ours, theirs in (("max_tokens", "max_tokens"), ("temperature", "temperature"), ("seed", "seed"),
-                             ("top_p", "top_p"), ("stop", "stop")):
+                             ("top_p", "top_p"), ("stop", "stop"), ("response_format", "response_format")):
             if gen.get(ours) is not None:
                 request[theirs] = gen[ours]
         return request
@@ -216,6 +218,7 @@ class LocalBackend:
 
         self.name = f"local:{name_or_path}"
         self.usage = Usage()
+        self.max_concurrency = 1  # one model, one generation at a time
         self.model, self.tokenizer = load_llm(name_or_path)
         self._lock = threading.Lock()  # one generation at a time: the model is not re-entrant
 
@@ -227,9 +230,9 @@ class LocalBackend:
                                                  return_dict=True)["input_ids"].to(self.model.device)
         temperature = float(gen.get("temperature") or 0.0)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        if gen.get("seed") is not None:
-            torch.manual_seed(int(gen["seed"]))
         with self._lock, torch.inference_mode():
+            if gen.get("seed") is not None:  # under the lock: concurrent requests must not reseed each other
+                torch.manual_seed(int(gen["seed"]))
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
                                       max_new_tokens=int(gen.get("max_tokens") or 256),
                                       pad_token_id=self.tokenizer.pad_token_id, **sampling)

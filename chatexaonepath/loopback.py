@@ -33,6 +33,7 @@ class FakeOpenAIServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as real servers: the client pools connections
+            disable_nagle_algorithm = True  # else each small reply waits ~40 ms for a delayed ACK
 
             def log_message(self, *args: object) -> None:  # keep test output clean
                 pass
@@ -73,6 +74,8 @@ class FakeOpenAIServer:
                                            "total_tokens": prompt_tokens + completion_tokens}})
 
         class Server(ThreadingHTTPServer):
+            request_queue_size = 128  # the default backlog of 5 stalls 8+ clients connecting at once
+
             def handle_error(self, request: object, client_address: object) -> None:
                 pass  # clients that hang up (a killed run) are expected here, not worth a traceback
 

@@ -1,0 +1,258 @@
+"""Evaluation inputs and the run folder's record files.
+
+- Test data: LLaVA-format JSON/JSONL; every gpt turn is a reference answer to the human turn
+  before it, so a record with three exchanges gives three test items.
+- The report each item is judged against (first match wins): the record's `report` text; its
+  `report_id` as `REPORTS/<report_id>.txt`; `REPORTS/<slide id>.txt` for the record's `image`; else
+  the record's own reference answers, marked `report_source: "reference"`.
+- Answers files (`answers.jsonl`, or any system's answers for `eval judge`): `id`, `question`,
+  `answer`, and `report` text or a `report_id` resolved in the reports folder.
+- `JsonlLog`: append + flush per record, so a killed job loses only what was in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from ..chat.conversation import IMAGE_TOKEN, Turn, turns_from_llava
+from ..errors import ChatEXAONEPathError
+from .criteria import EvalError
+from ..fileio import atomic_write_text
+from .judge import JudgeItem
+
+logger = logging.getLogger(__name__)
+
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".dcm",
+                  ".png", ".jpg", ".jpeg"}
+FEATURE_SUFFIXES = (".h5", ".hdf5", ".pt")
+
+
+# --- files --------------------------------------------------------------------------------------------
+class JsonlLog:
+    """An append-only JSONL file of records keyed by `id`; the last record of an id wins."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def records(self) -> list[dict]:
+        """Every complete record; a line cut off by a kill is dropped (and removed before the next append)."""
+        if not self.path.exists():
+            return []
+        records = []
+        with self.path.open("rb") as f:
+            data = f.read()
+        for number, line in enumerate(data.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                logger.warning("%s line %d is incomplete (a killed run); it will be redone.", self.path, number)
+                continue
+            if isinstance(record, dict) and "id" in record:
+                records.append(record)
+        return records
+
+    def latest(self) -> dict[str, dict]:
+        """id → its last record."""
+        return {str(r["id"]): r for r in self.records()}
+
+    def _trim_partial_tail(self) -> None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        with self.path.open("rb+") as f:
+            data = f.read()
+            if not data.endswith(b"\n"):  # a record cut off mid-line: drop it, or the next one is glued to it
+                f.truncate(data.rfind(b"\n") + 1)
+
+    def append(self, record: dict) -> None:
+        """Write one record as a line and flush it to the OS (survives a killed process)."""
+        if not getattr(self, "_checked", False):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._trim_partial_tail()
+            self._checked = True
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+
+    def rewrite(self, records: Iterable[dict]) -> None:
+        """Replace the file atomically (compaction: one record per id)."""
+        atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def _read_json_or_jsonl(path: Path, what: str) -> list[dict]:
+    if not path.exists():
+        raise EvalError(f"{what} file not found: {path}.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except ValueError as e:
+        raise EvalError(f"{path} is not valid JSON or JSONL ({e}).") from e
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise EvalError(f"{path} must hold a list of JSON objects (one per line for .jsonl).")
+    if not records:
+        raise EvalError(f"{path} holds no records.")
+    return records
+
+
+def _field(record: dict, name: str) -> str | None:
+    value = record.get(name)
+    if value is None and isinstance(record.get("metadata"), dict):
+        value = record["metadata"].get(name)
+    return None if value is None or str(value).strip() == "" else str(value).strip()
+
+
+def _unique(ids: list[str], where: Path) -> None:
+    seen, duplicates = set(), []
+    for i in ids:
+        (duplicates.append(i) if i in seen else seen.add(i))
+    if duplicates:
+        raise EvalError(f"{where} has duplicate ids ({', '.join(sorted(set(duplicates))[:5])}); ids must be unique.")
+
+
+# --- test data ----------------------------------------------------------------------------------------
+@dataclass
+class TestItem:
+    """One question of the test set: the prompt turns, the reference answer and the report."""
+
+    __test__ = False  # not a pytest class, despite the name
+
+    id: str
+    record_id: str
+    image: str
+    features: Path | None  # None when no features file was found
+    turns: list[Turn]  # the reference conversation so far, ending with this question
+    question: str
+    reference: str
+    report: str
+    report_id: str | None
+    report_source: str  # record | file | reference
+    category: str | None = None
+    organ: str | None = None
+
+
+def slide_stem(image: str) -> str:
+    """`TCGA-XX-0001.svs` → `TCGA-XX-0001`; ids with dots that are not slide suffixes are kept whole."""
+    path = Path(image)
+    return path.stem if path.suffix.lower() in SLIDE_SUFFIXES else path.name
+
+
+def resolve_features(image: str, features_dir: Path | None, data_dir: Path) -> Path | None:
+    """The features file of a record's `image`: a .h5/.pt path, or a slide id in the features folder."""
+    path = Path(image)
+    if path.suffix.lower() in FEATURE_SUFFIXES:
+        candidates = [path] if path.is_absolute() else \
+            [*([features_dir / path] if features_dir else []), data_dir / path, path]
+    else:
+        if features_dir is None:
+            return None
+        names = dict.fromkeys([path.name, slide_stem(image)])
+        candidates = [features_dir / f"{name}{suffix}" for name in names for suffix in FEATURE_SUFFIXES]
+    return next((c for c in candidates if c.exists()), None)
+
+
+def load_test_items(data: str | Path, features_dir: str | Path | None = None,
+                    reports_dir: str | Path | None = None) -> list[TestItem]:
+    """Test items of a LLaVA-format file, one per gpt turn; features and reports resolved (not loaded)."""
+    data = Path(data)
+    features_dir = Path(features_dir) if features_dir else None
+    reports_dir = Path(reports_dir) if reports_dir else None
+    if features_dir is not None and not features_dir.is_dir():
+        raise EvalError(f"Features folder not found: {features_dir}.")
+    if reports_dir is not None and not reports_dir.is_dir():
+        raise EvalError(f"Reports folder not found: {reports_dir}.")
+    items: list[TestItem] = []
+    for index, record in enumerate(_read_json_or_jsonl(data, "Test data")):
+        record_id = _field(record, "id") or f"item{index:05d}"
+        image = _field(record, "image")
+        if image is None:
+            raise EvalError(f"Record {record_id} of {data} has no 'image' (a slide id or a features path).")
+        try:
+            turns = turns_from_llava(record.get("conversations"))
+        except ChatEXAONEPathError as e:
+            raise EvalError(f"Record {record_id} of {data}: {e}") from e
+        pairs = [(turns[i], turns[i + 1]) for i in range(0, len(turns) - 1, 2)]
+        if not pairs:
+            raise EvalError(f"Record {record_id} of {data} has no gpt reply to use as a reference answer.")
+        report, report_id, source = _record_report(record, image, reports_dir, pairs)
+        for n, (human, gpt) in enumerate(pairs):
+            message = record["conversations"][2 * n]
+            items.append(TestItem(
+                id=record_id if len(pairs) == 1 else f"{record_id}#{n + 1}", record_id=record_id, image=image,
+                features=resolve_features(image, features_dir, data.parent), turns=turns[: 2 * n + 1],
+                question=human.content.replace(IMAGE_TOKEN, "").strip(), reference=gpt.content.strip(),
+                report=report, report_id=report_id, report_source=source,
+                category=message.get("category") or _field(record, "category"), organ=_field(record, "organ")))
+    _unique([i.id for i in items], data)
+    missing = [i for i in items if i.features is None]
+    if missing:
+        where = f"in {features_dir}" if features_dir else "(give --features DIR)"
+        raise EvalError(f"{len(missing)} of {len(items)} test items have no features file {where} "
+                        f"(first: image {missing[0].image!r}); extract them with `chatexaonepath slide extract`.")
+    sources = {s: sum(i.report_source == s for i in items) for s in ("record", "file", "reference")}
+    if sources["reference"]:
+        logger.warning("%d test item(s) have no report (no 'report', 'report_id' or REPORTS/<slide id>.txt): "
+                       "they are judged against their record's reference answers.", sources["reference"])
+    return items
+
+
+def _record_report(record: dict, image: str, reports_dir: Path | None, pairs: list) -> tuple[str, str | None, str]:
+    text = record.get("report")
+    if isinstance(text, str) and text.strip():
+        return text, _field(record, "report_id"), "record"
+    report_id = _field(record, "report_id")
+    if report_id is not None:
+        return read_report(report_id, reports_dir), report_id, "file"
+    if reports_dir is not None and (reports_dir / f"{slide_stem(image)}.txt").exists():
+        return read_report(slide_stem(image), reports_dir), slide_stem(image), "file"
+    lines = ["Reference answers taken from the report:"]
+    lines += [f"Q: {q.content.replace(IMAGE_TOKEN, '').strip()}\nA: {a.content.strip()}" for q, a in pairs]
+    return "\n".join(lines), None, "reference"
+
+
+def read_report(report_id: str, reports_dir: Path | None) -> str:
+    """The text of `REPORTS/<report_id>.txt`."""
+    if reports_dir is None:
+        raise EvalError(f"A record names report_id {report_id!r} but no --reports folder was given.")
+    path = reports_dir / f"{report_id}.txt"
+    if not path.exists():
+        raise EvalError(f"Report {report_id!r} not found: {path} does not exist.")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise EvalError(f"Report {path} is empty.")
+    return text
+
+
+# --- answers files ------------------------------------------------------------------------------------
+def load_answers(path: str | Path, reports_dir: str | Path | None = None) -> list[JudgeItem]:
+    """Judge items from an answers JSONL (`id`, `question`, `answer`, and `report` or `report_id`)."""
+    path = Path(path)
+    reports_dir = Path(reports_dir) if reports_dir else None
+    if reports_dir is not None and not reports_dir.is_dir():
+        raise EvalError(f"Reports folder not found: {reports_dir}.")
+    items, cache = [], {}
+    for number, record in enumerate(_read_json_or_jsonl(path, "Answers"), 1):
+        absent = [k for k in ("id", "question", "answer") if not isinstance(record.get(k), (str, int))]
+        if absent:
+            raise EvalError(f"Record {number} of {path} lacks {', '.join(absent)} (each needs id, question, answer).")
+        report = record.get("report")
+        report_id = _field(record, "report_id")
+        if not (isinstance(report, str) and report.strip()):
+            if report_id is None:
+                raise EvalError(f"Record {record['id']} of {path} has neither 'report' text nor a 'report_id'.")
+            if report_id not in cache:
+                cache[report_id] = read_report(report_id, reports_dir)
+            report = cache[report_id]
+        items.append(JudgeItem(str(record["id"]), str(record["question"]).replace(IMAGE_TOKEN, "").strip(),
+                               str(record["answer"]), report, report_id, _field(record, "category"),
+                               _field(record, "organ")))
+    _unique([i.id for i in items], path)
+    return items

@@ -1,0 +1,229 @@
+"""Evaluation runs: answers (optional) → concurrent, resumable judgements → summary, report, chart.
+
+Run folder (docs/evaluation.md): `answers.jsonl`, `verdicts.jsonl`, `summary.json`, `report.md`,
+`criteria.png`, `eval_config.json` (everything the run was made with) and `errors.jsonl` (items
+that could not be answered). Verdicts are appended as each answer is judged; a rerun judges only
+what has no verdict (or lost its verdict to a backend failure), and at the end the file is
+compacted to one record per item with acceptance recomputed under the run's rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from ..backends import BackendError, BackendOptions, TextBackend, build_backend
+from .criteria import AcceptanceRule, CriteriaSet, EvalError, load_criteria
+from ..fileio import atomic_write_json
+from .data import JsonlLog, load_answers, load_test_items
+from .excerpts import ReportExcerpter
+from .judge import Judge, JudgeBackendFailure, JudgeConfig, JudgeItem
+from .report import summarize, write_outputs
+
+if TYPE_CHECKING:  # answers.py imports torch; `eval judge` never needs it
+    from .answers import GenerateConfig
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+CONFIG_FILE = "eval_config.json"
+# Settings whose change makes existing verdicts incomparable with new ones (the rule is not one:
+# acceptance is recomputed from the stored criterion verdicts).
+VERDICT_SETTINGS = ("votes", "sampling_temperature", "per_criterion", "seed", "max_report_chars", "chunk_chars",
+                    "embedder", "prompt_version")
+
+
+@dataclass
+class RunResult:
+    """Where a run wrote its outputs, and its summary."""
+
+    out_dir: Path
+    summary: dict
+
+
+def judge_model(backend: TextBackend) -> str:
+    """The judge's identity without its URL (a server may move; the model is what matters)."""
+    return backend.name.split("@")[0]
+
+
+def _check_resume(out_dir: Path, section: str, settings: dict, keys: tuple[str, ...], hint: str) -> None:
+    path = out_dir / CONFIG_FILE
+    if not path.exists():
+        return
+    saved = (json.loads(path.read_text()).get(section) or {})
+    changed = [f"{k}: {saved[k]!r} → {settings.get(k)!r}" for k in keys if k in saved and saved[k] != settings.get(k)]
+    if changed:
+        what = {"judge": "verdicts", "generation": "answers"}.get(section, section)
+        raise EvalError(f"{out_dir} holds {what} made with other settings ({'; '.join(changed)}); "
+                        f"use a new --out, or {hint}.")
+
+
+def _save_config(out_dir: Path, **sections: object) -> None:
+    path = out_dir / CONFIG_FILE
+    config = json.loads(path.read_text()) if path.exists() else {}
+    config.update({k: v for k, v in sections.items() if v is not None})
+    config["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    atomic_write_json(path, config)
+
+
+def judge_items(items: list[JudgeItem], judge: Judge, verdicts: JsonlLog, excerpter: ReportExcerpter | None = None,
+                *, retry_errors: bool = False, progress: Progress | None = None) -> int:
+    """Judge every item without a verdict (concurrently), appending each verdict; returns how many were judged.
+
+    Raises BackendError when the backend fails before any request succeeded (a wrong URL, key or
+    model should stop the run, not fill it with errors).
+    """
+    existing = verdicts.latest()
+
+    def needed(item: JudgeItem) -> bool:
+        record = existing.get(item.id)
+        return record is None or record.get("error_kind") == "backend" or bool(retry_errors and record.get("judge_error"))
+
+    todo = [i for i in items if needed(i)]
+    if progress:
+        progress(len(items) - len(todo), len(items))
+    if not todo:
+        return 0
+    excerpter = excerpter or ReportExcerpter(judge.config.max_report_chars, judge.config.chunk_chars,
+                                             judge.config.embedder)
+    contexts = excerpter.contexts([(i.report_id, i.report, f"{i.question}\n{i.answer}") for i in todo])
+    asyncio.run(_judge_all(todo, contexts, judge, verdicts, len(items) - len(todo), len(items), progress))
+    return len(todo)
+
+
+async def _judge_all(todo: list[JudgeItem], contexts: list, judge: Judge, verdicts: JsonlLog, done: int, total: int,
+                     progress: Progress | None) -> None:
+    queue: asyncio.Queue = asyncio.Queue()
+    for pair in zip(todo, contexts):
+        queue.put_nowait(pair)
+    failure: list[JudgeBackendFailure] = []
+    counter = [done]
+
+    async def worker() -> None:
+        while not failure and not queue.empty():
+            item, context = queue.get_nowait()
+            try:
+                record = await judge.judge(item, context.text, context.excerpted)
+            except JudgeBackendFailure as e:
+                if judge.successful_calls == 0 and not e.request_specific:
+                    failure.append(e)
+                    return
+                logger.warning("Judging %s failed: %s", item.id, e)
+                # A request the server rejects (too long, malformed) fails the same way next time.
+                kind = "request" if e.request_specific else "backend"
+                record = _backend_error_record(item, judge, str(e), context.excerpted, kind)
+            verdicts.append(record)  # one writer: the event loop runs one coroutine at a time
+            counter[0] += 1
+            if progress:
+                progress(counter[0], total)
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(min(judge.config.concurrency, len(todo)))))
+    finally:
+        await judge.backend.aclose()  # connections belong to this event loop, which ends here
+    if failure:
+        raise BackendError(str(failure[0]))
+
+
+def _backend_error_record(item: JudgeItem, judge: Judge, error: str, excerpted: bool, kind: str) -> dict:
+    """A verdict the backend never gave: undecided; `backend` ones are retried by the next run."""
+    return {"id": item.id, "accepted": None,
+            "criteria": {c.id: {"pass": None, "reason": f"judge error: {error}"} for c in judge.criteria.criteria},
+            "judge_error": f"{kind}: {error}", "error_kind": kind, "flags": [], "category": item.category,
+            "organ": item.organ, "report_excerpted": excerpted, "votes": judge.config.votes, "agreement": None,
+            "calls": 0, "judge": judge.backend.name, "seconds": 0.0}
+
+
+def finalize(out_dir: Path, item_ids: list[str], criteria: CriteriaSet, rule: AcceptanceRule, *,
+             n_items: int | None = None, skipped: Sequence[dict] = (), extra: dict | None = None) -> dict:
+    """Compact verdicts.jsonl (one record per item, acceptance under `rule`) and write summary, report, chart."""
+    log = JsonlLog(out_dir / "verdicts.jsonl")
+    latest = log.latest()
+    records = []
+    for item_id in item_ids:
+        record = latest.get(item_id)
+        if record is None:
+            continue
+        if record.get("error_kind") not in ("backend", "request"):
+            passes = {cid: v.get("pass") for cid, v in record["criteria"].items()}
+            record["accepted"] = False if record.get("flags") else rule.decide(passes, criteria)
+        records.append(record)
+    others = [r for i, r in latest.items() if i not in set(item_ids)]
+    log.rewrite(records + others)  # verdicts of items no longer in the set are kept, not counted
+    summary = summarize(records, criteria, rule, n_items=len(item_ids) if n_items is None else n_items, skipped=skipped,
+                        extra={"name": out_dir.resolve().name, **(extra or {})})
+    write_outputs(out_dir, summary)
+    return summary
+
+
+def _setup(out_dir: Path, judge_backend: str | TextBackend, criteria: str | Path | CriteriaSet | None,
+           rule: str | AcceptanceRule, judge_config: JudgeConfig | None) -> tuple[Judge, dict]:
+    criteria = criteria if isinstance(criteria, CriteriaSet) else load_criteria(criteria)
+    rule = rule if isinstance(rule, AcceptanceRule) else AcceptanceRule.parse(rule, criteria)
+    judge_config = judge_config or JudgeConfig()
+    # The judge retries with its own backoff (and counts what failed), so the client does not retry too.
+    backend = build_backend(judge_backend, BackendOptions(timeout=judge_config.timeout, max_retries=0)) \
+        if isinstance(judge_backend, str) else judge_backend
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {**judge_config.as_dict(), "judge_model": judge_model(backend),
+                "criteria_fingerprint": criteria.fingerprint()}
+    if JsonlLog(out_dir / "verdicts.jsonl").records():
+        _check_resume(out_dir, "judge", settings, VERDICT_SETTINGS + ("judge_model", "criteria_fingerprint"),
+                      "delete verdicts.jsonl there to judge again")
+    _save_config(out_dir, judge={**settings, "backend": backend.name}, acceptance_rule=str(rule),
+                 criteria=criteria.as_dict())
+    return Judge(backend, criteria, rule, judge_config), {"judge": backend.name, "judge_model": judge_model(backend),
+                                                          "judge_config": judge_config.as_dict()}
+
+
+def judge_answers_file(answers: str | Path, out_dir: str | Path, judge_backend: str | TextBackend, *,
+                       reports: str | Path | None = None, criteria: str | Path | CriteriaSet | None = None,
+                       rule: str | AcceptanceRule = "major", judge_config: JudgeConfig | None = None,
+                       retry_errors: bool = False, progress: Progress | None = None) -> RunResult:
+    """`eval judge`: judge any system's answers file into a run folder (resumable)."""
+    out_dir = Path(out_dir)
+    items = load_answers(answers, reports)
+    judge, extra = _setup(out_dir, judge_backend, criteria, rule, judge_config)
+    _save_config(out_dir, answers=str(Path(answers).resolve()), reports=str(reports) if reports else None)
+    judge_items(items, judge, JsonlLog(out_dir / "verdicts.jsonl"), retry_errors=retry_errors, progress=progress)
+    summary = finalize(out_dir, [i.id for i in items], judge.criteria, judge.rule,
+                       extra={**extra, "answers": str(answers), "usage": judge.backend.usage.as_dict()})
+    return RunResult(out_dir, summary)
+
+
+def run_eval(generate_config: "GenerateConfig", out_dir: str | Path, judge_backend: str | TextBackend, *,
+             criteria: str | Path | CriteriaSet | None = None, rule: str | AcceptanceRule = "major",
+             judge_config: JudgeConfig | None = None, model=None, retry_errors: bool = False,
+             answer_progress: Progress | None = None, judge_progress: Progress | None = None) -> RunResult:
+    """`eval run`: answers with a checkpoint for every test item, then judgements (both resumable)."""
+    from .answers import generate_answers
+
+    out_dir = Path(out_dir)
+    items = load_test_items(generate_config.data, generate_config.features, generate_config.reports)
+    judge, extra = _setup(out_dir, judge_backend, criteria, rule, judge_config)  # fail fast on a bad judge spec
+    answers_log = JsonlLog(out_dir / "answers.jsonl")
+    if answers_log.records():
+        _check_resume(out_dir, "generation", generate_config.as_dict(), ("model", "max_new_tokens"),
+                      "delete answers.jsonl there to answer again")
+    _save_config(out_dir, generation=generate_config.as_dict())
+    generate_answers(items, generate_config, answers_log, model=model, errors=JsonlLog(out_dir / "errors.jsonl"),
+                     progress=answer_progress)
+    answered = answers_log.latest()
+    errors = JsonlLog(out_dir / "errors.jsonl").latest()
+    skipped = [{"id": i.id, "error": errors.get(i.id, {}).get("error", "not answered")}
+               for i in items if i.id not in answered]
+    wanted = {i.id for i in items}
+    judge_set = [i for i in load_answers(out_dir / "answers.jsonl") if i.id in wanted] if answered else []
+    judge_items(judge_set, judge, JsonlLog(out_dir / "verdicts.jsonl"), retry_errors=retry_errors,
+                progress=judge_progress)
+    sources = {s: sum(1 for i in items if i.report_source == s) for s in ("record", "file", "reference")}
+    extra = {**extra, "model": generate_config.model, "data": generate_config.data, "report_sources": sources,
+             "usage": judge.backend.usage.as_dict()}
+    summary = finalize(out_dir, [i.id for i in items if i.id in answered], judge.criteria, judge.rule,
+                       n_items=len(items), skipped=skipped, extra=extra)
+    return RunResult(out_dir, summary)
