@@ -136,8 +136,39 @@ def normalize_answer(raw: str, max_words: int = MAX_WORDS) -> str:
     return text
 
 
-def answer_problems(answer: str, max_words: int = MAX_WORDS) -> list[str]:
-    """Why an answer breaks the rules (empty list when it is acceptable)."""
+# Function words long enough to pass the length filter of the grounding check.
+_FUNCTION_WORDS = frozenset("""about also been being between does each from have into more most only other over
+    same some such than that their them then there these they this those under very were what when where which
+    while with within without would""".split())
+
+
+def _content_words(text: str, echo: str = "") -> list[str]:
+    """Words of 4+ letters that carry meaning: not function words, not words repeated from `echo`."""
+    echoed = {w[:5] for w in re.findall(r"[a-z]+", echo.lower())}
+    words = re.findall(r"[a-z]+", text.lower())
+    return list(dict.fromkeys(w for w in words if len(w) >= 4 and w not in _FUNCTION_WORDS and w[:5] not in echoed))
+
+
+def unsupported_words(answer: str, excerpts: str, question: str = "") -> tuple[list[str], list[str]]:
+    """(content words of the answer, those of them the excerpts do not contain).
+
+    Words repeated from the question do not count. Words match on their first five letters, so
+    inflections count as support ("lymphocytes" for "lymphocytic"). A small model that writes
+    "sarcoidosis" about a report of fibrous stroma is caught here; a faithful answer mostly reuses
+    the report's words.
+    """
+    known = {w[:5] for w in re.findall(r"[a-z]+", excerpts.lower())}
+    content = _content_words(answer, question)
+    return content, [w for w in content if w[:5] not in known]
+
+
+def answer_problems(answer: str, max_words: int = MAX_WORDS, excerpts: str | None = None,
+                    question: str = "") -> list[str]:
+    """Why an answer breaks the rules (empty list when it is acceptable).
+
+    With `excerpts`, an answer whose content words are mostly not in them is rejected as
+    unsupported by the report.
+    """
     text = answer.strip().strip('"').strip()
     problems = []
     if not text:
@@ -152,6 +183,10 @@ def answer_problems(answer: str, max_words: int = MAX_WORDS) -> list[str]:
         problems.append("contains a specimen or block identifier")
     if _REFUSAL.search(text):
         problems.append("is a refusal, not an answer")
+    if excerpts is not None and text != NOT_MENTIONED:
+        content, missing = unsupported_words(text, excerpts, question)
+        if content and len(missing) * 2 > len(content):
+            problems.append(f"uses words the excerpts do not contain ({', '.join(missing[:4])}); use the report's words")
     return problems
 
 
@@ -303,7 +338,8 @@ async def _ask(task: Task, index: "ChunkIndex", backend: "TextBackend", config: 
         raw = await backend.acomplete(messages, temperature=temperature, max_tokens=config.max_tokens,
                                       seed=config.seed + attempt)
         answer = normalize_answer(raw, max_words)
-        problems = answer_problems(answer, max_words)
+        problems = answer_problems(answer, max_words, excerpts=" ".join(excerpts),
+                                   question="" if task.is_caption else task.question)
         if task.is_caption and answer == NOT_MENTIONED:
             problems.append("a caption must describe the report")
         attempts.append({"answer": answer, "problems": problems})

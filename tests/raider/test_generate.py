@@ -46,3 +46,16 @@ def test_prompt_contains_only_the_excerpts_and_the_rules():
     messages = answer_messages("What grade?", ["Nottingham grade 2.", "Margins negative."])
     assert messages[0]["role"] == "system" and "at most 10 words" in messages[0]["content"]
     assert "[1] Nottingham grade 2." in messages[1]["content"] and "[2] Margins negative." in messages[1]["content"]
+
+
+@pytest.mark.parametrize("answer,ok", [
+    ("Invasive ductal carcinomas", True), ("Lymphocytic infiltrate", True), ("Negative", True), ("pT2 N0", True),
+    (NOT_MENTIONED, True), ("The diagnosis is sarcoidosis", False), ("Metastatic melanoma in the liver", False),
+    ("The diagnosis is cancer", False),
+])
+def test_answers_must_use_the_reports_words(answer, ok):
+    excerpts = "FINAL DIAGNOSIS: invasive ductal carcinoma. Margins are negative. Dense lymphocytes in the stroma."
+    problems = answer_problems(answer, excerpts=excerpts, question="What is the diagnosis?")
+    assert (problems == []) == ok, problems
+    if not ok:
+        assert "excerpts do not contain" in problems[0]

@@ -49,6 +49,13 @@ def excerpts_of(messages):
     return [block.split("] ", 1)[1] for block in body.split("\n\n")]
 
 
+def grounded_reply(messages):
+    """A faithful LLM: the first words of the first excerpt, without digits."""
+    first = messages[1]["content"].split("[1] ", 1)[1]
+    words = [w.strip(",.:;") for w in first.split() if not any(ch.isdigit() for ch in w)]
+    return " ".join(words[:6])
+
+
 def question_of(messages):
     return messages[1]["content"].rsplit("Question:", 1)[-1]
 
@@ -58,7 +65,7 @@ def owner(excerpt):
 
 
 def test_each_prompt_holds_only_its_reports_chunks_and_the_answering_sentence(tmp_path, index):
-    with FakeOpenAIServer(reply=lambda messages: "Invasive ductal carcinoma") as server:
+    with FakeOpenAIServer(reply=grounded_reply) as server:
         backend = build_backend(f"openai:test-model@{server.url}")
         log, stats = generate_answers(index, backend, QUESTIONS, tmp_path / "x.log.jsonl",
                                       GenerateConfig(captions=False, concurrency=3))
@@ -112,14 +119,14 @@ def test_replies_are_normalised(raw, expected):
 def test_captions_and_not_mentioned_answers_are_told_apart(tmp_path, index):
     def reply(messages):
         if "Summary:" in messages[1]["content"]:
-            return "Invasive ductal carcinoma of the breast with nodal metastasis."
+            return "Keratinizing squamous cell carcinoma of the right upper lobe, invading the visceral pleura."
         return "Not mentioned in the report." if "lymph" in question_of(messages) else "Squamous cell carcinoma"
 
     with FakeOpenAIServer(reply=reply) as server:
         log, _ = generate_answers(index, build_backend(f"openai:test-model@{server.url}"), QUESTIONS,
                                   tmp_path / "x.log.jsonl", GenerateConfig(), report_ids=["lung-03"])
     by_category = {r["category"]: r for r in log.records.values()}
-    assert by_category[CAPTION]["status"] == "ok" and "nodal metastasis" in by_category[CAPTION]["answer"]
+    assert by_category[CAPTION]["status"] == "ok" and "visceral pleura" in by_category[CAPTION]["answer"]
     assert by_category["lymph_nodes"]["status"] == "not_mentioned"
     assert by_category["lymph_nodes"]["answer"] == NOT_MENTIONED
 
@@ -189,11 +196,7 @@ def test_cli_ingest_index_generate_survives_a_kill(tmp_path):
     data = tmp_path / "instructions.json"
     log = tmp_path / "instructions.log.jsonl"
 
-    def reply(messages):
-        return "Invasive carcinoma of the breast, with nodal spread." if "Summary:" in messages[1]["content"] \
-            else "Invasive carcinoma"
-
-    with FakeOpenAIServer(delay=0.4, reply=reply) as server:
+    with FakeOpenAIServer(delay=0.4, reply=grounded_reply) as server:
         generate = ("raider", "generate", "--db", tmp_path / "db", "--reports", tmp_path / "ingest",
                     "--llm", f"openai:test-model@{server.url}", "--out", data, "--phrasings", "0",
                     "--concurrency", "2", "--quiet")
@@ -219,7 +222,7 @@ def test_cli_ingest_index_generate_survives_a_kill(tmp_path):
     assert {r["image"] for r in records} == {"breast-01", "colon-02"}
     first_record = records[0]
     assert first_record["conversations"][0]["value"].startswith("<image>\n")
-    assert first_record["conversations"][1] == {"from": "gpt", "value": "Invasive carcinoma"}
+    assert first_record["conversations"][1]["from"] == "gpt" and first_record["conversations"][1]["value"]
     assert {"report_id", "chunks", "backend", "prompt_version"} <= set(first_record["provenance"])
     captions = json.loads((tmp_path / "instructions.captions.json").read_text())
     assert sorted(c["image"] for c in captions) == ["breast-01", "colon-02"]
