@@ -1,5 +1,5 @@
 # Two commands for a fresh machine (CPU only, package registries only):
-#   make demo   set up, then run the main job on the embedded default
+#   make demo   set up, then serve the chat app on the embedded default (prints the URL)
 #   make test   set up, then run the test suite
 # Setup is a virtual environment in .venv; torch is installed first and pinned through
 # constraints.txt, so no later install can swap it for a multi-gigabyte CUDA build.
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/chatexaonepath demo --out demo_out
+	$(PY) app.py
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider

@@ -1,15 +1,16 @@
-"""ChatEXAONEPath Gradio app (Spaces-style entry point).
+"""ChatEXAONEPath chat app, Spaces-style entry point: `python app.py [options]`.
 
-The chat app — upload a whole-slide image, see the tissue and attention, and chat about it — is
-built by the app issue ("The chat app: a pathologist uploads a whole-slide image and talks about
-it"), once the model exists. Until then this entry point says so and runs the vision-tower demo.
+Same program as `chatexaonepath app` (see `python app.py --help` and docs/app.md). With no options
+it serves the embedded defaults — SmolLM2 LLM, EXAONEPath if its weights are found (else a
+random ViT-B/16), an untrained vision tower, all clearly labelled — on http://127.0.0.1:7860 with
+a synthetic example slide ready. To embed the page elsewhere, build it with `build_demo(engine)`.
 """
 
-from chatexaonepath.cli import main
+from chatexaonepath.webapp.cli import main
+from chatexaonepath.webapp.engine import AppConfig, AppEngine
+from chatexaonepath.webapp.ui import build_demo
+
+__all__ = ["AppConfig", "AppEngine", "build_demo", "main"]
 
 if __name__ == "__main__":
-    import sys
-
-    sys.stderr.write("The chat app is not built yet (see the app issue); running the vision-tower demo instead.\n")
-    sys.argv = [sys.argv[0], "demo"]
     main()

@@ -18,6 +18,7 @@ from .eval.cli import app as eval_app
 from .progress import console, progress_bar, setup_logging
 from .raider.cli import app as raider_app
 from .train.cli import app as train_app
+from .webapp.cli import app_command
 
 app = typer.Typer(help="Chat with a multimodal LLM about whole-slide pathology images.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -29,6 +30,7 @@ app.add_typer(synth_app, name="synth")
 app.add_typer(raider_app, name="raider")
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
+app.command("app")(app_command)  # the Gradio chat app; `python app.py` runs the same
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; errors only.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")]

@@ -1,0 +1,147 @@
+"""`chatexaonepath app` (and `python app.py`): load the model once, then serve the page.
+
+Safe by default: binds 127.0.0.1, no public share link unless asked, optional login, Gradio
+analytics off, uploads in a private temp folder (Gradio's upload cache included) deleted when a
+tab closes and when the app stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+from ..errors import ChatEXAONEPathError
+from ..progress import console, setup_logging
+
+if TYPE_CHECKING:  # torch, transformers and gradio load only when the app starts, not with every CLI command
+    import gradio as gr
+
+    from .engine import AppEngine
+
+logger = logging.getLogger(__name__)
+
+AUTH_ENV = "CHATEXAONEPATH_AUTH"
+
+
+def parse_auth(values: list[str] | None) -> list[tuple[str, str]] | None:
+    """`USER:PASSWORD` strings → Gradio's list of (user, password); None when no login is asked for."""
+    if not values:
+        return None
+    pairs = []
+    for value in values:
+        user, sep, password = value.partition(":")
+        if not sep or not user or not password:
+            raise ChatEXAONEPathError(f"--auth (or ${AUTH_ENV}) must look like USER:PASSWORD; "
+                                      f"got a value {'without a colon' if not sep else 'with an empty part'}.")
+        pairs.append((user, password))
+    return pairs
+
+
+def launch_app(engine: AppEngine, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+               auth: list[tuple[str, str]] | None = None, quiet: bool = False) -> tuple["gr.Blocks", str]:
+    """Build the page for `engine` and start serving it without blocking; returns (demo, local URL)."""
+    # Gradio keeps uploads in GRADIO_TEMP_DIR: put them inside the app's private folder (mode 0700),
+    # which is deleted at shutdown. Gradio reads the variable when the page is built, so set it first.
+    os.environ["GRADIO_TEMP_DIR"] = str(engine.work_dir / "gradio")
+    from .ui import build_demo
+
+    demo = build_demo(engine)
+    demo.queue(max_size=64, default_concurrency_limit=engine.config.concurrency)
+    if share and not auth:
+        logger.warning("--share makes the app reachable from the internet by anyone with the link; "
+                       "consider --auth USER:PASSWORD.")
+    try:
+        demo.launch(server_name=host, server_port=port, share=share, auth=auth, prevent_thread_lock=True,
+                    quiet=quiet, show_error=False, max_file_size=engine.config.max_upload_bytes, ssr_mode=False,
+                    mcp_server=False, pwa=False, enable_monitoring=False, footer_links=["api", "settings"],
+                    # Run history would keep questions and answers in the browser (and offers cloud storage).
+                    run_history=False, auth_message="ChatEXAONEPath — sign in")
+    except OSError as e:  # Gradio's message names its environment variables; ours names the option
+        busy = f"port {port} is in use or not allowed" if port else "no port in 7860–7959 is free"
+        raise ChatEXAONEPathError(f"Could not serve on {host}: {busy}; pick another with --port.") from e
+    return demo, demo.local_url
+
+
+def app_command(
+    model: Annotated[Optional[Path], typer.Option("--model", help="A trained ChatEXAONEPath checkpoint folder (default: an untrained tower, clearly labelled).")] = None,
+    llm: Annotated[str, typer.Option(help="LLM when no --model is given: a HF id, a path, or 'embedded' (SmolLM2-135M).")] = "embedded",
+    encoder: Annotated[Optional[str], typer.Option(help="Patch encoder (default: exaonepath if its weights are found, else random-vit-b16).")] = None,
+    encoder_weights: Annotated[Optional[str], typer.Option(help="EXAONEPath weights file, folder or hub id.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N for the patch encoder.")] = "auto",
+    host: Annotated[str, typer.Option(envvar="GRADIO_SERVER_NAME", help="Address to bind; 0.0.0.0 serves your whole network.")] = "127.0.0.1",
+    port: Annotated[Optional[int], typer.Option(envvar="GRADIO_SERVER_PORT", help="Port (default: the first free one from 7860).")] = None,
+    share: Annotated[bool, typer.Option("--share", help="Also open a public *.gradio.live link (needs internet; use with --auth).")] = False,
+    auth: Annotated[Optional[list[str]], typer.Option(envvar=AUTH_ENV, help=f"Require a login USER:PASSWORD (repeat for more users; or set ${AUTH_ENV}).")] = None,
+    max_upload_gb: Annotated[float, typer.Option(help="Largest slide upload accepted, in GB.")] = 4.0,
+    concurrency: Annotated[int, typer.Option(help="Requests the model serves at once; others wait in the queue.")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="Default longest answer in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(help="Default temperature (0: greedy, reproducible).")] = 0.0,
+    example: Annotated[bool, typer.Option("--example/--no-example", help="Offer the synthetic example slide, prepared in the background.")] = True,
+    features_dir: Annotated[Optional[Path], typer.Option(help="Feature cache (default: the user cache, shared with `chatexaonepath chat`).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")] = False,
+) -> None:
+    """Serve the chat app: upload a whole-slide image, see its attention heatmap, and chat about it."""
+    from .engine import AppConfig, AppEngine
+
+    setup_logging(verbose)
+    started = time.perf_counter()
+    logins = parse_auth(auth)
+    config = AppConfig(model=str(model) if model else None, llm=llm, encoder=encoder, encoder_weights=encoder_weights,
+                       device=device, max_upload_gb=max_upload_gb, concurrency=concurrency,
+                       max_new_tokens=max_new_tokens, temperature=temperature, example=example,
+                       features_dir=str(features_dir) if features_dir else None)
+    console.print("Loading the model and the patch encoder …")
+    engine = AppEngine.load(config)
+    try:
+        if example:
+            engine.example_slide()
+        demo, url = launch_app(engine, host=host, port=port, share=share, auth=logins, quiet=True)
+        if example:
+            engine.start_warm_up()
+        banner = engine.card.banner()
+        if banner:
+            console.print(f"[bold yellow]{banner}[/]", highlight=False)
+        login = f" (login required: {len(logins)} user(s))" if logins else ""
+        typer.echo(f"ChatEXAONEPath app ready in {time.perf_counter() - started:.0f} s: {url}{login}")
+        if demo.share_url:
+            typer.echo(f"Public link: {demo.share_url}")
+        typer.echo("Press Ctrl-C to stop.")
+        _stop_on_sigterm()
+        try:
+            while demo.is_running:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            typer.echo("Stopping the app.")
+        finally:
+            demo.close()
+    finally:
+        engine.close()
+
+
+def _stop_on_sigterm() -> None:
+    """Treat SIGTERM (`kill`, `docker stop`) like Ctrl-C, so the private upload folder is deleted."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run `app_command` as a program (for `python app.py`): user errors print one sentence, exit 2."""
+    runner = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    runner.command()(app_command)
+    try:
+        runner(argv if argv is not None else sys.argv[1:], prog_name="app.py")
+    except ChatEXAONEPathError as e:
+        console.print(f"[bold red]Error:[/] {e}", highlight=False)
+        sys.exit(2)

@@ -1,0 +1,295 @@
+"""The Gradio page: `build_demo(engine)` lays out the slide panel and the chat, and wires the events.
+
+Every handler finds its browser session through `gr.Request.session_hash`, so nothing lives in
+module globals and two tabs never share a slide or a conversation. Work that uses the model
+(loading a slide, answering) runs under one Gradio concurrency group sized like the engine's
+model slots; Cancel, Stop and the heatmap controls bypass the queue so they act at once.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import queue
+import threading
+import time
+from typing import Callable, Iterator
+
+import gradio as gr
+
+from ..errors import ChatEXAONEPathError, MissingMppError
+from .engine import AppEngine
+from .session import GenerationSettings, LoadProgress, SlideView, WebSession, user_message
+from .uploads import ACCEPTED_SUFFIXES
+
+logger = logging.getLogger(__name__)
+
+MODEL_GROUP = "model"
+LOAD_STAGES = ("reading", "tissue", "features", "aggregating", "drawing")
+
+
+def example_questions() -> list[str]:
+    """One question per category of the RAIDER question bank (diagnosis, organ, type, grade, margins…)."""
+    from ..raider.generate import load_questions
+
+    first: dict[str, str] = {}
+    for question in load_questions():
+        first.setdefault(question.category, question.text)
+    return list(first.values())
+
+
+# -- HTML fragments (inline styles: build_demo stays self-contained, no launch-time CSS) -------------------
+def _box(body: str, colour: str, background: str) -> str:
+    return (f'<div style="border-left:4px solid {colour};background:{background};padding:8px 12px;'
+            f'border-radius:4px;color:#1f2937">{body}</div>')
+
+
+def banner_html(engine: AppEngine) -> str:
+    """The honesty banner (empty for a fully trained model)."""
+    text = engine.card.banner()
+    if text is None:
+        return ""
+    return _box(f"<b>⚠ {html.escape(text)}</b> Not a medical device.", "#b91c1c", "#fee2e2")
+
+
+def model_card_markdown(engine: AppEngine) -> str:
+    rows = "\n".join(f"| {name} | {value.replace('|', '/')} |" for name, value in engine.card.rows())
+    return f"| part | in use |\n|---|---|\n{rows}"
+
+
+def progress_html(progress: LoadProgress) -> str:
+    """A loading step: the stages with the current one highlighted, counts, rate and estimate."""
+    stage = "tissue" if progress.stage == "waiting" else progress.stage
+    steps = " → ".join(f"<b>{s}</b>" if s == stage else f'<span style="color:#6b7280">{s}</span>'
+                       for s in LOAD_STAGES)
+    body = f'<div data-stage="{progress.stage}">{steps}<br>{html.escape(progress.message)}'
+    if progress.total:
+        rate = f" · {progress.rate:.1f} patches/s" if progress.rate else ""
+        eta = f" · about {progress.eta:.0f} s left" if progress.eta else ""
+        body += (f'<br><progress value="{progress.done}" max="{progress.total}" style="width:100%"></progress>'
+                 f"<br>{progress.done} / {progress.total} patches{rate}{eta}")
+    return _box(body + "</div>", "#2563eb", "#eff6ff")
+
+
+def error_html(message: str) -> str:
+    return _box(f'<span data-error="1">{html.escape(message)}</span>', "#b91c1c", "#fee2e2")
+
+
+def done_html(view: SlideView, seconds: float) -> str:
+    body = f"✓ {html.escape(view.summary)} Ready in {seconds:.1f} s — ask away."
+    return _box(f'<span data-ready="{html.escape(view.name)}">{body}</span>', "#15803d", "#dcfce7")
+
+
+def gallery_items(view: SlideView) -> list[tuple]:
+    return [(p.image, f"#{p.rank} · attention {p.attention:.4f} · level-0 ({p.coord[0]}, {p.coord[1]})")
+            for p in view.patches]
+
+
+# -- the page -------------------------------------------------------------------------------------------
+def build_demo(engine: AppEngine) -> gr.Blocks:
+    """The app's page for `engine`; launch it with `.queue(...).launch(...)` (cli.launch_app does)."""
+    with gr.Blocks(title="ChatEXAONEPath", analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
+        gr.Markdown("## ChatEXAONEPath — chat about a whole-slide image")
+        gr.HTML(banner_html(engine), elem_id="banner")
+        with gr.Accordion("Model in use", open=engine.card.is_demo, elem_id="model-card"):
+            gr.Markdown(model_card_markdown(engine))
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5):
+                upload = gr.File(label="Whole-slide image (svs, ndpi, tif/tiff, scn, bif, DICOM or .mrxs as .zip, "
+                                       f"png/jpg; up to {engine.config.max_upload_gb:g} GB)",
+                                 file_types=list(ACCEPTED_SUFFIXES), elem_id="upload", height=120)
+                with gr.Row():
+                    example = gr.Button("Load the synthetic example slide", elem_id="example", size="md",
+                                        visible=engine.config.example)
+                    cancel = gr.Button("Cancel loading", variant="stop", elem_id="cancel", size="md")
+                with gr.Row(visible=False, elem_id="mpp-row") as mpp_row:
+                    mpp = gr.Number(label="µm per pixel at full resolution (0.25 for a 40× scan, 0.5 for 20×)",
+                                    elem_id="mpp", minimum=0.05, maximum=50)
+                    mpp_load = gr.Button("Load with this µm/px", elem_id="mpp-load", variant="primary")
+                status = gr.HTML("", elem_id="status")
+                slide_view = gr.Image(label="Slide: tissue outline and attention heatmap", type="numpy",
+                                      interactive=False, elem_id="slide-view", buttons=["download", "fullscreen"])
+                with gr.Row():
+                    show_heatmap = gr.Checkbox(True, label="Attention heatmap", elem_id="heatmap-toggle")
+                    opacity = gr.Slider(0.0, 1.0, 0.5, step=0.05, label="Heatmap opacity", elem_id="opacity")
+                gallery = gr.Gallery(label="Most-attended patches (full resolution, highest first)", columns=4,
+                                     format="png", elem_id="patches", height=300)
+            with gr.Column(scale=6):
+                chatbot = gr.Chatbot(label="Chat", elem_id="chat", height=520, buttons=["copy"],
+                                     placeholder="Load a slide, then ask about it.", feedback_options=None)
+                with gr.Row():
+                    question = gr.Textbox(placeholder="Ask about the slide …", show_label=False, scale=6,
+                                          elem_id="question", autofocus=True, max_length=2000)
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                with gr.Row():
+                    stop = gr.Button("Stop", variant="stop", size="sm", elem_id="stop")
+                    retry = gr.Button("Retry", size="sm", elem_id="retry")
+                    clear = gr.Button("Clear chat", size="sm", elem_id="clear")
+                chat_status = gr.Markdown("", elem_id="chat-status")
+                gr.Examples([[q] for q in example_questions()], inputs=[question], label="Example questions")
+                with gr.Accordion("Advanced: generation and system prompt", open=False, elem_id="advanced"):
+                    temperature = gr.Slider(0.0, 2.0, engine.default_settings.temperature, step=0.05,
+                                            label="Temperature (0 = greedy, reproducible)", elem_id="temperature")
+                    max_tokens = gr.Slider(1, max(1024, engine.default_settings.max_new_tokens),
+                                           engine.default_settings.max_new_tokens, step=1,
+                                           label="Max new tokens", elem_id="max-tokens")
+                    system_prompt = gr.Textbox(engine.default_settings.system_prompt, lines=4,
+                                               label="System prompt (empty: none)", elem_id="system-prompt")
+        gr.Markdown("Research software, not a medical device: answers are never a diagnosis. "
+                    "Uploads stay on this server in a private folder deleted when you close the tab.")
+
+        handlers = _Handlers(engine)
+        model_work = dict(concurrency_id=MODEL_GROUP, concurrency_limit=engine.config.concurrency,
+                          show_progress="hidden")
+        instant = dict(queue=False, show_progress="hidden")
+        # The file box is emptied after each load (the status names the slide), ready for the next one.
+        load_outputs = [status, slide_view, gallery, mpp_row, chatbot, chat_status, upload]
+        upload.upload(handlers.load_upload, [upload, show_heatmap, opacity], load_outputs, **model_work)
+        example.click(handlers.load_example, [show_heatmap, opacity], load_outputs, **model_work)
+        mpp_load.click(handlers.load_with_mpp, [mpp, show_heatmap, opacity], load_outputs, **model_work)
+        cancel.click(handlers.cancel, None, None, **instant)
+        show_heatmap.change(handlers.recompose, [show_heatmap, opacity], slide_view, **instant)
+        opacity.release(handlers.recompose, [show_heatmap, opacity], slide_view, **instant)
+
+        chat_inputs = [question, temperature, max_tokens, system_prompt]
+        chat_outputs = [chatbot, question, chat_status]
+        send.click(handlers.ask, chat_inputs, chat_outputs, **model_work)
+        question.submit(handlers.ask, chat_inputs, chat_outputs, **model_work)
+        retry.click(handlers.retry, chat_inputs, chat_outputs, **model_work)
+        stop.click(handlers.stop, None, None, **instant)
+        clear.click(handlers.clear, None, [chatbot, chat_status], **instant)
+        chatbot.clear(handlers.clear, None, [chatbot, chat_status], **instant)  # the chat's own bin icon
+        demo.unload(handlers.end)
+    return demo
+
+
+class _Handlers:
+    """The page's event handlers, bound to one engine; each looks up the caller's session."""
+
+    def __init__(self, engine: AppEngine) -> None:
+        self.engine = engine
+
+    def _session(self, request: gr.Request) -> WebSession:
+        return self.engine.session(request.session_hash)
+
+    # -- slides ----------------------------------------------------------------------------------------
+    def load_upload(self, upload: str | None, show: bool, opacity: float, request: gr.Request) -> Iterator[tuple]:
+        if not upload:
+            yield (gr.skip(),) * 7
+            return
+        session = self._session(request)
+        yield from self._loading(session, lambda report: session.load_upload(upload, None, report), show, opacity)
+
+    def load_example(self, show: bool, opacity: float, request: gr.Request) -> Iterator[tuple]:
+        session = self._session(request)
+        yield from self._loading(session, lambda report: session.load(self.engine.example_slide(), None, report),
+                                 show, opacity)
+
+    def load_with_mpp(self, mpp: float | None, show: bool, opacity: float, request: gr.Request) -> Iterator[tuple]:
+        session = self._session(request)
+        if not mpp:
+            yield error_html("Enter the slide's µm per pixel first (e.g. 0.25 for a 40× scan)."), *(gr.skip(),) * 6
+            return
+        yield from self._loading(session, lambda report: session.load_pending(float(mpp), report), show, opacity)
+
+    def _loading(self, session: WebSession, work: Callable[[Callable[[LoadProgress], None]], SlideView],
+                 show: bool, opacity: float) -> Iterator[tuple]:
+        """Run a load in a thread and stream its progress; the last update shows the slide or the error."""
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        outcome: dict = {}
+        started = time.perf_counter()
+
+        def run() -> None:
+            try:
+                outcome["view"] = work(events.put)
+            except BaseException as e:  # shown below; the app keeps serving
+                outcome["error"] = e
+            finally:
+                events.put(None)
+
+        worker = threading.Thread(target=run, name="load-slide", daemon=True)
+        worker.start()
+        skip = gr.skip()
+        try:
+            while (progress := events.get()) is not None:
+                yield progress_html(progress), skip, skip, skip, skip, skip, skip
+        finally:
+            if worker.is_alive():  # the browser went away mid-load
+                session.cancel()
+        error = outcome.get("error")
+        if error is not None:
+            missing_mpp = isinstance(error, MissingMppError)
+            message = user_message(error, "loading the slide")
+            if missing_mpp:
+                message += " Enter it below and press “Load with this µm/px”."
+            yield error_html(message), skip, skip, gr.update(visible=missing_mpp), skip, skip, None
+            return
+        view = outcome["view"]
+        yield (done_html(view, time.perf_counter() - started), view.compose(show, opacity), gallery_items(view),
+               gr.update(visible=False), [], "", None)
+
+    def cancel(self, request: gr.Request) -> None:
+        self._session(request).cancel()
+
+    def recompose(self, show: bool, opacity: float, request: gr.Request):
+        view = self._session(request).view
+        return gr.skip() if view is None else view.compose(show, opacity)
+
+    # -- chat ------------------------------------------------------------------------------------------
+    def ask(self, question: str, temperature: float, max_tokens: float, system_prompt: str,
+            request: gr.Request) -> Iterator[tuple]:
+        session = self._session(request)
+        if not question or not question.strip():
+            yield gr.skip(), gr.skip(), "Type a question first."
+            return
+        yield from self._answer(session, question, temperature, max_tokens, system_prompt)
+
+    def retry(self, question: str, temperature: float, max_tokens: float, system_prompt: str,
+              request: gr.Request) -> Iterator[tuple]:
+        session = self._session(request)
+        try:
+            last = session.drop_last_exchange()
+        except ChatEXAONEPathError as e:
+            yield gr.skip(), gr.skip(), str(e)
+            return
+        yield from self._answer(session, last, temperature, max_tokens, system_prompt, keep_question=question)
+
+    def _answer(self, session: WebSession, question: str, temperature: float, max_tokens: float,
+                system_prompt: str, keep_question: str = "") -> Iterator[tuple]:
+        history = session.messages() + [{"role": "user", "content": question}]
+        try:
+            settings = GenerationSettings(float(temperature), int(max_tokens), system_prompt)
+            stream = session.ask_stream(question, settings)  # starts now: the model reads while the page redraws
+        except Exception as e:
+            yield gr.skip(), question, f"**Error:** {user_message(e, 'answering')}"
+            return
+        finished = False
+        try:
+            yield history + [{"role": "assistant", "content": "…"}], keep_question, ""
+            for text, reply in stream:
+                if reply is None:
+                    yield history + [{"role": "assistant", "content": text}], gr.skip(), gr.skip()
+            finished = True
+        except Exception as e:  # shown under the chat; the question goes back into the box
+            finished = True
+            yield session.messages(), question, f"**Error:** {user_message(e, 'answering')}"
+            return
+        finally:
+            if not finished:  # the browser went away: end the generation too
+                session.stop()
+                stream.close()
+        note = "Stopped." if reply.stopped else (f"First words after {reply.first_token_seconds or 0:.2f} s; "
+                                                 f"{reply.new_tokens} tokens in {reply.seconds:.1f} s.")
+        yield session.messages(), gr.skip(), note
+
+    def stop(self, request: gr.Request) -> None:
+        self._session(request).stop()
+
+    def clear(self, request: gr.Request) -> tuple:
+        session = self._session(request)
+        session.stop()  # an answer being written ends first, then the conversation is forgotten
+        session.clear()
+        return [], ""
+
+    def end(self, request: gr.Request) -> None:
+        self.engine.end_session(request.session_hash)

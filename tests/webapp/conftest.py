@@ -1,0 +1,42 @@
+"""Tiny engines for the app tests: a 2-layer LLaMA, a 2-layer ViT, caches and work folders in tmp."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chatexaonepath.chat.modeling import ChatEXAONEPathConfig, ChatEXAONEPathForCausalLM
+from chatexaonepath.vision_tower.extraction import ExtractConfig, FeatureExtractor
+from chatexaonepath.webapp.engine import AppConfig, AppEngine
+from tests.chat.conftest import make_tiny_llm
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory):
+    """An untrained ChatEXAONEPath around a tiny random LLaMA (64-d tower input, like the tiny ViT)."""
+    llm_dir = make_tiny_llm(tmp_path_factory.mktemp("webapp-llm"))
+    config = ChatEXAONEPathConfig(llm_name_or_path=str(llm_dir), num_visual_tokens=2,
+                                  aggregator={"in_dim": 64, "hidden_dim": 16, "attention_dim": 8, "dropout": 0.0},
+                                  projector={"num_heads": 4}, prompt_style="llama2")
+    torch.manual_seed(0)
+    return ChatEXAONEPathForCausalLM.build(config)
+
+
+@pytest.fixture
+def make_engine(tiny_chat_model, tiny_encoder, tmp_path):
+    """Build AppEngines on the tiny models; every engine made is closed after the test."""
+    engines = []
+
+    def make(**overrides) -> AppEngine:
+        settings = dict(max_new_tokens=12, example_size=2048) | overrides
+        extract = ExtractConfig(encoder=tiny_encoder.name, num_workers=0, batch_size=4)
+        index = len(engines)
+        engine = AppEngine(tiny_chat_model, FeatureExtractor(extract, tiny_encoder),
+                           AppConfig(features_dir=str(tmp_path / "features"), **settings),
+                           example_path=tmp_path / "example.tiff", work_dir=tmp_path / f"work{index}")
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.close()
