@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from .errors import ChatEXAONEPathError
+
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write `text` to a temp file beside `path`, fsync it, then rename it into place."""
@@ -33,3 +35,19 @@ def atomic_write_json(path: str | Path, data: Any, indent: int | None = 2) -> Pa
 def atomic_write_jsonl(path: str | Path, records: Iterable[Any]) -> Path:
     """One JSON object per line, written atomically."""
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
+
+
+def read_yaml(path: str | Path | None, package: str, default_name: str, what: str,
+              error: type[Exception] = ChatEXAONEPathError) -> Any:
+    """A user's YAML file, or the default shipped in `package`; a missing or malformed file raises `error`."""
+    import yaml
+    from importlib import resources
+
+    where = str(path) if path is not None else default_name
+    try:
+        text = resources.files(package).joinpath(default_name).read_text() if path is None else Path(path).read_text()
+        return yaml.safe_load(text)
+    except FileNotFoundError as e:
+        raise error(f"{what} not found: {path}.") from e
+    except yaml.YAMLError as e:
+        raise error(f"{where} is not valid YAML: {str(e).splitlines()[0]}.") from e

@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
-import yaml
 
 from ..errors import ChatEXAONEPathError
+from ..fileio import read_yaml
 
 SEVERITIES = ("major", "minor")
 
@@ -63,14 +62,7 @@ class CriteriaSet:
 def load_criteria(path: str | Path | None = None) -> CriteriaSet:
     """The criteria in `path`, or the seven shipped in `criteria.yaml`; malformed files raise EvalError."""
     where = str(path) if path is not None else "criteria.yaml"
-    try:
-        text = resources.files(__package__).joinpath("criteria.yaml").read_text() if path is None \
-            else Path(path).read_text()
-        raw = yaml.safe_load(text)
-    except FileNotFoundError as e:
-        raise EvalError(f"Criteria file not found: {path}.") from e
-    except yaml.YAMLError as e:
-        raise EvalError(f"{where} is not valid YAML: {str(e).splitlines()[0]}.") from e
+    raw = read_yaml(path, __package__, "criteria.yaml", "Criteria file", EvalError)
     items = raw.get("criteria") if isinstance(raw, dict) else None
     if not isinstance(items, list) or not items:
         raise EvalError(f"{where} needs a non-empty 'criteria' list of {{id, name, definition, severity}}.")

@@ -16,14 +16,13 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
-import yaml
 
 from ..backends import BackendError
 from ..errors import ChatEXAONEPathError
+from ..fileio import read_yaml
 
 if TYPE_CHECKING:
     from ..backends import TextBackend
@@ -75,15 +74,7 @@ class Question:
 
 def load_questions(path: str | Path | None = None) -> list[Question]:
     """The question bank: `path`, or the default `questions.yaml` shipped with the package."""
-    try:
-        if path is None:
-            raw = yaml.safe_load(resources.files(__package__).joinpath("questions.yaml").read_text())
-        else:
-            raw = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError as e:
-        raise ChatEXAONEPathError(f"Question bank not found: {path}.") from e
-    except yaml.YAMLError as e:
-        raise ChatEXAONEPathError(f"{path} is not valid YAML: {str(e).splitlines()[0]}.") from e
+    raw = read_yaml(path, __package__, "questions.yaml", "Question bank")
     categories = raw.get("categories") if isinstance(raw, dict) else None
     if not isinstance(categories, list) or not categories:
         raise ChatEXAONEPathError(f"{path or 'questions.yaml'} needs a non-empty 'categories' list.")

@@ -43,7 +43,7 @@ def workspace(tmp_path_factory):
     from tests.chat.conftest import make_tiny_llm
 
     root = tmp_path_factory.mktemp("eval-run")
-    checkpoint = make_checkpoint(make_tiny_llm(root / "llm"), root / "ckpt")
+    make_checkpoint(make_tiny_llm(root / "llm"), root / "ckpt")
     features = root / "features"
     make_features(features, "S1", 12, 1)
     make_features(features, "S2", 7, 2)
