@@ -143,6 +143,32 @@ def synth_slide(
     typer.echo(str(path))
 
 
+@synth_app.command("cohort")
+def synth_cohort(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for slides/, reports/, the data files and labels.csv.")],
+    slides: Annotated[int, typer.Option(help="Number of slides (classes in turn).")] = 60,
+    classes: Annotated[str, typer.Option(help="Comma-separated tissue classes (tumor, stroma, normal, necrosis, lymphoid, adipose).")] = "tumor,stroma,normal,necrosis,lymphoid",
+    size: Annotated[int, typer.Option(help="Slide width and height in level-0 pixels.")] = 1024,
+    mpp: Annotated[float, typer.Option(help="Level-0 µm/px.")] = 0.5,
+    test_fraction: Annotated[float, typer.Option(help="Fraction of each class's slides held out for testing.")] = 0.25,
+    questions: Annotated[int, typer.Option(help="Instruction records per training slide.")] = 2,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Write a synthetic cohort for training checks: slides, reports, caption/QA data, a split by slide."""
+    from .train.cohort import CohortConfig, make_cohort
+
+    config = CohortConfig(slides=slides, classes=[c.strip() for c in classes.split(",") if c.strip()], size=size,
+                          mpp=mpp, test_fraction=test_fraction, questions_per_slide=questions, seed=seed)
+    with progress_bar(quiet) as progress:
+        task = progress.add_task("slides", total=slides, unit="slides")
+        paths = make_cohort(out, config, lambda done, total: progress.update(task, completed=done))
+    if not quiet:
+        for name, path in paths.items():
+            console.print(f"{name:<14} {path}")
+        console.print(f"next: chatexaonepath slide extract {paths['slides']} --out {out / 'features'}")
+
+
 @app.command("chat")
 def chat(
     slide: Annotated[Path, typer.Argument(help="The slide to talk about.")],

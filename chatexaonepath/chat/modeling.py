@@ -76,11 +76,28 @@ class SlideEncoder(nn.Module):
 
     def __init__(self, config: ChatEXAONEPathConfig) -> None:
         super().__init__()
+        in_dim = config.aggregator["in_dim"]
+        # Per-dimension standardisation of the patch features, set from the training data when phase 1 starts
+        # (identity until then). Encoder features share a large common offset; unscaled, it swamps the small
+        # differences between tissues and the tower learns them far more slowly (docs/training.md).
+        self.register_buffer("feature_mean", torch.zeros(in_dim))
+        self.register_buffer("feature_std", torch.ones(in_dim))
         self.aggregator = GatedAttentionAggregator(AggregatorConfig(**config.aggregator))
         self.projector = AttentionPoolProjector(ProjectorConfig(**config.projector))
 
+    @torch.no_grad()
+    def set_feature_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardise patch features with these per-dimension statistics (of the training bags)."""
+        if mean.shape != self.feature_mean.shape or std.shape != self.feature_std.shape:
+            raise ValueError(f"feature statistics of shape {tuple(mean.shape)} do not fit {tuple(self.feature_mean.shape)}")
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std.clamp_min(1e-6))
+
     def forward(self, slide_features: list[torch.Tensor] | torch.Tensor,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, AggregatorOutput]:
+        if isinstance(slide_features, (list, tuple)):
+            slide_features, mask = pad_bags(list(slide_features))
+        slide_features = (slide_features.to(self.feature_mean.dtype) - self.feature_mean) / self.feature_std
         aggregated = self.aggregator(slide_features, mask)
         tokens = self.projector(aggregated.patch_embeddings, aggregated.attention_logits, aggregated.mask)
         return tokens, aggregated  # (B, K, d_llm)
@@ -196,8 +213,13 @@ class ChatEXAONEPathForCausalLM(nn.Module):
         self._lora_merged = True  # the base LLM named in the config no longer holds these weights
 
     # -- checkpoints -----------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, *, save_llm: bool = False) -> Path:
-        """Write config.json, tower weights, the LoRA adapter and the tokenizer (the base LLM only if asked)."""
+    def save_pretrained(self, directory: str | Path, *, save_llm: bool = False,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write config.json, tower weights, the LoRA adapter and the tokenizer (the base LLM only if asked).
+
+        `state_dict` (this model's keys: `tower.…`, `llm.…`) replaces the live weights: FSDP and DeepSpeed
+        gather the full weights into one on the saving rank, while the live modules hold only shards.
+        """
         from safetensors.torch import save_file
 
         if self._lora_merged and not save_llm:
@@ -213,10 +235,15 @@ class ChatEXAONEPathForCausalLM(nn.Module):
                 self.tokenizer.save_pretrained(directory / "llm")
             config = ChatEXAONEPathConfig(**{**config.to_dict(), "llm_name_or_path": "llm"})
         config.to_json_file(directory / "config.json")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.tower.state_dict().items()}
+        if state_dict is None:
+            tower_state, llm_state = self.tower.state_dict(), None
+        else:
+            tower_state = {k[len("tower."):]: v for k, v in state_dict.items() if k.startswith("tower.")}
+            llm_state = {k[len("llm."):]: v for k, v in state_dict.items() if k.startswith("llm.")}
+        state = {k: v.detach().contiguous().cpu() for k, v in tower_state.items()}
         save_file(state, str(directory / TOWER_WEIGHTS), metadata={"format": "pt"})
-        if self.config.lora is not None:
-            self.llm.save_pretrained(directory / ADAPTER_DIR)  # PEFT writes adapter_config.json + weights only
+        if self.config.lora is not None:  # PEFT writes adapter_config.json + the adapter weights only
+            self.llm.save_pretrained(directory / ADAPTER_DIR, state_dict=llm_state)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
         return directory
@@ -254,5 +281,8 @@ class ChatEXAONEPathForCausalLM(nn.Module):
 
             llm = PeftModel.from_pretrained(llm, directory / ADAPTER_DIR, is_trainable=trainable)
         model = cls(config, llm, tokenizer)
-        model.tower.load_state_dict(load_file(str(directory / TOWER_WEIGHTS)), strict=True)
+        tower_state = load_file(str(directory / TOWER_WEIGHTS))
+        for name in ("feature_mean", "feature_std"):  # checkpoints written before feature standardisation existed
+            tower_state.setdefault(name, getattr(model.tower, name))
+        model.tower.load_state_dict(tower_state, strict=True)
         return model.to(model.device).eval()
