@@ -250,6 +250,45 @@ def demo(
     console.print(table)
 
 
+@app.command("quickstart")
+def quickstart(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for every stage's outputs (a rerun resumes).")] = Path("quickstart"),
+    slides: Annotated[int, typer.Option(help="Synthetic slides in the cohort (a quarter held out).")] = 40,
+    encoder: Annotated[Optional[str], typer.Option(help="Patch encoder (default: exaonepath if its weights are found, else random-vit-b16).")] = None,
+    raider_llm: Annotated[str, typer.Option(help="LLM backend RAIDER asks (see `raider generate --help`).")] = "local:embedded",
+    judge: Annotated[str, typer.Option(help="LLM backend of the seven-criteria judge.")] = "local:embedded",
+    judge_items: Annotated[int, typer.Option(help="Held-out answers the judge reads.")] = 6,
+    quiet: Quiet = False, verbose: Verbose = False,
+) -> None:
+    """The whole pipeline on this machine: cohort → features → RAIDER → phase 1 → phase 2 → evaluation."""
+    from .quickstart import Quickstart, QuickstartConfig
+
+    setup_logging(verbose, quiet)
+    config = QuickstartConfig(slides=slides, encoder=encoder, raider_llm=raider_llm, judge=judge,
+                              judge_items=judge_items)
+    with progress_bar(quiet) as progress:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: Optional[int], total: Optional[int]) -> None:
+            if stage not in tasks:
+                for other in tasks.values():  # the previous stage is over
+                    progress.update(other, total=progress.tasks[other].completed or 1,
+                                    completed=progress.tasks[other].completed or 1)
+                tasks[stage] = progress.add_task(stage, total=None, unit="steps")
+            if done is not None:
+                progress.update(tasks[stage], completed=done, total=total)
+
+        results = Quickstart(out, config, on_progress).run()
+    table = Table(title=f"Quickstart in {out}", show_header=False)
+    for stage, outcome in results.items():
+        table.add_row(stage, ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in outcome.items()))
+    console.print(table)
+    console.print(f"Chat with the trained model:  chatexaonepath app --model {out / 'model'}\n"
+                  f"  or in the terminal:         chatexaonepath chat {out / 'cohort' / 'slides'}/<slide>.tiff "
+                  f"--model {out / 'model'}")
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one sentence and exit code 2."""
     started = time.perf_counter()

@@ -1,0 +1,51 @@
+"""The quickstart's stages wired end to end (tiny LLM, loopback LLM server), and its resume."""
+
+import json
+
+import pytest
+
+from chatexaonepath.loopback import FakeOpenAIServer
+from chatexaonepath.quickstart import Quickstart, QuickstartConfig
+from tests.eval.judges import asked_ids, verdict
+
+
+def reply(messages):
+    """RAIDER answers from the first excerpt's words; judge prompts get a well-formed verdict."""
+    if "Judge the candidate answer on" in messages[-1]["content"]:
+        return verdict(asked_ids(messages))
+    if "[1] " in messages[1]["content"]:
+        first = messages[1]["content"].split("[1] ", 1)[1]
+        return " ".join(w for w in first.split()[:6] if not any(c.isdigit() for c in w))
+    return "not mentioned in the report"
+
+
+@pytest.mark.slow
+def test_quickstart_runs_every_stage_and_a_rerun_resumes(tmp_path):
+    from tests.chat.conftest import make_tiny_llm
+
+    llm = make_tiny_llm(tmp_path / "llm")
+    with FakeOpenAIServer(reply=reply) as server:
+        backend = f"openai:test-model@{server.url}"
+        config = QuickstartConfig(slides=6, classes=["tumor", "stroma", "lymphoid"], size=1024,
+                                  encoder="random-vit-b16", llm=str(llm), raider_llm=backend, judge=backend,
+                                  phase1_epochs=1, phase2_epochs=1, judge_items=2)
+        stages = []
+        results = Quickstart(tmp_path / "qs", config, lambda stage, done, total: stages.append(stage)).run()
+        requests = len(server.requests)
+        assert list(results) == ["cohort", "features", "raider", "phase 1", "phase 2", "evaluation"]
+        assert results["raider"]["instruction_records"] > 0 and results["raider"]["caption_records"] > 0
+        assert results["phase 2"]["steps"] > 0
+        assert results["evaluation"]["held_out_slides"] == 3 and results["evaluation"]["judged"] == 2
+        assert results["evaluation"]["judge_errors"] == 0
+        assert 0.0 <= results["evaluation"]["acceptance_rate"] <= 1.0
+        instructions = json.loads((tmp_path / "qs" / "raider" / "instructions.json").read_text())
+        held_out = {r["image"] for r in json.loads((tmp_path / "qs" / "cohort" / "test.json").read_text())}
+        assert not held_out & {r["image"] for r in instructions}  # no test report leaks into training
+        saved = json.loads((tmp_path / "qs" / "quickstart.json").read_text())
+        assert saved["stages"]["evaluation"]["judged"] == 2
+        assert (tmp_path / "qs" / "model" / "config.json").is_file()
+
+        again = Quickstart(tmp_path / "qs", config).run()  # everything is there: nothing is redone
+        assert again["phase 1"] == {"skipped": "already trained", "seconds": again["phase 1"]["seconds"]}
+        assert again["phase 2"]["skipped"] == "already trained"
+        assert len(server.requests) == requests  # RAIDER and the judge asked nothing twice
