@@ -47,7 +47,7 @@ StageFn = Callable[[str, int | None, int | None], None]  # (stage, done, total) 
 class QuickstartConfig:
     """Sizes and models of the quickstart; the defaults finish within about 30 minutes on 2 CPU cores."""
 
-    slides: int = 60
+    slides: int = 40
     size: int = 1024  # slide side in level-0 pixels at 0.5 µm/px (bench/learn_synthetic.py's setting)
     classes: list[str] = field(default_factory=lambda: ["tumor", "stroma", "normal", "necrosis", "lymphoid"])
     encoder: str | None = None  # exaonepath when its weights are found, else random-vit-b16
