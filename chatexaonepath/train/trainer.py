@@ -44,7 +44,7 @@ def save_checkpoint(model: ChatEXAONEPathForCausalLM, directory: str | Path, run
 
 
 def load_trainable_weights(model: ChatEXAONEPathForCausalLM, directory: str | Path) -> None:
-    """Put a checkpoint's tower and LoRA weights into `model` (to resume, or to pick the best checkpoint)."""
+    """Put a checkpoint's tower and LoRA weights into `model`, to resume training from it."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
