@@ -61,11 +61,15 @@ class ChatEXAONEPathConfig(PretrainedConfig):
 
 @dataclass
 class ChatEXAONEPathOutput(ModelOutput):
-    """Loss and logits of the LLM, plus what the tower computed (attention is the explanation)."""
+    """Loss and logits of the LLM, plus what the tower computed (attention is the explanation).
+
+    The LLM's other output fields (its KV cache, hidden states, attentions) are copied in under the names the
+    installed transformers gives them (`past_key_values` before 5.24, `cache` since), never re-declared here:
+    a renamed field in a new release must not break this class.
+    """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: object | None = None
     visual_tokens: torch.Tensor | None = None  # (B, K, d_llm)
     patch_attention: torch.Tensor | None = None  # (B, N_max) softmax over each slide's patches
     patch_mask: torch.Tensor | None = None  # (B, N_max)
@@ -124,7 +128,7 @@ class ChatEXAONEPathForCausalLM(nn.Module):
     @classmethod
     def build(cls, config: ChatEXAONEPathConfig, *, dtype: str = "auto", device: str = "auto") -> "ChatEXAONEPathForCausalLM":
         """A new model with an untrained tower around the LLM named in `config`."""
-        from .llm import load_llm
+        from ..llm import load_llm
 
         llm, tokenizer = load_llm(config.llm_name_or_path, dtype=dtype, device=device)
         model = cls(config, llm, tokenizer)
@@ -174,10 +178,14 @@ class ChatEXAONEPathForCausalLM(nn.Module):
             embeddings, labels = self.merge_visual_tokens(input_ids, tokens, labels)
         out = self.llm(inputs_embeds=embeddings, attention_mask=None if attention_mask is None else
                        attention_mask.to(self.device), labels=labels, **llm_kwargs)
-        return ChatEXAONEPathOutput(
-            loss=out.loss, logits=out.logits, past_key_values=getattr(out, "past_key_values", None), visual_tokens=tokens,
+        result = ChatEXAONEPathOutput(
+            loss=out.loss, logits=out.logits, visual_tokens=tokens,
             patch_attention=None if aggregated is None else aggregated.attention,
             patch_mask=None if aggregated is None else aggregated.mask)
+        for name, value in out.items():  # the LLM's own fields, named as its ModelOutput names them
+            if name not in result:
+                result[name] = value
+        return result
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, slide_features: list[torch.Tensor] | torch.Tensor,
@@ -257,7 +265,7 @@ class ChatEXAONEPathForCausalLM(nn.Module):
         """
         from safetensors.torch import load_file
 
-        from .llm import load_llm
+        from ..llm import load_llm
 
         directory = Path(directory)
         if not (directory / "config.json").exists():

@@ -164,3 +164,41 @@ def test_text_only_samples_and_padding_guard(model):
     mask[0, -1] = 0
     with pytest.raises(ValueError, match="left-padded"):
         model.generate(input_ids, [torch.randn(4, 32)], attention_mask=mask, max_new_tokens=2)
+
+
+def test_forward_returns_the_llms_own_cache_and_it_continues_decoding(model):
+    """The LLM's cache field comes through under the installed transformers' name and is usable.
+
+    transformers 5.24 renamed `past_key_values` to `cache` in every ModelOutput; a re-declared field broke
+    `forward` (TypeError) on the day it was released.
+    """
+    input_ids, _ = encode(model)
+    features = [torch.randn(9, 32)]
+    llm_out = model.llm(input_ids=input_ids[:, -3:], use_cache=True)
+    cache_names = [name for name in llm_out.keys() if name not in ("logits", "loss")]
+    assert cache_names, "the LLM returned no cache"
+    with torch.no_grad():
+        full = model(input_ids, slide_features=features)
+        prefix = model(input_ids[:, :-1], slide_features=features, use_cache=True)
+        assert all(name in prefix for name in cache_names)
+        cache = prefix[cache_names[0]]
+        step = model.llm(input_ids=input_ids[:, -1:], **{cache_names[0]: cache})
+    assert full.visual_tokens.shape[:2] == (1, K) and full.patch_attention.shape == (1, 9)
+    torch.testing.assert_close(step.logits[0, -1], full.logits[0, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_generate_under_the_installed_transformers(model):
+    input_ids, _ = encode(model)
+    prompt = input_ids[:, :-3]
+    features = [torch.randn(7, 32)]
+    new = model.generate(prompt, features, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    assert new.shape == (1, 5) and new.dtype == torch.long
+    again = model.generate(prompt, features, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    assert torch.equal(new, again)
+    # Greedy decoding with the cache equals step-by-step argmax of full forwards without one.
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(5):
+            logits = model(ids, slide_features=features).logits[0, -1]
+            ids = torch.cat([ids, logits.argmax().view(1, 1)], dim=1)
+    assert torch.equal(new[0], ids[0, prompt.shape[1]:])
