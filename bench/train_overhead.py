@@ -29,7 +29,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatexaonepath.chat.conversation import IMAGE_TOKEN_INDEX, PromptBuilder, turns_from_llava
-from chatexaonepath.chat.llm import load_llm
+from chatexaonepath.llm import load_llm
 from chatexaonepath.chat.modeling import LORA_TARGETS, ChatEXAONEPathConfig, ChatEXAONEPathForCausalLM
 from chatexaonepath.train.data import SlideCollator
 from chatexaonepath.train.phases import freeze_for_phase

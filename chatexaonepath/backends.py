@@ -214,7 +214,7 @@ class LocalBackend:
     """In-process generation with transformers (the embedded SmolLM2 by default); greedy unless asked."""
 
     def __init__(self, name_or_path: str = "embedded") -> None:
-        from .chat.llm import load_llm
+        from .llm import load_llm
 
         self.name = f"local:{name_or_path}"
         self.usage = Usage()

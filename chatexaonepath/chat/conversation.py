@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from ..errors import ChatEXAONEPathError
 
-IGNORE_INDEX = -100  # label value the loss ignores (prompt, system, image positions)
-IMAGE_TOKEN = "<image>"  # the placeholder in conversation text
-IMAGE_TOKEN_INDEX = -200  # its id in input_ids: never a real token
+__all__ = ["IGNORE_INDEX", "IMAGE_TOKEN", "IMAGE_TOKEN_INDEX"]  # re-exported: the builder's callers use them
 DEFAULT_SYSTEM_PROMPT = (
     "You are ChatEXAONEPath, an assistant for pathologists. You are shown a whole-slide image of an "
     "H&E-stained tissue section. Answer questions about it concisely in professional pathology language. "

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ..chat.conversation import IMAGE_TOKEN, Turn, turns_from_llava
+from ..chat.conversation import Turn, turns_from_llava
+from ..constants import IMAGE_TOKEN
 from ..errors import ChatEXAONEPathError
 from .criteria import EvalError
 from ..fileio import atomic_write_text

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ..chat.conversation import IMAGE_TOKEN
+from ..constants import IMAGE_TOKEN
 from ..fileio import atomic_write_json, atomic_write_jsonl
 from .generate import CAPTION, CAPTION_INSTRUCTIONS, PROMPT_VERSION
 

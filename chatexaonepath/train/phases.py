@@ -114,7 +114,7 @@ def training_device(config: PhaseConfig) -> torch.device:
 
 
 def resolve_precision(config: PhaseConfig, device: torch.device) -> str:
-    """fp32, bf16 or fp16: `auto` is bf16 on GPUs that have it and on CPUs that run it natively (chat/llm.py).
+    """fp32, bf16 or fp16: `auto` is bf16 on GPUs that have it and on CPUs that run it natively (llm.py).
 
     It is the frozen LLM's dtype and, below fp32, the autocast dtype of the tower and the LoRA weights,
     whose master copies stay fp32.
@@ -123,7 +123,7 @@ def resolve_precision(config: PhaseConfig, device: torch.device) -> str:
         raise ChatEXAONEPathError("--precision fp16 needs a GPU; use bf16 or fp32 on a CPU.")
     if config.precision != "auto":
         return config.precision
-    from ..chat.llm import choose_dtype
+    from ..llm import choose_dtype
 
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(choose_dtype("auto", device), "fp32")
 

@@ -6,7 +6,7 @@ def make_tiny_llm(folder):
     """A 2-layer, 64-wide random LLaMA with the embedded model's tokenizer, saved like a hub folder."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from chatexaonepath.chat.llm import embedded_llm_dir
+    from chatexaonepath.llm import embedded_llm_dir
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_llm_dir())
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

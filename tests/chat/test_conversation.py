@@ -3,7 +3,7 @@ import pytest
 from chatexaonepath.chat.conversation import (
     IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, PromptBuilder, Turn, turns_from_llava,
 )
-from chatexaonepath.chat.llm import embedded_llm_dir
+from chatexaonepath.llm import embedded_llm_dir
 from chatexaonepath.errors import ChatEXAONEPathError
 
 CONVERSATION = [

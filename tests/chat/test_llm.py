@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from chatexaonepath.errors import ChatEXAONEPathError
-from chatexaonepath.chat.llm import choose_dtype, embedded_llm_dir, load_llm
+from chatexaonepath.llm import choose_dtype, embedded_llm_dir, load_llm
 
 
 @pytest.mark.slow

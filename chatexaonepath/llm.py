@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..assets import embedded_llm_gguf, user_cache_dir
-from ..errors import ChatEXAONEPathError
+from .assets import embedded_llm_gguf, user_cache_dir
+from .errors import ChatEXAONEPathError
 
 logger = logging.getLogger(__name__)
 
