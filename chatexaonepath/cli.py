@@ -54,11 +54,17 @@ def slide_extract(
     min_saturation: Annotated[int, typer.Option(help="Lowest saturation threshold (0–255) counted as tissue.")] = 12,
     skip_errors: Annotated[bool, typer.Option("--skip-errors/--fail-fast", help="Record bad slides and go on (default), or stop at the first.")] = True,
     seed: Annotated[int, typer.Option(help="Seed for random encoders.")] = 0,
+    decoder: Annotated[str, typer.Option(help="auto (DCT-scaled JPEG tiles where a slide allows, else OpenSlide), openslide or dct.")] = "auto",
     quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
-    """Extract patch features from slides into CLAM/TRIDENT-compatible .h5 files (resumable)."""
+    """Extract patch features from slides into CLAM/TRIDENT-compatible .h5 files (resumable).
+
+    Under `torchrun` or `accelerate launch` each rank extracts its share of the slides on its own
+    GPU and rank 0 prints the whole job's summary (docs/gpu.md).
+    """
     from .vision_tower.batch import extract_slides
     from .vision_tower.extraction import ExtractConfig
+    from .vision_tower.sharding import Shard
     from .vision_tower.tissue import TissueConfig
 
     setup_logging(verbose, quiet)
@@ -66,13 +72,18 @@ def slide_extract(
         encoder=encoder, encoder_weights=encoder_weights, stain_norm=stain_norm, batch_size=batch_size,
         num_workers=num_workers, precision=precision, device=device, mpp=mpp, patch_size=patch_size,
         target_mpp=target_mpp, min_tissue=min_tissue, seed=seed, tissue=TissueConfig(min_saturation=min_saturation),
+        decoder=decoder,
     )
-    with progress_bar(quiet) as progress:
+    shard = Shard.from_env()
+    with progress_bar(quiet or not shard.is_main) as progress:  # one rank's bars are enough on a terminal
         def on_slide_start(slide, total):
             task = progress.add_task(slide.slide_id, total=total, unit="patches")
             return lambda done, _total: progress.update(task, completed=done)
 
-        summary = extract_slides(slides, out, config, skip_errors=skip_errors, on_slide_start=on_slide_start)
+        summary = extract_slides(slides, out, config, skip_errors=skip_errors, on_slide_start=on_slide_start,
+                                 shard=shard)
+    if not shard.is_main:
+        return  # rank 0 reports (and fails) for the whole job; an early exit here would cut its output
     if not quiet:
         _print_extract_summary(summary, out)
     if summary.failed:
@@ -81,7 +92,8 @@ def slide_extract(
 
 
 def _print_extract_summary(summary, out: Path) -> None:
-    table = Table(title=f"Features in {out}")
+    ranks = f" ({summary.world_size} ranks)" if summary.world_size > 1 else ""
+    table = Table(title=f"Features in {out}{ranks}")
     for column in ("slide", "status", "patches", "seconds", "patches/s", "note"):
         table.add_column(column)
     for r in summary.results:

@@ -1,7 +1,8 @@
 """The resumable batch job behind `slide extract`: many slides → one features folder.
 
 A rerun skips slides already done with the same settings; per-slide lock files let several
-processes (or GPUs) share one output folder; a killed run's leftovers are cleaned up when its
+processes on one host share an output folder; under torchrun or accelerate launch each rank takes
+its own share of the slides instead (sharding.py); a killed run's leftovers are cleaned up when its
 slide is retried; bad slides are recorded in `errors.jsonl` and the batch goes on.
 """
 
@@ -13,14 +14,16 @@ import logging
 import os
 import socket
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 from ..errors import ChatEXAONEPathError, SlideError
-from ..fileio import atomic_write_json, atomic_write_text
+from ..fileio import atomic_write_json, atomic_write_jsonl
 from .extraction import ExtractConfig, FeatureExtractor, ProgressFn, SlideResult
 from .features import settings_match
+from .sharding import Shard
 from .slide import Slide, find_slides, open_slide, slide_id_of
 
 logger = logging.getLogger(__name__)
@@ -32,6 +35,7 @@ class ExtractSummary:
 
     results: list[SlideResult] = field(default_factory=list)
     errors_file: Path | None = None
+    world_size: int = 1  # processes whose slides `results` counts (all of a job's ranks on rank 0)
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -88,39 +92,133 @@ class SlideLock:
             self._fd = None
 
 
+class ErrorsLog:
+    """`errors.jsonl`, safe for several writers: appended records, the latest per slide counts.
+
+    A line is `{"slide", "error", "time"}` for a failure or `{"slide", "cleared": true, "time"}` when
+    a slide that had failed was done since. Each record is one O_APPEND write taken under a shared
+    flock; `compact` (one writer, exclusive flock) rewrites the file to the current failures only,
+    so no appender's record is lost to the rewrite. `locked=False` is for a file with one writer
+    (a rank's own log, which may live on a filesystem where flock does not reach other hosts).
+    """
+
+    def __init__(self, path: Path, locked: bool = True) -> None:
+        self.path = Path(path)
+        self.locked = locked
+
+    @contextmanager
+    def _lock(self, mode: int) -> Iterator[None]:
+        import fcntl
+
+        fd = os.open(self.path.with_name(f".{self.path.name}.lock"), os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _guard(self, exclusive: bool):
+        import fcntl
+
+        return self._lock(fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) if self.locked else nullcontext()
+
+    def append(self, slide: Path, error: str | None) -> None:
+        """Record that `slide` failed with `error`, or (error None) that an earlier failure is cleared."""
+        record = {"slide": str(slide), "error": error} if error is not None else {"slide": str(slide), "cleared": True}
+        line = (json.dumps(record | {"time": time.time()}, ensure_ascii=False) + "\n").encode()
+        with self._guard(exclusive=False):
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+
+    def failures(self, merge: Sequence[Path] = ()) -> dict[str, dict]:
+        """The current failure record of each slide whose latest record is a failure."""
+        records = [r for path in (self.path, *merge) for r in _read_records(path)]
+        latest: dict[str, dict] = {}
+        for record in sorted(records, key=lambda r: r.get("time", 0.0)):  # stable: file order breaks ties
+            latest[record["slide"]] = record
+        return {slide: r for slide, r in latest.items() if r.get("error") is not None}
+
+    def compact(self, merge: Sequence[Path] = ()) -> None:
+        """Rewrite the file as the current failures (folding in, then removing, the `merge` logs)."""
+        if not merge and not self.path.exists():
+            return  # nothing recorded: no file, and no lock file either
+        with self._guard(exclusive=True):
+            current = self.failures(merge)
+            if current or self.path.exists():
+                atomic_write_jsonl(self.path, current.values())
+            for path in merge:
+                path.unlink(missing_ok=True)
+
+
+def _read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a half-written line from a killed run
+        if isinstance(record, dict) and "slide" in record:
+            records.append(record)
+    return records
+
+
 def extract_slides(
     inputs: list[str | os.PathLike], out_dir: str | os.PathLike, config: ExtractConfig, *,
     skip_errors: bool = True, on_slide_start: Callable[[Slide, int], ProgressFn | None] | None = None,
-    extractor: FeatureExtractor | None = None,
+    extractor: FeatureExtractor | None = None, shard: Shard | None = None,
 ) -> ExtractSummary:
     """Extract features for every slide in `inputs` into `out_dir`, resuming where a run stopped.
 
     Bad slides are recorded in `out_dir/errors.jsonl` and the batch goes on (`skip_errors=False`
     re-raises the first one instead). `on_slide_start(slide, n_patches)` may return a progress callback.
+    Under torchrun / accelerate launch (`shard`, default from the environment) this rank extracts
+    its share on its own GPU, and rank 0 returns the summary of the whole job.
     """
     out_dir = Path(out_dir)
+    shard = shard or Shard.from_env()
     slides = find_slides(inputs)
     _check_unique_ids(slides)
     if out_dir.exists() and not out_dir.is_dir():
         raise ChatEXAONEPathError(f"--out {out_dir} is a file; give a folder for the features.")
     out_dir.mkdir(parents=True, exist_ok=True)
-    extractor = extractor or FeatureExtractor(config)
-    _save_config(out_dir, config, extractor)
-    summary = ExtractSummary(errors_file=out_dir / "errors.jsonl")
-    _forget_errors(summary.errors_file, slides)  # a retried slide's old error no longer applies
-    for path in slides:
-        result = _extract_one(path, out_dir, config, extractor, on_slide_start)
-        summary.results.append(result)
-        if result.status == "failed":
-            with open(summary.errors_file, "a") as f:
-                f.write(json.dumps({"slide": str(path), "error": result.error, "time": time.time()}) + "\n")
-            if not skip_errors:
-                raise SlideError(result.error)
-    return summary
+    errors = ErrorsLog(out_dir / "errors.jsonl")
+    # Ranks may sit on different hosts: each writes its own log, merged by rank 0 at the end.
+    own = ErrorsLog(out_dir / f"errors.rank{shard.rank}.jsonl", locked=False) if shard.distributed else errors
+    with shard.process_group():
+        config = shard.place(config)
+        extractor = extractor or FeatureExtractor(config)
+        if shard.is_main:
+            _save_config(out_dir, config, extractor, shard)
+        failed_before = set(errors.failures([own.path] if own is not errors else []))
+        results = []
+        for path in shard.select(slides):
+            result = _extract_one(path, out_dir, config, extractor, on_slide_start, use_lock=not shard.distributed)
+            results.append(result)
+            if result.status == "failed":
+                own.append(path, result.error)
+                if not skip_errors:
+                    raise SlideError(result.error)
+            elif result.status in ("extracted", "skipped") and str(path) in failed_before:
+                own.append(path, None)  # a retried slide's old error no longer applies
+        if not shard.distributed:
+            errors.compact()
+            return ExtractSummary(results, errors.path)
+        gathered = shard.gather(results)
+    if not shard.is_main:
+        return ExtractSummary(results, errors.path, world_size=1)  # rank 0 reports the job
+    errors.compact(sorted(out_dir.glob("errors.rank*.jsonl")))
+    order = {str(p): i for i, p in enumerate(slides)}
+    merged = sorted((r for part in gathered for r in part), key=lambda r: order[str(r.path)])
+    return ExtractSummary(merged, errors.path, world_size=shard.world_size)
 
 
 def _extract_one(path: Path, out_dir: Path, config: ExtractConfig, extractor: FeatureExtractor,
-                 on_slide_start: Callable | None) -> SlideResult:
+                 on_slide_start: Callable | None, use_lock: bool = True) -> SlideResult:
     slide_id = slide_id_of(path)
     lock = SlideLock(out_dir / f"{slide_id}.lock")
     started = time.perf_counter()
@@ -130,10 +228,10 @@ def _extract_one(path: Path, out_dir: Path, config: ExtractConfig, extractor: Fe
             if settings_match(target, extractor.settings(slide)):
                 logger.info("%s: already extracted with these settings, skipped", slide_id)
                 return SlideResult(slide_id, path, -1, 0.0, "skipped")
-            if not lock.acquire():
+            if use_lock and not lock.acquire():
                 logger.info("%s: being extracted by another process, skipped", slide_id)
                 return SlideResult(slide_id, path, -1, 0.0, "locked")
-            if settings_match(target, extractor.settings(slide)):  # finished while we waited
+            if use_lock and settings_match(target, extractor.settings(slide)):  # finished while we waited
                 return SlideResult(slide_id, path, -1, 0.0, "skipped")
             _remove_partial_outputs(out_dir, slide_id)
             prepared = extractor.prepare(slide)
@@ -168,22 +266,6 @@ def _one_sentence(error: Exception) -> str:
     return text
 
 
-
-def _forget_errors(errors_file: Path, slides: list[Path]) -> None:
-    """Drop the records of slides this run retries; keep those of other runs sharing the folder."""
-    if not errors_file.exists():
-        return
-    retried = {str(p) for p in slides}
-    kept = []
-    for line in errors_file.read_text().splitlines():
-        try:
-            if json.loads(line).get("slide") not in retried:
-                kept.append(line)
-        except ValueError:
-            continue  # a half-written line from a killed run
-    atomic_write_text(errors_file, "".join(line + "\n" for line in kept))
-
-
 def _check_unique_ids(slides: list[Path]) -> None:
     seen: dict[str, Path] = {}
     for path in slides:
@@ -194,10 +276,10 @@ def _check_unique_ids(slides: list[Path]) -> None:
         seen[slide_id] = path
 
 
-def _save_config(out_dir: Path, config: ExtractConfig, extractor: FeatureExtractor) -> None:
+def _save_config(out_dir: Path, config: ExtractConfig, extractor: FeatureExtractor, shard: Shard) -> None:
     record = asdict(config) | {
         "resolved": {"device": str(extractor.device), "precision": extractor.precision,
                      "num_workers": extractor.num_workers, "encoder_weights_sha256": extractor.encoder.weights_sha256,
-                     "encoder_weights": extractor.encoder.weights_source},
+                     "encoder_weights": extractor.encoder.weights_source, "world_size": shard.world_size},
     }
     atomic_write_json(out_dir / "extract_config.json", record)

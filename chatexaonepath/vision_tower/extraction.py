@@ -23,6 +23,7 @@ from ..errors import ChatEXAONEPathError
 from .cpu_inference import oneDNN_bf16_available, pack_for_cpu_bf16
 from .encoder import PatchEncoder, build_encoder
 from .features import FORMAT_VERSION, write_features
+from .jpeg_tiles import DECODERS, JpegTilePatchReader, choose_decoder
 from .patching import PatchGrid, patch_grid, read_patch
 from .slide import Slide
 from .stain import MacenkoNormalizer
@@ -50,6 +51,7 @@ class ExtractConfig:
     device: str = "auto"
     mpp: float | None = None  # level-0 µm/px override for slides without it
     seed: int = 0  # for random encoders only
+    decoder: str = "auto"  # auto | openslide | dct (jpeg_tiles.py): how patches are decoded
     tissue: TissueConfig = field(default_factory=TissueConfig)
 
     def __post_init__(self) -> None:
@@ -69,6 +71,8 @@ class ExtractConfig:
             raise ChatEXAONEPathError(f"--num-workers must be 0 or more, got {self.num_workers}.")
         if self.mpp is not None and not 0.05 <= self.mpp <= 50:
             raise ChatEXAONEPathError(f"--mpp {self.mpp} is not a plausible µm/px (e.g. 0.25 for 40×, 0.5 for 20×).")
+        if self.decoder not in DECODERS:
+            raise ChatEXAONEPathError(f"--decoder must be one of {', '.join(DECODERS)}; got {self.decoder!r}.")
         if isinstance(self.tissue, dict):
             self.tissue = TissueConfig(**self.tissue)
 
@@ -95,11 +99,36 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
+class OpenSlidePatchReader:
+    """Reads a grid's patches through OpenSlide (`patching.read_patch`): every format, full-size decode."""
+
+    name = "openslide"
+
+    def __init__(self, slide: Slide, grid: PatchGrid) -> None:
+        self.slide, self.grid = slide, grid
+
+    def read_patch(self, x: int, y: int) -> np.ndarray:
+        """The patch at level-0 (x, y) as RGB uint8 (patch_size, patch_size, 3)."""
+        return read_patch(self.slide, self.grid, x, y)
+
+    def close(self) -> None:
+        """Nothing to release: the slide belongs to the caller."""
+
+
+PatchReader = OpenSlidePatchReader | JpegTilePatchReader
+
+
+def patch_reader(slide: Slide, grid: PatchGrid, decoder: str) -> PatchReader:
+    """The reader for a decoder name that `choose_decoder` returned (`openslide` or `dct`)."""
+    return JpegTilePatchReader(slide, grid) if decoder == "dct" else OpenSlidePatchReader(slide, grid)
+
+
 class PatchBatches(torch.utils.data.Dataset):
     """Batches of patches of one slide; each item is a whole batch, so workers hand over few, large arrays."""
 
-    def __init__(self, slide: Slide, grid: PatchGrid, batch_size: int) -> None:
+    def __init__(self, slide: Slide, grid: PatchGrid, batch_size: int, reader: PatchReader | None = None) -> None:
         self.slide, self.grid, self.batch_size = slide, grid, batch_size
+        self.reader = reader or OpenSlidePatchReader(slide, grid)
 
     def __len__(self) -> int:
         return (len(self.grid) + self.batch_size - 1) // self.batch_size
@@ -110,7 +139,7 @@ class PatchBatches(torch.utils.data.Dataset):
         size = self.grid.patch_size
         batch = np.empty((len(coords), size, size, 3), np.uint8)
         for i, (x, y) in enumerate(coords):
-            batch[i] = read_patch(self.slide, self.grid, x, y)
+            batch[i] = self.reader.read_patch(x, y)
         return start, torch.from_numpy(batch)  # (B, S, S, 3) uint8
 
 
@@ -122,13 +151,15 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def default_num_workers(device: torch.device) -> int:
+def default_num_workers(device: torch.device, processes: int = 1) -> int:
     """Loader processes: on a GPU all spare cores (up to 16); on a CPU few or none.
 
     On a CPU the encoder is ~30× slower than the loader and already uses every core, so a loader
     process only competes with it; measured on 2 cores, 0 and 1 workers tie end to end.
+    `processes` extractors on one host (one per GPU under torchrun) share its cores.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = max(1, cores // max(1, processes))
     if device.type == "cuda":
         return min(16, max(1, cores - 1))
     return 0 if cores <= 4 else max(1, cores // 8)
@@ -143,14 +174,15 @@ def _loader_context():
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "cv2", "openslide", __name__])
+    context.set_forkserver_preload(["torch", "cv2", "openslide", "PIL.JpegImagePlugin", __name__])
     return context
 
 
-def patch_loader(slide: Slide, grid: PatchGrid, batch_size: int, num_workers: int, pin_memory: bool = False):
+def patch_loader(slide: Slide, grid: PatchGrid, batch_size: int, num_workers: int, pin_memory: bool = False,
+                 reader: PatchReader | None = None):
     """A DataLoader yielding (start index, uint8 (B, S, S, 3)) batches of one slide's patches."""
     return torch.utils.data.DataLoader(
-        PatchBatches(slide, grid, batch_size), batch_size=None, shuffle=False, num_workers=num_workers,
+        PatchBatches(slide, grid, batch_size, reader), batch_size=None, shuffle=False, num_workers=num_workers,
         pin_memory=pin_memory, worker_init_fn=_worker_init if num_workers else None,
         prefetch_factor=4 if num_workers else None, persistent_workers=False,
         multiprocessing_context=_loader_context() if num_workers else None,
@@ -203,13 +235,17 @@ class FeatureExtractor:
             features = self.model(pixels)
         return features.float().cpu()
 
+    def decoder(self, slide: Slide) -> str:
+        """`openslide` or `dct`: how this slide's patches are decoded (jpeg_tiles.choose_decoder)."""
+        return choose_decoder(slide, self.config.patch_size, self.config.target_mpp, self.config.decoder)
+
     def settings(self, slide: Slide) -> dict:
         """The attributes that identify how a features file was made (see features.SETTINGS_ATTRS)."""
         return {
             "encoder": self.encoder.name, "encoder_weights_sha256": self.encoder.weights_sha256,
             "encoder_weights": self.encoder.weights_source, "stain_norm": self.config.stain_norm,
             "patch_size": self.config.patch_size, "target_mpp": self.config.target_mpp, "level0_mpp": slide.mpp,
-            "min_tissue": self.config.min_tissue, "precision": self.precision,
+            "min_tissue": self.config.min_tissue, "precision": self.precision, "decoder": self.decoder(slide),
             "tissue_config": json.dumps(self.config.tissue.to_dict(), sort_keys=True),
             "slide_fingerprint": slide.fingerprint(), "version": FORMAT_VERSION,
         }
@@ -222,9 +258,13 @@ class FeatureExtractor:
 
     def iter_features(self, slide: Slide, grid: PatchGrid) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (start index, float32 (B, D) features) batch by batch."""
-        loader = patch_loader(slide, grid, self.config.batch_size, self.num_workers, self.device.type == "cuda")
-        for start, patches in loader:
-            yield start, self.encode(patches)
+        reader = patch_reader(slide, grid, self.decoder(slide))
+        loader = patch_loader(slide, grid, self.config.batch_size, self.num_workers, self.device.type == "cuda", reader)
+        try:
+            for start, patches in loader:
+                yield start, self.encode(patches)
+        finally:
+            reader.close()
 
     def extract(self, slide: Slide, out_dir: str | Path, progress: ProgressFn | None = None,
                 prepared: tuple[TissueMask, PatchGrid] | None = None) -> SlideResult:

@@ -24,8 +24,10 @@ FORMAT_VERSION = 1
 # Attributes that must match for an existing file to be reused instead of re-extracted.
 SETTINGS_ATTRS = (
     "encoder", "encoder_weights_sha256", "stain_norm", "patch_size", "target_mpp", "level0_mpp", "min_tissue",
-    "tissue_config", "precision", "slide_fingerprint", "version",
+    "tissue_config", "precision", "decoder", "slide_fingerprint", "version",
 )
+# What a file written before an attribute existed was made with (every file before `decoder` used OpenSlide).
+SETTINGS_DEFAULTS = {"decoder": "openslide"}
 
 
 @dataclass
@@ -151,7 +153,8 @@ def settings_match(path: Path, expected: dict) -> bool:
     except FeaturesError:
         logger.warning("%s is unreadable; it will be extracted again.", path)
         return False
-    differing = [k for k in SETTINGS_ATTRS if k in expected and str(attrs.get(k)) != str(expected[k])]
+    differing = [k for k in SETTINGS_ATTRS
+                 if k in expected and str(attrs.get(k, SETTINGS_DEFAULTS.get(k))) != str(expected[k])]
     if differing:
         logger.warning("%s was made with other settings (%s); it will be extracted again.", path, ", ".join(differing))
     return not differing

@@ -171,16 +171,121 @@ def write_pyramidal_tiff(
 def make_synthetic_slide(
     path: str | Path, tissue: str = "tumor", size: tuple[int, int] = (4096, 4096), mpp: float = 0.25,
     seed: int = 0, *, coverage: float = 0.55, blank: bool = False, downsample: int = 4,
-    write_mpp: bool = True,
+    write_mpp: bool = True, aperio: bool = False, repeat: tuple[int, int] = (1, 1),
 ) -> Path:
     """Render a synthetic slide of one tissue class and write it as a pyramidal TIFF.
 
     `write_mpp=False` omits the resolution tags, giving a slide without µm/px (for the error path).
+    `aperio=True` writes an Aperio-like SVS instead (`write_aperio_svs`; `repeat` tiles the
+    rendered `size` into a larger slide there).
     """
     image = render_synthetic_image(tissue, size, mpp, seed, coverage, blank)
+    if aperio:
+        return write_aperio_svs(path, image, mpp, downsample=downsample, repeat=repeat)
+    if repeat != (1, 1):
+        raise ValueError("repeat is only supported with aperio=True")
     if write_mpp:
         return write_pyramidal_tiff(path, image, mpp, downsample=downsample)
     return _write_without_resolution(Path(path), image)
+
+
+def write_aperio_svs(
+    path: str | Path, image: np.ndarray, mpp: float, *, tile: int = 256, downsample: int = 4,
+    min_level_size: int = 512, quality: int = 70, repeat: tuple[int, int] = (1, 1),
+) -> Path:
+    """Write `image` as an Aperio-like SVS pyramid that OpenSlide opens with its Aperio driver.
+
+    Like Aperio scanners: JPEG tiles in RGB colour space (no YCbCr conversion, 4:4:4), the
+    quantisation and Huffman tables stored once in the JPEGTables tag, abbreviated tile streams
+    without any colour-space marker (a reader must go by the Photometric tag), and an
+    `Aperio …|AppMag = …|MPP = …` description. `repeat=(rx, ry)` lays the image out rx × ry times,
+    encoding each distinct tile once: a large 40× slide in seconds, for benchmarks.
+    """
+    import tifffile
+
+    path, (rx, ry) = Path(path), repeat
+    block = image
+    if rx < 1 or ry < 1 or (repeat != (1, 1) and (block.shape[0] % tile or block.shape[1] % tile)):
+        raise ValueError(f"repeat {repeat} needs positive counts and an image whose sides are multiples of {tile}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    width0, height0 = block.shape[1] * rx, block.shape[0] * ry
+    magnification = 40 if mpp < 0.375 else 20
+    description = (f"Aperio Image Library v12.0.15 \r\n{width0}x{height0} [0,0 {width0}x{height0}] ({tile}x{tile}) "
+                   f"JPEG/RGB Q={quality}|AppMag = {magnification}|MPP = {mpp:.4f}|Filename = synthetic")
+    tables: bytes | None = None
+    with tifffile.TiffWriter(tmp, bigtiff=block.nbytes * rx * ry > 2**31) as tif:
+        for level in range(64):
+            if level and min(block.shape[:2]) * min(rx, ry) // downsample < min_level_size:
+                break
+            if level:
+                size = (block.shape[1] // downsample, block.shape[0] // downsample)
+                block = cv2.resize(block, size, interpolation=cv2.INTER_AREA)
+            if block.shape[0] % tile or block.shape[1] % tile:  # a small level: lay it out whole
+                block, rx, ry = np.tile(block, (ry, rx, 1)), 1, 1
+            tiles, level_tables = _abbreviated_jpeg_tiles(block, tile, quality)
+            if tables is not None and level_tables != tables:
+                raise RuntimeError("JPEG tables differ between levels; the encoder changed its defaults")
+            tables = level_tables
+            shape = (block.shape[0] * ry, block.shape[1] * rx, 3)
+            across, down = -(-block.shape[1] // tile), -(-block.shape[0] // tile)
+            order = (tiles[(ty % down) * across + tx % across]
+                     for ty in range(down * ry) for tx in range(across * rx))
+            tif.write(order, shape=shape, dtype=np.uint8, tile=(tile, tile), photometric="rgb",
+                      compression="jpeg", compressionargs={"outcolorspace": "RGB"}, jpegtables=tables,
+                      subfiletype=0 if level == 0 else 1, description=description if level == 0 else None,
+                      metadata=None, resolution=(1e4 / mpp / downsample**level,) * 2, resolutionunit="CENTIMETER")
+    tmp.replace(path)
+    return path
+
+
+def _abbreviated_jpeg_tiles(image: np.ndarray, tile: int, quality: int) -> tuple[list[bytes], bytes]:
+    """Encode `image` tile by tile; return the abbreviated tile streams and the shared tables stream.
+
+    Standard Huffman tables and one quality give every tile the same tables, so they are stored
+    once (SOI DQT DHT EOI) and each tile keeps only SOF, SOS and its scan, as Aperio writes them.
+    """
+    import imagecodecs
+
+    height, width = image.shape[:2]
+    padded = np.pad(image, ((0, -height % tile), (0, -width % tile), (0, 0)), mode="edge")
+    streams, tables = [], None
+    for top in range(0, height, tile):
+        for left in range(0, width, tile):
+            encoded = imagecodecs.jpeg8_encode(padded[top : top + tile, left : left + tile], level=quality,
+                                               colorspace="RGB", outcolorspace="RGB", subsampling="444",
+                                               optimize=False)
+            tile_tables, abbreviated = _split_jpeg_tables(bytes(encoded))
+            if tables is not None and tile_tables != tables:
+                raise RuntimeError("JPEG tables differ between tiles; cannot share one JPEGTables tag")
+            tables = tile_tables
+            streams.append(abbreviated)
+    return streams, tables
+
+
+def _split_jpeg_tables(stream: bytes) -> tuple[bytes, bytes]:
+    """A full JPEG → (SOI DQT DHT EOI tables, SOI SOF SOS-and-scan tile) with neutral component ids.
+
+    APPn markers (JFIF, Adobe) are dropped and the 'R','G','B' component ids libjpeg writes for RGB
+    JPEGs become 1, 2, 3, so nothing inside the stream says it is RGB — as in Aperio files.
+    """
+    tables, frame, position = [], [], 2
+    while True:
+        marker = stream[position + 1]
+        length = int.from_bytes(stream[position + 2 : position + 4], "big")
+        segment = bytearray(stream[position : position + 2 + length])
+        if marker in (0xDB, 0xC4):  # DQT, DHT
+            tables.append(bytes(segment))
+        elif marker == 0xC0:  # SOF0: 3 bytes per component after 10 bytes of header
+            for i in range(segment[9]):
+                segment[10 + 3 * i] = i + 1
+            frame.append(bytes(segment))
+        elif marker == 0xDA:  # SOS: 2 bytes per component after 5 bytes of header; the scan follows
+            for i in range(segment[4]):
+                segment[5 + 2 * i] = i + 1
+            return (b"\xff\xd8" + b"".join(tables) + b"\xff\xd9",
+                    b"\xff\xd8" + b"".join(frame) + bytes(segment) + stream[position + 2 + length :])
+        position += 2 + length
 
 
 def _write_without_resolution(path: Path, image: np.ndarray) -> Path:
