@@ -1,15 +1,14 @@
 """The batch job: resume, skip, locks and bad slides."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from chatexaonepath.errors import SlideError
-from chatexaonepath.vision_tower.batch import SlideLock, extract_slides
+from chatexaonepath.vision_tower.batch import ErrorsLog, SlideLock, extract_slides
 from chatexaonepath.vision_tower.extraction import ExtractConfig, FeatureExtractor
 from chatexaonepath.vision_tower.features import read_features
-
-
 
 
 def test_rerun_skips_done_slides_and_redoes_changed_settings(slides, tmp_path, extractor, tiny_encoder):
@@ -100,3 +99,45 @@ def test_duplicate_slide_ids_are_rejected(slides, tmp_path, extractor):
     (other / "tumor.tiff").write_bytes(slides["tumor"].read_bytes())
     with pytest.raises(ChatEXAONEPathError, match="share the id"):
         extract_slides([slides["tumor"], other / "tumor.tiff"], tmp_path / "o", extractor.config, extractor=extractor)
+
+
+def test_a_fixed_slide_loses_its_old_error(slides, tmp_path, extractor):
+    slide = tmp_path / "in" / "case7.tiff"
+    slide.parent.mkdir()
+    slide.write_text("scanner crashed while writing\n" * 50)
+    extract_slides([slide], tmp_path / "out", extractor.config, extractor=extractor)
+    assert len((tmp_path / "out" / "errors.jsonl").read_text().splitlines()) == 1
+    slide.write_bytes(slides["tumor"].read_bytes())  # rescanned
+    summary = extract_slides([slide, slides["text_as_svs"]], tmp_path / "out", extractor.config, extractor=extractor)
+    assert [r.status for r in summary.results] == ["extracted", "failed"]
+    errors = [json.loads(line) for line in summary.errors_file.read_text().splitlines()]
+    assert [e["slide"] for e in errors] == [str(slides["text_as_svs"])]
+
+
+def _append_failures(path, prefix: str, count: int) -> None:
+    log = ErrorsLog(path)
+    for i in range(count):
+        log.append(Path(f"/{prefix}/{i}.svs"), f"failure {i}")
+
+
+def test_errors_log_loses_no_record_while_another_process_compacts(tmp_path):
+    """Several appending processes and a compacting one: every failure is still there at the end."""
+    import multiprocessing
+
+    path = tmp_path / "errors.jsonl"
+    context = multiprocessing.get_context("fork")  # the target only writes files: no threads to copy
+    writers = [context.Process(target=_append_failures, args=(path, f"w{w}", 300)) for w in range(3)]
+    for writer in writers:
+        writer.start()
+    log, compactions = ErrorsLog(path), 0
+    while any(w.is_alive() for w in writers) or compactions == 0:
+        log.compact()
+        compactions += 1
+    for writer in writers:
+        writer.join()
+        assert writer.exitcode == 0
+    log.compact()
+    assert len(log.failures()) == 900 and len(path.read_text().splitlines()) == 900
+    log.append(Path("/w0/7.svs"), None)  # cleared
+    log.compact()
+    assert "/w0/7.svs" not in log.failures() and len(log.failures()) == 899

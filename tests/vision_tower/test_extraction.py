@@ -10,7 +10,8 @@ from chatexaonepath.vision_tower.slide import open_slide
 from chatexaonepath.vision_tower.tissue import segment_tissue
 
 CONTRACT_ATTRS = {"patch_size", "patch_size_level0", "target_mpp", "level0_mpp", "level0_width", "level0_height",
-                  "encoder", "encoder_weights_sha256", "stain_norm", "slide_fingerprint", "version", "precision"}
+                  "encoder", "encoder_weights_sha256", "stain_norm", "slide_fingerprint", "version", "precision",
+                  "decoder"}
 
 
 
@@ -37,13 +38,14 @@ def test_features_equal_direct_encoding(slides, tmp_path, extractor):
     """The pipeline's features are the encoder applied to the patches it says it read."""
     import torch
 
-    from chatexaonepath.vision_tower.patching import read_patch
+    from chatexaonepath.vision_tower.extraction import patch_reader
 
     extract_slides([slides["stroma"]], tmp_path, extractor.config, extractor=extractor)
     bag = read_features(tmp_path / "stroma.h5")
     with open_slide(slides["stroma"]) as slide:
         _, grid = extractor.prepare(slide)
-        patches = torch.from_numpy(np.stack([read_patch(slide, grid, x, y) for x, y in bag.coords[:3].tolist()]))
+        reader = patch_reader(slide, grid, bag.attrs["decoder"])
+        patches = torch.from_numpy(np.stack([reader.read_patch(x, y) for x, y in bag.coords[:3].tolist()]))
     direct = extractor.encode(patches)
     np.testing.assert_allclose(bag.features[:3].float().numpy(), direct.numpy(), atol=2e-2, rtol=2e-2)
 
@@ -54,6 +56,7 @@ def test_worker_processes_give_the_same_features(slides, tmp_path, tiny_encoder)
     config0 = ExtractConfig(encoder=tiny_encoder.name, batch_size=5, num_workers=0)
     extract_slides([slides["tumor"]], tmp_path / "s", config0, extractor=FeatureExtractor(config0, tiny_encoder))
     a, b = read_features(tmp_path / "w" / "tumor.h5"), read_features(tmp_path / "s" / "tumor.h5")
+    assert a.attrs["decoder"] == b.attrs["decoder"] == "dct"  # the tile reader pickles into the workers
     assert a.coords.tolist() == b.coords.tolist()
     np.testing.assert_allclose(a.features.float().numpy(), b.features.float().numpy(), atol=1e-2)
 
