@@ -27,3 +27,15 @@ class EncoderError(ChatEXAONEPathError):
 
 class FeaturesError(ChatEXAONEPathError):
     """A features file is missing, malformed or was written with other settings."""
+
+
+class BudgetExceededError(SlideError):
+    """An input is bigger than a configured budget (pixels, patches, zip members, disk); the message names both."""
+
+
+class OutsideReferenceError(SlideError):
+    """A slide names a file outside its own folder (a `.vms` image, a MIRAX data file, a linked DICOM file)."""
+
+
+class ServerBusyError(ChatEXAONEPathError):
+    """The app is at its limit of live sessions or of requests per minute; try again later."""

@@ -12,11 +12,15 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ..errors import NoTissueError
+from ..errors import BudgetExceededError, NoTissueError, SlideError
 from .slide import Slide
 from .tissue import TissueMask
 
 logger = logging.getLogger(__name__)
+
+# Patches enlarged more than this from a coarse scan carry no detail the encoder was trained on.
+MAX_UPSAMPLE = 4.0
+GRID_BAND_CELLS = 1 << 20  # grid cells scored at once while counting patches against the budget
 
 
 @dataclass
@@ -38,13 +42,23 @@ class PatchGrid:
 
 def patch_grid(
     slide: Slide, tissue: TissueMask, patch_size: int = 256, mpp: float = 0.5, min_tissue: float = 0.25,
+    max_patches: int | None = None,
 ) -> PatchGrid:
-    """Lay a grid of `patch_size`-px patches at `mpp` µm/px over the slide; keep those ≥ `min_tissue`."""
+    """Lay a grid of `patch_size`-px patches at `mpp` µm/px over the slide; keep those ≥ `min_tissue`.
+
+    More than `max_patches` kept patches (default: the slide's `limits.max_patches`) raises
+    `BudgetExceededError` before any patch is read; the grid is scanned in bands, so its memory
+    never exceeds a band plus the patches kept.
+    """
     if patch_size < 16:
         raise ValueError(f"patch_size must be at least 16 px, got {patch_size}")
     if not 0.0 <= min_tissue <= 1.0:
         raise ValueError(f"min_tissue is a fraction in [0, 1], got {min_tissue}")
     scale = mpp / slide.mpp
+    if scale * MAX_UPSAMPLE < 1:
+        raise SlideError(f"{slide.path} is scanned at {slide.mpp:.3g} µm/px, more than {MAX_UPSAMPLE:g}× coarser "
+                         f"than the patches' {mpp:g} µm/px: each patch would be enlarged from "
+                         f"{patch_size * scale:.0f} px; check the slide's µm/px.")
     if scale < 0.9:
         logger.warning("%s is scanned at %.3g µm/px, coarser than the target %.3g: patches are upsampled.",
                        slide.slide_id, slide.mpp, mpp)
@@ -55,17 +69,16 @@ def patch_grid(
     if len(xs) == 0 or len(ys) == 0:
         raise NoTissueError(f"{slide.path} ({width0}×{height0} px) is smaller than one patch "
                             f"({size0} px at level 0).")
-    grid_x, grid_y = np.meshgrid(xs, ys)
-    coords = np.stack([grid_x.ravel(), grid_y.ravel()], axis=1)
-    fraction = _tissue_fraction(tissue, coords, size0, (width0, height0))
-    keep = fraction >= max(min_tissue, 1e-6)
-    if not keep.any():
+    if max_patches is None:
+        max_patches = getattr(getattr(slide, "limits", None), "max_patches", None)
+    coords, fraction = _tissue_patches(slide, tissue, xs, ys, size0, max(min_tissue, 1e-6), max_patches, mpp)
+    if not len(coords):
         raise NoTissueError(f"No patch of {slide.path} has at least {min_tissue:.0%} tissue; "
                             "lower --min-tissue or check the tissue mask thumbnail.")
     logger.info("%s: %d of %d grid patches kept (%d px at %.3g µm/px = %d px at level %d)",
-                slide.slide_id, keep.sum(), len(coords), patch_size, mpp, read_size, read_level)
+                slide.slide_id, len(coords), len(xs) * len(ys), patch_size, mpp, read_size, read_level)
     return PatchGrid(
-        coords=coords[keep], tissue_fraction=fraction[keep].astype(np.float32), patch_size=patch_size,
+        coords=coords, tissue_fraction=fraction, patch_size=patch_size,
         patch_size_level0=size0, target_mpp=mpp, level0_mpp=slide.mpp, read_level=read_level,
         read_size=read_size,
     )
@@ -79,12 +92,42 @@ def read_geometry(slide: Slide, patch_size: int, mpp: float) -> tuple[int, int, 
     return size0, read_level, max(1, int(round(size0 / slide.level_downsamples[read_level])))
 
 
-def _tissue_fraction(tissue: TissueMask, coords: np.ndarray, size0: int, dims0: tuple[int, int]) -> np.ndarray:
+def _tissue_patches(slide: Slide, tissue: TissueMask, xs: np.ndarray, ys: np.ndarray, size0: int,
+                    min_tissue: float, max_patches: int | None, mpp: float) -> tuple[np.ndarray, np.ndarray]:
+    """Coords (K, 2) and tissue fractions (K,) of the grid patches with enough tissue, band by band.
+
+    Stops as soon as more than `max_patches` are kept: a crafted size or µm/px cannot make this
+    allocate the whole grid (a 100k² image at 50 µm/px would need 17.8 GB of coordinates).
+    """
+    dims0 = slide.dimensions
+    integral = cv2.integral(tissue.mask.astype(np.uint8))  # int32 is exact: a mask has < 2³¹ pixels
+    rows_per_band = max(1, GRID_BAND_CELLS // len(xs))
+    kept_coords, kept_fraction, kept = [], [], 0
+    for top in range(0, len(ys), rows_per_band):
+        band_x, band_y = np.meshgrid(xs, ys[top:top + rows_per_band])
+        coords = np.stack([band_x.ravel(), band_y.ravel()], axis=1)
+        fraction = _tissue_fraction(tissue, coords, size0, dims0, integral)
+        keep = fraction >= min_tissue
+        kept_coords.append(coords[keep])
+        kept_fraction.append(fraction[keep].astype(np.float32))
+        kept += int(keep.sum())
+        if max_patches and kept > max_patches:
+            scanned = min(len(ys), top + rows_per_band) * len(xs)
+            estimate = kept * len(xs) * len(ys) / scanned
+            raise BudgetExceededError(
+                f"{slide.path} has about {estimate:,.0f} tissue patches at {mpp:g} µm/px, more than the "
+                f"{max_patches:,} allowed per slide (--max-patches-per-slide); check its µm/px "
+                f"({slide.mpp:.3g}) or raise the limit.")
+    return np.concatenate(kept_coords), np.concatenate(kept_fraction)
+
+
+def _tissue_fraction(tissue: TissueMask, coords: np.ndarray, size0: int, dims0: tuple[int, int],
+                     integral: np.ndarray | None = None) -> np.ndarray:
     """Tissue share of each patch footprint, from a summed-area table of the mask (O(1) per patch)."""
-    mask = tissue.mask.astype(np.uint8)
-    mask_h, mask_w = mask.shape
+    mask_h, mask_w = tissue.mask.shape
     sx, sy = mask_w / dims0[0], mask_h / dims0[1]
-    integral = cv2.integral(mask).astype(np.int64)  # (H+1, W+1)
+    if integral is None:
+        integral = cv2.integral(tissue.mask.astype(np.uint8))  # (H+1, W+1) int32
     x0 = np.clip(np.floor(coords[:, 0] * sx).astype(np.int64), 0, mask_w)
     y0 = np.clip(np.floor(coords[:, 1] * sy).astype(np.int64), 0, mask_h)
     x1 = np.clip(np.ceil((coords[:, 0] + size0) * sx).astype(np.int64), 0, mask_w)

@@ -1,7 +1,9 @@
-"""Opening whole-slide images: every format OpenSlide reads, plus plain PNG/JPEG, with a known µm/px.
+"""Opening whole-slide images: every format OpenSlide reads, plus plain PNG/JPEG and flat TIFFs, with a known µm/px.
 
 `open_slide` is the only entry point; it turns every way a file can be wrong into a `SlideError`
-with one sentence, so no raw OpenSlide traceback ever reaches a user.
+with one sentence, so no raw OpenSlide traceback ever reaches a user. Before anything is decoded it
+checks the slide against its `SlideLimits` (pixels decoded at once; the patch budget is checked by
+`patch_grid`) and that every file the format names lies inside the slide's own folder.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ import hashlib
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import MissingMppError, SlideError
+from ..errors import BudgetExceededError, MissingMppError, SlideError
+from .images import PlainImage, TiffSegments, megapixels, sniff
+from .references import check_references
 
 logger = logging.getLogger(__name__)
 
@@ -24,10 +29,33 @@ SLIDE_SUFFIXES = (
     ".dcm", ".png", ".jpg", ".jpeg",
 )
 PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-# Plausible µm/px for microscopy; outside it the number is a screen DPI or a unit mix-up.
-MPP_RANGE = (0.05, 50.0)
+# Plausible level-0 µm/px for microscopy: from beyond 80× (0.1) down to a 1× overview (10). Outside
+# it the number is a screen DPI, a unit mix-up or a crafted tag (50 µm/px would turn a small image
+# into a hundred thousand upsampled patches).
+MPP_RANGE = (0.05, 10.0)
 # Largest level read in one piece for thumbnails and segmentation (~64 MB as RGBA).
 STRIP_PIXELS = 16 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 1_000_000_000
+DEFAULT_MAX_PATCHES = 200_000
+
+
+@dataclass(frozen=True)
+class SlideLimits:
+    """Budgets checked before the work starts, so memory and time depend on them, not on the file.
+
+    `max_pixels`: the most pixels decoded in one piece — a whole PNG/JPEG, one strip or tile of a
+    TIFF or of any OpenSlide format. `max_patches`: the most tissue patches one slide may have
+    (checked by `patch_grid` from the grid, before any patch is read).
+    """
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_patches: int = DEFAULT_MAX_PATCHES
+
+    def __post_init__(self) -> None:
+        if self.max_pixels < 1_000_000:
+            raise SlideError(f"--max-pixels must be at least 1,000,000, got {self.max_pixels:,}.")
+        if self.max_patches < 1:
+            raise SlideError(f"--max-patches-per-slide must be at least 1, got {self.max_patches:,}.")
 
 
 class Slide:
@@ -37,10 +65,12 @@ class Slide:
     The object pickles by path, so DataLoader workers reopen the file in their own process.
     """
 
-    def __init__(self, path: Path, mpp: float, mpp_source: str, handle: object) -> None:
+    def __init__(self, path: Path, mpp: float, mpp_source: str, handle: object,
+                 limits: SlideLimits | None = None) -> None:
         self.path = path
         self.mpp = mpp
         self.mpp_source = mpp_source
+        self.limits = limits or SlideLimits()
         self._handle = handle
         self._pid = os.getpid()
 
@@ -58,7 +88,7 @@ class Slide:
             self._handle = None
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "mpp": self.mpp, "mpp_source": self.mpp_source}
+        return {"path": self.path, "mpp": self.mpp, "mpp_source": self.mpp_source, "limits": self.limits}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -69,7 +99,7 @@ class Slide:
     def handle(self):  # openslide.AbstractSlide
         """The OpenSlide handle, reopened lazily after a fork or unpickling."""
         if self._handle is None or self._pid != os.getpid():
-            self._handle = _open_handle(self.path)
+            self._handle = _open_handle(self.path, self.limits)
             self._pid = os.getpid()
         return self._handle
 
@@ -116,11 +146,11 @@ class Slide:
         import openslide
 
         try:
-            rgba = np.asarray(self.handle.read_region(location, level, size))
-        except (openslide.OpenSlideError, OSError, ValueError) as e:
+            pixels = np.asarray(self.handle.read_region(location, level, size))
+        except (openslide.OpenSlideError, OSError, ValueError, RuntimeError) as e:  # RuntimeError: TIFF codecs
             raise SlideError(f"Could not read {self.path} at {location}, level {level}: {e} "
                              "(the file is probably corrupt or truncated).") from e
-        return rgba_to_rgb(rgba)
+        return pixels if pixels.shape[-1] == 3 else rgba_to_rgb(pixels)
 
     def read_level(self, level: int) -> np.ndarray:
         """Read a whole pyramid level as RGB uint8."""
@@ -182,10 +212,9 @@ def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def _open_handle(path: Path):
-    """Open `path` with OpenSlide, or Pillow for plain images; every failure becomes SlideError."""
+def _open_handle(path: Path, limits: SlideLimits):
+    """Open `path` with OpenSlide, or as a flat TIFF or plain image; every failure becomes SlideError."""
     import openslide
-    from PIL import Image, UnidentifiedImageError
 
     target = _dicom_file(path) if path.is_dir() else path
     try:
@@ -194,23 +223,36 @@ def _open_handle(path: Path):
         raise SlideError(f"Could not read {path}: {e}.") from e
     try:
         if fmt is not None:
-            return openslide.OpenSlide(str(target))
-        # Whole-slide formats are all detected above; anything else must be a plain image.
-        Image.MAX_IMAGE_PIXELS = None  # large PNG/JPEG exports are legitimate here
-        with Image.open(target) as probe:
-            mode = probe.mode
-            probe.verify()
-        if mode in ("L", "LA", "1"):  # tissue is found by colour saturation: grey has none
-            raise SlideError(f"{path} is a greyscale image; a colour (RGB) H&E image is needed.")
-        if mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
-            # 16-bit and float images would be clipped to white by the 8-bit RGB conversion.
-            raise SlideError(f"{path} is a {mode} image; convert it to 8-bit RGB (e.g. PNG or JPEG) first.")
-        return openslide.ImageSlide(str(target))
-    except UnidentifiedImageError as e:
-        raise SlideError(f"{path} is not a slide or image that OpenSlide or Pillow can read "
-                         f"(unsupported format, or not an image at all).") from e
+            handle = openslide.OpenSlide(str(target))
+            try:
+                _check_tile_pixels(handle, path, limits)
+            except BaseException:
+                handle.close()
+                raise
+            return handle
+        # Whole-slide formats are all detected above; anything else must be a flat TIFF or a plain
+        # image. Only PNG and JPEG: Pillow's other decoders (EPS runs Ghostscript) are not for uploads.
+        kind = sniff(target)
+        if kind == "tiff":
+            return TiffSegments(target, limits.max_pixels)
+        if kind in ("png", "jpeg"):
+            return PlainImage(target, kind, limits.max_pixels)
     except (openslide.OpenSlideError, OSError, SyntaxError, ValueError) as e:
         raise SlideError(f"Could not open {path}: {e} (the file is probably corrupt or truncated).") from e
+    raise SlideError(f"{path} is not a slide or image that OpenSlide or Pillow can read "
+                     f"(unsupported format, or not an image at all).")
+
+
+def _check_tile_pixels(handle, path: Path, limits: SlideLimits) -> None:
+    """OpenSlide decodes a whole tile to read any part of it: a crafted giant tile is a bomb too."""
+    props = handle.properties
+    for level in range(handle.level_count):
+        width, height = _floats([props.get(f"openslide.level[{level}].tile-width"),
+                                 props.get(f"openslide.level[{level}].tile-height")]) or (0, 0)
+        if width * height > limits.max_pixels:
+            raise BudgetExceededError(
+                f"{path} has {int(width):,}×{int(height):,}-pixel tiles at level {level}, more than the "
+                f"{megapixels(limits.max_pixels)} megapixels allowed in one piece (--max-pixels).")
 
 
 def _dicom_file(folder: Path) -> Path:
@@ -231,8 +273,8 @@ def _metadata_mpp(handle, path: Path) -> float | None:
         mpps = _floats([props.get("aperio.MPP")])
     if not mpps:
         mpps = _tiff_resolution_mpp(props)
-    if not mpps and isinstance(handle, openslide.ImageSlide):
-        mpps = _image_dpi_mpp(path)
+    if not mpps and isinstance(handle, PlainImage):
+        mpps = _image_dpi_mpp(handle)
     mpps = [m for m in mpps if math.isfinite(m) and MPP_RANGE[0] <= m <= MPP_RANGE[1]]
     if not mpps:
         return None
@@ -261,33 +303,36 @@ def _tiff_resolution_mpp(props) -> list[float]:
     return [per_um / res[0]]
 
 
-def _image_dpi_mpp(path: Path) -> list[float]:
+def _image_dpi_mpp(image: PlainImage) -> list[float]:
     # PNG/JPEG carry a DPI; most writers put a screen default there (72 → 353 µm/px), which
     # MPP_RANGE rejects, so only a DPI that was clearly set for microscopy is used.
-    from PIL import Image
-
-    with Image.open(path) as image:
-        dpi = image.info.get("dpi")
+    dpi = image.info.get("dpi")
     if not dpi or not dpi[0]:
         return []
     return [25400.0 / float(dpi[0])]
 
 
-def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
-    """Open a whole-slide image (any OpenSlide format, a DICOM folder, or PNG/JPEG).
+def open_slide(path: str | os.PathLike, mpp: float | None = None, *, limits: SlideLimits | None = None,
+               root: str | os.PathLike | None = None) -> Slide:
+    """Open a whole-slide image (any OpenSlide format, a DICOM folder, a flat TIFF, or PNG/JPEG).
 
     `mpp` overrides the level-0 µm/px in the slide's metadata; it is required when the metadata
-    has none. Every failure raises `SlideError` (`MissingMppError` for a missing µm/px).
+    has none. `limits` bounds what is decoded at once (and carries the patch budget to
+    `patch_grid`); every file the slide names must resolve inside `root` (default: the slide's own
+    folder). Every failure raises `SlideError` (`MissingMppError` for a missing µm/px,
+    `BudgetExceededError` past a limit, `OutsideReferenceError` for a file outside `root`).
     """
     path = Path(path).expanduser()
+    limits = limits or SlideLimits()
     if not path.exists():
         raise SlideError(f"Slide file not found: {path}.")
     if path.is_file() and path.stat().st_size == 0:
         raise SlideError(f"{path} is an empty file.")
     if mpp is not None and not (math.isfinite(mpp) and MPP_RANGE[0] <= mpp <= MPP_RANGE[1]):
-        raise SlideError(f"--mpp {mpp} is not a plausible µm/px (expected {MPP_RANGE[0]}–{MPP_RANGE[1]}, "
+        raise SlideError(f"--mpp {mpp} is not a plausible µm/px (expected {MPP_RANGE[0]}–{MPP_RANGE[1]:g}, "
                          "e.g. 0.25 for a 40× scan, 0.5 for 20×).")
-    handle = _open_handle(path)
+    check_references(path, Path(root) if root is not None else None)  # before OpenSlide reads anything
+    handle = _open_handle(path, limits)
     try:
         found = _metadata_mpp(handle, path)
         _check_readable(handle, path)
@@ -297,25 +342,31 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
     if mpp is not None:
         if found is not None and abs(found - mpp) > 0.05 * found:
             logger.warning("%s: --mpp %.4g overrides %.4g µm/px from the metadata.", path, mpp, found)
-        return Slide(path, float(mpp), "override", handle)
+        return Slide(path, float(mpp), "override", handle, limits)
     if found is None:
         handle.close()
         raise MissingMppError(
             f"{path} does not record its resolution (µm per pixel); pass it with --mpp "
             "(e.g. --mpp 0.25 for a 40× scan, --mpp 0.5 for 20×)."
         )
-    return Slide(path, found, "metadata", handle)
+    return Slide(path, found, "metadata", handle, limits)
 
 
 def _check_readable(handle, path: Path) -> None:
-    """Decode a small corner of the coarsest level, so corrupt files fail at open, not mid-batch."""
+    """Decode a small corner of the coarsest level, so corrupt files fail at open, not mid-batch.
+
+    A plain PNG/JPEG is decoded whole by any read, so it is left for the first real read (inside
+    the work that is budgeted and queued), not done here.
+    """
     import openslide
 
+    if isinstance(handle, PlainImage):
+        return
     level = handle.level_count - 1
     w, h = handle.level_dimensions[level]
     try:
         handle.read_region((0, 0), level, (min(w, 64), min(h, 64)))
-    except (openslide.OpenSlideError, OSError, ValueError) as e:
+    except (openslide.OpenSlideError, OSError, ValueError, RuntimeError) as e:
         raise SlideError(f"Could not decode {path}: {e} (the file is probably corrupt or truncated).") from e
 
 

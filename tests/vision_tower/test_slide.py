@@ -133,3 +133,227 @@ def test_single_level_slides_are_read_in_strips(tmp_path, monkeypatch):
         strips, ds_strips = slide.read_at_downsample(16)
     assert strips.shape == whole.shape == (96, 128, 3) and ds_whole == ds_strips
     assert np.abs(strips.astype(int) - whole.astype(int)).mean() < 2.0
+
+
+# -- hostile input: budgets checked before anything is decoded -------------------------------------------
+def png_declaring(path, width, height):
+    """A few-hundred-byte PNG whose header declares `width` × `height` RGB pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    row = b"\x00" + b"\xff" * (3 * min(width, 64))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(row * 4))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def jpeg_declaring(path, width, height):
+    """A small JPEG whose frame header is rewritten to declare `width` × `height`."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 120, 170)).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("maker, suffix", [(png_declaring, ".png"), (jpeg_declaring, ".jpg")])
+def test_an_image_bomb_is_refused_from_its_header(tmp_path, maker, suffix):
+    import time
+
+    from PIL import Image
+
+    from chatexaonepath.errors import BudgetExceededError
+
+    bomb = maker(tmp_path / f"bomb{suffix}", 60_000, 60_000)
+    assert bomb.stat().st_size < 2_000
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    started = time.perf_counter()
+    with pytest.raises(BudgetExceededError) as info:
+        open_slide(bomb, mpp=0.5)
+    assert time.perf_counter() - started < 1.0
+    message = str(info.value)
+    assert "3,600 megapixels" in message and "1,000 allowed (--max-pixels)" in message
+    assert Image.MAX_IMAGE_PIXELS == pillow_limit  # Pillow's own guard is never switched off
+
+
+def test_a_plain_image_within_the_budget_reads_and_is_decoded_lazily(tmp_path):
+    from PIL import Image
+
+    from chatexaonepath.errors import BudgetExceededError
+    from chatexaonepath.vision_tower.slide import SlideLimits
+
+    pixels = np.random.default_rng(0).integers(0, 255, (1200, 1000, 3), np.uint8)
+    path = tmp_path / "export.png"
+    Image.fromarray(pixels).save(path)
+    with pytest.raises(BudgetExceededError, match=r"1,000×1,200 = 1.2 megapixels decoded at once \(a PNG is decoded whole\), more than the 1 allowed"):
+        open_slide(path, mpp=0.5, limits=SlideLimits(max_pixels=1_000_000))
+    with open_slide(path, mpp=0.5) as slide:
+        assert slide.handle._decoded is None  # opening read the header only
+        np.testing.assert_array_equal(slide.read_region((990, 1190), 0, (20, 20))[:10, :10], pixels[1190:, 990:])
+        assert (slide.read_region((990, 1190), 0, (20, 20))[10:] == 255).all()  # outside is white
+
+
+def test_a_stripped_tiff_is_read_strip_by_strip(tmp_path):
+    import tifffile
+
+    from chatexaonepath.vision_tower import images
+
+    pixels = np.random.default_rng(1).integers(0, 255, (3000, 2500, 3), np.uint8)
+    path = tmp_path / "flat.tif"
+    tifffile.imwrite(path, pixels, rowsperstrip=8, compression="zlib", resolution=(1e4 / 0.5, 1e4 / 0.5),
+                     resolutionunit="CENTIMETER")
+    with open_slide(path) as slide:
+        assert slide.mpp == pytest.approx(0.5) and slide.dimensions == (2500, 3000) and slide.vendor == "tiff"
+        for x, y in ((0, 0), (1234, 2001), (2400, 2950)):
+            np.testing.assert_array_equal(slide.read_region((x, y), 0, (100, 50)), pixels[y:y + 50, x:x + 100])
+        image, _ = slide.read_at_downsample(8)
+        assert image.shape == (375, 312, 3)
+        cached = sum(s.shape[0] * s.shape[1] for s in slide.handle._cache.values())
+        assert cached <= images.SEGMENT_CACHE_PIXELS  # memory bounded by the cache, not by the image
+
+
+def test_a_tiff_strip_or_tile_larger_than_the_budget_is_refused(tmp_path):
+    import tifffile
+
+    from chatexaonepath.errors import BudgetExceededError
+    from chatexaonepath.vision_tower.slide import SlideLimits
+
+    pixels = np.zeros((1200, 1000, 3), np.uint8)
+    one_strip = tmp_path / "one_strip.tif"
+    tifffile.imwrite(one_strip, pixels)  # the whole image in a single strip
+    tiled = tmp_path / "big_tiles.tif"
+    tifffile.imwrite(tiled, np.zeros((2048, 2048, 3), np.uint8), tile=(2048, 2048))  # OpenSlide's generic TIFF
+    limits = SlideLimits(max_pixels=1_000_000)
+    with pytest.raises(BudgetExceededError, match="one strip"):
+        open_slide(one_strip, mpp=0.5, limits=limits)
+    with pytest.raises(BudgetExceededError, match="2,048×2,048-pixel tiles"):
+        open_slide(tiled, mpp=0.5, limits=limits)
+
+
+def test_implausible_mpp_in_a_tag_counts_as_missing(tmp_path):
+    import tifffile
+
+    path = tmp_path / "coarse.tif"
+    tifffile.imwrite(path, np.full((256, 256, 3), 200, np.uint8), tile=(256, 256),
+                     resolution=(1e4 / 50, 1e4 / 50), resolutionunit="CENTIMETER")  # claims 50 µm/px
+    with pytest.raises(MissingMppError):
+        open_slide(path)
+    with pytest.raises(SlideError, match="plausible"):
+        open_slide(path, mpp=50.0)
+
+
+# -- containment: files a slide names stay inside its folder ------------------------------------------------
+def restartable_jpeg(path):
+    """A JPEG with restart markers, as Hamamatsu VMS image files have."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(2).integers(0, 255, (512, 512, 3), np.uint8)
+    Image.fromarray(pixels).save(path, quality=90, subsampling=0, restart_marker_rows=1)
+    return path
+
+
+def write_vms(path, image_file):
+    path.write_text("[Virtual Microscope Specimen]\nNoLayers=1\nNoJpegColumns=1\nNoJpegRows=1\n"
+                    f"ImageFile={image_file}\nMapFile={image_file}\n")
+    return path
+
+
+def test_a_vms_pointing_outside_its_folder_is_refused_before_openslide_reads(tmp_path):
+    import openslide
+
+    from chatexaonepath.errors import OutsideReferenceError
+
+    upload, elsewhere = tmp_path / "sessions" / "abc", tmp_path / "private"
+    upload.mkdir(parents=True)
+    elsewhere.mkdir()
+    restartable_jpeg(elsewhere / "secret.jpg")
+    restartable_jpeg(upload / "own.jpg")
+    with open_slide(write_vms(upload / "good.vms", "own.jpg"), mpp=0.5) as slide:
+        assert slide.dimensions == (512, 512)
+    hostile = write_vms(upload / "hostile.vms", "../../private/secret.jpg")
+    with openslide.OpenSlide(str(hostile)) as raw:  # what OpenSlide alone does: it reads the outside file
+        assert raw.dimensions == (512, 512)
+    with pytest.raises(OutsideReferenceError, match=r"outside its folder \(ImageFile=../../private/secret.jpg\)"):
+        open_slide(hostile, mpp=0.5)
+    with pytest.raises(OutsideReferenceError):
+        open_slide(write_vms(upload / "absolute.vms", str(elsewhere / "secret.jpg")), mpp=0.5)
+
+
+def test_mirax_data_and_dicom_folders_must_stay_inside(tmp_path):
+    from chatexaonepath.errors import OutsideReferenceError
+
+    secret = tmp_path / "secret.dat"
+    secret.write_bytes(b"private")
+    case = tmp_path / "upload"
+    (case / "slide").mkdir(parents=True)
+    (case / "slide.mrxs").write_text("[GENERAL]\n")
+    (case / "slide" / "Slidedat.ini").write_text("[DATAFILE]\nFILE_COUNT=1\nFILE_0=../../secret.dat\n")
+    with pytest.raises(OutsideReferenceError, match="FILE_0"):
+        open_slide(case / "slide.mrxs", mpp=0.5)
+    (case / "slide" / "Slidedat.ini").write_text("[DATAFILE]\nFILE_COUNT=1\nFILE_0=Data0000.dat\n")
+    (case / "slide" / "Data0000.dat").symlink_to(secret)
+    with pytest.raises(OutsideReferenceError, match="Data0000.dat"):
+        open_slide(case / "slide.mrxs", mpp=0.5)
+    dicom = tmp_path / "dicom"
+    dicom.mkdir()
+    (dicom / "level0.dcm").symlink_to(secret)
+    with pytest.raises(OutsideReferenceError, match="level0.dcm"):
+        open_slide(dicom, mpp=0.5)
+
+
+# -- the patch budget -----------------------------------------------------------------------------------
+def test_the_patch_count_is_checked_before_any_patch_is_read(slides):
+    from chatexaonepath.errors import BudgetExceededError
+    from chatexaonepath.vision_tower.patching import patch_grid
+    from chatexaonepath.vision_tower.slide import SlideLimits
+    from chatexaonepath.vision_tower.tissue import segment_tissue
+
+    with open_slide(slides["tumor"], limits=SlideLimits(max_patches=5)) as slide:
+        tissue = segment_tissue(slide)
+        with pytest.raises(BudgetExceededError, match=r"about \d+ tissue patches .*more than the 5 allowed per slide \(--max-patches-per-slide\)"):
+            patch_grid(slide, tissue)
+        assert len(patch_grid(slide, tissue, max_patches=100)) == 12
+
+
+def test_a_huge_declared_grid_is_refused_in_bounded_memory():
+    """A slide claiming 2M × 2M pixels of tissue: refused after a few bands, never the 15M-cell grid."""
+    import tracemalloc
+    from types import SimpleNamespace
+
+    from chatexaonepath.errors import BudgetExceededError
+    from chatexaonepath.vision_tower.patching import patch_grid
+    from chatexaonepath.vision_tower.slide import SlideLimits
+    from chatexaonepath.vision_tower.tissue import TissueMask
+
+    huge = SimpleNamespace(path="huge.tiff", slide_id="huge", mpp=0.25, dimensions=(2_000_000, 2_000_000),
+                           level_downsamples=[1.0], limits=SlideLimits(),
+                           best_level_for_downsample=lambda downsample: 0)
+    tissue = TissueMask(mask=np.ones((500, 500), bool), downsample=4000.0, contours=[])
+    tracemalloc.start()
+    try:
+        with pytest.raises(BudgetExceededError, match=r"about 15,2\d\d,\d{3} tissue patches at 0.5 µm/px, more than the 200,000 allowed"):
+            patch_grid(huge, tissue)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 150e6  # the whole grid would be 15M × 2 int64 coordinates and more
+
+
+def test_patches_are_not_enlarged_from_a_far_coarser_scan(slides):
+    from chatexaonepath.vision_tower.patching import patch_grid
+    from chatexaonepath.vision_tower.tissue import segment_tissue
+
+    with open_slide(slides["png"], mpp=4.0) as slide:  # 8× coarser than the patches' 0.5 µm/px
+        with pytest.raises(SlideError, match="more than 4× coarser"):
+            patch_grid(slide, segment_tissue(slide))
