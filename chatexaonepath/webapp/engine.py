@@ -1,71 +1,39 @@
-"""What every browser session of the app shares: the model, the patch encoder, the feature cache.
+"""What every browser session of the app shares, and the registry of live sessions.
 
-The model is loaded once per process; each browser session gets its own `WebSession` (its slide,
-its conversation, its private upload folder). A semaphore sized like the Gradio queue's
-concurrency limit guards the model, so work started outside Gradio (the example warm-up, a
-benchmark) queues the same way; a per-slide lock keeps two sessions from extracting one slide at once.
+`AppEngine` is `SharedModel` (shared.py: the model, the patch encoder, the feature cache and their
+locks) plus the sessions: each browser session gets its own `WebSession` (its slide, its
+conversation, its private upload folder). Sessions end when their tab closes, or after
+`session_idle_minutes` without a request (a scripted client never closes a tab); at most
+`max_sessions` live at once, and a visitor beyond that is told the server is busy, while every
+session already open keeps working.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import shutil
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from ..assets import user_cache_dir
-from ..errors import ChatEXAONEPathError
+from ..errors import ServerBusyError
 from ..vision_tower.extraction import ExtractConfig, FeatureExtractor
-from .session import GenerationSettings, WebSession
-from .uploads import GB
+from .config import AppConfig, GenerationSettings
+from .session import WebSession
+from .shared import SharedModel
+
+__all__ = ["AppConfig", "AppEngine", "GenerationSettings", "ModelCard", "describe_model"]
 
 logger = logging.getLogger(__name__)
 
 EXAMPLE_NAME = "synthetic_tumor"
 WORK_DIR_PREFIX = "chatexaonepath-app-"
-
-
-@dataclass
-class AppConfig:
-    """Settings of the chat app (the `chatexaonepath app` options map onto these)."""
-
-    model: str | None = None  # a trained checkpoint folder; None: an untrained tower around `llm`
-    llm: str = "embedded"  # LLM when no checkpoint is given: HF id, path or "embedded"
-    encoder: str | None = None  # None: exaonepath when its weights are found, else random-vit-b16
-    encoder_weights: str | None = None
-    device: str = "auto"
-    max_upload_gb: float = 4.0
-    concurrency: int = 1  # model calls at once (Gradio queue limit and engine semaphore)
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_patches: int = 8
-    example: bool = True  # offer the bundled synthetic slide, its features prepared in the background
-    example_size: int = 6144  # level-0 side of the example at 0.25 µm/px: ~80 patches
-    features_dir: str | None = None  # feature cache; None: the user cache (shared with `chatexaonepath chat`)
-
-    def __post_init__(self) -> None:
-        if not self.max_upload_gb > 0:
-            raise ChatEXAONEPathError(f"--max-upload-gb must be more than 0, got {self.max_upload_gb}.")
-        if self.concurrency < 1:
-            raise ChatEXAONEPathError(f"--concurrency must be at least 1, got {self.concurrency}.")
-        if not 1 <= self.max_new_tokens <= 4096:
-            raise ChatEXAONEPathError(f"--max-new-tokens must be between 1 and 4096, got {self.max_new_tokens}.")
-        if not 0.0 <= self.temperature <= 2.0:
-            raise ChatEXAONEPathError(f"--temperature must be between 0 and 2, got {self.temperature}.")
-        if not 1 <= self.top_patches <= 32:
-            raise ChatEXAONEPathError(f"--top-patches must be between 1 and 32, got {self.top_patches}.")
-        if self.example_size < 2048:  # smaller synthetic slides hold less tissue than segmentation keeps
-            raise ChatEXAONEPathError(f"The example slide must be at least 2048 px wide, got {self.example_size}.")
-
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.max_upload_gb * GB)
+EXPIRED_REMEMBERED = 4096  # ids of ended sessions remembered, to tell a returning tab why its slide is gone
 
 
 @dataclass
@@ -114,16 +82,13 @@ def describe_model(model, extractor: FeatureExtractor, checkpoint: str | None) -
     return ModelCard(llm, encoder_text, tower, lora, warnings)
 
 
-class AppEngine:
+class AppEngine(SharedModel):
     """The shared model, patch encoder and feature cache, and the live browser sessions."""
 
     def __init__(self, model, extractor: FeatureExtractor, config: AppConfig | None = None, *,
                  example_path: str | Path | None = None, work_dir: str | Path | None = None) -> None:
-        self.model, self.extractor = model.eval(), extractor
-        self.config = config or AppConfig()
+        super().__init__(model, extractor, config)
         self.card = describe_model(model, extractor, self.config.model)
-        features_dir = self.config.features_dir
-        self.features_dir = Path(features_dir) if features_dir else user_cache_dir() / "features"
         self.example_path = Path(example_path) if example_path else \
             user_cache_dir() / "examples" / f"{EXAMPLE_NAME}-{self.config.example_size}.tiff"
         if work_dir is None:
@@ -131,14 +96,13 @@ class AppEngine:
             work_dir = tempfile.mkdtemp(prefix=WORK_DIR_PREFIX)  # mode 0700: uploads stay private
             (Path(work_dir) / "pid").write_text(str(os.getpid()))
         self.work_dir = Path(work_dir)
-        self.default_settings = GenerationSettings(self.config.temperature, self.config.max_new_tokens,
-                                                   model.config.system_prompt)
-        self._model_slot = threading.Semaphore(self.config.concurrency)
         self._sessions: dict[str, WebSession] = {}
-        self._lock = threading.Lock()
-        self._slide_locks: dict[str, threading.Lock] = {}
+        self._expired: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._example_lock = threading.Lock()
         self.example_ready = threading.Event()
+        self._closing = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="session-expiry", daemon=True)
+        self._reaper.start()
 
     @classmethod
     def load(cls, config: AppConfig) -> "AppEngine":
@@ -156,13 +120,37 @@ class AppEngine:
 
     # -- sessions ----------------------------------------------------------------------------------------
     def session(self, session_id: str) -> WebSession:
-        """The session of one browser tab, created on first use."""
+        """The session of one browser tab, created on first use; every call counts as activity.
+
+        Raises `ServerBusyError` when `max_sessions` are live and none has expired.
+        """
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None:
+                session.touch()
+                return session
+        self.expire_idle()
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None:
-                session = WebSession(self, self.work_dir / "sessions" / f"{len(self._sessions)}-{os.urandom(6).hex()}")
+                if len(self._sessions) >= self.config.max_sessions:
+                    raise ServerBusyError(
+                        f"The server is busy: {len(self._sessions)} people are using it, its limit "
+                        "(--max-sessions); try again in a few minutes.")
+                folder = self.work_dir / "sessions" / f"{len(self._sessions)}-{os.urandom(6).hex()}"
+                session = WebSession(self, folder, uploads_root=self.work_dir)
+                if session_id in self._expired:
+                    del self._expired[session_id]
+                    session.notice = (f"This session was idle for more than {self.config.session_idle_minutes:g} "
+                                      "minutes, so its slide and chat were cleared; load the slide again.")
                 self._sessions[session_id] = session
+            session.touch()
             return session
+
+    def find_session(self, session_id: str) -> WebSession | None:
+        """The live session of a tab, or None (never creates one: for Stop, Cancel, redraws)."""
+        with self._lock:
+            return self._sessions.get(session_id)
 
     def end_session(self, session_id: str) -> None:
         """Forget a browser session and delete its uploads (called when the tab closes)."""
@@ -171,44 +159,52 @@ class AppEngine:
         if session is not None:
             session.close()
 
+    def expire_idle(self, now: float | None = None) -> int:
+        """End the sessions without a request for `session_idle_minutes` (not those mid-load or mid-answer)."""
+        now = time.monotonic() if now is None else now
+        limit = self.config.session_idle_minutes * 60
+        with self._lock:
+            idle = [(sid, s) for sid, s in self._sessions.items() if now - s.last_active > limit and not s.busy]
+            for session_id, _ in idle:
+                del self._sessions[session_id]
+                self._expired[session_id] = None
+            while len(self._expired) > EXPIRED_REMEMBERED:
+                self._expired.popitem(last=False)
+        for _, session in idle:
+            session.close()
+        if idle:
+            logger.info("Ended %d idle session(s); %d live", len(idle), len(self._sessions))
+        return len(idle)
+
+    def _reap(self) -> None:
+        # Without requests nothing calls `session()`: a timer ends idle sessions (and frees their memory).
+        interval = max(1.0, min(60.0, self.config.session_idle_minutes * 60 / 4))
+        while not self._closing.wait(interval):
+            try:
+                self.expire_idle()
+            except Exception:  # the app must keep serving; the next round tries again
+                logger.exception("Ending idle sessions failed")
+
+    def cancel_loads(self) -> int:
+        """Cancel every load in progress (they stop at their next batch of patches); returns how many sessions."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.cancel()
+        return len(sessions)
+
     @property
     def session_count(self) -> int:
         return len(self._sessions)
 
     def close(self) -> None:
         """End every session and delete the private work folder."""
+        self._closing.set()
         with self._lock:
             sessions, self._sessions = list(self._sessions.values()), {}
         for session in sessions:
             session.close()
         shutil.rmtree(self.work_dir, ignore_errors=True)
-
-    # -- guarding the model ------------------------------------------------------------------------------
-    @contextmanager
-    def model_slot(self, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-        """Hold one of the model's `concurrency` slots; `on_wait` is called first if none is free."""
-        if not self._model_slot.acquire(blocking=False):
-            if on_wait is not None:
-                on_wait()
-            self._model_slot.acquire()
-        try:
-            yield
-        finally:
-            self._model_slot.release()
-
-    @contextmanager
-    def slide_lock(self, fingerprint: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-        """Only one session extracts a given slide; the next one then finds its features cached."""
-        with self._lock:
-            lock = self._slide_locks.setdefault(fingerprint, threading.Lock())
-        if not lock.acquire(blocking=False):
-            if on_wait is not None:
-                on_wait()
-            lock.acquire()
-        try:
-            yield
-        finally:
-            lock.release()
 
     # -- the bundled example -----------------------------------------------------------------------------
     def example_slide(self) -> Path:

@@ -3,10 +3,16 @@
 Loading reports progress by stage (reading, tissue, patches k/N with rate and estimate,
 aggregation, drawing) and can be cancelled; answers stream piece by piece and can be stopped.
 The chat itself is `chat.session.ChatSession`, so the app answers exactly as the CLI does.
+A session needs only `SharedModel` (shared.py), never the engine that keeps the sessions.
+
+Every request is checked here against the app's limits, whatever the page allowed: question and
+system-prompt length, answer tokens, and a per-session rate of model work. A slide is opened once
+per load and read only under the model slot, so at most `concurrency` slides are decoded at a time.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import shutil
@@ -14,19 +20,22 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from ..chat.conversation import Turn
 from ..chat.session import ChatSession
-from ..errors import ChatEXAONEPathError, MissingMppError
+from ..errors import ChatEXAONEPathError, MissingMppError, ServerBusyError
 from ..vision_tower.heatmap import AttendedPatch, render_heatmap, top_attended_patches
 from ..vision_tower.slide import Slide, open_slide
+from .config import GenerationSettings
+from .messages import is_out_of_memory, missing_mpp_message, user_message
+from .shared import SharedModel
 from .uploads import take_upload
 
-if TYPE_CHECKING:
-    from .engine import AppEngine
+__all__ = ["GenerationSettings", "LoadCancelled", "LoadProgress", "Reply", "SlideView", "WebSession",
+           "is_out_of_memory", "user_message"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +43,7 @@ VIEW_SIDE = 1024  # long side of the slide view in pixels
 
 
 class LoadCancelled(ChatEXAONEPathError):
-    """The user cancelled loading a slide."""
+    """The user (or the server) cancelled loading a slide."""
 
 
 class _Stopped(Exception):
@@ -51,22 +60,6 @@ class LoadProgress:
     total: int = 0
     rate: float | None = None  # patches per second
     eta: float | None = None  # seconds left
-
-
-@dataclass
-class GenerationSettings:
-    """Per-session generation settings (the app's advanced panel)."""
-
-    temperature: float = 0.0
-    max_new_tokens: int = 256
-    system_prompt: str | None = None
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.temperature <= 2.0:
-            raise ChatEXAONEPathError(f"Temperature must be between 0 and 2, got {self.temperature}.")
-        if not 1 <= int(self.max_new_tokens) <= 4096:
-            raise ChatEXAONEPathError(f"Max new tokens must be between 1 and 4096, got {self.max_new_tokens}.")
-        self.max_new_tokens = int(self.max_new_tokens)
 
 
 @dataclass
@@ -100,63 +93,93 @@ class Reply:
     new_tokens: int = 0
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """True for CUDA/CPU allocation failures (torch raises them as several types)."""
-    import torch
-
-    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def user_message(error: BaseException, doing: str) -> str:
-    """One sentence for the page: the error's own for user mistakes, a plain note for the rest.
-
-    Unexpected errors are logged with their traceback; the page never shows one.
-    """
-    if isinstance(error, ChatEXAONEPathError):
-        return str(error)
-    if is_out_of_memory(error):
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # give back what the failed step took, for the next request
-        logger.warning("Out of memory while %s: %s", doing, error)
-        return (f"Out of memory while {doing}; try a smaller slide, fewer users at once (--concurrency 1), "
-                "fewer new tokens, or a machine with more memory. The app is still running.")
-    logger.error("Unexpected error while %s", doing, exc_info=error)
-    return (f"Unexpected error while {doing} ({type(error).__name__}: {str(error)[:200]}); the app is still "
-            "running and the server log has the details.")
-
-
 class WebSession:
-    """A browser session's slide and conversation; `close` deletes its uploads."""
+    """A browser session's slide and conversation; `close` deletes its uploads and frees its memory."""
 
-    def __init__(self, engine: "AppEngine", folder: Path) -> None:
-        self.engine = engine
+    def __init__(self, shared: SharedModel, folder: Path, *, uploads_root: Path | None = None) -> None:
+        self.shared = shared
         self.folder = folder
-        self.chat = ChatSession(engine.model, engine.extractor.config, features_dir=engine.features_dir,
-                                extractor=engine.extractor, max_new_tokens=engine.config.max_new_tokens,
-                                temperature=engine.config.temperature)
+        self.uploads_root = uploads_root  # where the app's own copies of uploads live (deleted when refused)
+        config = shared.config
+        self.chat = ChatSession(shared.model, shared.extractor.config, features_dir=shared.features_dir,
+                                extractor=shared.extractor, max_new_tokens=config.max_new_tokens,
+                                temperature=config.temperature)
         self.view: SlideView | None = None
         self.slide_path: Path | None = None
         self.pending_path: Path | None = None  # an upload waiting for its µm/px
         self.stopped_turns: set[int] = set()  # indices of assistant turns cut short by Stop
+        self.last_active = time.monotonic()  # the engine ends sessions idle for too long
+        self.notice: str | None = None  # said once instead of "load a slide first" (e.g. after expiry)
         self._busy = threading.RLock()  # one load or answer at a time within a session
         self._cancel = threading.Event()
         self._stop = threading.Event()
+        self._recent_work: collections.deque[float] = collections.deque()
         self.closed = False
+
+    # -- activity and limits -------------------------------------------------------------------------------
+    def touch(self) -> None:
+        """Note a request now (the idle clock restarts)."""
+        self.last_active = time.monotonic()
+
+    @property
+    def busy(self) -> bool:
+        """True while a load or an answer is running."""
+        if self._busy.acquire(blocking=False):
+            self._busy.release()
+            return False
+        return True
+
+    def _admit(self) -> None:
+        """Count one piece of model work against the per-session rate, or refuse it."""
+        self._check_open()
+        limit, now = self.shared.config.max_requests_per_minute, time.monotonic()
+        while self._recent_work and now - self._recent_work[0] > 60.0:
+            self._recent_work.popleft()
+        if len(self._recent_work) >= limit:
+            wait = 60.0 - (now - self._recent_work[0])
+            raise ServerBusyError(f"This session sent more than {limit} requests in a minute, the most this server "
+                                  f"allows (--max-requests-per-minute); try again in {max(1, round(wait))} s.")
+        self._recent_work.append(now)
+
+    def _check_open(self) -> None:
+        if self.closed:  # a request that raced the session's expiry
+            raise ChatEXAONEPathError("This session has ended; reload the page to start a new one.")
+
+    def display_name(self, path: Path) -> str:
+        """A slide's name for the page: its path inside its upload, never a server folder."""
+        folder = self._upload_folder(path)
+        return Path(path).name if folder is None else str(Path(path).resolve().relative_to(folder))
+
+    def upload_folders(self) -> list[Path]:
+        """This session's upload folders as messages may name them (user_message strips them)."""
+        found = [p for p in self.folder.iterdir() if p.is_dir()] if self.folder.is_dir() else []
+        return [*found, *(p.resolve() for p in found)]
+
+    def _checked_question(self, question: str, settings: GenerationSettings | None) -> GenerationSettings:
+        """Refuse a question or settings past the app's limits, and count it against the rate."""
+        config = self.shared.config
+        settings = settings or self.shared.default_settings
+        if len(question) > config.max_question_chars:
+            raise ChatEXAONEPathError(f"The question has {len(question):,} characters; this server accepts up to "
+                                      f"{config.max_question_chars:,} (--max-question-chars).")
+        settings.check(config)
+        if self.chat.slide is None:
+            raise ChatEXAONEPathError(self.notice or "Load a slide before asking about it.")
+        self._admit()
+        return settings
 
     # -- slides --------------------------------------------------------------------------------------------
     def load_upload(self, upload: str | Path, mpp: float | None = None,
                     on_progress: Callable[[LoadProgress], None] | None = None) -> SlideView:
         """Take an uploaded file into the private folder and load it (see `load`)."""
+        upload = Path(upload)
+        self._check_open()
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.pending_path is not None:  # a new upload replaces the one that waited for its µm/px
             self._discard_upload(self.pending_path)
             self.pending_path = None
-        path = take_upload(upload, self.folder, self.engine.config.max_upload_bytes)
+        owned = self.uploads_root is not None and upload.resolve().is_relative_to(self.uploads_root.resolve())
+        path = take_upload(upload, self.folder, self.shared.config.upload_limits, owned=owned)
         try:
             return self.load(path, mpp, on_progress)
         except MissingMppError:
@@ -182,45 +205,61 @@ class WebSession:
         path = Path(path)
         self._cancel.clear()
         with self._busy:
-            report(LoadProgress("reading", f"Reading {path.name} …"))
-            try:
-                with open_slide(path, mpp) as slide:  # a corrupt file or missing µm/px fails here, early
-                    fingerprint = slide.fingerprint()
-            except MissingMppError:
-                self.pending_path = path
-                raise
-            if self.pending_path == path:
-                self.pending_path = None
-            self._check_cancel()
-            same_slide = LoadProgress("waiting", "This slide is being prepared by another request; waiting for "
-                                                 "its features …")
-            busy_model = LoadProgress("waiting", "Waiting for the model (another request is running) …")
-            with self.engine.slide_lock(fingerprint, lambda: report(same_slide)), \
-                    self.engine.model_slot(lambda: report(busy_model)):
+            self.touch()
+            self._admit()
+            report(LoadProgress("reading", f"Reading {self.display_name(path)} …"))
+            slide = self._open(path, mpp)  # a corrupt file, a missing µm/px or a budget fails here, early
+            with slide:
                 self._check_cancel()
-                report(LoadProgress("tissue", "Checking the feature cache, finding tissue, laying the patch grid …"))
-                previous_slide = self.chat.slide
-                loaded = self.chat.load_slide(path, mpp, self._patch_progress(report))
-            report(LoadProgress("drawing", "Drawing the attention heatmap and the most-attended patches …"))
-            try:
-                with open_slide(path, mpp) as slide:
-                    self.view = self._render(slide, loaded)
-            except BaseException:
-                self.chat.slide = previous_slide  # the slide and the conversation go back together
-                raise
+                fingerprint = slide.fingerprint()
+                same_slide = LoadProgress("waiting", "This slide is being prepared by another request; waiting "
+                                                     "for its features …")
+                busy_model = LoadProgress("waiting", "Waiting for the model (another request is running) …")
+                with self.shared.slide_lock(fingerprint, lambda: report(same_slide)), \
+                        self.shared.model_slot(lambda: report(busy_model)):
+                    self._check_cancel()
+                    report(LoadProgress("tissue", "Checking the feature cache, finding tissue, laying the patch "
+                                                  "grid …"))
+                    previous_slide = self.chat.slide
+                    loaded = self.chat.load_slide(slide, mpp, self._patch_progress(report))
+                    report(LoadProgress("drawing", "Drawing the attention heatmap and the most-attended patches …"))
+                    try:  # still under the model slot: drawing reads the slide, so decoding stays one at a time
+                        self.view = self._render(slide, loaded)
+                    except BaseException:
+                        self.chat.slide = previous_slide  # the slide and the conversation go back together
+                        raise
             previous, self.slide_path = self.slide_path, path
             if previous is not None and previous != path:
                 self._discard_upload(previous)  # its features are cached; the file is not needed again
             self.stopped_turns.clear()
+            self.notice = None
+            self.touch()
             return self.view
+
+    def _open(self, path: Path, mpp: float | None) -> Slide:
+        """Open a slide with the app's budgets, its files confined to its own upload folder."""
+        try:
+            slide = open_slide(path, mpp, limits=self.shared.config.slide_limits, root=self._upload_folder(path))
+        except MissingMppError as e:
+            self.pending_path = path
+            raise MissingMppError(missing_mpp_message(self.display_name(path))) from e
+        if self.pending_path == path:
+            self.pending_path = None
+        return slide
+
+    def _upload_folder(self, path: Path) -> Path | None:
+        """The folder `take_upload` made for an uploaded slide; None for other slides (the example)."""
+        try:
+            relative = Path(path).resolve().relative_to(self.folder.resolve())
+        except ValueError:
+            return None
+        return self.folder.resolve() / relative.parts[0]
 
     def _discard_upload(self, path: Path) -> None:
         """Delete an uploaded slide (the folder `take_upload` made for it); other paths are left alone."""
-        try:
-            relative = Path(path).resolve().relative_to(self.folder.resolve())
-        except ValueError:  # not an upload (the bundled example)
-            return
-        shutil.rmtree(self.folder / relative.parts[0], ignore_errors=True)
+        folder = self._upload_folder(path)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _patch_progress(self, report: Callable[[LoadProgress], None]) -> Callable[[int, int], None]:
         started = time.perf_counter()
@@ -255,7 +294,7 @@ class WebSession:
                                          max_side=VIEW_SIDE))
         plain, downsample = slide.read_at_downsample(max(1.0, max(slide.dimensions) / VIEW_SIDE))
         outline = self._outlined(slide, features, plain, downsample)
-        patches = top_attended_patches(slide, coords, attention, k=min(self.engine.config.top_patches, len(features)),
+        patches = top_attended_patches(slide, coords, attention, k=min(self.shared.config.top_patches, len(features)),
                                        patch_size_level0=side0, size=side0 or 256)
         width, height = slide.dimensions
         cache_note = "features from the cache" if not loaded.extracted else "features extracted"
@@ -278,7 +317,7 @@ class WebSession:
                 return image
         from ..vision_tower.tissue import draw_tissue_outline, segment_tissue
 
-        return draw_tissue_outline(plain, segment_tissue(slide, self.engine.extractor.config.tissue), downsample)
+        return draw_tissue_outline(plain, segment_tissue(slide, self.shared.extractor.config.tissue), downsample)
 
     # -- chat ----------------------------------------------------------------------------------------------
     @property
@@ -299,12 +338,13 @@ class WebSession:
 
         A stopped answer stays in the conversation as far as it got (marked in `messages()`).
         """
+        self.touch()
+        settings = self._checked_question(question, settings)
         self._stop.clear()
         return self._ask(question, on_text, settings)
 
     def _ask(self, question: str, on_text: Callable[[str], None] | None,
              settings: GenerationSettings | None) -> Reply:
-        settings = settings or self.engine.default_settings
         pieces: list[str] = []
 
         def relay(piece: str) -> None:
@@ -315,7 +355,7 @@ class WebSession:
                 on_text(piece)
 
         started = time.perf_counter()
-        with self._busy, self.engine.model_slot():
+        with self._busy, self.shared.model_slot():
             self.chat.temperature, self.chat.max_new_tokens = settings.temperature, settings.max_new_tokens
             self.chat.builder.system_prompt = settings.system_prompt or None
             try:
@@ -326,6 +366,7 @@ class WebSession:
                 self.chat.slide.turns += [Turn("user", safe_question), Turn("assistant", text)]
                 self.stopped_turns.add(len(self.chat.slide.turns) - 1)
                 return Reply(text, True, None, time.perf_counter() - started)
+        self.touch()
         return Reply(answer.text, False, answer.first_token_seconds, time.perf_counter() - started, answer.new_tokens)
 
     def ask_stream(self, question: str,
@@ -336,6 +377,8 @@ class WebSession:
         the model reads the prompt. Closing the iterator early (the browser went away) stops it;
         one that is dropped without being read needs `stop()`.
         """
+        self.touch()
+        settings = self._checked_question(question, settings)  # refused here, before a thread starts
         pieces: queue.SimpleQueue = queue.SimpleQueue()
         outcome: dict = {}
 
@@ -390,9 +433,15 @@ class WebSession:
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop what is running and delete this session's uploads."""
+        """Stop what is running, delete this session's uploads and drop its slide from memory."""
         self.closed = True
         self._cancel.set()
         self._stop.set()
         shutil.rmtree(self.folder, ignore_errors=True)
-        self.view = None
+        # A load or answer still running stops at its next batch or token; wait briefly so its
+        # tensors go now rather than when the last reference is collected.
+        if self._busy.acquire(timeout=5):
+            try:
+                self.chat.slide, self.view, self.pending_path, self.slide_path = None, None, None, None
+            finally:
+                self._busy.release()

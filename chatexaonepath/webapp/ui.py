@@ -13,13 +13,17 @@ import logging
 import queue
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 import gradio as gr
 
-from ..errors import ChatEXAONEPathError, MissingMppError
+from ..errors import ChatEXAONEPathError, MissingMppError, ServerBusyError
+from ..vision_tower.slide import MPP_RANGE
+from .config import GenerationSettings
 from .engine import AppEngine
-from .session import GenerationSettings, LoadProgress, SlideView, WebSession, user_message
+from .messages import user_message
+from .session import LoadProgress, SlideView, WebSession
 from .uploads import ACCEPTED_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -104,7 +108,7 @@ def build_demo(engine: AppEngine) -> gr.Blocks:
                     cancel = gr.Button("Cancel loading", variant="stop", elem_id="cancel", size="md")
                 with gr.Row(visible=False, elem_id="mpp-row") as mpp_row:
                     mpp = gr.Number(label="µm per pixel at full resolution (0.25 for a 40× scan, 0.5 for 20×)",
-                                    elem_id="mpp", minimum=0.05, maximum=50)
+                                    elem_id="mpp", minimum=MPP_RANGE[0], maximum=MPP_RANGE[1])
                     mpp_load = gr.Button("Load with this µm/px", elem_id="mpp-load", variant="primary")
                 status = gr.HTML("", elem_id="status")
                 slide_view = gr.Image(label="Slide: tissue outline and attention heatmap", type="numpy",
@@ -119,7 +123,8 @@ def build_demo(engine: AppEngine) -> gr.Blocks:
                                      placeholder="Load a slide, then ask about it.", feedback_options=None)
                 with gr.Row():
                     question = gr.Textbox(placeholder="Ask about the slide …", show_label=False, scale=6,
-                                          elem_id="question", autofocus=True, max_length=2000)
+                                          elem_id="question", autofocus=True,
+                                          max_length=engine.config.max_question_chars)
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                 with gr.Row():
                     stop = gr.Button("Stop", variant="stop", size="sm", elem_id="stop")
@@ -130,13 +135,15 @@ def build_demo(engine: AppEngine) -> gr.Blocks:
                 with gr.Accordion("Advanced: generation and system prompt", open=False, elem_id="advanced"):
                     temperature = gr.Slider(0.0, 2.0, engine.default_settings.temperature, step=0.05,
                                             label="Temperature (0 = greedy, reproducible)", elem_id="temperature")
-                    max_tokens = gr.Slider(1, max(1024, engine.default_settings.max_new_tokens),
+                    max_tokens = gr.Slider(1, engine.config.max_new_tokens_limit,
                                            engine.default_settings.max_new_tokens, step=1,
                                            label="Max new tokens", elem_id="max-tokens")
                     system_prompt = gr.Textbox(engine.default_settings.system_prompt, lines=4,
-                                               label="System prompt (empty: none)", elem_id="system-prompt")
+                                               label="System prompt (empty: none)", elem_id="system-prompt",
+                                               max_length=engine.config.max_system_prompt_chars)
         gr.Markdown("Research software, not a medical device: answers are never a diagnosis. "
-                    "Uploads stay on this server in a private folder deleted when you close the tab.")
+                    "Uploads stay on this server in a private folder deleted when you close the tab "
+                    f"(or after {engine.config.session_idle_minutes:g} minutes without a request).")
 
         handlers = _Handlers(engine)
         model_work = dict(concurrency_id=MODEL_GROUP, concurrency_limit=engine.config.concurrency,
@@ -170,6 +177,7 @@ class _Handlers:
         self.engine = engine
 
     def _session(self, request: gr.Request) -> WebSession:
+        """The caller's session; `ServerBusyError` when the server is at its limit of sessions."""
         return self.engine.session(request.session_hash)
 
     # -- slides ----------------------------------------------------------------------------------------
@@ -177,20 +185,40 @@ class _Handlers:
         if not upload:
             yield (gr.skip(),) * 7
             return
-        session = self._session(request)
+        try:
+            session = self._session(request)
+        except ServerBusyError as e:
+            self._discard_gradio_copy(upload)  # a refused upload leaves nothing on disk
+            yield error_html(str(e)), *(gr.skip(),) * 5, None
+            return
         yield from self._loading(session, lambda report: session.load_upload(upload, None, report), show, opacity)
 
     def load_example(self, show: bool, opacity: float, request: gr.Request) -> Iterator[tuple]:
-        session = self._session(request)
+        try:
+            session = self._session(request)
+        except ServerBusyError as e:
+            yield error_html(str(e)), *(gr.skip(),) * 6
+            return
         yield from self._loading(session, lambda report: session.load(self.engine.example_slide(), None, report),
                                  show, opacity)
 
     def load_with_mpp(self, mpp: float | None, show: bool, opacity: float, request: gr.Request) -> Iterator[tuple]:
-        session = self._session(request)
-        if not mpp:
-            yield error_html("Enter the slide's µm per pixel first (e.g. 0.25 for a 40× scan)."), *(gr.skip(),) * 6
+        low, high = MPP_RANGE
+        if not mpp or not low <= float(mpp) <= high:  # the field's range, checked again on the server
+            yield error_html(f"Enter the slide's µm per pixel first, between {low} and {high:g} (e.g. 0.25 for a "
+                             "40× scan, 0.5 for 20×)."), *(gr.skip(),) * 6
+            return
+        try:
+            session = self._session(request)
+        except ServerBusyError as e:
+            yield error_html(str(e)), *(gr.skip(),) * 6
             return
         yield from self._loading(session, lambda report: session.load_pending(float(mpp), report), show, opacity)
+
+    def _discard_gradio_copy(self, upload: str) -> None:
+        path = Path(upload)
+        if path.resolve().is_relative_to(self.engine.work_dir.resolve()):
+            path.unlink(missing_ok=True)
 
     def _loading(self, session: WebSession, work: Callable[[Callable[[LoadProgress], None]], SlideView],
                  show: bool, opacity: float) -> Iterator[tuple]:
@@ -218,10 +246,8 @@ class _Handlers:
                 session.cancel()
         error = outcome.get("error")
         if error is not None:
-            missing_mpp = isinstance(error, MissingMppError)
-            message = user_message(error, "loading the slide")
-            if missing_mpp:
-                message += " Enter it below and press “Load with this µm/px”."
+            missing_mpp = isinstance(error, MissingMppError)  # its message says to enter the value below
+            message = user_message(error, "loading the slide", session.upload_folders())
             yield error_html(message), skip, skip, gr.update(visible=missing_mpp), skip, skip, None
             return
         view = outcome["view"]
@@ -229,25 +255,32 @@ class _Handlers:
                gr.update(visible=False), [], "", None)
 
     def cancel(self, request: gr.Request) -> None:
-        self._session(request).cancel()
+        session = self.engine.find_session(request.session_hash)
+        if session is not None:
+            session.cancel()
 
     def recompose(self, show: bool, opacity: float, request: gr.Request):
-        view = self._session(request).view
+        session = self.engine.find_session(request.session_hash)
+        view = session.view if session is not None else None
         return gr.skip() if view is None else view.compose(show, opacity)
 
     # -- chat ------------------------------------------------------------------------------------------
     def ask(self, question: str, temperature: float, max_tokens: float, system_prompt: str,
             request: gr.Request) -> Iterator[tuple]:
-        session = self._session(request)
         if not question or not question.strip():
             yield gr.skip(), gr.skip(), "Type a question first."
+            return
+        try:
+            session = self._session(request)
+        except ServerBusyError as e:
+            yield gr.skip(), question, f"**Error:** {e}"
             return
         yield from self._answer(session, question, temperature, max_tokens, system_prompt)
 
     def retry(self, question: str, temperature: float, max_tokens: float, system_prompt: str,
               request: gr.Request) -> Iterator[tuple]:
-        session = self._session(request)
         try:
+            session = self._session(request)
             last = session.drop_last_exchange()
         except ChatEXAONEPathError as e:
             yield gr.skip(), gr.skip(), str(e)
@@ -258,10 +291,10 @@ class _Handlers:
                 system_prompt: str, keep_question: str = "") -> Iterator[tuple]:
         history = session.messages() + [{"role": "user", "content": question}]
         try:
-            settings = GenerationSettings(float(temperature), int(max_tokens), system_prompt)
+            settings = GenerationSettings(float(temperature), _whole(max_tokens), system_prompt)
             stream = session.ask_stream(question, settings)  # starts now: the model reads while the page redraws
         except Exception as e:
-            yield gr.skip(), question, f"**Error:** {user_message(e, 'answering')}"
+            yield gr.skip(), question, f"**Error:** {user_message(e, 'answering', session.upload_folders())}"
             return
         finished = False
         try:
@@ -272,7 +305,7 @@ class _Handlers:
             finished = True
         except Exception as e:  # shown under the chat; the question goes back into the box
             finished = True
-            yield session.messages(), question, f"**Error:** {user_message(e, 'answering')}"
+            yield session.messages(), question, f"**Error:** {user_message(e, 'answering', session.upload_folders())}"
             return
         finally:
             if not finished:  # the browser went away: end the generation too
@@ -283,13 +316,24 @@ class _Handlers:
         yield session.messages(), gr.skip(), note
 
     def stop(self, request: gr.Request) -> None:
-        self._session(request).stop()
+        session = self.engine.find_session(request.session_hash)
+        if session is not None:
+            session.stop()
 
     def clear(self, request: gr.Request) -> tuple:
-        session = self._session(request)
-        session.stop()  # an answer being written ends first, then the conversation is forgotten
-        session.clear()
+        session = self.engine.find_session(request.session_hash)
+        if session is not None:
+            session.stop()  # an answer being written ends first, then the conversation is forgotten
+            session.clear()
         return [], ""
 
     def end(self, request: gr.Request) -> None:
         self.engine.end_session(request.session_hash)
+
+
+def _whole(value: float) -> int:
+    """A slider's number as a whole count; NaN or infinity (a scripted client) is refused in one sentence."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ChatEXAONEPathError(f"Max new tokens must be a whole number, got {value!r}.") from e

@@ -1,0 +1,74 @@
+"""What every browser session uses and none owns: the model, the patch encoder, the feature cache, and their locks.
+
+`SharedModel` is all a `WebSession` needs from the app; `AppEngine` (engine.py) extends it with the
+registry of live sessions. Sessions depend on this module, the engine on both, so neither imports
+the other.
+
+A semaphore sized like the Gradio queue's concurrency limit guards the model, so work started
+outside Gradio (the example warm-up, a benchmark) queues the same way; a per-slide lock keeps two
+sessions from extracting one slide at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..assets import private_dir, user_cache_dir
+from ..vision_tower.extraction import FeatureExtractor
+from .config import AppConfig, GenerationSettings
+
+logger = logging.getLogger(__name__)
+
+
+class SharedModel:
+    """The model and patch encoder every session uses, the feature cache, and the locks that share them."""
+
+    def __init__(self, model, extractor: FeatureExtractor, config: AppConfig | None = None) -> None:
+        self.model, self.extractor = model.eval(), extractor
+        self.config = config or AppConfig()
+        features_dir = self.config.features_dir
+        # Thumbnails of uploaded slides live here: private to this user, like the uploads.
+        self.features_dir = private_dir(Path(features_dir) if features_dir else user_cache_dir() / "features")
+        self.default_settings = GenerationSettings(self.config.temperature, self.config.max_new_tokens,
+                                                   model.config.system_prompt)
+        self._model_slot = threading.Semaphore(self.config.concurrency)
+        self._lock = threading.Lock()
+        self._slide_locks: dict[str, list] = {}  # fingerprint → [lock, users]
+
+    @contextmanager
+    def model_slot(self, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+        """Hold one of the model's `concurrency` slots; `on_wait` is called first if none is free."""
+        if not self._model_slot.acquire(blocking=False):
+            if on_wait is not None:
+                on_wait()
+            self._model_slot.acquire()
+        try:
+            yield
+        finally:
+            self._model_slot.release()
+
+    @contextmanager
+    def slide_lock(self, fingerprint: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+        """Only one session extracts a given slide; the next one then finds its features cached."""
+        with self._lock:
+            entry = self._slide_locks.setdefault(fingerprint, [threading.Lock(), 0])
+            entry[1] += 1  # users holding or waiting; the entry goes when the last one leaves
+        lock = entry[0]
+        try:
+            if not lock.acquire(blocking=False):
+                if on_wait is not None:
+                    on_wait()
+                lock.acquire()
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._slide_locks[fingerprint]
