@@ -194,7 +194,8 @@ def extract_slides(
         extractor = extractor or FeatureExtractor(config)
         if shard.is_main:
             _save_config(out_dir, config, extractor, shard)
-        failed_before = set(errors.failures([own.path] if own is not errors else []))
+        # Any rank's log may hold an old failure of a slide this rank now owns (another world size).
+        failed_before = set(errors.failures(sorted(out_dir.glob("errors.rank*.jsonl")) if shard.distributed else []))
         results = []
         for path in shard.select(slides):
             result = _extract_one(path, out_dir, config, extractor, on_slide_start, use_lock=not shard.distributed)

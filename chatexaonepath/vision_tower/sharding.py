@@ -80,6 +80,9 @@ class Shard:
         changes = {}
         if config.device in ("auto", "cuda") and torch.cuda.is_available():
             changes["device"] = f"cuda:{self.local_rank % torch.cuda.device_count()}"
+            # The DataLoader's pin-memory thread uses the current device: without this every rank
+            # would also open a CUDA context on GPU 0.
+            torch.cuda.set_device(changes["device"])
         if config.num_workers is None:
             device = resolve_device(changes.get("device", config.device))
             changes["num_workers"] = default_num_workers(device, processes=self.local_world_size)

@@ -99,3 +99,33 @@ def test_a_killed_rank_and_a_rerun_extract_only_the_missing_slides(cohort, tmp_p
     missing = 6 - len(present)
     assert f"extracted {missing}, skipped (already done) {len(present)}, locked by another process 0, failed 0" in rerun.stdout
     assert not list(out.glob(".*.tmp")) and not list(out.glob("*.lock"))
+
+
+class RankZeroOfTwo(Shard):
+    """Rank 0 of a two-rank job whose other rank had nothing to do: no process group needed."""
+
+    def __init__(self) -> None:
+        super().__init__(rank=0, world_size=2)
+
+    def process_group(self):
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    def gather(self, value):
+        return [value, []]
+
+
+def test_rank0_merges_leftover_rank_logs_and_clears_what_is_now_done(slides, tmp_path, extractor):
+    from chatexaonepath.vision_tower.batch import extract_slides
+
+    out = tmp_path / "out"
+    out.mkdir()
+    # A killed job of another size left rank 1's log, with a failure of a slide rank 0 now owns.
+    (out / "errors.rank1.jsonl").write_text(json.dumps({"slide": str(slides["tumor"]), "error": "old", "time": 1.0})
+                                            + "\n" + json.dumps({"slide": "/gone/x.svs", "error": "bad", "time": 2.0})
+                                            + "\n")
+    summary = extract_slides([slides["tumor"]], out, extractor.config, extractor=extractor, shard=RankZeroOfTwo())
+    assert summary.world_size == 2 and [r.status for r in summary.results] == ["extracted"]
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [e["slide"] for e in errors] == ["/gone/x.svs"] and not list(out.glob("errors.rank*.jsonl"))
