@@ -2,7 +2,8 @@
 
 An answer is accepted when its criterion verdicts satisfy the rule: every criterion (`all`), every
 major criterion (`major`, the default), or at least k criteria (`at-least:K`). A verdict the judge
-could not give (null) is never counted as a pass or a fail, so it leaves acceptance undecided.
+could not give (null) is never counted as a pass or a fail: it leaves acceptance undecided only
+while it could still tip the rule (one known major fail already rejects; six passes meet at-least:6).
 """
 
 from __future__ import annotations
@@ -112,11 +113,15 @@ class AcceptanceRule:
         return cls("at-least", int(k))
 
     def decide(self, passes: dict[str, bool | None], criteria: CriteriaSet) -> bool | None:
-        """True/False from the criterion verdicts; None when a verdict the rule needs is missing."""
+        """True/False as soon as the known verdicts settle the rule; None while a missing one could tip it."""
         needed = [c.id for c in criteria.criteria if self.mode != "major" or c.severity == "major"]
-        if any(passes.get(i) is None for i in needed):
-            # An unknown verdict could tip either way; deciding anyway would bias the rate towards fails.
-            return None
-        if self.mode == "at-least":
-            return sum(bool(passes[i]) for i in needed) >= int(self.k or 0)
-        return all(passes[i] for i in needed)
+        known = [passes.get(i) for i in needed]
+        n_pass, n_unknown = sum(v is True for v in known), sum(v is None for v in known)
+        # Deciding while an unknown verdict could still tip the answer would bias the rate towards fails;
+        # waiting once it no longer can would drop decided answers from the rate.
+        k = int(self.k or 0) if self.mode == "at-least" else len(needed)
+        if n_pass >= k:
+            return True
+        if n_pass + n_unknown < k:
+            return False
+        return None

@@ -64,3 +64,17 @@ def test_unknown_verdicts_leave_acceptance_undecided(criteria):
 def test_bad_acceptance_rules_are_rejected(text, criteria):
     with pytest.raises(EvalError, match="at-least|rule"):
         AcceptanceRule.parse(text, criteria)
+
+
+def test_acceptance_is_decided_as_soon_as_the_rule_is_met_or_cannot_be(criteria):
+    six_and_unknown = {**{i: True for i in criteria.ids}, "clinical_language": None}
+    two_fails_and_unknown = {**six_and_unknown, "diagnosis": False, "site": False}
+    one_fail_and_unknown = {**six_and_unknown, "diagnosis": False}
+    six = AcceptanceRule.parse("at-least:6", criteria)
+    assert six.decide(six_and_unknown, criteria) is True  # six passes: the seventh cannot change that
+    assert six.decide(two_fails_and_unknown, criteria) is False  # four passes + one unknown < 6
+    assert six.decide(one_fail_and_unknown, criteria) is None  # five passes: the unknown decides
+    # A known fail already rejects under `all` and `major`, whatever the unknown verdict would be.
+    fail_and_unknown = {**{i: True for i in criteria.ids}, "diagnosis": False, "site": None}
+    assert AcceptanceRule("all").decide(fail_and_unknown, criteria) is False
+    assert AcceptanceRule("major").decide(fail_and_unknown, criteria) is False
