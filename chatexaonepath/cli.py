@@ -193,12 +193,17 @@ def chat(
     heatmap: Annotated[Optional[Path], typer.Option(help="Write the attention heatmap to this PNG.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 for greedy (reproducible) answers.")] = 0.0,
+    max_pixels: Annotated[int, typer.Option(help="Most pixels decoded at once (a whole PNG/JPEG, a TIFF strip or tile).")] = 1_000_000_000,
+    max_patches_per_slide: Annotated[int, typer.Option(help="Refuse slides with more tissue patches than this.")] = 200_000,
     verbose: Verbose = False,
 ) -> None:
     """Chat about a slide in the terminal (streamed, multi-turn), or ask one --question."""
     from .chat.session import ChatSession, load_chat_model
     from .vision_tower.encoder import build_encoder_or_random
     from .vision_tower.extraction import ExtractConfig, FeatureExtractor
+    from .vision_tower.slide import SlideLimits, open_slide
+
+    limits = SlideLimits(max_pixels=max_pixels, max_patches=max_patches_per_slide)
 
     setup_logging(verbose)
     chat_model = load_chat_model(model, llm)
@@ -206,18 +211,17 @@ def chat(
     config = ExtractConfig(encoder=patch_encoder.name, mpp=mpp)
     session = ChatSession(chat_model, config, extractor=FeatureExtractor(config, patch_encoder),
                           max_new_tokens=max_new_tokens, temperature=temperature)
-    with progress_bar() as progress:
+    with open_slide(slide, mpp, limits=limits) as opened, progress_bar() as progress:
         task = progress.add_task("features", total=None, unit="patches")
-        loaded = session.load_slide(slide, mpp, lambda done, total: progress.update(task, completed=done, total=total))
+        loaded = session.load_slide(opened, mpp, lambda done, total: progress.update(task, completed=done, total=total))
         progress.update(task, visible=loaded.extracted)
     console.print(f"[bold]{slide.name}[/]: {len(loaded.features)} patches"
                   f"{' (features from cache)' if not loaded.extracted else ''}."
                   f"{'' if question else ' Type a question; Ctrl-D to quit.'}")
     if heatmap is not None:
         from .vision_tower.heatmap import render_heatmap
-        from .vision_tower.slide import open_slide
 
-        with open_slide(slide, mpp) as s:
+        with open_slide(slide, mpp, limits=limits) as s:
             render_heatmap(s, loaded.features.coords, loaded.attention,
                            patch_size_level0=loaded.features.attrs.get("patch_size_level0")).save(heatmap)
         console.print(f"attention heatmap: {heatmap}")

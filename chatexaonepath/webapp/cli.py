@@ -1,12 +1,14 @@
 """`chatexaonepath app` (and `python app.py`): load the model once, then serve the page.
 
-Safe by default: binds 127.0.0.1, no public share link unless asked, optional login, Gradio
-analytics off, uploads in a private temp folder (Gradio's upload cache included) deleted when a
-tab closes and when the app stops.
+Safe by default: binds 127.0.0.1; another address without --auth is served only with a loud
+warning (or an explicit --no-auth); a public share link needs --auth; Gradio analytics off; files
+the app writes are private to its user (umask 077), uploads in a private temp folder (Gradio's
+upload cache included) deleted when a tab closes, when its session expires and when the app stops.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import sys
@@ -19,6 +21,7 @@ import typer
 
 from ..errors import ChatEXAONEPathError
 from ..progress import console, setup_logging
+from .config import AppConfig
 
 if TYPE_CHECKING:  # torch, transformers and gradio load only when the app starts, not with every CLI command
     import gradio as gr
@@ -44,9 +47,40 @@ def parse_auth(values: list[str] | None) -> list[tuple[str, str]] | None:
     return pairs
 
 
+def is_loopback(host: str) -> bool:
+    """True when `host` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost: it may well face the network
+        return False
+
+
+def network_warning(host: str, share: bool, auth: list[tuple[str, str]] | None, no_auth: bool = False) -> str | None:
+    """Refuse a public link without a login; return the warning for a network address without one (else None)."""
+    if share and not auth:
+        raise ChatEXAONEPathError("--share puts the app on the internet for anyone with the link; it needs a "
+                                  "login: add --auth USER:PASSWORD (or set $" + AUTH_ENV + ").")
+    if auth and no_auth:
+        raise ChatEXAONEPathError("--no-auth and --auth contradict each other; pass one of them.")
+    if is_loopback(host) or auth or no_auth:
+        return None
+    return (f"Serving on {host} WITHOUT a login: anyone who can reach this machine can upload slides and use the "
+            "model. Add --auth USER:PASSWORD, or pass --no-auth to say this is intended.")
+
+
 def launch_app(engine: AppEngine, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
-               auth: list[tuple[str, str]] | None = None, quiet: bool = False) -> tuple["gr.Blocks", str]:
-    """Build the page for `engine` and start serving it without blocking; returns (demo, local URL)."""
+               auth: list[tuple[str, str]] | None = None, quiet: bool = False,
+               no_auth: bool = False) -> tuple["gr.Blocks", str]:
+    """Build the page for `engine` and start serving it without blocking; returns (demo, local URL).
+
+    Refuses `share` without `auth`; logs a warning for a non-loopback `host` without `auth` unless
+    `no_auth` acknowledges it.
+    """
+    warning = network_warning(host, share, auth, no_auth)
+    if warning:
+        logger.warning(warning)
     # Gradio keeps uploads in GRADIO_TEMP_DIR: put them inside the app's private folder (mode 0700),
     # which is deleted at shutdown. Gradio reads the variable when the page is built, so set it first.
     os.environ["GRADIO_TEMP_DIR"] = str(engine.work_dir / "gradio")
@@ -54,9 +88,6 @@ def launch_app(engine: AppEngine, *, host: str = "127.0.0.1", port: int | None =
 
     demo = build_demo(engine)
     demo.queue(max_size=64, default_concurrency_limit=engine.config.concurrency)
-    if share and not auth:
-        logger.warning("--share makes the app reachable from the internet by anyone with the link; "
-                       "consider --auth USER:PASSWORD.")
     try:
         demo.launch(server_name=host, server_port=port, share=share, auth=auth, prevent_thread_lock=True,
                     quiet=quiet, show_error=False, max_file_size=engine.config.max_upload_bytes, ssr_mode=False,
@@ -79,7 +110,18 @@ def app_command(
     port: Annotated[Optional[int], typer.Option(envvar="GRADIO_SERVER_PORT", help="Port (default: the first free one from 7860).")] = None,
     share: Annotated[bool, typer.Option("--share", help="Also open a public *.gradio.live link (needs internet; use with --auth).")] = False,
     auth: Annotated[Optional[list[str]], typer.Option(envvar=AUTH_ENV, help=f"Require a login USER:PASSWORD (repeat for more users; or set ${AUTH_ENV}).")] = None,
-    max_upload_gb: Annotated[float, typer.Option(help="Largest slide upload accepted, in GB.")] = 4.0,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve a non-local --host without a login, on purpose (silences the warning).")] = False,
+    max_upload_gb: Annotated[float, typer.Option(help="Largest slide upload accepted, in GB.")] = AppConfig.max_upload_gb,
+    max_pixels: Annotated[int, typer.Option(help="Most pixels decoded at once: a whole PNG/JPEG, or one strip or tile of a TIFF.")] = AppConfig.max_pixels,
+    max_patches_per_slide: Annotated[int, typer.Option(help="Most tissue patches per slide (bounds how long one load holds the model).")] = AppConfig.max_patches_per_slide,
+    max_zip_members: Annotated[int, typer.Option(help="Most files in an uploaded zip.")] = AppConfig.max_zip_members,
+    max_session_gb: Annotated[float, typer.Option(help="Disk one session's uploads may take, in GB.")] = AppConfig.max_session_gb,
+    max_sessions: Annotated[int, typer.Option(help="Live sessions at once; beyond it visitors are told to try later.")] = AppConfig.max_sessions,
+    session_idle_minutes: Annotated[float, typer.Option(help="End a session (and delete its uploads) after this long without a request.")] = AppConfig.session_idle_minutes,
+    max_requests_per_minute: Annotated[int, typer.Option(help="Loads and questions one session may start per minute.")] = AppConfig.max_requests_per_minute,
+    max_question_chars: Annotated[int, typer.Option(help="Longest question accepted, in characters.")] = AppConfig.max_question_chars,
+    max_system_prompt_chars: Annotated[int, typer.Option(help="Longest system prompt accepted, in characters.")] = AppConfig.max_system_prompt_chars,
+    max_new_tokens_limit: Annotated[int, typer.Option(help="Most new tokens a request may ask for.")] = AppConfig.max_new_tokens_limit,
     concurrency: Annotated[int, typer.Option(help="Requests the model serves at once; others wait in the queue.")] = 1,
     max_new_tokens: Annotated[int, typer.Option(help="Default longest answer in tokens.")] = 256,
     temperature: Annotated[float, typer.Option(help="Default temperature (0: greedy, reproducible).")] = 0.0,
@@ -88,21 +130,31 @@ def app_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")] = False,
 ) -> None:
     """Serve the chat app: upload a whole-slide image, see its attention heatmap, and chat about it."""
-    from .engine import AppConfig, AppEngine
+    from .engine import AppEngine
 
     setup_logging(verbose)
     started = time.perf_counter()
     logins = parse_auth(auth)
+    warning = network_warning(host, share, logins, no_auth)  # before the slow part: --share without --auth fails now
     config = AppConfig(model=str(model) if model else None, llm=llm, encoder=encoder, encoder_weights=encoder_weights,
                        device=device, max_upload_gb=max_upload_gb, concurrency=concurrency,
                        max_new_tokens=max_new_tokens, temperature=temperature, example=example,
-                       features_dir=str(features_dir) if features_dir else None)
+                       features_dir=str(features_dir) if features_dir else None, max_pixels=max_pixels,
+                       max_patches_per_slide=max_patches_per_slide, max_zip_members=max_zip_members,
+                       max_session_gb=max_session_gb, max_sessions=max_sessions,
+                       session_idle_minutes=session_idle_minutes, max_requests_per_minute=max_requests_per_minute,
+                       max_question_chars=max_question_chars, max_system_prompt_chars=max_system_prompt_chars,
+                       max_new_tokens_limit=max_new_tokens_limit)
+    os.umask(0o077)  # everything the app writes (cache, thumbnails, uploads) is this user's alone
+    if warning:
+        console.print(f"[bold red]Warning:[/] {warning}", highlight=False)
     console.print("Loading the model and the patch encoder …")
     engine = AppEngine.load(config)
     try:
         if example:
             engine.example_slide()
-        demo, url = launch_app(engine, host=host, port=port, share=share, auth=logins, quiet=True)
+        demo, url = launch_app(engine, host=host, port=port, share=share, auth=logins, quiet=True,
+                               no_auth=True if warning else no_auth)  # the warning was printed above
         if example:
             engine.start_warm_up()
         banner = engine.card.banner()

@@ -151,21 +151,24 @@ def build_demo(engine: AppEngine) -> gr.Blocks:
         instant = dict(queue=False, show_progress="hidden")
         # The file box is emptied after each load (the status names the slide), ready for the next one.
         load_outputs = [status, slide_view, gallery, mpp_row, chatbot, chat_status, upload]
-        upload.upload(handlers.load_upload, [upload, show_heatmap, opacity], load_outputs, **model_work)
-        example.click(handlers.load_example, [show_heatmap, opacity], load_outputs, **model_work)
-        mpp_load.click(handlers.load_with_mpp, [mpp, show_heatmap, opacity], load_outputs, **model_work)
-        cancel.click(handlers.cancel, None, None, **instant)
-        show_heatmap.change(handlers.recompose, [show_heatmap, opacity], slide_view, **instant)
-        opacity.release(handlers.recompose, [show_heatmap, opacity], slide_view, **instant)
+        upload.upload(handlers.load_upload, [upload, show_heatmap, opacity], load_outputs, api_name="load_upload",
+                      **model_work)
+        example.click(handlers.load_example, [show_heatmap, opacity], load_outputs, api_name="load_example_slide",
+                      **model_work)
+        mpp_load.click(handlers.load_with_mpp, [mpp, show_heatmap, opacity], load_outputs, api_name="load_with_mpp",
+                       **model_work)
+        cancel.click(handlers.cancel, None, None, api_name="cancel", **instant)
+        show_heatmap.change(handlers.recompose, [show_heatmap, opacity], slide_view, api_name="recompose", **instant)
+        opacity.release(handlers.recompose, [show_heatmap, opacity], slide_view, api_visibility="private", **instant)
 
         chat_inputs = [question, temperature, max_tokens, system_prompt]
         chat_outputs = [chatbot, question, chat_status]
-        send.click(handlers.ask, chat_inputs, chat_outputs, **model_work)
-        question.submit(handlers.ask, chat_inputs, chat_outputs, **model_work)
-        retry.click(handlers.retry, chat_inputs, chat_outputs, **model_work)
-        stop.click(handlers.stop, None, None, **instant)
-        clear.click(handlers.clear, None, [chatbot, chat_status], **instant)
-        chatbot.clear(handlers.clear, None, [chatbot, chat_status], **instant)  # the chat's own bin icon
+        send.click(handlers.ask, chat_inputs, chat_outputs, api_name="ask", **model_work)
+        question.submit(handlers.ask, chat_inputs, chat_outputs, api_visibility="private", **model_work)
+        retry.click(handlers.retry, chat_inputs, chat_outputs, api_name="retry", **model_work)
+        stop.click(handlers.stop, None, None, api_name="stop", **instant)
+        clear.click(handlers.clear, None, [chatbot, chat_status], api_name="clear", **instant)
+        chatbot.clear(handlers.clear, None, [chatbot, chat_status], api_visibility="private", **instant)  # the chat's own bin icon
         demo.unload(handlers.end)
     return demo
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -40,3 +43,10 @@ def make_engine(tiny_chat_model, tiny_encoder, tmp_path):
     yield make
     for engine in engines:
         engine.close()
+
+
+def gradio_upload(root, source, name=None):
+    """A copy of `source` where Gradio would leave an upload (the session takes it from there)."""
+    folder = root / "gradio" / os.urandom(4).hex()
+    folder.mkdir(parents=True)
+    return shutil.copy(source, folder / (name or source.name))

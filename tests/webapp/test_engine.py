@@ -1,7 +1,6 @@
 """The app's engine without a browser: sessions, the feature cache, uploads, errors, stop and cancel."""
 
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -16,13 +15,7 @@ from chatexaonepath.errors import ChatEXAONEPathError, MissingMppError, NoTissue
 from chatexaonepath.webapp.engine import WORK_DIR_PREFIX, AppConfig, _sweep_stale_work_dirs, describe_model
 from chatexaonepath.webapp.session import GenerationSettings, LoadCancelled, user_message
 from chatexaonepath.webapp.uploads import UploadTooLargeError
-
-
-def gradio_upload(tmp_path, source, name=None):
-    """A copy of `source` where Gradio would leave an upload (the session takes it from there)."""
-    folder = tmp_path / "gradio" / os.urandom(4).hex()
-    folder.mkdir(parents=True)
-    return shutil.copy(source, folder / (name or source.name))
+from tests.webapp.conftest import gradio_upload
 
 
 def test_two_sessions_keep_their_own_slide_and_conversation(make_engine, slides):
