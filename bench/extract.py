@@ -10,7 +10,7 @@ shrunk to 256. It measures:
   * end-to-end slide → .h5 patches/s with the pipeline's own settings,
   * cosine similarity between the pipeline's features and float32 features of the same patches,
   * peak GPU memory (on CUDA).
-Final lines: `loader_patches_per_s: X` (the first decoder at the most workers),
+Final lines: `loader_patches_per_s: X` (the first decoder at the last worker count),
 `extract_speedup_vs_fp32: X` (end-to-end / encoder-only fp32), and with `--gpu-report`
 `gpu_patches_per_s: X` (end to end). bench/gpu_extract.sh runs this with the GPU settings.
 

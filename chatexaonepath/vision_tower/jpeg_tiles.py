@@ -246,9 +246,13 @@ class JpegTilePatchReader:
         data = os.pread(self._descriptor(), count, int(self.layout.offsets[index]))
         try:
             with Image.open(io.BytesIO(self.layout.stream(data)), formats=["JPEG"]) as image:
+                if image.size != (self.layout.tile_width, self.layout.tile_height):  # checked before decoding
+                    raise SlideError(f"{self.path}: JPEG tile {index} is {image.size[0]}×{image.size[1]} px, not the "
+                                     f"{self.layout.tile_width}×{self.layout.tile_height} its tags say; the file is "
+                                     "corrupt or crafted.")
                 image.draft("RGB", (width, height))
                 tile = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as e:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise SlideError(f"Could not decode JPEG tile {index} of {self.path}: {e} "
                              "(the file is probably corrupt or truncated).") from e
         if tile.shape != (height, width, 3):

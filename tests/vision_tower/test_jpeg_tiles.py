@@ -93,7 +93,18 @@ def test_auto_takes_dct_only_where_it_applies(scans, slides):
             choose_decoder(slide, 256, 0.5, "dct")
 
 
-def test_a_corrupt_tile_is_a_slide_error(scans, tmp_path):
+def _zeroed_header(tile: bytes) -> bytes:
+    return b"\x00" * 32 + tile[32:]
+
+
+def _huge_frame(tile: bytes) -> bytes:
+    """The frame header claims 60000² px: a decompression bomb inside a 256² tile."""
+    start = tile.index(b"\xff\xc0") + 5
+    return tile[:start] + (60000).to_bytes(2, "big") * 2 + tile[start + 4 :]
+
+
+@pytest.mark.parametrize("damage", [_zeroed_header, _huge_frame])
+def test_a_corrupt_or_crafted_tile_is_a_slide_error(scans, tmp_path, damage):
     broken = tmp_path / "broken.svs"
     broken.write_bytes(scans["aperio"].read_bytes())
     with open_slide(broken) as slide:
@@ -101,9 +112,12 @@ def test_a_corrupt_tile_is_a_slide_error(scans, tmp_path):
         layout = tiled_jpeg_level(slide, 0)
         x, y = grid.coords[0]
         index = (y // layout.tile_height) * layout.tiles_across + x // layout.tile_width
-        with open(broken, "r+b") as f:  # overwrite the tile's frame header
-            f.seek(int(layout.offsets[index]))
-            f.write(b"\x00" * 32)
+        offset, count = int(layout.offsets[index]), int(layout.bytecounts[index])
+        with open(broken, "r+b") as f:
+            f.seek(offset)
+            tile = f.read(count)
+            f.seek(offset)
+            f.write(damage(tile))
         with pytest.raises(SlideError, match="JPEG tile"):
             JpegTilePatchReader(slide, grid).read_patch(x, y)
 
