@@ -19,11 +19,24 @@ TORCH_SOURCE := $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--
 TORCH_PIN := $(shell sed -n 's/^torch==\([^ ]*\).*/\1/p' $(LOCK))
 UV_VERSION := 0.13.9
 LATEST := .venv-latest
+# The slide viewer's browser library, from the npm registry at the version package-lock.json pins, served by
+# the app itself (users run offline: never a CDN), with its licence beside it.
+VIEWER_DIR := chatexaonepath/webapp/static/vendor/openseadragon
+VIEWER := $(VIEWER_DIR)/openseadragon.min.js
 PYTEST_ARGS := -q -p no:cacheprovider
 
-.PHONY: setup demo test bench lock test-latest clean system-packages
+.PHONY: setup demo test bench lock test-latest clean system-packages viewer-assets
 
-setup: $(STAMP)
+setup: $(STAMP) $(VIEWER)
+
+viewer-assets: $(VIEWER)
+
+$(VIEWER): package.json package-lock.json
+	command -v npm >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq npm; }
+	npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+	rm -rf $(VIEWER_DIR) && mkdir -p $(VIEWER_DIR)
+	cp -r node_modules/openseadragon/build/openseadragon/openseadragon.min.js node_modules/openseadragon/build/openseadragon/images \
+		node_modules/openseadragon/LICENSE.txt $(VIEWER_DIR)/
 
 system-packages:
 	# Debian packages: tesseract for OCR of scanned reports (RAIDER ingest), chromium for the
@@ -39,10 +52,10 @@ $(STAMP): pyproject.toml $(LOCK) Makefile tools/lockfile.py
 	$(PY) tools/lockfile.py check --python $(PY)
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) $(VIEWER)
 	$(PY) app.py
 
-test: $(STAMP)
+test: $(STAMP) $(VIEWER)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
@@ -65,4 +78,4 @@ test-latest:
 	HF_HUB_OFFLINE=1 $(LATEST)/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(LATEST) .venv-lock demo_out .pytest_cache
+	rm -rf $(VENV) $(LATEST) .venv-lock demo_out .pytest_cache node_modules $(VIEWER_DIR)

@@ -1,0 +1,449 @@
+"""Deep-zoom tiles of each session's slide: OpenSlide's `DeepZoomGenerator`, JPEG, an in-memory LRU, and tokens.
+
+Every slide a session shows is published under two random secrets: a `token` in its URLs (a guessed
+one finds nothing: 404) and a `key` the session's page keeps as a cookie scoped to those URLs (a
+request without it, from another browser session, is refused: 403).
+
+Tiles come from `openslide.deepzoom.DeepZoomGenerator` for every format the app opens. OpenSlide
+handles with a dense pyramid go to it directly; everything else — PNG/JPEG, flat TIFFs, and slides
+whose pyramid has big gaps or no small level — goes through `SlidePyramid`, power-of-two levels whose
+reads stay bounded: a tile never reads more than `READ_PIXELS` from the file, whatever the file (the
+coarse levels come from one level kept in memory, read once in strips).
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import io
+import logging
+import math
+import secrets
+import threading
+import weakref
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import numpy as np
+import openslide
+from openslide.deepzoom import DeepZoomGenerator
+from PIL import Image
+
+from ..errors import ChatEXAONEPathError, SlideError
+from ..vision_tower.slide import Slide
+
+logger = logging.getLogger(__name__)
+
+TILE_SIZE = 254  # + 2 × overlap = 256, the size viewers fetch best
+TILE_OVERLAP = 1
+JPEG_QUALITY = 80
+CACHE_BYTES = 128 * 1024 * 1024  # ~6,000 tiles of ~20 kB, shared by every session
+MAX_OPEN_SLIDES = 4  # slides held open for tiles at once; the least recently viewed closes (reopened on demand)
+READ_PIXELS = 4 * 1024 * 1024  # the most one tile may decode from the file
+HELD_LEVEL_PIXELS = 8 * 1024 * 1024  # a `SlidePyramid` keeps levels up to this size decoded in memory
+MAX_LEVEL_STEP = 4.5  # OpenSlide pyramids with bigger steps between levels go through `SlidePyramid`
+
+
+class TileNotFound(ChatEXAONEPathError):
+    """No such slide or tile (an unknown token, a tile outside the pyramid, a slide whose session ended)."""
+
+
+class TileForbidden(ChatEXAONEPathError):
+    """The slide exists but belongs to another browser session."""
+
+
+class SlidePyramid(openslide.AbstractSlide):
+    """OpenSlide's slide interface over any `Slide`, with power-of-two levels whose reads stay bounded.
+
+    Level k is the slide at 2**k× below level 0. It is read from the slide's own nearest finer level
+    when that costs at most `READ_PIXELS` per request; otherwise from a level kept decoded in memory
+    (the largest at most `HELD_LEVEL_PIXELS`, built once by reading the slide in strips), enlarged
+    when no finer held level exists (a huge flat TIFF far out of the zoom range it can serve quickly).
+    """
+
+    def __init__(self, slide: Slide) -> None:
+        super().__init__()
+        self._slide = slide
+        width, height = slide.dimensions
+        dims = [(width, height)]
+        while max(dims[-1]) > TILE_SIZE:
+            scale = 2 ** len(dims)
+            dims.append((math.ceil(width / scale), math.ceil(height / scale)))
+        self._dims = tuple(dims)
+        self._held_from = next((k for k, (w, h) in enumerate(dims) if k and w * h <= HELD_LEVEL_PIXELS), len(dims) - 1)
+        self._held: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def detect_format(cls, filename) -> str | None:
+        return None
+
+    def close(self) -> None:
+        self._held.clear()  # the slide itself belongs to the caller
+
+    @property
+    def level_count(self) -> int:
+        return len(self._dims)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._dims
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(float(2**k) for k in range(len(self._dims)))
+
+    @property
+    def properties(self) -> dict[str, str]:
+        return {openslide.PROPERTY_NAME_VENDOR: self._slide.vendor}
+
+    @property
+    def associated_images(self) -> dict[str, Image.Image]:
+        return {}
+
+    def get_best_level_for_downsample(self, downsample: float) -> int:
+        return max(0, min(len(self._dims) - 1, int(math.floor(math.log2(max(downsample, 1.0)) + 1e-9))))
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        """RGBA pixels (opaque) of `size` at `level`, its top-left at level-0 `location`."""
+        scale = 2**level
+        source = self._slide.best_level_for_downsample(scale)
+        ratio = scale / self._slide.level_downsamples[source]  # file pixels read per output pixel, per side
+        cheap = size[0] * size[1] * ratio * ratio <= READ_PIXELS and (ratio <= 2 or level < self._held_from)
+        if level == 0 or cheap:
+            read = (max(1, math.ceil(size[0] * ratio)), max(1, math.ceil(size[1] * ratio)))
+            pixels = _resized(self._slide.read_region(location, source, read), size)
+        else:
+            pixels = self._from_held(location, level, size)
+        return Image.fromarray(pixels).convert("RGBA")
+
+    def _from_held(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        held = max(level, self._held_from)
+        image = self._held_level(held)
+        factor = 2 ** (level - held)  # ≤ 1 when enlarging from a coarser held level
+        x0, y0 = location[0] / 2**held, location[1] / 2**held
+        w, h = size[0] * factor, size[1] * factor
+        out = np.full((max(1, math.ceil(h)), max(1, math.ceil(w)), 3), 255, np.uint8)
+        left, top = int(math.floor(x0)), int(math.floor(y0))
+        piece = image[max(top, 0):max(top, 0) + out.shape[0], max(left, 0):max(left, 0) + out.shape[1]]
+        out[:piece.shape[0], :piece.shape[1]] = piece
+        return _resized(out, size)
+
+    def _held_level(self, level: int) -> np.ndarray:
+        with self._lock:
+            return self._build_held(level)
+
+    def _build_held(self, level: int) -> np.ndarray:
+        if level not in self._held:
+            if level == self._held_from:
+                image, _ = self._slide.read_at_downsample(2**level)  # in strips: bounded memory
+            else:
+                image = self._build_held(level - 1)
+            self._held[level] = _resized(image, self._dims[level])
+        return self._held[level]
+
+
+def _resized(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`pixels` at exactly (width, height) = `size`: area-averaged when shrinking, bilinear when enlarging."""
+    import cv2
+
+    if (pixels.shape[1], pixels.shape[0]) == tuple(size):
+        return pixels
+    shrinking = pixels.shape[1] >= size[0] and pixels.shape[0] >= size[1]
+    return cv2.resize(pixels, tuple(size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def _dense_pyramid(handle) -> bool:
+    """True for an OpenSlide handle whose levels step by at most `MAX_LEVEL_STEP` down to a small one."""
+    if not isinstance(handle, openslide.OpenSlide):
+        return False
+    downsamples = list(handle.level_downsamples)
+    steps = [b / a for a, b in zip(downsamples, downsamples[1:])]
+    coarsest = handle.level_dimensions[-1]
+    return all(step <= MAX_LEVEL_STEP for step in steps) and coarsest[0] * coarsest[1] <= READ_PIXELS
+
+
+class TileCache:
+    """JPEG bytes of recent tiles, least recently used dropped first, within `max_bytes`; thread-safe."""
+
+    def __init__(self, max_bytes: int = CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._items: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> bytes | None:
+        with self._lock:
+            data = self._items.get(key)
+            if data is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return data
+
+    def put(self, key: tuple, data: bytes) -> None:
+        with self._lock:
+            old = self._items.pop(key, None)
+            self.bytes += len(data) - (len(old) if old is not None else 0)
+            self._items[key] = data
+            while self.bytes > self.max_bytes and self._items:
+                _, dropped = self._items.popitem(last=False)
+                self.bytes -= len(dropped)
+
+    def drop(self, token: str) -> None:
+        """Forget every tile of one published slide."""
+        with self._lock:
+            for key in [k for k in self._items if k[0] == token]:
+                self.bytes -= len(self._items.pop(key))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class SlideTiles:
+    """One published slide: its secrets, its deep-zoom geometry, and its tiles (opened lazily, closable at any time)."""
+
+    def __init__(self, opener: Callable[[], Slide], cache: TileCache, alive: Callable[[], bool] = lambda: True) -> None:
+        self.token = secrets.token_urlsafe(24)
+        self.key = secrets.token_urlsafe(24)
+        self.alive = alive
+        self._opener, self._cache = opener, cache
+        self._slide: Slide | None = None
+        self._generator: DeepZoomGenerator | None = None
+        self._readers = 0
+        self._release_wanted = False
+        self.revoked = False
+        self._state = threading.Condition()
+        # Set by whoever publishes the slide (viewer.py): what its page draws over it, and its patches.
+        self.config: dict = {}
+        self.overlay: dict = {}
+        self.patch_coords = np.zeros((0, 2), np.int64)
+        self.patch_side = 0
+
+    # -- opening and closing, safe while other threads read --------------------------------------------
+    @contextmanager
+    def _reading(self) -> Iterator[DeepZoomGenerator]:
+        with self._state:
+            if self.revoked:
+                raise TileNotFound("This slide is no longer shown.")
+            if self._generator is None:
+                self._open()
+            self._readers += 1
+            generator = self._generator
+        try:
+            yield generator
+        finally:
+            with self._state:
+                self._readers -= 1
+                if self._readers == 0 and (self._release_wanted or self.revoked):
+                    self._close()
+
+    def _open(self) -> None:
+        slide = self._opener()
+        try:
+            handle = slide.handle
+            source = handle if _dense_pyramid(handle) else SlidePyramid(slide)
+            self._generator = DeepZoomGenerator(source, TILE_SIZE, TILE_OVERLAP, limit_bounds=False)
+        except BaseException:
+            slide.close()
+            raise
+        self._slide = slide
+        logger.debug("Opened %s for tiles (%s)", slide.slide_id, type(source).__name__)
+
+    def _close(self) -> None:
+        if self._slide is not None:
+            self._slide.close()
+        self._slide = self._generator = None
+        self._release_wanted = False
+
+    def release(self) -> None:
+        """Close the slide (now, or when the last tile being read is done); the next request reopens it."""
+        with self._state:
+            if self._readers:
+                self._release_wanted = True
+            else:
+                self._close()
+
+    def revoke(self) -> None:
+        """Stop serving this slide for good and forget its tiles."""
+        with self._state:
+            self.revoked = True
+            if not self._readers:
+                self._close()
+        self._cache.drop(self.token)
+
+    @property
+    def is_open(self) -> bool:
+        return self._generator is not None
+
+    def with_slide(self, work: Callable[[Slide], object]) -> object:
+        """Run `work` on the open slide (kept open meanwhile) and return what it returns."""
+        with self._reading():
+            return work(self._slide)
+
+    # -- what the viewer asks for ----------------------------------------------------------------------
+    def geometry(self) -> dict:
+        """Level-0 size, tile size, overlap and deep-zoom level count (what the viewer's tile source needs)."""
+        with self._reading() as generator:
+            width, height = generator.level_dimensions[-1]
+            return {"width": width, "height": height, "tile_size": TILE_SIZE, "overlap": TILE_OVERLAP,
+                    "levels": generator.level_count}
+
+    def tile(self, level: int, col: int, row: int) -> bytes:
+        """The JPEG of one deep-zoom tile, from the cache when it was served lately."""
+        key = (self.token, level, col, row)
+        data = self._cache.get(key)
+        if data is not None:
+            return data
+        with self._reading() as generator:
+            if not 0 <= level < generator.level_count:
+                raise TileNotFound(f"There is no deep-zoom level {level}.")
+            cols, rows = generator.level_tiles[level]
+            if not (0 <= col < cols and 0 <= row < rows):
+                raise TileNotFound(f"There is no tile {col}_{row} at level {level}.")
+            image = self._read(lambda: generator.get_tile(level, (col, row)))
+        data = _jpeg(image)
+        self._cache.put(key, data)
+        return data
+
+    def region(self, x: int, y: int, width: int, height: int, max_side: int) -> bytes:
+        """A level-0 rectangle as JPEG, shrunk to fit `max_side` (full resolution when it already fits)."""
+        with self._reading() as generator:
+            slide_w, slide_h = generator.level_dimensions[-1]
+            x0, y0 = max(0, x), max(0, y)
+            x1, y1 = min(slide_w, x + width), min(slide_h, y + height)
+            if x1 <= x0 or y1 <= y0:
+                raise TileNotFound("The region lies outside the slide.")
+            image = self._read(lambda: self._region_image(generator, (x0, y0, x1, y1), max_side))
+        return _jpeg(image)
+
+    def _region_image(self, generator: DeepZoomGenerator, box: tuple[int, int, int, int], max_side: int) -> Image.Image:
+        # The deep-zoom level at which the region fits `max_side`, built from its (cached) tiles: every
+        # read is one tile's, so a region is as bounded as a tile, whatever the slide's format.
+        x0, y0, x1, y1 = box
+        shrink = max(1.0, max(x1 - x0, y1 - y0) / max_side)
+        level = generator.level_count - 1 - min(generator.level_count - 1, int(math.floor(math.log2(shrink))))
+        scale = 2 ** (generator.level_count - 1 - level)
+        left, top, right, bottom = x0 // scale, y0 // scale, max(x0 // scale + 1, -(-x1 // scale)), \
+            max(y0 // scale + 1, -(-y1 // scale))
+        canvas = Image.new("RGB", (right - left, bottom - top), "white")
+        cols, rows = generator.level_tiles[level]
+        for row in range(top // TILE_SIZE, min(rows, (bottom - 1) // TILE_SIZE + 1)):
+            for col in range(left // TILE_SIZE, min(cols, (right - 1) // TILE_SIZE + 1)):
+                tile = Image.open(io.BytesIO(self.tile(level, col, row)))
+                offset_x, offset_y = (TILE_OVERLAP if col else 0), (TILE_OVERLAP if row else 0)
+                canvas.paste(tile, (col * TILE_SIZE - offset_x - left, row * TILE_SIZE - offset_y - top))
+        fit = min(1.0, max_side / max(canvas.size))
+        if fit < 1.0:
+            canvas = canvas.resize((max(1, round(canvas.width * fit)), max(1, round(canvas.height * fit))),
+                                   Image.Resampling.LANCZOS)
+        return canvas
+
+    def _read(self, read: Callable[[], Image.Image]) -> Image.Image:
+        try:
+            return read()
+        except (openslide.OpenSlideError, SlideError, OSError) as e:
+            logger.warning("Reading tiles of a slide failed: %s", e)
+            raise SlideError("The slide could not be read here (the file is probably corrupt).") from e
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+class TileRegistry:
+    """The published slides of all sessions: look-ups by token and key, at most `max_open` slides held open."""
+
+    def __init__(self, cache_bytes: int = CACHE_BYTES, max_open: int = MAX_OPEN_SLIDES) -> None:
+        self.cache = TileCache(cache_bytes)
+        self.max_open = max_open
+        self._by_token: dict[str, SlideTiles] = {}
+        self._by_owner: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()  # owner → token
+        self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def publish(self, owner: object, opener: Callable[[], Slide], alive: Callable[[], bool] = lambda: True) -> SlideTiles:
+        """Publish `owner`'s slide under new secrets; the slide it showed before stops being served."""
+        tiles = SlideTiles(opener, self.cache, alive)
+        with self._lock:
+            previous = self._by_owner.get(owner)
+            self._by_owner[owner] = tiles.token
+            self._by_token[tiles.token] = tiles
+        if previous is not None:
+            self._revoke_token(previous)
+        self._sweep()
+        return tiles
+
+    def find(self, token: str, key: str | None) -> SlideTiles:
+        """The published slide for `token` if `key` is its key; `TileNotFound` or `TileForbidden` otherwise."""
+        with self._lock:
+            tiles = self._by_token.get(token)
+        if tiles is None or tiles.revoked or not tiles.alive():
+            if tiles is not None:
+                self._revoke_token(token)
+            raise TileNotFound("No such slide.")
+        if not key or not hmac.compare_digest(key.encode(), tiles.key.encode()):
+            raise TileForbidden("This slide belongs to another session.")
+        self._note_use(tiles)
+        return tiles
+
+    def published(self, owner: object) -> SlideTiles | None:
+        """The slide `owner` publishes now, or None."""
+        with self._lock:
+            tiles = self._by_token.get(self._by_owner.get(owner, ""))
+        return tiles if tiles is not None and not tiles.revoked and tiles.alive() else None
+
+    def revoke(self, owner: object) -> None:
+        """Stop serving `owner`'s slide (its session ended or cleared it)."""
+        with self._lock:
+            token = self._by_owner.pop(owner, None)
+        if token is not None:
+            self._revoke_token(token)
+
+    def _revoke_token(self, token: str) -> None:
+        with self._lock:
+            tiles = self._by_token.pop(token, None)
+            self._recent.pop(token, None)
+            for owner, owned in list(self._by_owner.items()):
+                if owned == token:
+                    del self._by_owner[owner]
+        if tiles is not None:
+            tiles.revoke()
+
+    def _note_use(self, tiles: SlideTiles) -> None:
+        with self._lock:
+            self._recent[tiles.token] = None
+            self._recent.move_to_end(tiles.token)
+            surplus = []
+            while len(self._recent) > self.max_open:
+                token, _ = self._recent.popitem(last=False)
+                if token in self._by_token:
+                    surplus.append(self._by_token[token])
+        for extra in surplus:
+            extra.release()
+
+    def _sweep(self) -> None:
+        """Drop slides whose sessions ended without telling (the check is cheap; it runs on each publish)."""
+        with self._lock:
+            dead = [token for token, tiles in self._by_token.items() if not tiles.alive()]
+        for token in dead:
+            self._revoke_token(token)
+
+    @property
+    def open_count(self) -> int:
+        with self._lock:
+            return sum(tiles.is_open for tiles in self._by_token.values())
+
+    def __len__(self) -> int:
+        return len(self._by_token)
+
+    def close(self) -> None:
+        """Stop serving every slide."""
+        with self._lock:
+            tokens = list(self._by_token)
+        for token in tokens:
+            self._revoke_token(token)
