@@ -35,7 +35,8 @@ REPORT = "FINAL DIAGNOSIS: Left breast, core biopsy: invasive ductal carcinoma, 
 
 
 def judge_reply(ids: list[str]):
-    body = json.dumps({i: {"pass": True, "reason": "Consistent with the report."} for i in ids})
+    body = json.dumps({**{i: {"reason": "Consistent with the report.", "pass": True} for i in ids},
+                       "addresses_evaluator": False})
     text = "\n".join(f"{i}: consistent." for i in ids) + f"\n```json\n{body}\n```"
     return lambda messages: text
 

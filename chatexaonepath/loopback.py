@@ -19,13 +19,16 @@ Reply = Callable[[list[dict]], str]
 class FakeOpenAIServer:
     """Answers POST /v1/chat/completions with `reply(messages)` after `delay` seconds.
 
-    A wrong key gets 401, an unknown model 404, and a `reply` that raises gets 500. Every request
-    body is kept in `requests` (in arrival order) so tests can check what a client sent.
+    A wrong key gets 401, an unknown model 404, and a `reply` that raises gets 500. A
+    `response_format` (structured output, as vLLM, Ollama and OpenAI take it) is accepted and left to
+    `reply` to honour, or, with `structured_output=False`, refused with 400 as servers without it do.
+    Every request body is kept in `requests` (in arrival order) so tests can check what a client sent.
     """
 
     def __init__(self, models: tuple[str, ...] = ("test-model",), api_key: str | None = None,
-                 delay: float = 0.0, reply: Reply | None = None) -> None:
+                 delay: float = 0.0, reply: Reply | None = None, structured_output: bool = True) -> None:
         self.models, self.api_key, self.delay = set(models), api_key, delay
+        self.structured_output = structured_output
         self.reply: Reply = reply or (lambda messages: "echo: " + messages[-1]["content"])
         self.requests: list[dict] = []
         self._lock = threading.Lock()
@@ -60,6 +63,9 @@ class FakeOpenAIServer:
                     return self._send(401, {"error": {"message": "invalid api key", "type": "auth"}})
                 if body.get("model") not in server.models:
                     return self._send(404, {"error": {"message": f"model {body.get('model')} not found"}})
+                if body.get("response_format") is not None and not server.structured_output:
+                    return self._send(400, {"error": {"message": "response_format is not supported by this server",
+                                                      "type": "invalid_request_error"}})
                 time.sleep(server.delay)
                 try:
                     text = server.reply(body["messages"])

@@ -26,18 +26,20 @@ Retries = Annotated[int, typer.Option("--retries", help="Re-sends of a judge req
 MaxReport = Annotated[int, typer.Option("--max-report-chars", help="Longer reports are replaced by their most relevant passages.")]
 JudgeMaxTokens = Annotated[int, typer.Option("--judge-max-tokens", help="Longest judge reply in tokens (reasoning + JSON).")]
 MaxRepairs = Annotated[int, typer.Option("--max-repairs", help="Re-asks after an unusable judge reply, before a judge_error.")]
+Structured = Annotated[bool, typer.Option("--structured-output/--free-text", help="Send the verdict's JSON schema "
+                                           "(response_format) to the judge server; servers that refuse it get free text.")]
 RetryErrors = Annotated[bool, typer.Option("--retry-errors", help="Judge again the answers whose judge reply was unusable.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; errors only.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")]
 
 
 def _judge_config(votes: int, temperature: float | None, per_criterion: bool, concurrency: int, timeout: float,
-                  retries: int, max_report_chars: int, max_tokens: int, max_repairs: int):
+                  retries: int, max_report_chars: int, max_tokens: int, max_repairs: int, structured_output: bool):
     from .judge import JudgeConfig
 
     return JudgeConfig(votes=votes, temperature=temperature, per_criterion=per_criterion, concurrency=concurrency,
                        timeout=timeout, retries=retries, max_report_chars=max_report_chars, max_tokens=max_tokens,
-                       max_repairs=max_repairs)
+                       max_repairs=max_repairs, structured_output=structured_output)
 
 
 def _print_summary(summary: dict, out: Path) -> None:
@@ -72,7 +74,8 @@ def run(
     criteria: Criteria = None, accept: Accept = "major", votes: Votes = 1, temperature: Temperature = None,
     per_criterion: PerCriterion = False, concurrency: Concurrency = 8, timeout: Timeout = 120.0, retries: Retries = 3,
     max_report_chars: MaxReport = 6000, judge_max_tokens: JudgeMaxTokens = 768, max_repairs: MaxRepairs = 2,
-    retry_errors: RetryErrors = False, quiet: Quiet = False, verbose: Verbose = False,
+    structured_output: Structured = True, retry_errors: RetryErrors = False, quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Answer every test question with a checkpoint, then judge the answers against the reports (resumable)."""
     from ..progress import progress_bar, setup_logging
@@ -84,7 +87,7 @@ def run(
                             reports=str(reports) if reports else None, batch_size=batch_size,
                             max_new_tokens=max_new_tokens)
     judge_config = _judge_config(votes, temperature, per_criterion, concurrency, timeout, retries, max_report_chars,
-                                 judge_max_tokens, max_repairs)
+                                 judge_max_tokens, max_repairs, structured_output)
     with progress_bar(quiet) as progress:
         answering = progress.add_task("answers", total=None, unit="answers")
         judging = progress.add_task("verdicts", total=None, unit="verdicts", start=False)
@@ -108,7 +111,8 @@ def judge_command(
     criteria: Criteria = None, accept: Accept = "major", votes: Votes = 1, temperature: Temperature = None,
     per_criterion: PerCriterion = False, concurrency: Concurrency = 8, timeout: Timeout = 120.0, retries: Retries = 3,
     max_report_chars: MaxReport = 6000, judge_max_tokens: JudgeMaxTokens = 768, max_repairs: MaxRepairs = 2,
-    retry_errors: RetryErrors = False, quiet: Quiet = False, verbose: Verbose = False,
+    structured_output: Structured = True, retry_errors: RetryErrors = False, quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Judge answers from any system (e.g. a baseline) on the same criteria (resumable)."""
     from ..progress import progress_bar, setup_logging
@@ -116,7 +120,7 @@ def judge_command(
 
     setup_logging(verbose, quiet)
     judge_config = _judge_config(votes, temperature, per_criterion, concurrency, timeout, retries, max_report_chars,
-                                 judge_max_tokens, max_repairs)
+                                 judge_max_tokens, max_repairs, structured_output)
     with progress_bar(quiet) as progress:
         task = progress.add_task("verdicts", total=None, unit="verdicts")
         result = judge_answers_file(answers, out, judge, reports=reports, criteria=criteria, rule=accept,

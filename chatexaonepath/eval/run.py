@@ -2,18 +2,21 @@
 
 Run folder (docs/evaluation.md): `answers.jsonl`, `verdicts.jsonl`, `summary.json`, `report.md`,
 `criteria.png`, `eval_config.json` (everything the run was made with) and `errors.jsonl` (items
-that could not be answered). Verdicts are appended as each answer is judged; a rerun judges only
-what has no verdict (or lost its verdict to a backend failure), and at the end the file is
-compacted to one record per item with acceptance recomputed under the run's rule.
+that could not be answered). Verdicts are appended as each answer is judged, each with the
+`input_hash` of what it judged (question, answer, report, criteria, judge settings); a rerun judges
+what has no verdict, lost its verdict to a backend failure, or changed since (an item id alone
+never matches an old verdict to a new answer), and at the end the file is compacted to one record
+per item with acceptance recomputed under the run's rule.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -35,7 +38,7 @@ CONFIG_FILE = "eval_config.json"
 # Settings whose change makes existing verdicts incomparable with new ones (the rule is not one:
 # acceptance is recomputed from the stored criterion verdicts).
 VERDICT_SETTINGS = ("votes", "sampling_temperature", "per_criterion", "seed", "max_report_chars", "chunk_chars",
-                    "embedder", "prompt_version")
+                    "embedder", "prompt_version", "max_tokens", "structured_output")
 
 
 @dataclass
@@ -44,6 +47,14 @@ class RunResult:
 
     out_dir: Path
     summary: dict
+
+
+@dataclass
+class JudgeStats:
+    """What one `judge_items` call did: verdicts made, and the ids judged again because their input changed."""
+
+    judged: int = 0
+    changed: list[str] = field(default_factory=list)
 
 
 def judge_model(backend: TextBackend) -> str:
@@ -71,33 +82,48 @@ def _save_config(out_dir: Path, **sections: object) -> None:
     atomic_write_json(path, config)
 
 
+def verdict_key(item: JudgeItem, judge: Judge) -> str:
+    """sha256 of what a verdict is made from: question, answer, report, criteria and the judge's settings."""
+    config = judge.config.as_dict()
+    content = {"question": item.question, "answer": item.answer, "report": item.report,
+               "criteria": judge.criteria.fingerprint(), "judge_model": judge_model(judge.backend),
+               "settings": {k: config.get(k) for k in VERDICT_SETTINGS}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
 def judge_items(items: list[JudgeItem], judge: Judge, verdicts: JsonlLog, excerpter: ReportExcerpter | None = None,
-                *, retry_errors: bool = False, progress: Progress | None = None) -> int:
-    """Judge every item without a verdict (concurrently), appending each verdict; returns how many were judged.
+                *, retry_errors: bool = False, progress: Progress | None = None) -> JudgeStats:
+    """Judge every item without a verdict of its current input (concurrently), appending each verdict.
 
     Raises BackendError when the backend fails before any request succeeded (a wrong URL, key or
     model should stop the run, not fill it with errors).
     """
     existing = verdicts.latest()
+    keys = {item.id: verdict_key(item, judge) for item in items}
+    changed = [i.id for i in items if i.id in existing and existing[i.id].get("input_hash") != keys[i.id]]
+    if changed:
+        logger.warning("%d item(s) changed since they were judged in %s (first: %s); they are judged again.",
+                       len(changed), verdicts.path.parent, changed[0])
 
     def needed(item: JudgeItem) -> bool:
         record = existing.get(item.id)
-        return record is None or record.get("error_kind") == "backend" or bool(retry_errors and record.get("judge_error"))
+        return (record is None or record.get("input_hash") != keys[item.id] or record.get("error_kind") == "backend"
+                or bool(retry_errors and record.get("judge_error")))
 
     todo = [i for i in items if needed(i)]
     if progress:
         progress(len(items) - len(todo), len(items))
     if not todo:
-        return 0
+        return JudgeStats(0, changed)
     excerpter = excerpter or ReportExcerpter(judge.config.max_report_chars, judge.config.chunk_chars,
                                              judge.config.embedder)
     contexts = excerpter.contexts([(i.report_id, i.report, f"{i.question}\n{i.answer}") for i in todo])
-    asyncio.run(_judge_all(todo, contexts, judge, verdicts, len(items) - len(todo), len(items), progress))
-    return len(todo)
+    asyncio.run(_judge_all(todo, contexts, keys, judge, verdicts, len(items) - len(todo), len(items), progress))
+    return JudgeStats(len(todo), changed)
 
 
-async def _judge_all(todo: list[JudgeItem], contexts: list, judge: Judge, verdicts: JsonlLog, done: int, total: int,
-                     progress: Progress | None) -> None:
+async def _judge_all(todo: list[JudgeItem], contexts: list, keys: dict[str, str], judge: Judge, verdicts: JsonlLog,
+                     done: int, total: int, progress: Progress | None) -> None:
     queue: asyncio.Queue = asyncio.Queue()
     for pair in zip(todo, contexts):
         queue.put_nowait(pair)
@@ -117,6 +143,7 @@ async def _judge_all(todo: list[JudgeItem], contexts: list, judge: Judge, verdic
                 # A request the server rejects (too long, malformed) fails the same way next time.
                 kind = "request" if e.request_specific else "backend"
                 record = _backend_error_record(item, judge, str(e), context.excerpted, kind)
+            record["input_hash"] = keys[item.id]
             verdicts.append(record)  # one writer: the event loop runs one coroutine at a time
             counter[0] += 1
             if progress:
@@ -190,9 +217,11 @@ def judge_answers_file(answers: str | Path, out_dir: str | Path, judge_backend: 
     items = load_answers(answers, reports)
     judge, extra = _setup(out_dir, judge_backend, criteria, rule, judge_config)
     _save_config(out_dir, answers=str(Path(answers).resolve()), reports=str(reports) if reports else None)
-    judge_items(items, judge, JsonlLog(out_dir / "verdicts.jsonl"), retry_errors=retry_errors, progress=progress)
+    stats = judge_items(items, judge, JsonlLog(out_dir / "verdicts.jsonl"), retry_errors=retry_errors,
+                        progress=progress)
     summary = finalize(out_dir, [i.id for i in items], judge.criteria, judge.rule,
-                       extra={**extra, "answers": str(answers), "usage": judge.backend.usage.as_dict()})
+                       extra={**extra, "answers": str(answers), "usage": judge.backend.usage.as_dict(),
+                              "n_rejudged_changed": len(stats.changed), "rejudged_changed": stats.changed})
     return RunResult(out_dir, summary)
 
 
@@ -219,11 +248,12 @@ def run_eval(generate_config: "GenerateConfig", out_dir: str | Path, judge_backe
                for i in items if i.id not in answered]
     wanted = {i.id for i in items}
     judge_set = [i for i in load_answers(out_dir / "answers.jsonl") if i.id in wanted] if answered else []
-    judge_items(judge_set, judge, JsonlLog(out_dir / "verdicts.jsonl"), retry_errors=retry_errors,
-                progress=judge_progress)
+    stats = judge_items(judge_set, judge, JsonlLog(out_dir / "verdicts.jsonl"), retry_errors=retry_errors,
+                        progress=judge_progress)
     sources = {s: sum(1 for i in items if i.report_source == s) for s in ("record", "file", "reference")}
     extra = {**extra, "model": generate_config.model, "data": generate_config.data, "report_sources": sources,
-             "usage": judge.backend.usage.as_dict()}
+             "usage": judge.backend.usage.as_dict(), "n_rejudged_changed": len(stats.changed),
+             "rejudged_changed": stats.changed}
     summary = finalize(out_dir, [i.id for i in items if i.id in answered], judge.criteria, judge.rule,
                        n_items=len(items), skipped=skipped, extra=extra)
     return RunResult(out_dir, summary)

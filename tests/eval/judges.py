@@ -13,20 +13,26 @@ REPORT = ("FINAL DIAGNOSIS: Left breast, core biopsy: invasive ductal carcinoma,
 
 
 def block(messages: list[dict], name: str) -> str:
-    """The text inside <name>…</name> of the judge prompt (still escaped)."""
-    match = re.search(rf"<{name}>\n(.*?)\n</{name}>", messages[1]["content"], re.S)
-    return match.group(1) if match else ""
+    """The text of the data block `name` in a judge prompt (still escaped), fenced by its per-call boundary."""
+    match = re.search(rf"<<<BEGIN {name} (DATA-[0-9A-F]+)>>>\n(.*?)\n<<<END {name} \1>>>", messages[1]["content"], re.S)
+    return match.group(2) if match else ""
+
+
+def boundary(messages: list[dict]) -> str:
+    """The random boundary code of a judge prompt."""
+    return re.search(r"<<<BEGIN report (DATA-[0-9A-F]+)>>>", messages[1]["content"]).group(1)
 
 
 def asked_ids(messages: list[dict]) -> list[str]:
     """The criterion ids a judge prompt asks about."""
-    return re.search(r"Judge the candidate answer on: (.*?)\. Reply", messages[1]["content"]).group(1).split(", ")
+    return re.search(r"Judge the candidate answer on: (.*?)\.\n", messages[1]["content"]).group(1).split(", ")
 
 
-def verdict(ids, passed=True, fences=True, reasoning=True) -> str:
+def verdict(ids, passed=True, fences=True, reasoning=True, addresses=False) -> str:
     """A well-formed judge reply: reasoning lines, then the JSON verdict in a fenced block."""
     passes = passed if isinstance(passed, dict) else {i: passed for i in ids}
-    body = json.dumps({i: {"pass": passes[i], "reason": f"{i} checked."} for i in ids})
+    body = json.dumps({**{i: {"reason": f"{i} checked.", "pass": passes[i]} for i in ids},
+                       "addresses_evaluator": addresses})
     lines = [f"{i}: looks {'fine' if passes[i] else 'wrong'}." for i in ids] if reasoning else []
     return "\n".join(lines + ([f"```json\n{body}\n```"] if fences else [body]))
 

@@ -25,23 +25,43 @@ def judge_one(server, criteria, answer, **config):
 
 
 # --- parsing ------------------------------------------------------------------------------------------
+ALL_PASS = json.dumps({i: {"pass": True, "reason": "ok"} for i in IDS})
+
+
 @pytest.mark.parametrize("reply", [
     verdict(IDS),
     verdict(IDS, fences=False, reasoning=False),
-    "Reasoning first.\n" + json.dumps({i: {"pass": True, "reason": "ok"} for i in IDS}).replace("}}", "},}") + "\nDone.",
+    "Reasoning first.\n" + ALL_PASS.replace("}}", "},}") + "\n",  # a trailing comma
     "```json\n{" + ", ".join(f"'{i}': {{'pass': True, 'reason': 'ok'}}" for i in IDS) + "}\n```",
     json.dumps({str(n): {"pass": "yes", "reason": "ok"} for n in range(1, 8)}),
     json.dumps({"criteria": {i: True for i in IDS}}),
-    json.dumps({i: {"pass": True, "reason": "ok"} for i in IDS})[:-1],  # cut off before the last brace
 ])
 def test_small_json_slips_are_repaired(reply, criteria):
-    parsed = parse_verdicts(reply, criteria.criteria)
-    assert list(parsed) == IDS and all(v["pass"] is True and isinstance(v["reason"], str) for v in parsed.values())
+    parsed = parse_verdicts(reply, criteria.criteria, require_evaluator_field=False)
+    assert list(parsed.criteria) == IDS
+    assert all(v["pass"] is True and isinstance(v["reason"], str) for v in parsed.criteria.values())
 
 
-def test_the_last_valid_object_wins_over_examples_in_the_reasoning(criteria):
-    reply = ('The format is {"diagnosis": {"pass": true}}.\n' + verdict(IDS, {i: i != "site" for i in IDS}))
-    assert parse_verdicts(reply, criteria.criteria)["site"]["pass"] is False
+@pytest.mark.parametrize("reply,expected", [
+    # a quoted all-pass object, then the judge's own verdict cut off at max_tokens
+    ("An answer could claim " + ALL_PASS + " but the real verdict is:\n" + verdict(IDS, False, reasoning=False)[:-40],
+     "cut off"),
+    # a fenced failing verdict followed by an unfenced all-pass object
+    (verdict(IDS, False) + "\n" + ALL_PASS, "2 JSON objects"),
+    ('The format is {"diagnosis": {"pass": true}}.\n' + verdict(IDS, False), "2 JSON objects"),
+    (ALL_PASS[:-1], "cut off"),  # no library invents the missing end
+    (verdict(IDS) + "\nDone.", "after the JSON"),
+])
+def test_only_one_complete_verdict_at_the_end_counts(reply, expected, criteria):
+    with pytest.raises(JudgeOutputError, match=expected):
+        parse_verdicts(reply, criteria.criteria, require_evaluator_field=False)
+
+
+def test_the_evaluator_field_is_read_and_required(criteria):
+    flagged = json.loads(ALL_PASS) | {"addresses_evaluator": True}
+    assert parse_verdicts(json.dumps(flagged), criteria.criteria).addresses_evaluator is True
+    with pytest.raises(JudgeOutputError, match="addresses_evaluator"):
+        parse_verdicts(ALL_PASS, criteria.criteria)
 
 
 @pytest.mark.parametrize("reply,expected", [
@@ -53,7 +73,15 @@ def test_the_last_valid_object_wins_over_examples_in_the_reasoning(criteria):
 ])
 def test_unusable_replies_raise_with_the_reason(reply, expected, criteria):
     with pytest.raises(JudgeOutputError, match=expected):
-        parse_verdicts(reply, criteria.criteria)
+        parse_verdicts(reply, criteria.criteria, require_evaluator_field=False)
+
+
+def test_a_truncated_or_doubled_verdict_is_a_judge_error_never_a_pass(criteria):
+    replies = iter([verdict(IDS, False) + "\n" + ALL_PASS, "Quoting " + ALL_PASS + " then " + ALL_PASS[:-30]] * 3)
+    with FakeOpenAIServer(reply=lambda m: next(replies)) as server:
+        record = judge_one(server, criteria, "Benign fibroadenoma.", max_repairs=1)
+    assert record["accepted"] is None and record["error_kind"] == "output"
+    assert all(v["pass"] is None for v in record["criteria"].values())
 
 
 # --- judging through the server ---------------------------------------------------------------------
@@ -184,3 +212,30 @@ def test_an_unreachable_judge_stops_the_run_with_one_sentence(tmp_path):
         judge_answers_file(tmp_path / "a.jsonl", tmp_path / "run", f"openai:test-model@http://127.0.0.1:{port}/v1",
                            judge_config=JudgeConfig(retries=1, backoff=0.01))
     assert not (tmp_path / "run" / "verdicts.jsonl").exists()
+
+
+# --- structured output ------------------------------------------------------------------------------
+def test_the_verdict_schema_is_sent_as_structured_output(criteria):
+    with FakeOpenAIServer(reply=keyword_judge) as server:
+        record = judge_one(server, criteria, "Invasive ductal carcinoma.")
+        sent = server.requests[0]["response_format"]
+    assert record["accepted"] is True and sent["type"] == "json_schema"
+    schema = sent["json_schema"]["schema"]
+    assert schema["required"] == IDS + ["addresses_evaluator"] and schema["additionalProperties"] is False
+    assert schema["properties"]["diagnosis"]["required"] == ["reason", "pass"]
+
+
+def test_a_server_without_structured_output_is_asked_in_free_text(tmp_path):
+    write_answers(tmp_path / "a.jsonl", ["Carcinoma.", "Carcinoma, ductal.", "Benign."])
+    with FakeOpenAIServer(reply=keyword_judge, structured_output=False) as server:
+        result = judge_answers_file(tmp_path / "a.jsonl", tmp_path / "run", f"openai:test-model@{server.url}",
+                                    judge_config=JudgeConfig(concurrency=1))
+        with_schema = [r for r in server.requests if "response_format" in r]
+    assert len(with_schema) == 1 and len(server.requests) == 4  # refused once, then free text for the run
+    assert result.summary["n_judge_errors"] == 0 and result.summary["acceptance_rate"] == pytest.approx(2 / 3)
+
+
+def test_structured_output_can_be_switched_off(criteria):
+    with FakeOpenAIServer(reply=keyword_judge) as server:
+        judge_one(server, criteria, "Carcinoma.", structured_output=False)
+        assert "response_format" not in server.requests[0]

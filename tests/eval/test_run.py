@@ -14,7 +14,7 @@ from chatexaonepath.eval.judge import JudgeConfig
 from chatexaonepath.eval.run import judge_answers_file
 from chatexaonepath.loopback import FakeOpenAIServer
 
-from .judges import IDS, asked_ids, block, keyword_judge, verdict, write_answers
+from .judges import IDS, REPORT, asked_ids, block, keyword_judge, verdict, write_answers
 
 
 def lines(path):
@@ -120,3 +120,35 @@ def test_long_reports_are_judged_on_their_most_relevant_passages(tmp_path):
     assert "passages most relevant" in server.prompts()[0][1]["content"]
     assert lines(tmp_path / "run" / "verdicts.jsonl")[0]["report_excerpted"] is True
     assert result.summary["n_report_excerpted"] == 1
+
+
+def test_a_changed_answer_is_judged_again_not_reused(tmp_path):
+    (tmp_path / "a1.jsonl").write_text(json.dumps({"id": "q1", "question": "What is the diagnosis?",
+                                                   "answer": "Invasive ductal carcinoma.", "report": REPORT}) + "\n")
+    (tmp_path / "a2.jsonl").write_text(json.dumps({"id": "q1", "question": "What is the diagnosis?",
+                                                   "answer": "Benign fibroadenoma.", "report": REPORT}) + "\n")
+    with FakeOpenAIServer(reply=keyword_judge) as server:
+        spec = f"openai:test-model@{server.url}"
+        first = judge_answers_file(tmp_path / "a1.jsonl", tmp_path / "run", spec)
+        assert first.summary["acceptance_rate"] == 1.0 and len(server.requests) == 1
+        second = judge_answers_file(tmp_path / "a2.jsonl", tmp_path / "run", spec)
+        assert len(server.requests) == 2  # the new answer was judged, not matched to the old verdict by id
+        assert [block(m, "candidate_answer") for m in server.prompts()[1:]] == ["Benign fibroadenoma."]
+        third = judge_answers_file(tmp_path / "a2.jsonl", tmp_path / "run", spec)
+        assert len(server.requests) == 2  # unchanged: resumed, not judged again
+    assert second.summary["acceptance_rate"] == 0.0 and second.summary["n_rejudged_changed"] == 1
+    assert third.summary["n_rejudged_changed"] == 0
+    (record,) = lines(tmp_path / "run" / "verdicts.jsonl")
+    assert record["accepted"] is False and len(record["input_hash"]) == 64
+
+
+def test_a_changed_report_is_judged_again(tmp_path):
+    write_answers(tmp_path / "a.jsonl", ["Carcinoma."])
+    with FakeOpenAIServer(reply=keyword_judge) as server:
+        spec = f"openai:test-model@{server.url}"
+        judge_answers_file(tmp_path / "a.jsonl", tmp_path / "run", spec)
+        rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+        rows[0]["report"] = "FINAL DIAGNOSIS: Colon, biopsy: tubular adenoma."
+        (tmp_path / "a.jsonl").write_text(json.dumps(rows[0]) + "\n")
+        judge_answers_file(tmp_path / "a.jsonl", tmp_path / "run", spec)
+        assert len(server.requests) == 2 and "tubular adenoma" in block(server.prompts()[1], "report")
