@@ -1,15 +1,21 @@
 """One prompt builder for training and inference: conversations → token ids and labels.
 
-Labels are built turn by turn while tokenising: every assistant reply (and the end-of-turn token
-after it) keeps its ids, everything else is IGNORE_INDEX. Inference builds its prompt with the
-same code (`add_generation_prompt=True`), so the two can never disagree. Each `<image>` in a user
-turn becomes `num_image_tokens` copies of IMAGE_TOKEN_INDEX, an id outside the vocabulary that the
-model replaces by the slide's visual tokens (as LLaVA does): the tokenizer and the LLM's embedding
-matrix stay exactly as released, so the frozen base LLM can be referenced rather than copied.
+The conversation is rendered as one string in the model's own prompt format — the tokenizer's chat
+template, or LLaMA-2's `<s>[INST] … [/INST] reply </s>` — and that whole string is tokenised once,
+so the ids are exactly what the model's own format gives (tokenising turn by turn would give every
+turn of a SentencePiece tokenizer, LLaMA-2's among them, its own leading "▁"). Labels come from
+character spans: every token of an assistant reply (and the end-of-turn token after it) keeps its id,
+everything else is IGNORE_INDEX; offsets (fast tokenizers) or prefix tokenisations map the spans to
+tokens. Each `<image>` in a user turn is taken out of the string and becomes `num_image_tokens`
+copies of IMAGE_TOKEN_INDEX at its place, an id outside the vocabulary that the model replaces by the
+slide's visual tokens (as LLaVA does): the tokenizer and embedding matrix stay as released, so the
+frozen base LLM can be referenced rather than copied. Inference builds its prompt with the same code
+(`add_generation_prompt=True`), so training and inference never disagree.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 from ..constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
@@ -70,45 +76,85 @@ class PromptBuilder:
         self.image_token, self.num_image_tokens = image_token, num_image_tokens
         self.image_token_id = IMAGE_TOKEN_INDEX
 
-    # -- tokenising text with image placeholders ---------------------------------------------------
-    def _encode(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for i, piece in enumerate(text.split(self.image_token)):
-            if i:
-                ids.extend([self.image_token_id] * self.num_image_tokens)
-            if piece:
-                ids.extend(self.tokenizer.encode(piece, add_special_tokens=False))
-        return ids
-
     def build(self, turns: list[Turn], add_generation_prompt: bool = False) -> BuiltPrompt:
         """Token ids and labels for `turns`; with `add_generation_prompt` the ids end ready for a reply."""
         if not turns or turns[0].role != "user":
             raise ChatEXAONEPathError("A conversation must start with a user message.")
+        if self.system_prompt and self.image_token in self.system_prompt:
+            raise ChatEXAONEPathError(f"The system prompt contains {self.image_token}, the slide's placeholder; "
+                                      "remove it (the slide is attached to the first question by itself).")
         segments = self._segments_llama2(turns, add_generation_prompt) if self.style == "llama2" else \
             self._segments_template(turns, add_generation_prompt)
-        built = BuiltPrompt([], [])
-        for text, is_reply, specials in segments:
-            ids = specials[0] + self._encode(text) + specials[1]
-            built.input_ids.extend(ids)
-            built.labels.extend(ids if is_reply else [IGNORE_INDEX] * len(ids))
+        text, replies, images = self._layout(segments)
+        ids, boundary = self._tokenise(text, sorted({p for span in replies for p in span} | set(images)))
+        labelled = [False] * len(ids)
+        for start, end in replies:
+            for i in range(boundary[start], boundary[end]):
+                labelled[i] = True
+        built, taken = BuiltPrompt([], []), 0
+        for position in images:  # in order: each run of K image ids goes where its placeholder was
+            cut = boundary[position]
+            built.input_ids += ids[taken:cut] + [self.image_token_id] * self.num_image_tokens
+            built.labels += [t if keep else IGNORE_INDEX for t, keep in zip(ids[taken:cut], labelled[taken:cut])]
+            built.labels += [IGNORE_INDEX] * self.num_image_tokens
+            taken = cut
+        built.input_ids += ids[taken:]
+        built.labels += [t if keep else IGNORE_INDEX for t, keep in zip(ids[taken:], labelled[taken:])]
         return built
 
-    # Each segment is (text, is_assistant_reply, (ids before, ids after)).
-    def _segments_llama2(self, turns: list[Turn], add_generation_prompt: bool):
-        bos, eos = [self.tokenizer.bos_token_id], [self.tokenizer.eos_token_id]
+    def _layout(self, segments: list[tuple[str, bool]]) -> tuple[str, list[tuple[int, int]], list[int]]:
+        """The prompt string without placeholders, the reply spans in it, and where each placeholder was."""
+        text, replies, images = "", [], []
+        for piece, is_reply in segments:
+            parts = piece.split(self.image_token)
+            if is_reply and len(parts) > 1:
+                raise ChatEXAONEPathError(f"An assistant reply contains {self.image_token}; the slide's placeholder "
+                                          "belongs in a user message.")
+            start = len(text)
+            for i, part in enumerate(parts):
+                if i:
+                    images.append(len(text))
+                text += part
+            if is_reply:
+                replies.append((start, len(text)))
+        return text, replies, images
+
+    def _tokenise(self, text: str, positions: list[int]) -> tuple[list[int], dict[int, int]]:
+        """Ids of the whole `text`, and for each character position the index of the first token starting there or after.
+
+        A token that straddles a position counts as before it (it starts before).
+        """
+        tokenizer = self.tokenizer
+        if getattr(tokenizer, "is_fast", False):
+            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, starts = list(encoded["input_ids"]), [start for start, _ in encoded["offset_mapping"]]
+            return ids, {p: bisect.bisect_left(starts, p) for p in positions}
+        # Without offsets: the tokens of the prefix before a position that agree with the whole string's.
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        boundary = {}
+        for p in positions:
+            prefix = tokenizer.encode(text[:p], add_special_tokens=False) if p else []
+            same = next((i for i, (a, b) in enumerate(zip(prefix, ids)) if a != b), min(len(prefix), len(ids)))
+            boundary[p] = same
+        return ids, boundary
+
+    # Each segment is (text, is_assistant_reply); their concatenation is the whole prompt string.
+    def _segments_llama2(self, turns: list[Turn], add_generation_prompt: bool) -> list[tuple[str, bool]]:
+        # LLaMA-2-chat's format (its tokenizer's template renders the same): <s>[INST] user [/INST] reply </s>
+        bos, eos = self.tokenizer.bos_token or "", self.tokenizer.eos_token or ""
         segments = []
         for i in range(0, len(turns), 2):
             user = turns[i].content.strip()
             if i == 0 and self.system_prompt:
                 user = f"<<SYS>>\n{self.system_prompt}\n<</SYS>>\n\n{user}"
-            segments.append((f"[INST] {user} [/INST]", False, (bos, [])))
+            segments.append((f"{bos}[INST] {user} [/INST]", False))
             if i + 1 < len(turns):
-                segments.append((f" {turns[i + 1].content.strip()} ", True, ([], eos)))
+                segments.append((f" {turns[i + 1].content.strip()} {eos}", True))
         if not add_generation_prompt and turns[-1].role == "user":
             raise ChatEXAONEPathError("A training conversation must end with an assistant reply.")
         return segments
 
-    def _segments_template(self, turns: list[Turn], add_generation_prompt: bool):
+    def _segments_template(self, turns: list[Turn], add_generation_prompt: bool) -> list[tuple[str, bool]]:
         messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
         segments, rendered = [], ""
         for turn in turns:
@@ -120,13 +166,13 @@ class PromptBuilder:
             if not (before.startswith(rendered) and after.startswith(before)):
                 raise ChatEXAONEPathError("The tokenizer's chat template does not render conversations "
                                           "incrementally; use the llama2 prompt style for this model.")
-            segments += [(before[len(rendered):], False, ([], [])), (after[len(before):], True, ([], []))]
+            segments += [(before[len(rendered):], False), (after[len(before):], True)]
             rendered = after
         if turns[-1].role == "user":
             if not add_generation_prompt:
                 raise ChatEXAONEPathError("A training conversation must end with an assistant reply.")
             final = self._render(messages, generation_prompt=True)
-            segments.append((final[len(rendered):], False, ([], [])))
+            segments.append((final[len(rendered):], False))
         return segments
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:

@@ -19,7 +19,7 @@ from transformers import PretrainedConfig
 from transformers.utils import ModelOutput
 
 from ..vision_tower.aggregator import AggregatorConfig, AggregatorOutput, GatedAttentionAggregator, pad_bags
-from ..vision_tower.projector import AttentionPoolProjector, ProjectorConfig
+from ..vision_tower.projector import AttentionPoolProjector, ProjectorConfig, ProjectorOutput
 from .conversation import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
 logger = logging.getLogger(__name__)
@@ -30,15 +30,21 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 class ChatEXAONEPathConfig(PretrainedConfig):
-    """Everything needed to rebuild the model: tower sizes, the base LLM, visual tokens, prompt."""
+    """Everything needed to rebuild the model: tower sizes, the base LLM, visual tokens, prompt, features.
+
+    `system_prompt` is the one the model was trained with (None: none, so the chat template's own default,
+    if any, applies), which chat and evaluation use too. `feature_provenance` says how the training
+    features were made (chat/provenance.py); None when unknown.
+    """
 
     model_type = "chatexaonepath"
 
     def __init__(self, llm_name_or_path: str = "meta-llama/Llama-2-7b-chat-hf", llm_hidden_size: int | None = None,
                  aggregator: dict | None = None, projector: dict | None = None, num_visual_tokens: int = 1,
                  image_token: str = IMAGE_TOKEN, image_token_index: int = IMAGE_TOKEN_INDEX,
-                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, prompt_style: str = "auto",
-                 lora: dict | None = None, tower_trained: bool = False, **kwargs) -> None:
+                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, prompt_style: str = "auto",
+                 lora: dict | None = None, tower_trained: bool = False, feature_provenance: dict | None = None,
+                 **kwargs) -> None:
         self.llm_name_or_path = llm_name_or_path
         self.llm_hidden_size = llm_hidden_size
         self.aggregator = AggregatorConfig(**(aggregator or {})).to_dict()
@@ -52,6 +58,7 @@ class ChatEXAONEPathConfig(PretrainedConfig):
         self.system_prompt, self.prompt_style = system_prompt, prompt_style
         self.lora = lora  # {"r", "alpha", "dropout", "target_modules"} once LoRA is enabled
         self.tower_trained = tower_trained
+        self.feature_provenance = dict(feature_provenance) if feature_provenance else None
         if prompt_style not in ("auto", "llama2", "chat_template"):
             raise ValueError(f"prompt_style must be auto, llama2 or chat_template, got {prompt_style!r}")
         if image_token_index >= 0:
@@ -71,12 +78,27 @@ class ChatEXAONEPathOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     visual_tokens: torch.Tensor | None = None  # (B, K, d_llm)
-    patch_attention: torch.Tensor | None = None  # (B, N_max) softmax over each slide's patches
+    pooling_weights: torch.Tensor | None = None  # (B, N_max) what the tokens were pooled with: the heatmap
+    patch_attention: torch.Tensor | None = None  # (B, N_max) CLAM's softmax(a) over each slide's patches
     patch_mask: torch.Tensor | None = None  # (B, N_max)
 
 
+@dataclass
+class SlideTokens:
+    """What the tower makes of a batch of slides: the visual tokens and the per-patch weights behind them."""
+
+    visual_tokens: torch.Tensor  # (B, K, d_llm)
+    pooling_weights: torch.Tensor  # (B, N) softmax(q·k/√d + a), mean over queries and heads; 0 at padding
+    aggregated: AggregatorOutput  # CLAM's part: `attention` is softmax(a), a second view of the slide
+
+    @property
+    def clam_attention(self) -> torch.Tensor:
+        """(B, N) CLAM's gated attention softmax(a): what the tokens were pooled with only before training."""
+        return self.aggregated.attention
+
+
 class SlideEncoder(nn.Module):
-    """Patch features → (visual tokens, aggregator output)."""
+    """Patch features → visual tokens, with the pooling weights and CLAM's attention (`SlideTokens`)."""
 
     def __init__(self, config: ChatEXAONEPathConfig) -> None:
         super().__init__()
@@ -98,13 +120,14 @@ class SlideEncoder(nn.Module):
         self.feature_std.copy_(std.clamp_min(1e-6))
 
     def forward(self, slide_features: list[torch.Tensor] | torch.Tensor,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, AggregatorOutput]:
+                mask: torch.Tensor | None = None) -> SlideTokens:
         if isinstance(slide_features, (list, tuple)):
             slide_features, mask = pad_bags(list(slide_features))
         slide_features = (slide_features.to(self.feature_mean.dtype) - self.feature_mean) / self.feature_std
         aggregated = self.aggregator(slide_features, mask)
-        tokens = self.projector(aggregated.patch_embeddings, aggregated.attention_logits, aggregated.mask)
-        return tokens, aggregated  # (B, K, d_llm)
+        projected: ProjectorOutput = self.projector(aggregated.patch_embeddings, aggregated.attention_logits,
+                                                    aggregated.mask)
+        return SlideTokens(projected.visual_tokens, projected.pooling_weights, aggregated)
 
 
 class ChatEXAONEPathForCausalLM(nn.Module):
@@ -140,8 +163,8 @@ class ChatEXAONEPathForCausalLM(nn.Module):
 
     # -- the splice ------------------------------------------------------------------------------------
     def get_slide_tokens(self, slide_features: list[torch.Tensor] | torch.Tensor,
-                         mask: torch.Tensor | None = None) -> tuple[torch.Tensor, AggregatorOutput]:
-        """Visual tokens (B, K, d_llm) for a batch of slides, and the aggregator's attention."""
+                         mask: torch.Tensor | None = None) -> SlideTokens:
+        """Visual tokens (B, K, d_llm) for a batch of slides, with their pooling weights and CLAM's attention."""
         if isinstance(slide_features, (list, tuple)):
             slide_features, mask = pad_bags([f.to(self.device) for f in slide_features])
         return self.tower(slide_features.to(self.device), None if mask is None else mask.to(self.device))
@@ -171,17 +194,17 @@ class ChatEXAONEPathForCausalLM(nn.Module):
         if slide_features is None:  # a text-only conversation
             if (input_ids == self.config.image_token_index).any():
                 raise ValueError("image placeholders in the input but no slide_features were given")
-            tokens = aggregated = None
+            slide = None
             embeddings = self.llm.get_input_embeddings()(input_ids)
         else:
-            tokens, aggregated = self.get_slide_tokens(slide_features, slide_mask)
-            embeddings, labels = self.merge_visual_tokens(input_ids, tokens, labels)
+            slide = self.get_slide_tokens(slide_features, slide_mask)
+            embeddings, labels = self.merge_visual_tokens(input_ids, slide.visual_tokens, labels)
         out = self.llm(inputs_embeds=embeddings, attention_mask=None if attention_mask is None else
                        attention_mask.to(self.device), labels=labels, **llm_kwargs)
-        result = ChatEXAONEPathOutput(
-            loss=out.loss, logits=out.logits, visual_tokens=tokens,
-            patch_attention=None if aggregated is None else aggregated.attention,
-            patch_mask=None if aggregated is None else aggregated.mask)
+        tower = {} if slide is None else {
+            "visual_tokens": slide.visual_tokens, "pooling_weights": slide.pooling_weights,
+            "patch_attention": slide.aggregated.attention, "patch_mask": slide.aggregated.mask}
+        result = ChatEXAONEPathOutput(loss=out.loss, logits=out.logits, **tower)
         for name, value in out.items():  # the LLM's own fields, named as its ModelOutput names them
             if name not in result:
                 result[name] = value
@@ -192,7 +215,7 @@ class ChatEXAONEPathForCausalLM(nn.Module):
                  attention_mask: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
         """Generated token ids (new tokens only) for prompts that contain the image placeholders."""
         input_ids = input_ids.to(self.device)
-        tokens, _ = self.get_slide_tokens(slide_features)
+        tokens = self.get_slide_tokens(slide_features).visual_tokens
         embeddings, _ = self.merge_visual_tokens(input_ids, tokens)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

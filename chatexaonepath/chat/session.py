@@ -2,7 +2,10 @@
 
 Features are cached by slide fingerprint and extraction settings, so asking about the same slide
 again — in this process or a later one — never re-extracts; the slide's visual tokens are kept in
-memory, so a follow-up question costs only generation.
+memory, so a follow-up question costs only generation. Features made differently from the model's
+training features are refused (chat/provenance.py). The attention a slide is shown with is the
+projector's pooling weights — what the visual tokens were actually made from — with CLAM's
+attention kept as a second view.
 """
 
 from __future__ import annotations
@@ -24,20 +27,22 @@ from ..vision_tower.features import SlideFeatures, read_features, settings_match
 from ..vision_tower.slide import Slide, open_slide
 from .conversation import IMAGE_TOKEN, PromptBuilder, Turn
 from .modeling import ChatEXAONEPathConfig, ChatEXAONEPathForCausalLM
+from .provenance import check_features, provenance_of, serving_extractor, warn_if_unrecorded
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class ChatAnswer:
-    """One reply, with the per-patch attention that explains which regions the tower weighted."""
+    """One reply, with the per-patch weights its visual tokens were pooled with (the explanation)."""
 
     text: str
-    attention: torch.Tensor  # (N,) softmax over the slide's patches
+    attention: torch.Tensor  # (N,) the projector's pooling weights: what the answer's visual tokens used
     coords: torch.Tensor | None  # (N, 2) level-0 top-left of each patch
     new_tokens: int
     seconds: float
     first_token_seconds: float | None = None
+    clam_attention: torch.Tensor | None = None  # (N,) CLAM's softmax(a), a second view
 
 
 @dataclass
@@ -47,9 +52,11 @@ class LoadedSlide:
     path: Path
     features: SlideFeatures
     visual_tokens: torch.Tensor  # (1, K, d_llm)
-    attention: torch.Tensor  # (N,)
+    attention: torch.Tensor  # (N,) pooling weights softmax(q·k/√d + a), mean over queries and heads: the heatmap
     extracted: bool  # False when the features came from the cache
     turns: list[Turn] = field(default_factory=list)
+    clam_attention: torch.Tensor | None = None  # (N,) CLAM's softmax(a): equal to `attention` only untrained
+    feature_warning: str | None = None  # set when features unlike the training ones were allowed
 
 
 UNTRAINED_WARNING = ("The vision tower is UNTRAINED (no --model checkpoint): answers do not depend on the slide "
@@ -67,6 +74,8 @@ def load_chat_model(checkpoint: str | Path | None = None, llm: str = "embedded")
             raise ChatEXAONEPathError(f"Could not load the checkpoint {checkpoint}: {str(e).splitlines()[0]}.") from e
         if not model.config.tower_trained:
             logger.warning(UNTRAINED_WARNING)
+        else:
+            warn_if_unrecorded(model.config.feature_provenance, checkpoint)
         return model
     logger.warning(UNTRAINED_WARNING)
     return ChatEXAONEPathForCausalLM.build(ChatEXAONEPathConfig(llm_name_or_path=llm))
@@ -77,9 +86,11 @@ class ChatSession:
 
     def __init__(self, model: ChatEXAONEPathForCausalLM, extract_config: ExtractConfig | None = None, *,
                  features_dir: str | Path | None = None, extractor: FeatureExtractor | None = None,
-                 max_new_tokens: int = 256, temperature: float = 0.0, system_prompt: str | None = None) -> None:
+                 max_new_tokens: int = 256, temperature: float = 0.0, system_prompt: str | None = None,
+                 allow_feature_mismatch: bool = False) -> None:
         self.model = model.eval()
-        self.extract_config = extract_config or ExtractConfig()
+        self.allow_feature_mismatch = allow_feature_mismatch
+        self._extract_config = extract_config  # None: the checkpoint's training settings (`serving_extractor`)
         self.features_dir = Path(features_dir) if features_dir else user_cache_dir() / "features"
         self._extractor = extractor
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
@@ -92,9 +103,19 @@ class ChatSession:
 
     @property
     def extractor(self) -> FeatureExtractor:
+        """The feature extractor (built on first use: the patch encoder is large)."""
         if self._extractor is None:
-            self._extractor = FeatureExtractor(self.extract_config)
+            if self._extract_config is None:
+                self._extractor, _ = serving_extractor(self.model.config,
+                                                       allow_feature_mismatch=self.allow_feature_mismatch)
+            else:
+                self._extractor = FeatureExtractor(self._extract_config)
         return self._extractor
+
+    @property
+    def extract_config(self) -> ExtractConfig:
+        """How this session extracts features."""
+        return self._extract_config if self._extract_config is not None else self.extractor.config
 
     # -- slides ----------------------------------------------------------------------------------------
     def load_slide(self, path: str | Path | Slide, mpp: float | None = None,
@@ -115,10 +136,22 @@ class ChatSession:
             extracted = not settings_match(target, settings)
             if extracted:
                 self.extractor.extract(slide, cache, progress)
-        features = read_features(target)
+        return self.use_features(read_features(target), path, extracted)
+
+    def use_features(self, features: SlideFeatures, path: str | Path | None = None,
+                     extracted: bool = False) -> LoadedSlide:
+        """Start a conversation about a slide whose features are at hand; refuses features unlike the training ones.
+
+        With `allow_feature_mismatch` such features are used and `LoadedSlide.feature_warning` says why not to.
+        """
+        path = Path(path if path is not None else features.path or "features")
+        warning = check_features(self.model.config.feature_provenance, provenance_of(features.attrs),
+                                 f"{path.name}'s features have", allow=self.allow_feature_mismatch)
         with torch.no_grad():
-            tokens, aggregated = self.model.get_slide_tokens([features.features.float()])
-        self.slide = LoadedSlide(path, features, tokens, aggregated.attention[0].cpu(), extracted)
+            tower = self.model.get_slide_tokens([features.features.float()])
+        self.slide = LoadedSlide(path, features, tower.visual_tokens, tower.pooling_weights[0].float().cpu(),
+                                 extracted, clam_attention=tower.clam_attention[0].float().cpu(),
+                                 feature_warning=warning)
         return self.slide
 
     def reset(self) -> None:
@@ -194,4 +227,4 @@ class ChatSession:
         text = "".join(pieces).strip().replace(self.builder.image_token, "[image]")
         self.slide.turns += [Turn("user", question), Turn("assistant", text)]
         return ChatAnswer(text, self.slide.attention, self.slide.features.coords, int(result["ids"].shape[1]),
-                          time.perf_counter() - started, first)
+                          time.perf_counter() - started, first, self.slide.clam_attention)

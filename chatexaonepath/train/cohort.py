@@ -248,16 +248,11 @@ class DiagnosisScore:
 
 def ask_about_features(model, features_path: str | Path, question: str, max_new_tokens: int = 16) -> str:
     """The chat answer (greedy, through ChatSession, as `chatexaonepath chat` gives it) about a features file."""
-    import torch
-
-    from ..chat.session import ChatSession, LoadedSlide
+    from ..chat.session import ChatSession
     from ..vision_tower.features import read_features
 
     session = ChatSession(model, max_new_tokens=max_new_tokens)
-    features = read_features(features_path)
-    with torch.no_grad():
-        tokens, aggregated = model.get_slide_tokens([features.features.float()])
-    session.slide = LoadedSlide(Path(features_path), features, tokens, aggregated.attention[0].cpu(), extracted=False)
+    session.use_features(read_features(features_path), features_path)
     return session.ask(question).text
 
 

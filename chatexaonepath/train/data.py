@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..chat.conversation import IGNORE_INDEX, IMAGE_TOKEN, PromptBuilder, turns_from_llava
+from ..chat.provenance import PROVENANCE_KEYS, describe, file_provenance
 from ..errors import ChatEXAONEPathError
 from ..vision_tower.features import read_features
 
@@ -208,6 +209,26 @@ def features_fingerprint(records: list[Record]) -> str:
     for path in sorted({r.features_path for r in records}):
         digest.update(f"{path.name}:{path.stat().st_size}\n".encode())
     return digest.hexdigest()
+
+
+def features_provenance(records: list[Record]) -> dict:
+    """How the features of `records` were made (chat/provenance.py): one way for all, else a DataError naming two.
+
+    The checkpoint records it, so chat and evaluation can refuse features made differently; a model trained
+    on a mix of encoders or stain settings would have no one kind of features to be served.
+    """
+    first_path, first = None, None
+    for path in sorted({r.features_path for r in records}):
+        provenance = file_provenance(path)
+        if first is None:
+            first_path, first = path, provenance
+            continue
+        differing = [key for key in PROVENANCE_KEYS if provenance[key] != first[key]]
+        if differing:
+            raise DataError(f"The training features were not all made the same way: {first_path.name} has "
+                            f"{describe(first, differing)} but {path.name} has {describe(provenance, differing)}; "
+                            "extract every slide with the same encoder and settings.")
+    return first or {}
 
 
 # -- the torch dataset --------------------------------------------------------------------------------------

@@ -24,10 +24,11 @@ from transformers import TrainerCallback, TrainingArguments
 
 from ..chat.conversation import DEFAULT_SYSTEM_PROMPT, PromptBuilder
 from ..chat.modeling import LORA_TARGETS, TOWER_WEIGHTS, ChatEXAONEPathConfig, ChatEXAONEPathForCausalLM
+from ..chat.provenance import check_features
 from ..errors import ChatEXAONEPathError
 from .data import (
     DataConfig, DataError, LoadedRecords, SlideCollator, SlideConversationDataset, data_summary, feature_statistics,
-    features_dim, load_records, split_by_slide,
+    features_dim, features_provenance, load_records, split_by_slide,
 )
 from .trainer import TRAINING_ARGS, EpochCallback, LogCallback, TowerTrainer, finalize
 
@@ -46,8 +47,8 @@ class PhaseConfig:
     llm: str = "embedded"  # phase 1: the base LLM (hub id, path or `embedded`)
     init: str | None = None  # phase 2: the phase-1 checkpoint to start from
     num_visual_tokens: int = 1  # K; the paper uses one WSI token
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT  # in every phase-2 sample, and stored for chat
-    phase1_system_prompt: bool = False  # phase 1 trains on bare captions, as LLaVA's pre-training does
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT  # in every phase-2 sample; the checkpoint records what it trained with
+    phase1_system_prompt: bool = False  # phase 1 trains on bare captions (no system prompt), as LLaVA's pre-training
     lora_r: int = 64
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -128,16 +129,21 @@ def resolve_precision(config: PhaseConfig, device: torch.device) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(choose_dtype("auto", device), "fp32")
 
 
-def build_model(config: PhaseConfig, train_records: list, device: torch.device) -> ChatEXAONEPathForCausalLM:
+def build_model(config: PhaseConfig, train_records: list, device: torch.device,
+                provenance: dict | None = None) -> ChatEXAONEPathForCausalLM:
     """Phase 1: a new tower around the base LLM, standardising features with the training bags' statistics.
 
-    Phase 2: the phase-1 checkpoint (its feature statistics kept), with LoRA added.
+    Phase 2: the phase-1 checkpoint (its feature statistics kept), with LoRA added; its data must be features
+    made like phase 1's. The config records the system prompt the phase trains with and the features'
+    `provenance` (`features_provenance`).
     """
     dtype = resolve_precision(config, device)
     in_dim = features_dim(train_records)
     if config.phase == 1:
-        model_config = ChatEXAONEPathConfig(llm_name_or_path=config.llm, num_visual_tokens=config.num_visual_tokens,
-                                            aggregator={"in_dim": in_dim}, system_prompt=config.system_prompt)
+        model_config = ChatEXAONEPathConfig(
+            llm_name_or_path=config.llm, num_visual_tokens=config.num_visual_tokens, aggregator={"in_dim": in_dim},
+            system_prompt=config.system_prompt if config.phase1_system_prompt else None,
+            feature_provenance=provenance)
         model = ChatEXAONEPathForCausalLM.build(model_config, dtype=dtype, device=str(device))
         mean, std = feature_statistics(train_records, seed=config.seed)
         model.tower.set_feature_statistics(mean.to(model.device), std.to(model.device))
@@ -152,6 +158,10 @@ def build_model(config: PhaseConfig, train_records: list, device: torch.device) 
                                   f"data has {in_dim}-d ones; use features from the same encoder as phase 1.")
     if not model.config.tower_trained:
         logger.warning("%s has an untrained tower; phase 2 normally starts from phase 1's output.", init)
+    if model.config.feature_provenance is None:
+        model.config.feature_provenance = provenance
+    else:
+        check_features(model.config.feature_provenance, provenance or {}, "the phase-2 features have")
     model.config.system_prompt = config.system_prompt
     if model.config.lora is None:
         model.enable_lora(config.lora_r, config.lora_alpha, config.lora_dropout, tuple(config.lora_targets))
@@ -176,12 +186,10 @@ def freeze_for_phase(model: ChatEXAONEPathForCausalLM, phase: int) -> dict[str, 
     return counts
 
 
-def prompt_builder(model: ChatEXAONEPathForCausalLM, config: PhaseConfig) -> PromptBuilder:
-    """The inference prompt builder, with the system prompt where the phase wants it."""
-    with_system = config.phase == 2 or config.phase1_system_prompt
+def prompt_builder(model: ChatEXAONEPathForCausalLM) -> PromptBuilder:
+    """The inference prompt builder with the system prompt the config records (`build_model` set it)."""
     return PromptBuilder(model.tokenizer, num_image_tokens=model.config.num_visual_tokens,
-                         image_token=model.config.image_token,
-                         system_prompt=model.config.system_prompt if with_system else None,
+                         image_token=model.config.image_token, system_prompt=model.config.system_prompt,
                          style=model.config.prompt_style)
 
 
@@ -286,17 +294,18 @@ def train_phase(config: PhaseConfig, data: DataConfig, *, resume: bool = False,
 
     started = time.perf_counter()
     loaded, train_records, val_records = prepare_data(config, data)
+    provenance = features_provenance(train_records + val_records)
     run_info = {"phase": config.phase, "phase_config": asdict(config), "data": data_summary(data, train_records,
-                val_records, loaded), "versions": versions()}
+                val_records, loaded) | {"feature_provenance": provenance}, "versions": versions()}
     check_output_dir(config, resume, run_info)
     device = training_device(config)
     set_seed(config.seed)  # the tower's (and LoRA's) initial weights
-    model = build_model(config, train_records, device)
+    model = build_model(config, train_records, device, provenance)
     run_info["parameters"] = freeze_for_phase(model, config.phase)
     if config.gradient_checkpointing:
         base = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
         base.activation_checkpointing_enable({"use_reentrant": False})
-    builder = prompt_builder(model, config)
+    builder = prompt_builder(model)
     max_length = data.max_length or getattr(model.llm.config, "max_position_embeddings", None)
     train_set = SlideConversationDataset(train_records, builder, max_length=max_length,
                                          max_patches=data.max_patches, seed=data.seed)

@@ -26,7 +26,7 @@ from .features import FORMAT_VERSION, write_features
 from .jpeg_tiles import DECODERS, JpegTilePatchReader, choose_decoder
 from .patching import PatchGrid, patch_grid, read_patch
 from .slide import Slide
-from .stain import MacenkoNormalizer
+from .stain import macenko_normalizer, stain_target_sha256
 from .tissue import TissueConfig, TissueMask, draw_tissue_outline, segment_tissue
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class ExtractConfig:
     encoder: str = "exaonepath"
     encoder_weights: str | None = None
     stain_norm: str = "none"  # "none" (the paper's v3) or "macenko"
+    stain_target: str | None = None  # macenko only: fit the reference to this image (EXAONEPath's TCGA target)
     patch_size: int = 256
     target_mpp: float = 0.5
     min_tissue: float = 0.25
@@ -57,6 +58,9 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         if self.stain_norm not in ("none", "macenko"):
             raise ChatEXAONEPathError(f"--stain-norm must be 'none' or 'macenko', got {self.stain_norm!r}.")
+        if self.stain_target is not None and self.stain_norm != "macenko":
+            raise ChatEXAONEPathError(f"--stain-target {self.stain_target} fits a Macenko reference; it needs "
+                                      "--stain-norm macenko.")
         if self.precision not in ("auto", *PRECISIONS):
             raise ChatEXAONEPathError(f"--precision must be one of auto, {', '.join(PRECISIONS)}; got {self.precision!r}.")
         if self.batch_size < 1:
@@ -211,7 +215,8 @@ class FeatureExtractor:
         self.dtype = PRECISIONS[self.precision]
         self.encoder = encoder or build_encoder(config.encoder, config.encoder_weights, config.seed)
         self.model = self._inference_model()
-        self.normalizer = MacenkoNormalizer() if config.stain_norm == "macenko" else None
+        self.normalizer = macenko_normalizer(config.stain_target) if config.stain_norm == "macenko" else None
+        self.stain_target_sha256 = stain_target_sha256(config.stain_target)  # "none" without a target
         self.num_workers = config.num_workers if config.num_workers is not None else default_num_workers(self.device)
 
     def _inference_model(self) -> torch.nn.Module:
@@ -244,6 +249,7 @@ class FeatureExtractor:
         return {
             "encoder": self.encoder.name, "encoder_weights_sha256": self.encoder.weights_sha256,
             "encoder_weights": self.encoder.weights_source, "stain_norm": self.config.stain_norm,
+            "stain_target_sha256": self.stain_target_sha256,
             "patch_size": self.config.patch_size, "target_mpp": self.config.target_mpp, "level0_mpp": slide.mpp,
             "min_tissue": self.config.min_tissue, "precision": self.precision, "decoder": self.decoder(slide),
             "tissue_config": json.dumps(self.config.tissue.to_dict(), sort_keys=True),
@@ -285,7 +291,7 @@ class FeatureExtractor:
             "patch_size_level0": grid.patch_size_level0,
             "mpp_source": slide.mpp_source, "level0_width": width0, "level0_height": height0,
             "read_level": grid.read_level, "slide_id": slide.slide_id, "slide_path": str(slide.path),
-            "encoder_is_random": self.encoder.is_random,
+            "encoder_is_random": self.encoder.is_random, "stain_target": self.config.stain_target or "none",
         }
         write_features(out_dir / f"{slide.slide_id}.h5", features, grid.coords, attrs)
         return SlideResult(slide.slide_id, slide.path, len(grid), time.perf_counter() - started, "extracted")

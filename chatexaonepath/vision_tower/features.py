@@ -23,11 +23,12 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 # Attributes that must match for an existing file to be reused instead of re-extracted.
 SETTINGS_ATTRS = (
-    "encoder", "encoder_weights_sha256", "stain_norm", "patch_size", "target_mpp", "level0_mpp", "min_tissue",
-    "tissue_config", "precision", "decoder", "slide_fingerprint", "version",
+    "encoder", "encoder_weights_sha256", "stain_norm", "stain_target_sha256", "patch_size", "target_mpp", "level0_mpp",
+    "min_tissue", "tissue_config", "precision", "decoder", "slide_fingerprint", "version",
 )
-# What a file written before an attribute existed was made with (every file before `decoder` used OpenSlide).
-SETTINGS_DEFAULTS = {"decoder": "openslide"}
+# What a file written before an attribute existed was made with (every file before `decoder` used OpenSlide,
+# every one before `stain_target_sha256` the default Macenko reference or none).
+SETTINGS_DEFAULTS = {"decoder": "openslide", "stain_target_sha256": "none"}
 
 
 @dataclass

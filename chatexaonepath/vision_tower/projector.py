@@ -4,14 +4,18 @@ K learned queries attend over the patch embeddings with the CLAM attention logit
 then LayerNorm and a Linear map each pooled vector to the LLM's hidden size. The queries start at
 zero, so at initialisation every token is exactly CLAM's attention pooling (of projected values);
 training then lets each of the K tokens look at different regions.
+
+The pooling weights softmax(q·k/√d + a) are computed explicitly (not inside a fused kernel) and
+returned with the tokens: they are what the heatmap shows, so it shows exactly what the tokens were
+pooled with — after training that is no longer CLAM's softmax(a).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -34,6 +38,14 @@ class ProjectorConfig:
         return asdict(self)
 
 
+@dataclass
+class ProjectorOutput:
+    """The visual tokens and the per-patch weights they were pooled with."""
+
+    visual_tokens: torch.Tensor  # (B, K, out_dim)
+    pooling_weights: torch.Tensor  # (B, N) softmax(q·k/√d + a) averaged over the K queries and the heads; 0 at padding
+
+
 class AttentionPoolProjector(nn.Module):
     """K learned queries → multi-head attention over patches (CLAM logits as bias) → LayerNorm → Linear."""
 
@@ -48,8 +60,8 @@ class AttentionPoolProjector(nn.Module):
         self.proj = nn.Linear(config.in_dim, config.out_dim)
 
     def forward(self, patch_embeddings: torch.Tensor, attention_logits: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, N, H) embeddings and (B, N) logits (−inf at padding) → (B, K, out_dim) visual tokens."""
+                mask: torch.Tensor | None = None) -> ProjectorOutput:
+        """(B, N, H) embeddings and (B, N) logits (−inf at padding) → K visual tokens and the pooling weights."""
         batch, patches, hidden = patch_embeddings.shape
         heads, head_dim, k = self.config.num_heads, hidden // self.config.num_heads, self.config.num_tokens
         dtype = self.key.weight.dtype
@@ -60,7 +72,11 @@ class AttentionPoolProjector(nn.Module):
         bias = attention_logits.float()
         if mask is not None:
             bias = bias.masked_fill(~mask, float("-inf"))
-        bias = bias.to(dtype)[:, None, None, :].expand(batch, heads, k, patches)  # (B, heads, K, N)
-        pooled = F.scaled_dot_product_attention(queries, keys, values, attn_mask=bias)  # (B, heads, K, d)
+        # Scores and softmax in float32 even under autocast: over tens of thousands of patches bf16 weights tie.
+        with torch.autocast(x.device.type, enabled=False):
+            scores = queries.float() @ keys.float().transpose(-1, -2) / math.sqrt(head_dim)  # (B, heads, K, N)
+            weights = (scores + bias[:, None, None, :]).softmax(dim=-1)  # (B, heads, K, N)
+        pooled = weights.to(values.dtype) @ values  # (B, heads, K, d)
         pooled = self.out(pooled.transpose(1, 2).reshape(batch, k, hidden))  # (B, K, H)
-        return self.proj(self.norm(pooled))  # (B, K, out_dim)
+        tokens = self.proj(self.norm(pooled))  # (B, K, out_dim)
+        return ProjectorOutput(tokens, weights.mean(dim=(1, 2)))  # (B, N): the mean over heads and queries

@@ -1,13 +1,17 @@
 """Macenko H&E stain normalisation in pure torch, batched over whole batches of patches.
 
 Same maths as torchstain's `TorchMacenkoNormalizer` (Macenko et al., ISBI 2009), but every step
-works on a B×H×W×3 batch at once and on whatever device the batch lives on.
+works on a B×H×W×3 batch at once and on whatever device the batch lives on. The reference stains
+are torchstain's defaults unless the normaliser is fitted to a target image (`--stain-target`), as
+EXAONEPath's own preprocessing does with its TCGA target (docs/weights.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,8 +20,9 @@ from ..errors import ChatEXAONEPathError
 
 logger = logging.getLogger(__name__)
 
-# EXAONEPath's reference stain matrix (columns: haematoxylin, eosin in OD space) and the
-# 99th-percentile stain concentrations it was fitted with.
+# torchstain's default reference stain matrix (columns: haematoxylin, eosin in OD space) and 99th-percentile
+# stain concentrations. They are NOT EXAONEPath's reference: EXAONEPath's macenko.py starts from these values
+# and then fits the normaliser to a TCGA target image, which `--stain-target` reproduces (docs/weights.md).
 HE_REF = ((0.5626, 0.2159), (0.7201, 0.8012), (0.4062, 0.5581))
 MAX_C_REF = (1.9705, 1.0308)
 
@@ -64,7 +69,7 @@ def _smallest(values: torch.Tensor, k: int, ordered: bool = False) -> tuple[torc
 
 
 class MacenkoNormalizer:
-    """Macenko stain normaliser for batches of RGB uint8 patches (defaults: EXAONEPath reference)."""
+    """Macenko stain normaliser for batches of RGB uint8 patches (torchstain's reference until `fit`)."""
 
     def __init__(self, io: float = 240, alpha: float = 1, beta: float = 0.15) -> None:
         if not 0 <= alpha < 50:
@@ -178,6 +183,40 @@ class MacenkoNormalizer:
         max_c = -top.amax(1).view(b, 2)
         ok &= (torch.isfinite(max_c) & (max_c > 1e-6)).all(1)
         return he, neg_c, max_c, ok
+
+
+def read_stain_target(path: str | Path) -> np.ndarray:
+    """A stain target image as H×W×3 uint8 RGB (alpha dropped), or a ChatEXAONEPathError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ChatEXAONEPathError(f"--stain-target {path} is not a file; give the path of a PNG/JPEG/TIFF H&E image.")
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))  # a writable copy: torch.from_numpy warns on read-only arrays
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise ChatEXAONEPathError(f"--stain-target {path} is not a readable image: {e}.") from e
+
+
+def stain_target_sha256(path: str | Path | None) -> str:
+    """sha256 of a stain target image file, or "none" without one (what features files record)."""
+    if path is None:
+        return "none"
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def macenko_normalizer(target: str | Path | None = None) -> MacenkoNormalizer:
+    """A Macenko normaliser fitted to the `target` image, or with torchstain's default reference without one."""
+    normalizer = MacenkoNormalizer()
+    if target is not None:
+        normalizer.fit(read_stain_target(target))
+        logger.info("Macenko reference fitted to %s", target)
+    return normalizer
 
 
 class _Workspace:

@@ -44,7 +44,7 @@ def lora_logits(model, patches: int):
 def test_visual_tokens_land_exactly_on_the_placeholders(model):
     input_ids, labels = encode(model)
     features = [torch.randn(30, 32)]
-    tokens, _ = model.get_slide_tokens(features)
+    tokens = model.get_slide_tokens(features).visual_tokens
     embeds, merged_labels = model.merge_visual_tokens(input_ids, tokens, labels)
     positions = (input_ids[0] == model.config.image_token_index).nonzero().flatten()
     assert len(positions) == K

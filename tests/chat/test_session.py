@@ -95,3 +95,52 @@ def test_a_failing_callback_stops_generation(session, slides):
     assert not [t for t in threading.enumerate() if t not in before]  # the generation thread has ended
     session.max_new_tokens = 4
     assert session.ask("Still there?").new_tokens <= 4
+
+
+def pooling_weights_by_hand(model, features):
+    """softmax(q·k/√d + a) of the projector, recomputed from the keys and CLAM logits of a real forward pass."""
+    captured = {}
+    tower = model.tower
+    hooks = [tower.projector.key.register_forward_hook(lambda m, i, o: captured.update(keys=o.detach())),
+             tower.aggregator.register_forward_hook(lambda m, i, o: captured.update(logits=o.attention_logits.detach()))]
+    try:
+        with torch.no_grad():
+            out = model.get_slide_tokens([features])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    heads = tower.projector.config.num_heads
+    keys = captured["keys"][0]  # (N, H)
+    head_dim = keys.shape[-1] // heads
+    queries = tower.projector.queries.detach()  # (K, H)
+    per_head = [(queries[:, h * head_dim:(h + 1) * head_dim] @ keys[:, h * head_dim:(h + 1) * head_dim].T
+                 / head_dim ** 0.5 + captured["logits"][0]).softmax(-1) for h in range(heads)]  # each (K, N)
+    return torch.stack(per_head).mean(dim=(0, 1)), out
+
+
+def test_the_displayed_map_is_what_the_projector_pooled_with(session, slides):
+    """After training the tokens pool with softmax(q·k/√d + a), not CLAM's softmax(a): the heatmap must show that."""
+    torch.manual_seed(3)
+    torch.nn.init.normal_(session.model.tower.projector.queries, std=3.0)  # a trained projector's queries are not 0
+    loaded = session.load_slide(slides["tumor"])
+    features = loaded.features.features.float()
+    expected, tower = pooling_weights_by_hand(session.model, features)
+    torch.testing.assert_close(loaded.attention, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(loaded.visual_tokens, tower.visual_tokens)  # the tokens the answers use
+    answer = session.ask("Describe it.")
+    torch.testing.assert_close(answer.attention, expected, atol=1e-6, rtol=1e-5)
+    ids = torch.tensor([session.builder.build([type(loaded.turns[0])("user", "<image>\nHi")],
+                                              add_generation_prompt=True).input_ids])
+    with torch.no_grad():
+        forward = session.model(ids, slide_features=[features])
+    torch.testing.assert_close(forward.pooling_weights[0], expected, atol=1e-6, rtol=1e-5)
+    # CLAM's attention stays available as a second view, and it is a different map
+    torch.testing.assert_close(answer.clam_attention, forward.patch_attention[0])
+    assert (loaded.attention - loaded.clam_attention).abs().max() > 0.01
+
+
+def test_an_image_placeholder_in_the_system_prompt_is_a_clear_error(session, slides):
+    session.load_slide(slides["tumor"])
+    session.builder.system_prompt = "You see <image> slides."  # as the app sets a user's system prompt
+    with pytest.raises(ChatEXAONEPathError, match="system prompt contains <image>"):
+        session.ask("What is it?")

@@ -123,3 +123,41 @@ def test_cuda_matches_cpu(batch):
     gpu = norm.normalize(torch.from_numpy(batch).cuda())
     assert gpu.device.type == "cuda" and gpu.dtype == torch.uint8
     assert (mean_abs_diff(gpu.cpu(), norm.normalize(batch).numpy()) <= 0.5).all()
+
+
+def test_stain_target_image_fits_the_reference_and_is_recorded(batch, tmp_path, slides, tiny_encoder):
+    """--stain-target: the normaliser is fitted to the image, and features record which image (by hash)."""
+    from PIL import Image
+
+    from chatexaonepath.vision_tower.extraction import ExtractConfig, FeatureExtractor
+    from chatexaonepath.vision_tower.features import read_attrs
+    from chatexaonepath.vision_tower.slide import open_slide
+    from chatexaonepath.vision_tower.stain import HE_REF, macenko_normalizer, stain_target_sha256
+
+    target = he_patch(99, h=1.4, e=0.7, white=0.05)
+    path = tmp_path / "target.png"
+    Image.fromarray(target).save(path)
+    fitted = macenko_normalizer(path)
+    assert not torch.allclose(fitted.he_ref, torch.tensor(HE_REF), atol=1e-3)
+    torch.testing.assert_close(fitted.normalize(batch), MacenkoNormalizer().fit(target).normalize(batch))
+    config = ExtractConfig(encoder=tiny_encoder.name, num_workers=0, stain_norm="macenko", stain_target=str(path))
+    extractor = FeatureExtractor(config, tiny_encoder)
+    torch.testing.assert_close(extractor.normalizer.he_ref, fitted.he_ref)
+    with open_slide(slides["tumor"]) as slide:
+        extractor.extract(slide, tmp_path / "out")
+    attrs = read_attrs(tmp_path / "out" / "tumor.h5")
+    assert attrs["stain_target_sha256"] == stain_target_sha256(path) != "none"
+    assert attrs["stain_target"] == str(path)
+
+
+def test_stain_target_errors_are_one_sentence(tmp_path):
+    from chatexaonepath.vision_tower.extraction import ExtractConfig
+    from chatexaonepath.vision_tower.stain import macenko_normalizer
+
+    with pytest.raises(ChatEXAONEPathError, match="needs --stain-norm macenko"):
+        ExtractConfig(stain_target=str(tmp_path / "t.png"))
+    with pytest.raises(ChatEXAONEPathError, match="is not a file"):
+        macenko_normalizer(tmp_path / "missing.png")
+    (tmp_path / "bad.png").write_text("not an image")
+    with pytest.raises(ChatEXAONEPathError, match="not a readable image"):
+        macenko_normalizer(tmp_path / "bad.png")
