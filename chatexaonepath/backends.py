@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -211,42 +212,82 @@ def _ollama(model: str, options: BackendOptions) -> OpenAICompatibleBackend:
 
 
 class LocalBackend:
-    """In-process generation with transformers (the embedded SmolLM2 by default); greedy unless asked."""
+    """In-process generation with transformers (the embedded SmolLM2 by default); greedy unless asked.
 
-    def __init__(self, name_or_path: str = "embedded") -> None:
+    A generation can be stopped mid-way: by its deadline (`timeout` seconds from when it starts) or
+    by a stop event, which `acomplete` sets when its caller gives up (a timeout cancels the await,
+    and without the event the thread would go on generating under the model lock, so every request
+    after a timeout would time out too). Both are checked after every generated token.
+    """
+
+    supports_response_format = False  # no grammar-constrained decoding here: the judge asks in free text
+
+    def __init__(self, name_or_path: str = "embedded", timeout: float | None = None) -> None:
         from .llm import load_llm
 
         self.name = f"local:{name_or_path}"
         self.usage = Usage()
         self.max_concurrency = 1  # one model, one generation at a time
+        self.timeout = timeout
         self.model, self.tokenizer = load_llm(name_or_path)
         self._lock = threading.Lock()  # one generation at a time: the model is not re-entrant
 
-    def complete(self, messages: Messages, **gen: object) -> str:
-        """Generate a reply with the tokenizer's chat template."""
+    def complete(self, messages: Messages, stop: threading.Event | None = None, **gen: object) -> str:
+        """Generate a reply with the tokenizer's chat template; BackendError when stopped or past the deadline."""
         import torch
 
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                  return_dict=True)["input_ids"].to(self.model.device)
         temperature = float(gen.get("temperature") or 0.0)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        stop = stop or threading.Event()
         with self._lock, torch.inference_mode():
+            if stop.is_set():  # its caller gave up while it waited for the model
+                raise BackendError("The request was cancelled before the local model started on it.", retryable=True)
             if gen.get("seed") is not None:  # under the lock: concurrent requests must not reseed each other
                 torch.manual_seed(int(gen["seed"]))
+            halt = _halting_criterion(stop, None if self.timeout is None else time.monotonic() + self.timeout)
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
                                       max_new_tokens=int(gen.get("max_tokens") or 256),
-                                      pad_token_id=self.tokenizer.pad_token_id, **sampling)
+                                      pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=[halt], **sampling)
         self.usage.add(ids.shape[1], out.shape[1] - ids.shape[1])
+        if halt.fired == "deadline":
+            raise BackendError(f"The local model did not finish within {self.timeout:g} s.", retryable=True)
+        if halt.fired == "stop":
+            raise BackendError("The local generation was stopped by its caller.", retryable=True)
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
     async def acomplete(self, messages: Messages, **gen: object) -> str:
-        """`complete` in a worker thread, so an event loop keeps serving other work."""
-        return await asyncio.to_thread(self.complete, messages, **gen)
+        """`complete` in a worker thread, stopped at the next token if the caller stops waiting."""
+        stop = threading.Event()
+        try:
+            return await asyncio.to_thread(self.complete, messages, stop, **gen)
+        finally:
+            stop.set()  # a cancelled await (a timeout) must end the generation too, not only the wait
 
     async def aclose(self) -> None:
         """Nothing to close: no connections."""
 
 
+def _halting_criterion(stop: threading.Event, deadline: float | None):
+    """A transformers StoppingCriteria that ends generation once `stop` is set or `deadline` (monotonic) passes."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class Halt(StoppingCriteria):
+        fired: str | None = None
+
+        def __call__(self, input_ids: torch.LongTensor, scores: object, **kwargs: object) -> torch.BoolTensor:
+            if stop.is_set():
+                self.fired = "stop"
+            elif deadline is not None and time.monotonic() > deadline:
+                self.fired = "deadline"
+            return torch.full((input_ids.shape[0],), self.fired is not None, dtype=torch.bool,
+                              device=input_ids.device)
+
+    return Halt()
+
+
 @register_backend("local")
-def _local(name_or_path: str, options: BackendOptions) -> LocalBackend:  # noqa: ARG001 - no network, no timeout
-    return LocalBackend(name_or_path)
+def _local(name_or_path: str, options: BackendOptions) -> LocalBackend:
+    return LocalBackend(name_or_path, timeout=options.timeout)

@@ -86,3 +86,62 @@ def test_openai_backend_counts_tokens_for_run_summaries():
         backend.complete([{"role": "user", "content": "one two"}])
         backend.complete([{"role": "user", "content": "four five six"}])
     assert backend.usage.as_dict() == {"requests": 2, "prompt_tokens": 5, "completion_tokens": 6}
+
+
+def slow_local_backend(tmp_path, seconds_per_token=0.02):
+    """The tiny local LLM with every forward pass slowed down, so a long generation takes seconds."""
+    from tests.chat.conftest import make_tiny_llm
+
+    backend = build_backend(f"local:{make_tiny_llm(tmp_path / 'llm')}")
+    forward = backend.model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(seconds_per_token)
+        return forward(*args, **kwargs)
+
+    backend.model.forward = slow_forward
+    return backend
+
+
+def test_a_cancelled_local_generation_stops_and_frees_the_model(tmp_path):
+    backend = slow_local_backend(tmp_path)
+
+    async def scenario():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(backend.acomplete(MESSAGES, max_tokens=400), 0.3)  # ~8 s of generation
+        started = time.perf_counter()
+        await backend.acomplete(MESSAGES, max_tokens=2)
+        return time.perf_counter() - started
+
+    # Before: the abandoned thread kept generating under the model lock, and the next request waited for it.
+    assert asyncio.run(scenario()) < 2.0
+
+
+def test_the_local_backend_stops_at_its_own_deadline(tmp_path):
+    backend = slow_local_backend(tmp_path)
+    backend.timeout = 0.3
+    started = time.perf_counter()
+    with pytest.raises(BackendError, match="did not finish within 0.3 s") as info:
+        backend.complete(MESSAGES, max_tokens=400)
+    assert time.perf_counter() - started < 2.0 and info.value.retryable
+
+
+def test_a_local_judge_timeout_does_not_cascade_to_the_next_answer(tmp_path):
+    from chatexaonepath.eval.criteria import AcceptanceRule, load_criteria
+    from chatexaonepath.eval.judge import Judge, JudgeBackendFailure, JudgeConfig, JudgeItem
+
+    backend = slow_local_backend(tmp_path)
+    judge = Judge(backend, load_criteria(), AcceptanceRule("major"),
+                  JudgeConfig(timeout=0.5, retries=0, max_repairs=0, max_tokens=400))
+    item = JudgeItem("x", "What is the diagnosis?", "Carcinoma.", "Carcinoma of the breast.")
+
+    async def scenario():
+        with pytest.raises(JudgeBackendFailure, match="no reply within 0.5 s"):
+            await judge.judge(item, item.report)
+        judge.config.max_tokens = 2
+        started = time.perf_counter()
+        record = await judge.judge(item, item.report)  # an unusable 2-token reply: an output error, in time
+        return record, time.perf_counter() - started
+
+    record, seconds = asyncio.run(scenario())
+    assert record["error_kind"] == "output" and seconds < 2.0
