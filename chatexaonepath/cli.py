@@ -190,6 +190,7 @@ def chat(
     encoder_weights: Annotated[Optional[str], typer.Option(help="EXAONEPath weights file, folder or hub id.")] = None,
     mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px for slides whose metadata lacks it.")] = None,
     question: Annotated[Optional[str], typer.Option("--question", help="Ask one question, print the answer, exit.")] = None,
+    region: Annotated[Optional[str], typer.Option(help="Ask about this part of the slide only: level-0 x,y,w,h (e.g. 4096,2048,1024,1024); the model sees the patches inside it.")] = None,
     heatmap: Annotated[Optional[Path], typer.Option(help="Write the attention heatmap to this PNG.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 for greedy (reproducible) answers.")] = 0.0,
@@ -198,12 +199,14 @@ def chat(
     verbose: Verbose = False,
 ) -> None:
     """Chat about a slide in the terminal (streamed, multi-turn), or ask one --question."""
+    from .chat.regions import Region
     from .chat.session import ChatSession, load_chat_model
     from .vision_tower.encoder import build_encoder_or_random
     from .vision_tower.extraction import ExtractConfig, FeatureExtractor
     from .vision_tower.slide import SlideLimits, open_slide
 
     limits = SlideLimits(max_pixels=max_pixels, max_patches=max_patches_per_slide)
+    scope = Region.parse(region) if region else None  # a malformed region fails before the model loads
 
     setup_logging(verbose)
     chat_model = load_chat_model(model, llm)
@@ -240,12 +243,17 @@ def chat(
                 continue
         sys.stdout.write("model> " if questions is None else "")
         try:
-            session.ask(text, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+            answer = session.ask(text, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+                                 region=scope)
         except ChatEXAONEPathError as e:
             if questions is not None:
                 raise
             console.print(f"[bold red]Error:[/] {e}", highlight=False)  # the conversation goes on
+            continue
         sys.stdout.write("\n")
+        about = f"region {answer.region} ({len(answer.coords)} patches)" if answer.region else "the whole slide"
+        chips = ", ".join(f"#{e.rank} ({e.x},{e.y}) {e.weight:.3g}" for e in answer.evidence)
+        console.print(f"[dim]about {about}; evidence (level-0 x,y, weight): {chips}[/]", highlight=False)
 
 
 @app.command("demo")

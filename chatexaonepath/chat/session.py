@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..assets import user_cache_dir
@@ -28,6 +29,7 @@ from ..vision_tower.slide import Slide, open_slide
 from .conversation import IMAGE_TOKEN, PromptBuilder, Turn
 from .modeling import ChatEXAONEPathConfig, ChatEXAONEPathForCausalLM
 from .provenance import check_features, provenance_of, serving_extractor, warn_if_unrecorded
+from .regions import Evidence, Region, SlideTurn, question_scope, run_tower
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,9 @@ class ChatAnswer:
     seconds: float
     first_token_seconds: float | None = None
     clam_attention: torch.Tensor | None = None  # (N,) CLAM's softmax(a), a second view
+    region: Region | None = None  # what the question was about (clipped to the slide); None: the whole slide
+    patch_indices: np.ndarray | None = None  # the slide's patches behind a region's answer (rows of `features`)
+    evidence: tuple[Evidence, ...] = ()  # the few patches that weighed most in this answer's visual tokens
 
 
 @dataclass
@@ -176,8 +181,14 @@ class ChatSession:
             dropped, history = history[:2], history[2:]
             logger.info("Context full: dropped the oldest exchange (%r…)", dropped[0].content[:40])
 
-    def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> ChatAnswer:
-        """Answer `question` about the loaded slide, calling `on_text` with each piece as it is generated."""
+    def ask(self, question: str, on_text: Callable[[str], None] | None = None,
+            region: Region | tuple[int, int, int, int] | str | None = None) -> ChatAnswer:
+        """Answer `question` about the loaded slide, calling `on_text` with each piece as it is generated.
+
+        With `region` (level-0 x, y, width, height) the answer comes from the patches in it only: the tower
+        runs on their cached features (chat/regions.py); a region without tissue patches raises
+        `EmptyRegionError`. Region and whole-slide questions can alternate; each turn records its scope.
+        """
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         if self.slide is None:
@@ -186,6 +197,7 @@ class ChatSession:
         question = question.strip().replace(self.builder.image_token, "[image]")
         if not question:
             raise ChatEXAONEPathError("The question is empty.")
+        scope = question_scope(self.slide, region)  # checked before anything runs
         input_ids = torch.tensor([self._prompt_ids(question)], device=self.model.device)
         streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=False, skip_special_tokens=True)
         sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
@@ -199,7 +211,8 @@ class ChatSession:
         def generate() -> None:
             try:
                 with torch.no_grad():  # no_grad is per thread: it must be set here
-                    embeds, _ = self.model.merge_visual_tokens(input_ids, self.slide.visual_tokens)
+                    tokens = run_tower(scope, self.slide, self.model).visual_tokens  # a region: its patches only
+                    embeds, _ = self.model.merge_visual_tokens(input_ids, tokens)
                     result["ids"] = self.model.llm.generate(
                         inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), streamer=streamer,
                         max_new_tokens=self.max_new_tokens, pad_token_id=self.model.tokenizer.pad_token_id,
@@ -225,6 +238,8 @@ class ChatSession:
         if "error" in result:
             raise result["error"]
         text = "".join(pieces).strip().replace(self.builder.image_token, "[image]")
-        self.slide.turns += [Turn("user", question), Turn("assistant", text)]
-        return ChatAnswer(text, self.slide.attention, self.slide.features.coords, int(result["ids"].shape[1]),
-                          time.perf_counter() - started, first, self.slide.clam_attention)
+        evidence = scope.evidence
+        self.slide.turns += [SlideTurn("user", question, scope.region),
+                             SlideTurn("assistant", text, scope.region, evidence)]
+        return ChatAnswer(text, scope.weights, scope.coords, int(result["ids"].shape[1]), time.perf_counter() - started,
+                          first, scope.clam_attention, scope.region, scope.indices, evidence)
