@@ -115,6 +115,7 @@ def app_command(
     max_pixels: Annotated[int, typer.Option(help="Most pixels decoded at once: a whole PNG/JPEG, or one strip or tile of a TIFF.")] = AppConfig.max_pixels,
     max_patches_per_slide: Annotated[int, typer.Option(help="Most tissue patches per slide (bounds how long one load holds the model).")] = AppConfig.max_patches_per_slide,
     max_zip_members: Annotated[int, typer.Option(help="Most files in an uploaded zip.")] = AppConfig.max_zip_members,
+    max_zip_depth: Annotated[int, typer.Option(help="Most folder levels inside an uploaded zip.")] = AppConfig.max_zip_depth,
     max_session_gb: Annotated[float, typer.Option(help="Disk one session's uploads may take, in GB.")] = AppConfig.max_session_gb,
     max_sessions: Annotated[int, typer.Option(help="Live sessions at once; beyond it visitors are told to try later.")] = AppConfig.max_sessions,
     session_idle_minutes: Annotated[float, typer.Option(help="End a session (and delete its uploads) after this long without a request.")] = AppConfig.session_idle_minutes,
@@ -141,7 +142,7 @@ def app_command(
                        max_new_tokens=max_new_tokens, temperature=temperature, example=example,
                        features_dir=str(features_dir) if features_dir else None, max_pixels=max_pixels,
                        max_patches_per_slide=max_patches_per_slide, max_zip_members=max_zip_members,
-                       max_session_gb=max_session_gb, max_sessions=max_sessions,
+                       max_zip_depth=max_zip_depth, max_session_gb=max_session_gb, max_sessions=max_sessions,
                        session_idle_minutes=session_idle_minutes, max_requests_per_minute=max_requests_per_minute,
                        max_question_chars=max_question_chars, max_system_prompt_chars=max_system_prompt_chars,
                        max_new_tokens_limit=max_new_tokens_limit)
