@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,25 @@ class LoadedSlide:
     feature_warning: str | None = None  # set when features unlike the training ones were allowed
 
 
+# Small LLMs fall into loops ("… involves multiple stages and multiple tests …", 256 tokens of it); these
+# guards apply unless the LLM's own generation_config sets its own (a value there wins over ours).
+DEFAULT_REPETITION_PENALTY = 1.15
+DEFAULT_NO_REPEAT_NGRAM_SIZE = 6
+# The prompt goes in as embeddings, so transformers warns that the guards see only the generated tokens:
+# that is what is meant (the prompt's image positions have no token id to penalise).
+warnings.filterwarnings("ignore", message=r"Passing `(repetition_penalty|no_repeat_ngram_size)` with `inputs_embeds`",
+                        category=UserWarning)
+
+
+def repetition_defaults(llm) -> tuple[float, int]:
+    """(repetition_penalty, no_repeat_ngram_size): the LLM's generation_config values when it sets them, else ours."""
+    generation = getattr(llm, "generation_config", None)
+    penalty = getattr(generation, "repetition_penalty", None)
+    ngram = getattr(generation, "no_repeat_ngram_size", None)
+    return (float(penalty) if penalty not in (None, 1.0) else DEFAULT_REPETITION_PENALTY,
+            int(ngram) if ngram else DEFAULT_NO_REPEAT_NGRAM_SIZE)
+
+
 UNTRAINED_WARNING = ("The vision tower is UNTRAINED (no --model checkpoint): answers do not depend on the slide "
                      "and are not diagnostic. Train one with `chatexaonepath train` or pass --model.")
 
@@ -92,8 +112,12 @@ class ChatSession:
     def __init__(self, model: ChatEXAONEPathForCausalLM, extract_config: ExtractConfig | None = None, *,
                  features_dir: str | Path | None = None, extractor: FeatureExtractor | None = None,
                  max_new_tokens: int = 256, temperature: float = 0.0, system_prompt: str | None = None,
-                 allow_feature_mismatch: bool = False) -> None:
+                 allow_feature_mismatch: bool = False, repetition_penalty: float | None = None,
+                 no_repeat_ngram_size: int | None = None) -> None:
         self.model = model.eval()
+        penalty, ngram = repetition_defaults(model.llm)  # None: the LLM's own setting, else the anti-loop default
+        self.repetition_penalty = penalty if repetition_penalty is None else repetition_penalty
+        self.no_repeat_ngram_size = ngram if no_repeat_ngram_size is None else no_repeat_ngram_size
         self.allow_feature_mismatch = allow_feature_mismatch
         self._extract_config = extract_config  # None: the checkpoint's training settings (`serving_extractor`)
         self.features_dir = Path(features_dir) if features_dir else user_cache_dir() / "features"
@@ -216,7 +240,9 @@ class ChatSession:
                     result["ids"] = self.model.llm.generate(
                         inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), streamer=streamer,
                         max_new_tokens=self.max_new_tokens, pad_token_id=self.model.tokenizer.pad_token_id,
-                        stopping_criteria=StoppingCriteriaList([StopWhenAsked()]), **sampling)
+                        stopping_criteria=StoppingCriteriaList([StopWhenAsked()]),
+                        repetition_penalty=self.repetition_penalty, no_repeat_ngram_size=self.no_repeat_ngram_size,
+                        **sampling)
             except BaseException as e:  # surfaced in the caller's thread below
                 result["error"] = e
                 streamer.end()
