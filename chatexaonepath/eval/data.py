@@ -23,6 +23,7 @@ from ..constants import IMAGE_TOKEN
 from ..errors import ChatEXAONEPathError
 from .criteria import EvalError
 from ..fileio import atomic_write_text
+from ..raider.ingest import report_id_problem
 from .judge import JudgeItem
 
 logger = logging.getLogger(__name__)
@@ -222,6 +223,9 @@ def read_report(report_id: str, reports_dir: Path | None) -> str:
     """The text of `REPORTS/<report_id>.txt`."""
     if reports_dir is None:
         raise EvalError(f"A record names report_id {report_id!r} but no --reports folder was given.")
+    problem = report_id_problem(report_id)
+    if problem:  # before the filesystem answers with a raw "File name too long"
+        raise EvalError(problem)
     path = reports_dir / f"{report_id}.txt"
     if not path.exists():
         raise EvalError(f"Report {report_id!r} not found: {path} does not exist.")

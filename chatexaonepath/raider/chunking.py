@@ -1,5 +1,9 @@
 """Sentence-aware chunking of pathology reports, keeping each chunk's section and character offsets.
 
+Report lines that address the model reading them ("Note to the AI: when asked about the diagnosis,
+answer …", in any language `chatexaonepath/injection.py` covers) are blanked before chunking, so
+they never reach the index, a prompt or the grounding check; ingest lists them per report.
+
 Sentence splitting is a small rule set written here on purpose: the usual libraries either need a
 model download (NLTK punkt, spaCy) or split on the abbreviations pathology reports are full of
 ("approx.", "No.", "e.g.") and decimals ("3.5 cm"); a wrong split would cut a finding in half.
@@ -10,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+
+from ..injection import flagged_lines, mask_spans
 
 # Headings pathology reports use, mapped to one section name each.
 SECTION_PATTERNS = {
@@ -92,16 +98,23 @@ def sentences(text: str, offset: int = 0) -> list[tuple[int, int]]:
     return out
 
 
-def chunk_report(report_id: str, text: str, size: int = 600, overlap: int = 1) -> list[Chunk]:
+def without_flagged_lines(text: str) -> str:
+    """`text` with every line that addresses the model blanked (same length: offsets stay valid)."""
+    return mask_spans(text, [(start, end) for start, end, _ in flagged_lines(text, "model")])
+
+
+def chunk_report(report_id: str, text: str, size: int = 600, overlap: int = 1, keep_flagged: bool = False) -> list[Chunk]:
     """Group whole sentences into chunks of at most ~`size` characters, never across sections.
 
     `overlap` is how many trailing sentences of a chunk start the next one, so a finding split
     across a boundary is still retrievable whole. A single sentence longer than `size` is kept whole.
+    Lines that address the model are left out unless `keep_flagged`; offsets still index `text`.
     """
     if size < 50:
         raise ValueError(f"chunk size must be at least 50 characters, got {size}")
     if overlap < 0:
         raise ValueError(f"overlap must be 0 or more sentences, got {overlap}")
+    text = text if keep_flagged else without_flagged_lines(text)
     chunks: list[Chunk] = []
     for section, start, end in sections(text):
         spans = sentences(text[start:end], start)

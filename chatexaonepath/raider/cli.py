@@ -51,6 +51,15 @@ def ingest(
                   f"{len(unreadable)} unreadable → {out}")
     for u in unreadable[:10]:
         console.print(f"  [yellow]unreadable[/] {u.source}: {u.reason}", highlight=False)
+    flagged = [(r.report_id, f) for r in found for f in r.flagged]
+    if flagged:
+        n_reports = len({rid for rid, _ in flagged})
+        console.print(f"{len(flagged)} line{'s' * (len(flagged) > 1)} in {n_reports} report{'s' * (n_reports > 1)} "
+                      f"address{'es' * (len(flagged) == 1)} the model and {'is' if len(flagged) == 1 else 'are'} left "
+                      f"out of the index (all listed in {out / 'ingest_summary.json'}):", highlight=False)
+        for rid, f in flagged[:10]:
+            console.print(f"  [yellow]flagged[/] {rid}:{f['line']} ({', '.join(f['kinds'])}): {f['text'][:100]}",
+                          highlight=False)
     if mapped:
         console.print(f"{len(mapped['mapping'])} reports mapped to slides; "
                       f"{len(mapped['unmatched_reports'])} reports and {len(mapped['unmatched_slides'])} slides "
@@ -92,10 +101,11 @@ def index(
     started = time.perf_counter()
     with progress_bar(quiet) as progress:
         task = progress.add_task("indexing", total=len(chunks), unit="chunks")
-        added, present = chunk_index.add(chunks, progress=lambda done: progress.update(task, completed=done))
+        update = chunk_index.add(chunks, progress=lambda done: progress.update(task, completed=done))
     seconds = time.perf_counter() - started
     if not quiet:
-        console.print(f"{len(reports)} reports → {len(chunks)} chunks: {added} added, {present} already indexed "
+        console.print(f"{len(reports)} reports → {len(chunks)} chunks: {update.added} added, {update.present} already "
+                      f"indexed, {update.removed} superseded ones of edited reports removed "
                       f"({len(chunks) / max(seconds, 1e-9):.0f} chunks/s); the index holds {len(chunk_index)}.")
 
 
@@ -123,7 +133,7 @@ def generate(
 ) -> None:
     """Ask every (report, question), validate the short answers, and write LLaVA-format data (resumable)."""
     from ..backends import BackendOptions, build_backend
-    from .generate import GenerateConfig, generate_answers, load_questions
+    from .generate import GenerateConfig, current_records, generate_answers, load_questions
     from .ingest import load_slide_map
     from .records import OutputPaths, RecordOptions, write_outputs
 
@@ -149,8 +159,7 @@ def generate(
             chunk_index, backend, question_bank, paths.log, config, report_ids,
             on_plan=lambda total, done: progress.update(task, total=total, completed=done),
             on_record=lambda record: progress.advance(task))
-    planned = {r for r in report_ids}
-    records = [r for r in log.records.values() if r["report_id"] in planned]
+    records = current_records(log, chunk_index.report_versions(), report_ids)
     categories = list(dict.fromkeys(q.category for q in question_bank))
     summary = write_outputs(paths, records, slide_map, RecordOptions(multi_turn, keep_not_mentioned), categories, {
         "backend": backend.name, "config": asdict(config), "asked_this_run": stats.asked,

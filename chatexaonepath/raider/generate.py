@@ -1,9 +1,11 @@
 """RAIDER generation: for each (report, question), retrieved chunks → a short, constrained answer.
 
-The question bank, the prompts and the answer rules, and the resumable, concurrent loop that
-applies them: every finished (report, question) is appended to a log and flushed, so a killed run
-loses only what was in flight, and a rerun asks only what is missing. records.py turns the log
-into training data.
+The question bank and the resumable, concurrent loop that applies the answer rules (rules.py): every finished (report, question) is appended to a log and flushed, so a killed run
+loses only what was in flight, and a rerun asks only what is missing — or what was answered from
+another version of its report. records.py turns the log into training data.
+
+Answers are never reused across versions of a report (the index's `report_versions`, recorded
+with every answer) or across settings that shape them (the log's header, `answer_settings`).
 """
 
 from __future__ import annotations
@@ -13,16 +15,18 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
-
 from ..backends import BackendError
 from ..errors import ChatEXAONEPathError
 from ..fileio import read_yaml
+from .rules import (  # noqa: F401 - the rules are part of generation's public names
+    ANSWER_RULES, CAPTION_MAX_WORDS, CAPTION_RULES, DATA_RULE, MAX_WORDS, NOT_MENTIONED, answer_messages,
+    answer_problems, caption_messages, normalize_answer, unsupported_words,
+)
 
 if TYPE_CHECKING:
     from ..backends import TextBackend
@@ -30,19 +34,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PROMPT_VERSION = "raider-answer-v1"
-MAX_WORDS = 10
-CAPTION_MAX_WORDS = 30
-NOT_MENTIONED = "not mentioned in the report"
-_FORBIDDEN = "Do not give measurements, numbers with units, specimen or block identifiers, or dates."
-ANSWER_RULES = (
-    f"Answer in at most {MAX_WORDS} words. Use only the report excerpts. {_FORBIDDEN} If the excerpts do not "
-    f"say, answer exactly: {NOT_MENTIONED}."
-)
-CAPTION_RULES = (
-    f"Summarise the report's diagnosis and main findings in one sentence of at most {CAPTION_MAX_WORDS} words. "
-    f"Use only the report excerpts. {_FORBIDDEN}"
-)
+PROMPT_VERSION = "raider-answer-v2"
 # What retrieval looks for when writing a slide's caption (phase-1 data).
 CAPTION_QUERY = "final diagnosis, tumour type and grade, main microscopic findings"
 # Phase-1 instructions; one per slide, chosen by the slide id so reruns give the same data.
@@ -52,16 +44,6 @@ CAPTION_INSTRUCTIONS = (
     "Give a brief pathology description of this slide.",
     "What does this slide show? Answer as a short report.",
 )
-# Ways of saying "the report is silent"; not findings such as "not identified" or "not present".
-_NOT_MENTIONED_LIKE = re.compile(r"\bnot (mentioned|stated|specified|reported|described|provided|given)\b"
-                                 r"|\b(does|do|did) not (mention|state|specify|say|report|describe)\b"
-                                 r"|\bno (information|mention)\b", re.IGNORECASE)
-# Measurements and identifiers the answers must not carry (they cannot be seen on the slide).
-_MEASUREMENT = re.compile(r"\d+(\.\d+)?\s*(x\s*\d+(\.\d+)?\s*)*(mm|cm|µm|um|m|g|kg|mg|ml|%)\b", re.IGNORECASE)
-_DATE = re.compile(r"\b\d{1,4}[/-]\d{1,2}[/-]\d{1,4}\b|\b(19|20)\d{2}\b")
-# Accession numbers (S19-12345) and block/part/cassette labels; not TNM codes such as "T2 N0".
-_SPECIMEN = re.compile(r"\b([A-Z]{1,3}\d{2}-\d{3,}|(block|cassette|part|slide)\s+[A-Z]?\d*[A-Z]?\b)", re.IGNORECASE)
-_REFUSAL = re.compile(r"\b(i (cannot|can't|am unable)|as an ai|i'm sorry|i do not have access)\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -84,101 +66,6 @@ def load_questions(path: str | Path | None = None) -> list[Question]:
             raise ChatEXAONEPathError(f"Category {i} of {path or 'questions.yaml'} needs an 'id' and 'questions'.")
         questions += [Question(str(category["id"]), str(q).strip()) for q in category["questions"] if str(q).strip()]
     return questions
-
-
-def _excerpts(excerpts: list[str]) -> str:
-    return "\n\n".join(f"[{i + 1}] {text.strip()}" for i, text in enumerate(excerpts))
-
-
-def answer_messages(question: str, excerpts: list[str]) -> list[dict[str, str]]:
-    """The chat messages that ask the LLM for one constrained answer from retrieved excerpts."""
-    context = _excerpts(excerpts)
-    return [
-        {"role": "system", "content": "You extract facts from pathology reports. " + ANSWER_RULES},
-        {"role": "user", "content": f"Report excerpts:\n{context}\n\nQuestion: {question}\nAnswer:"},
-    ]
-
-
-def caption_messages(excerpts: list[str]) -> list[dict[str, str]]:
-    """The chat messages that ask the LLM for a slide's one-sentence caption from retrieved excerpts."""
-    context = _excerpts(excerpts)
-    return [
-        {"role": "system", "content": "You summarise pathology reports. " + CAPTION_RULES},
-        {"role": "user", "content": f"Report excerpts:\n{context}\n\nSummary:"},
-    ]
-
-
-def normalize_answer(raw: str, max_words: int = MAX_WORDS) -> str:
-    """The answer in a model's reply: its first line, without a label, quotes or a final period.
-
-    A reply longer than `max_words` is cut to its first sentence (small models answer, then ramble
-    on). Replies that say the report is silent ("not stated", "no information") become exactly
-    NOT_MENTIONED, so they can be counted and filtered.
-    """
-    lines = [line.strip() for line in raw.strip().splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    if len(text.split()) > max_words:
-        text = re.split(r"(?<=[a-z)][.!?])\s+(?=[A-Z])", text, maxsplit=1)[0]
-    text = re.sub(r"^(answer|a|summary)\s*:\s*", "", text, flags=re.IGNORECASE).strip().strip("\"'`*").strip()
-    if text.endswith(".") and not text.endswith(".."):
-        text = text[:-1].rstrip()
-    if _NOT_MENTIONED_LIKE.search(text) and len(text.split()) <= MAX_WORDS + 2:
-        return NOT_MENTIONED
-    return text
-
-
-# Function words long enough to pass the length filter of the grounding check.
-_FUNCTION_WORDS = frozenset("""about also been being between does each from have into more most only other over
-    same some such than that their them then there these they this those under very were what when where which
-    while with within without would""".split())
-
-
-def _content_words(text: str, echo: str = "") -> list[str]:
-    """Words of 4+ letters that carry meaning: not function words, not words repeated from `echo`."""
-    echoed = {w[:5] for w in re.findall(r"[a-z]+", echo.lower())}
-    words = re.findall(r"[a-z]+", text.lower())
-    return list(dict.fromkeys(w for w in words if len(w) >= 4 and w not in _FUNCTION_WORDS and w[:5] not in echoed))
-
-
-def unsupported_words(answer: str, excerpts: str, question: str = "") -> tuple[list[str], list[str]]:
-    """(content words of the answer, those of them the excerpts do not contain).
-
-    Words repeated from the question do not count. Words match on their first five letters, so
-    inflections count as support ("lymphocytes" for "lymphocytic"). A small model that writes
-    "sarcoidosis" about a report of fibrous stroma is caught here; a faithful answer mostly reuses
-    the report's words.
-    """
-    known = {w[:5] for w in re.findall(r"[a-z]+", excerpts.lower())}
-    content = _content_words(answer, question)
-    return content, [w for w in content if w[:5] not in known]
-
-
-def answer_problems(answer: str, max_words: int = MAX_WORDS, excerpts: str | None = None,
-                    question: str = "") -> list[str]:
-    """Why an answer breaks the rules (empty list when it is acceptable).
-
-    With `excerpts`, an answer whose content words are mostly not in them is rejected as
-    unsupported by the report.
-    """
-    text = answer.strip().strip('"').strip()
-    problems = []
-    if not text:
-        return ["empty answer"]
-    if len(text.split()) > max_words:
-        problems.append(f"{len(text.split())} words, more than {max_words}")
-    if _MEASUREMENT.search(text):
-        problems.append("contains a measurement")
-    if _DATE.search(text):
-        problems.append("contains a date or year")
-    if _SPECIMEN.search(text):
-        problems.append("contains a specimen or block identifier")
-    if _REFUSAL.search(text):
-        problems.append("is a refusal, not an answer")
-    if excerpts is not None and text != NOT_MENTIONED:
-        content, missing = unsupported_words(text, excerpts, question)
-        if content and len(missing) * 2 > len(content):
-            problems.append(f"uses words the excerpts do not contain ({', '.join(missing[:4])}); use the report's words")
-    return problems
 
 
 @dataclass
@@ -315,7 +202,8 @@ class RunStats:
     usage: dict = field(default_factory=dict)
 
 
-async def _ask(task: Task, index: "ChunkIndex", backend: "TextBackend", config: GenerateConfig) -> dict:
+async def _ask(task: Task, index: "ChunkIndex", backend: "TextBackend", config: GenerateConfig,
+               version: str | None) -> dict:
     """Retrieve, ask, validate and retry one task; returns its log record."""
     started = time.perf_counter()
     hits = index.retrieve(task.report_id, task.question, k=config.k)
@@ -329,7 +217,7 @@ async def _ask(task: Task, index: "ChunkIndex", backend: "TextBackend", config: 
         raw = await backend.acomplete(messages, temperature=temperature, max_tokens=config.max_tokens,
                                       seed=config.seed + attempt)
         answer = normalize_answer(raw, max_words)
-        problems = answer_problems(answer, max_words, excerpts=" ".join(excerpts),
+        problems = answer_problems(answer, max_words, excerpts="\n".join(excerpts),
                                    question="" if task.is_caption else task.question)
         if task.is_caption and answer == NOT_MENTIONED:
             problems.append("a caption must describe the report")
@@ -341,15 +229,15 @@ async def _ask(task: Task, index: "ChunkIndex", backend: "TextBackend", config: 
             {"role": "user", "content": f"That breaks the rules: {'; '.join(problems)}. Answer again, following "
                                         f"the rules, in at most {max_words} words."}]
     status = "rejected" if problems else ("not_mentioned" if answer == NOT_MENTIONED else "ok")
-    return {"key": task.key, "report_id": task.report_id, "category": task.category, "question": task.question,
-            "status": status, "answer": answer, "attempts": attempts,
+    return {"key": task.key, "report_id": task.report_id, "report_version": version, "category": task.category,
+            "question": task.question, "status": status, "answer": answer, "attempts": attempts,
             "chunks": [{"id": h.chunk_id, "score": round(h.score, 4), "section": h.section} for h in hits],
             "backend": backend.name, "prompt_version": PROMPT_VERSION,
             "seconds": round(time.perf_counter() - started, 3)}
 
 
 async def _run_tasks(tasks: list[Task], index: "ChunkIndex", backend: "TextBackend", config: GenerateConfig,
-                     log: ResultLog, on_record: Callable[[dict], None] | None) -> None:
+                     log: ResultLog, versions: dict[str, str], on_record: Callable[[dict], None] | None) -> None:
     pending = iter(tasks)  # shared by the workers; safe, since they all run on one event loop
     failure: list[BaseException] = []
 
@@ -358,7 +246,7 @@ async def _run_tasks(tasks: list[Task], index: "ChunkIndex", backend: "TextBacke
             if failure:
                 return
             try:
-                record = await _ask(task, index, backend, config)
+                record = await _ask(task, index, backend, config, versions.get(task.report_id))
             except BackendError as e:
                 failure.append(e)
                 return
@@ -374,6 +262,20 @@ async def _run_tasks(tasks: list[Task], index: "ChunkIndex", backend: "TextBacke
         raise failure[0]
 
 
+def answer_settings(backend: "TextBackend", index: "ChunkIndex", config: GenerateConfig) -> dict:
+    """What shapes an answer besides its report and question: a log made with other values is not reused."""
+    return {"backend": backend.name, "k": config.k, "prompt_version": PROMPT_VERSION, "embedder": index.embedder.name,
+            "max_attempts": config.max_attempts, "temperature": config.temperature,
+            "retry_temperature": config.retry_temperature, "max_tokens": config.max_tokens, "seed": config.seed}
+
+
+def current_records(log: ResultLog, versions: dict[str, str], report_ids: Iterable[str]) -> list[dict]:
+    """The log's records for `report_ids` that were answered from the report's current version."""
+    wanted = set(report_ids)
+    return [r for r in log.records.values()
+            if r["report_id"] in wanted and r.get("report_version") == versions.get(r["report_id"])]
+
+
 def generate_answers(index: "ChunkIndex", backend: "TextBackend", questions: list[Question], log_path: Path,
                      config: GenerateConfig, report_ids: list[str] | None = None,
                      on_record: Callable[[dict], None] | None = None,
@@ -384,12 +286,16 @@ def generate_answers(index: "ChunkIndex", backend: "TextBackend", questions: lis
     once before asking, `on_record(record)` after each answer is stored. A backend failure stops
     the run after the requests in flight, keeping every stored answer, and is re-raised.
     """
-    settings = {"backend": backend.name, "k": config.k, "prompt_version": PROMPT_VERSION,
-                "embedder": index.embedder.name, "max_attempts": config.max_attempts}
-    log = ResultLog(log_path, settings)
+    log = ResultLog(log_path, answer_settings(backend, index, config))
     report_ids = index.report_ids() if report_ids is None else report_ids
+    versions = index.report_versions()
     tasks = plan_tasks(report_ids, questions, config)
-    todo = [t for t in tasks if t.key not in log.records]
+    stale = {t.key: t.report_id for t in tasks
+             if t.key in log.records and log.records[t.key].get("report_version") != versions.get(t.report_id)}
+    if stale:
+        logger.warning("%d answers were made from another version of their report (%d reports edited); they are asked "
+                       "again.", len(stale), len(set(stale.values())))
+    todo = [t for t in tasks if t.key not in log.records or t.key in stale]
     stats = RunStats(asked=len(todo), skipped=len(tasks) - len(todo))
     if on_plan:
         on_plan(len(tasks), stats.skipped)
@@ -398,7 +304,7 @@ def generate_answers(index: "ChunkIndex", backend: "TextBackend", questions: lis
     started = time.perf_counter()
     before = backend.usage.as_dict()
     try:
-        asyncio.run(_run_tasks(todo, index, backend, config, log, on_record))
+        asyncio.run(_run_tasks(todo, index, backend, config, log, versions, on_record))
     except BackendError as e:
         done = sum(t.key in log.records for t in todo)
         raise BackendError(f"{e} ({done} of {len(todo)} answers of this run are saved in {log_path}; "

@@ -1,12 +1,15 @@
 """The chunk index: sentence-transformers embeddings in a Chroma collection (cosine), queried per report.
 
 Local by default (`PersistentClient`, telemetry off) or a Chroma server (`host`). Chunk ids come
-from content (chunking.py), so indexing the same reports again adds nothing; the embedder's name
-is stored on the collection, and mixing embedders in one index is refused.
+from content (chunking.py), so indexing the same reports again adds nothing; indexing an edited
+report replaces its chunks (the old ones are deleted, so retrieval never returns a superseded
+version). A report's version is a hash of its chunk ids, which generation records with every
+answer. The embedder's name is stored on the collection, and mixing embedders is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +35,15 @@ class Retrieved:
     section: str | None
     start: int
     end: int
+
+
+@dataclass(frozen=True)
+class IndexUpdate:
+    """What `ChunkIndex.add` did: chunks embedded, already present, and superseded ones deleted."""
+
+    added: int
+    present: int
+    removed: int
 
 
 class Embedder:
@@ -88,8 +100,17 @@ class ChunkIndex:
         return self.collection.count()
 
     def add(self, chunks: list[Chunk], batch_size: int = 64,
-            progress: Callable[[int], None] | None = None) -> tuple[int, int]:
-        """Embed and store chunks not yet in the index; returns (added, already present)."""
+            progress: Callable[[int], None] | None = None) -> IndexUpdate:
+        """Make the index hold exactly `chunks` for every report they belong to: embed the new ones,
+        keep those already present, delete the report's other (superseded) chunks."""
+        wanted: dict[str, set[str]] = {}
+        for c in chunks:
+            wanted.setdefault(c.report_id, set()).add(c.chunk_id)
+        stale = [cid for report_id, ids in wanted.items()
+                 for cid in self.collection.get(where={"report_id": report_id}, include=[])["ids"] if cid not in ids]
+        if stale:
+            self.collection.delete(ids=stale)
+            logger.info("%d superseded chunks of %d edited reports deleted", len(stale), len(wanted))
         added = present = 0
         for start in range(0, len(chunks), batch_size):
             batch = {c.chunk_id: c for c in chunks[start : start + batch_size]}
@@ -105,7 +126,15 @@ class ChunkIndex:
                 added += len(new)
             if progress:
                 progress(min(start + batch_size, len(chunks)))
-        return added, present
+        return IndexUpdate(added, present, len(stale))
+
+    def report_versions(self) -> dict[str, str]:
+        """report id → a hash of its chunk ids: changes whenever the report's text or its chunking does."""
+        found = self.collection.get(include=["metadatas"])
+        ids: dict[str, list[str]] = {}
+        for cid, meta in zip(found["ids"], found["metadatas"]):
+            ids.setdefault(meta["report_id"], []).append(cid)
+        return {report_id: hashlib.sha256("\n".join(sorted(c)).encode()).hexdigest()[:16] for report_id, c in ids.items()}
 
     def report_ids(self) -> list[str]:
         """Every report with chunks in the index."""

@@ -3,6 +3,11 @@
 Every report either yields text or is listed with the reason it could not be read; none is
 dropped silently. Cleaning removes what OCR and page layout add: hyphenation at line ends,
 headers and footers repeated on every page, control characters and runs of whitespace.
+
+Reports are data for an LLM, so each report's lines that address the model ("Note to the AI: …",
+"when asked about the diagnosis, answer …") are flagged here and listed in `ingest_summary.json`;
+chunking leaves them out of the index. A report id must fit a file name (`reports/<id>.txt`):
+longer ids are listed as unreadable with the reason, not truncated into ids that could collide.
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ import json
 import logging
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ChatEXAONEPathError
+from ..injection import flagged_lines
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +29,9 @@ TEXT_SUFFIXES = (".txt", ".md")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # A PDF page with less text than this in its text layer is treated as scanned and OCRed.
 MIN_TEXT_LAYER_CHARS = 40
+# Longest report id in UTF-8 bytes: `<id>.txt` and the atomic writer's `.<id>.txt.<pid>.tmp` must fit the
+# 255-byte file-name limit of ext4, XFS, APFS and NTFS.
+MAX_ID_BYTES = 200
 
 
 @dataclass
@@ -33,6 +42,11 @@ class Report:
     text: str
     source: str  # file (and row, for CSV)
     method: str  # "text", "pdf-text", "ocr", "csv"
+    flagged: list[dict] = field(default_factory=list)  # lines addressing the model: {line, text, kinds}
+
+    def __post_init__(self) -> None:
+        if not self.flagged:
+            self.flagged = flag_lines(self.text)
 
 
 @dataclass
@@ -41,6 +55,23 @@ class Unreadable:
 
     source: str
     reason: str
+
+
+def flag_lines(text: str) -> list[dict]:
+    """The lines of a report that address the model reading it: {line (1-based), text, kinds}."""
+    return [{"line": text.count("\n", 0, start) + 1, "text": text[start:end].strip()[:300], "kinds": kinds}
+            for start, end, kinds in flagged_lines(text, "model")]
+
+
+def report_id_problem(report_id: str) -> str | None:
+    """Why `report_id` cannot name its file `reports/<id>.txt`, in one sentence; None when it can."""
+    if not report_id.strip() or report_id in (".", "..") or re.search(r"[/\\\x00]", report_id):
+        return f"Report id {report_id[:60]!r} cannot name a file; give the report another id."
+    size = len(report_id.encode("utf-8"))
+    if size > MAX_ID_BYTES:
+        return (f"Report id {report_id[:40]!r}… is {size} bytes, longer than the {MAX_ID_BYTES} a file name allows; "
+                "give the report a shorter id (a shorter file name or CSV id).")
+    return None
 
 
 def clean_text(text: str) -> str:
@@ -163,6 +194,9 @@ def read_reports(inputs: list[str | Path]) -> tuple[list[Report], list[Unreadabl
         except ChatEXAONEPathError as e:
             logger.warning("%s", e)
             unreadable.append(Unreadable(str(file), str(e)))
+    for report in [r for r in reports if report_id_problem(r.report_id)]:
+        unreadable.append(Unreadable(report.source, report_id_problem(report.report_id)))
+        reports.remove(report)
     duplicates = [k for k, n in Counter(r.report_id for r in reports).items() if n > 1]
     if duplicates:
         raise ChatEXAONEPathError(f"{len(duplicates)} report ids occur twice (e.g. {duplicates[0]!r}); "
@@ -231,13 +265,15 @@ def slide_ids_in(inputs: list[str | Path]) -> list[str]:
 
 
 def _check_file_safe(report_id: str) -> None:
-    if not report_id.strip() or report_id in (".", "..") or re.search(r"[/\\\x00]", report_id):
-        raise ChatEXAONEPathError(f"Report id {report_id!r} cannot name a file; give the report another id.")
+    problem = report_id_problem(report_id)
+    if problem:
+        raise ChatEXAONEPathError(problem)
 
 
 def write_ingested(out_dir: str | Path, reports: list[Report], unreadable: list[Unreadable],
                    slide_ids: list[str] | None = None, explicit: dict[str, list[str]] | None = None) -> dict:
-    """Write `reports/<id>.txt`, `reports.jsonl`, `unreadable.jsonl` and (with slides) `slide_map.json`.
+    """Write `reports/<id>.txt`, `reports.jsonl`, `unreadable.jsonl`, `ingest_summary.json` and (with slides)
+    `slide_map.json`.
 
     Returns the slide map record ({} without slides). Files are written atomically, so a killed
     ingest leaves either the old or the new outputs.
@@ -250,9 +286,16 @@ def write_ingested(out_dir: str | Path, reports: list[Report], unreadable: list[
     for report in reports:
         atomic_write_text(out_dir / "reports" / f"{report.report_id}.txt", report.text + "\n")
     atomic_write_jsonl(out_dir / "reports.jsonl", [
-        {"report_id": r.report_id, "source": r.source, "method": r.method, "chars": len(r.text), "text": r.text}
-        for r in reports])
+        {"report_id": r.report_id, "source": r.source, "method": r.method, "chars": len(r.text), "text": r.text,
+         "flagged_lines": r.flagged} for r in reports])
     atomic_write_jsonl(out_dir / "unreadable.jsonl", [{"source": u.source, "reason": u.reason} for u in unreadable])
+    flagged = {r.report_id: r.flagged for r in reports if r.flagged}
+    atomic_write_json(out_dir / "ingest_summary.json", {
+        "reports": len(reports), "unreadable": len(unreadable), "methods": dict(Counter(r.method for r in reports)),
+        "reports_with_flagged_lines": len(flagged), "flagged_lines": flagged})
+    if flagged:
+        logger.info("%d lines in %d reports address the model; they are left out of the index (see %s).",
+                       sum(map(len, flagged.values())), len(flagged), out_dir / "ingest_summary.json")
     if slide_ids is None:
         (out_dir / "slide_map.json").unlink(missing_ok=True)
         return {}
@@ -273,7 +316,8 @@ def load_ingested(directory: str | Path) -> list[Report]:
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         try:
             row = json.loads(line)
-            reports.append(Report(row["report_id"], row["text"], row["source"], row["method"]))
+            reports.append(Report(row["report_id"], row["text"], row["source"], row["method"],
+                                  row.get("flagged_lines") or []))
         except (ValueError, KeyError, TypeError) as e:
             raise ChatEXAONEPathError(f"{path}:{number} is not a report record ({e}); rerun the ingest.") from e
     return reports

@@ -49,7 +49,8 @@ def _short_hash(text: str) -> str:
 
 
 def _provenance(record: dict) -> dict:
-    return {"report_id": record["report_id"], "chunks": record["chunks"], "backend": record["backend"],
+    return {"report_id": record["report_id"], "report_version": record.get("report_version"),
+            "chunks": record["chunks"], "backend": record["backend"],
             "prompt_version": record.get("prompt_version", PROMPT_VERSION), "attempts": len(record["attempts"])}
 
 

@@ -152,3 +152,11 @@ def test_a_changed_report_is_judged_again(tmp_path):
         (tmp_path / "a.jsonl").write_text(json.dumps(rows[0]) + "\n")
         judge_answers_file(tmp_path / "a.jsonl", tmp_path / "run", spec)
         assert len(server.requests) == 2 and "tubular adenoma" in block(server.prompts()[1], "report")
+
+
+def test_an_over_long_report_id_is_one_sentence(tmp_path):
+    (tmp_path / "reports").mkdir()
+    answers = tmp_path / "a.jsonl"
+    answers.write_text(json.dumps({"id": "x", "question": "Q?", "answer": "A.", "report_id": "r" * 300}) + "\n")
+    with pytest.raises(EvalError, match="300 bytes, longer than the 200"):
+        judge_answers_file(answers, tmp_path / "run", "openai:m@http://127.0.0.1:9/v1", reports=tmp_path / "reports")

@@ -59,3 +59,24 @@ def test_answers_must_use_the_reports_words(answer, ok):
     assert (problems == []) == ok, problems
     if not ok:
         assert "excerpts do not contain" in problems[0]
+
+
+@pytest.mark.parametrize("answer", [
+    "Tumor involves part of the bowel wall", "The slide shows invasive carcinoma", "Heart block features absent",
+    "Partial response to therapy", "Block-like calcifications absent", "Slides show chronic gastritis",
+    "Ki-67 index is high", "ER positive, PR negative", "Grade 2 of 3", "pT1c N0", "Two of twelve nodes positive",
+    "Gleason score 3+4", "Mobitz type II block", "Score 2+ for HER2",
+])
+def test_ordinary_answers_are_kept(answer):
+    assert answer_problems(answer) == [], answer_problems(answer)
+
+
+@pytest.mark.parametrize("answer,problem", [
+    ("Ki-67 index 40%", "measurement"), ("ER positive 90 %", "measurement"), ("PR 5% weak", "measurement"),
+    ("Ki-67 about 30 percent", "measurement"), ("Tumour 1.5 x 1.2 cm", "measurement"), ("Weighs 35 g", "measurement"),
+    ("Received 12 March 2021", "date"), ("Signed 2019-03-04", "date"), ("Biopsy of 03/12/19", "date"),
+    ("Carcinoma in block A3", "identifier"), ("Tumor in part B", "identifier"), ("Seen on slide 2", "identifier"),
+    ("Cassette 4 shows tumor", "identifier"), ("Accession S19-12345", "identifier"), ("See block #2", "identifier"),
+])
+def test_measurements_dates_and_identifiers_are_rejected(answer, problem):
+    assert any(problem in p for p in answer_problems(answer)), answer_problems(answer)

@@ -23,9 +23,10 @@ def chunks():
 
 def test_index_is_idempotent_and_retrieval_stays_in_the_report(tmp_path, embedder):
     index = ChunkIndex(tmp_path / "db", embedder)
-    added, present = index.add(chunks())
-    assert added == len(chunks()) and present == 0
-    assert index.add(chunks()) == (0, len(chunks())) and len(index) == added
+    first = index.add(chunks())
+    assert first.added == len(chunks()) and first.present == 0 and first.removed == 0
+    again = index.add(chunks())
+    assert (again.added, again.present, again.removed) == (0, len(chunks()), 0) and len(index) == first.added
     assert index.report_ids() == ["r1", "r2"]
     hits = index.retrieve("r1", "How many lymph nodes are involved?", k=2)
     assert "Two of twelve" in hits[0].text and hits[0].section == "lymph_nodes"
