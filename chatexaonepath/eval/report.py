@@ -128,8 +128,11 @@ def report_markdown(summary: dict) -> str:
              f"{' (95% bootstrap interval)' if summary['acceptance_ci95'] else ''} — {summary['n_accepted']} of "
              f"{summary['n_judged']} decided answers; {summary['n']} judged, {summary['n_judge_errors']} judge "
              f"error(s), {summary['n_skipped']} item(s) skipped",
-             f"- flagged by the pre-check: {summary['n_flagged']}; reports given as excerpts: "
-             f"{summary['n_report_excerpted']}", "", "## Per criterion", "",
+             f"- flagged (pre-check or the judge's evaluator field): {summary['n_flagged']}; reports given as "
+             f"excerpts: {summary['n_report_excerpted']}",
+             *([f"- judged again because their answer, question, report or judge settings changed since an earlier "
+                f"verdict: {summary['n_rejudged_changed']}"] if summary.get("n_rejudged_changed") else []),
+             "", "## Per criterion", "",
              "| criterion | severity | pass rate | passed / judged | judge errors |", "|---|---|---|---|---|"]
     for cid, c in summary["criteria"].items():
         lines.append(f"| {c['name']} (`{cid}`) | {c['severity']} | {_pct(c['pass_rate'])} | {c['n_passed']} / {c['n']} "
@@ -145,7 +148,7 @@ def report_markdown(summary: dict) -> str:
         lines += ["## Judge stability", "", f"{agreement['votes']} votes per verdict: mean agreement with the majority "
                   f"{_pct(agreement['mean'])}, unanimous {_pct(agreement['unanimous_rate'])} of verdicts.", ""]
     for key, title, fmt in (("judge_errors", "Judge errors (not counted)", lambda e: f"`{e['id']}` ({e['kind']}): {e['error']}"),
-                            ("flagged", "Flagged by the pre-check (not accepted)", lambda f: f"`{f['id']}`: {', '.join(f['flags'])}"),
+                            ("flagged", "Flagged as addressing the evaluator (not accepted)", lambda f: f"`{f['id']}`: {', '.join(f['flags'])}"),
                             ("skipped", "Skipped items", lambda s: f"`{s['id']}`: {s['error']}")):
         if summary[key]:
             lines += [f"## {title}", ""] + [f"- {fmt(e)}" for e in summary[key][:50]]
