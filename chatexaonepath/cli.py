@@ -43,6 +43,7 @@ def slide_extract(
     encoder: Annotated[str, typer.Option(help="Patch encoder: exaonepath (real weights) or random-vit-b16 (testing).")] = "exaonepath",
     encoder_weights: Annotated[Optional[str], typer.Option(help="EXAONEPath.ckpt, a weights folder, or a hub repo id to download.")] = None,
     stain_norm: Annotated[str, typer.Option(help="none (paper v3) or macenko.")] = "none",
+    stain_target: Annotated[Optional[Path], typer.Option(help="With --stain-norm macenko: fit the reference to this H&E image (EXAONEPath's TCGA target; docs/weights.md).")] = None,
     batch_size: Annotated[int, typer.Option(help="Patches per encoder batch.")] = 32,
     num_workers: Annotated[Optional[int], typer.Option(help="Loader processes (default: none on small CPUs, spare cores with a GPU).")] = None,
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (auto: bf16 where the hardware runs it).")] = "auto",
@@ -69,7 +70,8 @@ def slide_extract(
 
     setup_logging(verbose, quiet)
     config = ExtractConfig(
-        encoder=encoder, encoder_weights=encoder_weights, stain_norm=stain_norm, batch_size=batch_size,
+        encoder=encoder, encoder_weights=encoder_weights, stain_norm=stain_norm,
+        stain_target=str(stain_target) if stain_target else None, batch_size=batch_size,
         num_workers=num_workers, precision=precision, device=device, mpp=mpp, patch_size=patch_size,
         target_mpp=target_mpp, min_tissue=min_tissue, seed=seed, tissue=TissueConfig(min_saturation=min_saturation),
         decoder=decoder,
@@ -186,12 +188,16 @@ def chat(
     slide: Annotated[Path, typer.Argument(help="The slide to talk about.")],
     model: Annotated[Optional[Path], typer.Option("--model", help="A trained ChatEXAONEPath checkpoint folder.")] = None,
     llm: Annotated[str, typer.Option(help="LLM when no --model is given: a HF id, a path, or 'embedded'.")] = "embedded",
-    encoder: Annotated[Optional[str], typer.Option(help="Patch encoder (default: exaonepath if found, else random-vit-b16).")] = None,
+    encoder: Annotated[Optional[str], typer.Option(help="Patch encoder (default: the one the --model was trained on; without one exaonepath if found, else random-vit-b16).")] = None,
     encoder_weights: Annotated[Optional[str], typer.Option(help="EXAONEPath weights file, folder or hub id.")] = None,
+    stain_norm: Annotated[Optional[str], typer.Option(help="none or macenko (default: what the --model was trained on).")] = None,
+    stain_target: Annotated[Optional[Path], typer.Option(help="Macenko target image (default: the one the --model's features were fitted to).")] = None,
+    allow_feature_mismatch: Annotated[bool, typer.Option("--allow-feature-mismatch", help="Use features made differently from the model's training features, with a warning.")] = False,
     mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px for slides whose metadata lacks it.")] = None,
     question: Annotated[Optional[str], typer.Option("--question", help="Ask one question, print the answer, exit.")] = None,
     region: Annotated[Optional[str], typer.Option(help="Ask about this part of the slide only: level-0 x,y,w,h (e.g. 4096,2048,1024,1024); the model sees the patches inside it.")] = None,
-    heatmap: Annotated[Optional[Path], typer.Option(help="Write the attention heatmap to this PNG.")] = None,
+    heatmap: Annotated[Optional[Path], typer.Option(help="Write the heatmap of the weights the visual tokens were pooled with to this PNG.")] = None,
+    clam_heatmap: Annotated[Optional[Path], typer.Option(help="Also write CLAM's gated attention softmax(a) to this PNG (a second view).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 for greedy (reproducible) answers.")] = 0.0,
     max_pixels: Annotated[int, typer.Option(help="Most pixels decoded at once (a whole PNG/JPEG, a TIFF strip or tile).")] = 1_000_000_000,
@@ -199,10 +205,9 @@ def chat(
     verbose: Verbose = False,
 ) -> None:
     """Chat about a slide in the terminal (streamed, multi-turn), or ask one --question."""
+    from .chat.provenance import serving_extractor
     from .chat.regions import Region
     from .chat.session import ChatSession, load_chat_model
-    from .vision_tower.encoder import build_encoder_or_random
-    from .vision_tower.extraction import ExtractConfig, FeatureExtractor
     from .vision_tower.slide import SlideLimits, open_slide
 
     limits = SlideLimits(max_pixels=max_pixels, max_patches=max_patches_per_slide)
@@ -210,10 +215,14 @@ def chat(
 
     setup_logging(verbose)
     chat_model = load_chat_model(model, llm)
-    patch_encoder = build_encoder_or_random(encoder, encoder_weights)
-    config = ExtractConfig(encoder=patch_encoder.name, mpp=mpp)
-    session = ChatSession(chat_model, config, extractor=FeatureExtractor(config, patch_encoder),
-                          max_new_tokens=max_new_tokens, temperature=temperature)
+    extractor, mismatch = serving_extractor(  # the checkpoint's training settings unless overridden (and refused)
+        chat_model.config, encoder=encoder, encoder_weights=encoder_weights, stain_norm=stain_norm,
+        stain_target=str(stain_target) if stain_target else None, allow_feature_mismatch=allow_feature_mismatch,
+        mpp=mpp)
+    if mismatch:
+        console.print(f"[bold yellow]Warning:[/] {mismatch}", highlight=False)
+    session = ChatSession(chat_model, extractor.config, extractor=extractor, max_new_tokens=max_new_tokens,
+                          temperature=temperature, allow_feature_mismatch=allow_feature_mismatch)
     with open_slide(slide, mpp, limits=limits) as opened, progress_bar() as progress:
         task = progress.add_task("features", total=None, unit="patches")
         loaded = session.load_slide(opened, mpp, lambda done, total: progress.update(task, completed=done, total=total))
@@ -221,13 +230,19 @@ def chat(
     console.print(f"[bold]{slide.name}[/]: {len(loaded.features)} patches"
                   f"{' (features from cache)' if not loaded.extracted else ''}."
                   f"{'' if question else ' Type a question; Ctrl-D to quit.'}")
-    if heatmap is not None:
+    if loaded.feature_warning and not mismatch:
+        console.print(f"[bold yellow]Warning:[/] {loaded.feature_warning}", highlight=False)
+    maps = [(path, weights, name) for path, weights, name in (
+        (heatmap, loaded.attention, "pooling-weight heatmap"), (clam_heatmap, loaded.clam_attention, "CLAM heatmap"))
+        if path is not None]
+    if maps:
         from .vision_tower.heatmap import render_heatmap
 
         with open_slide(slide, mpp, limits=limits) as s:
-            render_heatmap(s, loaded.features.coords, loaded.attention,
-                           patch_size_level0=loaded.features.attrs.get("patch_size_level0")).save(heatmap)
-        console.print(f"attention heatmap: {heatmap}")
+            for path, weights, name in maps:
+                render_heatmap(s, loaded.features.coords, weights,
+                               patch_size_level0=loaded.features.attrs.get("patch_size_level0")).save(path)
+                console.print(f"{name}: {path}")
     questions = [question] if question else None
     while True:
         if questions is not None:

@@ -93,12 +93,12 @@ def check_features(expected: dict | None, actual: dict, what: str, *, allow: boo
     differing = differing_keys(expected, actual)
     if not differing:
         return None
-    message = f"This checkpoint was trained on features with {describe(expected, differing)}, but {what} " \
-              f"{describe(actual, differing)}"
+    sides = f"trained on features with {describe(expected, differing)}, but {what} {describe(actual, differing)}"
     if not allow:
-        raise FeatureMismatchError(f"{message}; extract features with the checkpoint's settings (the default of "
-                                   f"chat, app and eval run), or {ALLOW_HINT}.")
-    warning = f"{message} (allowed by --allow-feature-mismatch: answers may be unreliable)."
+        raise FeatureMismatchError(f"This checkpoint was {sides}; extract features with the checkpoint's settings "
+                                   f"(the default of chat, app and eval run), or {ALLOW_HINT}.")
+    # Lower case, no full stop: the app's banner lists it among its other warnings.
+    warning = f"features unlike the model's training features are in use (--allow-feature-mismatch): it was {sides}"
     logger.warning(warning)
     return warning
 

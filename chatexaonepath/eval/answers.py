@@ -2,8 +2,11 @@
 
 Each item is asked with the reference conversation before it (the earlier human turns and the
 reference gpt replies), exactly as the model would see it in a chat, through the same
-PromptBuilder as training and inference. Prompts are sorted by length and left-padded in batches;
-every finished batch is appended to `answers.jsonl`, so a rerun generates only what is missing.
+PromptBuilder as training and inference, with the system prompt the checkpoint was trained with.
+The test features must be made like the checkpoint's training features (its `feature_provenance`);
+others are refused before any answer is generated, unless `allow_feature_mismatch`. Prompts are
+sorted by length and left-padded in batches; every finished batch is appended to `answers.jsonl`,
+so a rerun generates only what is missing.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Callable
 import torch
 
 from ..chat.conversation import IMAGE_TOKEN, PromptBuilder, Turn
+from ..chat.provenance import check_features, file_provenance, is_known
 from ..errors import ChatEXAONEPathError
 from ..vision_tower.features import read_features
 from .data import JsonlLog, TestItem
@@ -36,10 +40,14 @@ class GenerateConfig:
     reports: str | None = None  # folder of <report_id>.txt
     batch_size: int = 4
     max_new_tokens: int = 256
+    stain_norm: str | None = None  # what the test features must have (default: the checkpoint's training features')
+    allow_feature_mismatch: bool = False  # answer about features unlike the training ones (each one logged)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise EvalError("--batch-size and --max-new-tokens must be 1 or more.")
+        if self.stain_norm not in (None, "none", "macenko"):
+            raise EvalError(f"--stain-norm must be none or macenko, got {self.stain_norm!r}.")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +82,28 @@ def _prompt_ids(builder: PromptBuilder, item: TestItem, limit: int, max_new_toke
     return ids
 
 
+def check_test_features(items: list[TestItem], config: GenerateConfig, provenance: dict | None) -> list[str]:
+    """Refuse test features made unlike the checkpoint's training features; the warnings when they are allowed.
+
+    `--stain-norm` states what the features must have; one that differs from the training features' is
+    itself a mismatch.
+    """
+    expected = dict(provenance or {})
+    allow = config.allow_feature_mismatch
+    warnings = []
+    if config.stain_norm is not None and expected:
+        warnings.append(check_features(expected, {**expected, "stain_norm": config.stain_norm}, "--stain-norm asks for",
+                                       allow=allow))
+        expected["stain_norm"] = config.stain_norm
+    for path in sorted({item.features for item in items if item.features is not None}) if is_known(expected) else []:
+        try:
+            made = file_provenance(path)
+        except ChatEXAONEPathError:  # unreadable: its items are skipped (and listed) when their features are read
+            continue
+        warnings.append(check_features(expected, made, f"the test features {path.name} have", allow=allow))
+    return [w for w in warnings if w]
+
+
 def generate_answers(items: list[TestItem], config: GenerateConfig, answers: JsonlLog, *, model=None,
                      errors: JsonlLog | None = None,
                      progress: Callable[[int, int], None] | None = None) -> list[dict]:
@@ -88,6 +118,7 @@ def generate_answers(items: list[TestItem], config: GenerateConfig, answers: Jso
         from ..chat.session import load_chat_model
 
         model = load_chat_model(config.model)
+    check_test_features(todo, config, model.config.feature_provenance)  # raises, or logs what it allows
     model.eval()
     tokenizer = model.tokenizer
     builder = PromptBuilder(tokenizer, num_image_tokens=model.config.num_visual_tokens,

@@ -71,13 +71,18 @@ def run(
     reports: Annotated[Optional[Path], typer.Option("--reports", help="Folder of <report_id>.txt (or <slide_id>.txt) reports.")] = None,
     batch_size: Annotated[int, typer.Option(help="Questions answered per generation batch.")] = 4,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 256,
+    stain_norm: Annotated[Optional[str], typer.Option(help="none or macenko: what the test features must have (default: what the checkpoint was trained on).")] = None,
+    allow_feature_mismatch: Annotated[bool, typer.Option("--allow-feature-mismatch", help="Answer about test features made differently from the training features (logged).")] = False,
     criteria: Criteria = None, accept: Accept = "major", votes: Votes = 1, temperature: Temperature = None,
     per_criterion: PerCriterion = False, concurrency: Concurrency = 8, timeout: Timeout = 120.0, retries: Retries = 3,
     max_report_chars: MaxReport = 6000, judge_max_tokens: JudgeMaxTokens = 768, max_repairs: MaxRepairs = 2,
     structured_output: Structured = True, retry_errors: RetryErrors = False, quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Answer every test question with a checkpoint, then judge the answers against the reports (resumable)."""
+    """Answer every test question with a checkpoint, then judge the answers against the reports (resumable).
+
+    The test features must be made like the checkpoint's training features (its feature_provenance).
+    """
     from ..progress import progress_bar, setup_logging
     from .answers import GenerateConfig
     from .run import run_eval
@@ -85,7 +90,8 @@ def run(
     setup_logging(verbose, quiet)
     config = GenerateConfig(model=str(model), data=str(data), features=str(features) if features else None,
                             reports=str(reports) if reports else None, batch_size=batch_size,
-                            max_new_tokens=max_new_tokens)
+                            max_new_tokens=max_new_tokens, stain_norm=stain_norm,
+                            allow_feature_mismatch=allow_feature_mismatch)
     judge_config = _judge_config(votes, temperature, per_criterion, concurrency, timeout, retries, max_report_chars,
                                  judge_max_tokens, max_repairs, structured_output)
     with progress_bar(quiet) as progress:

@@ -103,8 +103,11 @@ def launch_app(engine: AppEngine, *, host: str = "127.0.0.1", port: int | None =
 def app_command(
     model: Annotated[Optional[Path], typer.Option("--model", help="A trained ChatEXAONEPath checkpoint folder (default: an untrained tower, clearly labelled).")] = None,
     llm: Annotated[str, typer.Option(help="LLM when no --model is given: a HF id, a path, or 'embedded' (SmolLM2-135M).")] = "embedded",
-    encoder: Annotated[Optional[str], typer.Option(help="Patch encoder (default: exaonepath if its weights are found, else random-vit-b16).")] = None,
+    encoder: Annotated[Optional[str], typer.Option(help="Patch encoder (default: the one the --model was trained on; without one exaonepath if its weights are found, else random-vit-b16).")] = None,
     encoder_weights: Annotated[Optional[str], typer.Option(help="EXAONEPath weights file, folder or hub id.")] = None,
+    stain_norm: Annotated[Optional[str], typer.Option(help="none or macenko (default: what the --model was trained on).")] = None,
+    stain_target: Annotated[Optional[Path], typer.Option(help="Macenko target image (default: the one the --model's features were fitted to).")] = None,
+    allow_feature_mismatch: Annotated[bool, typer.Option("--allow-feature-mismatch", help="Serve features made differently from the model's training features; the banner says so.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N for the patch encoder.")] = "auto",
     host: Annotated[str, typer.Option(envvar="GRADIO_SERVER_NAME", help="Address to bind; 0.0.0.0 serves your whole network.")] = "127.0.0.1",
     port: Annotated[Optional[int], typer.Option(envvar="GRADIO_SERVER_PORT", help="Port (default: the first free one from 7860).")] = None,
@@ -138,6 +141,8 @@ def app_command(
     logins = parse_auth(auth)
     warning = network_warning(host, share, logins, no_auth)  # before the slow part: --share without --auth fails now
     config = AppConfig(model=str(model) if model else None, llm=llm, encoder=encoder, encoder_weights=encoder_weights,
+                       stain_norm=stain_norm, stain_target=str(stain_target) if stain_target else None,
+                       allow_feature_mismatch=allow_feature_mismatch,
                        device=device, max_upload_gb=max_upload_gb, concurrency=concurrency,
                        max_new_tokens=max_new_tokens, temperature=temperature, example=example,
                        features_dir=str(features_dir) if features_dir else None, max_pixels=max_pixels,

@@ -34,6 +34,9 @@ class AppConfig:
     llm: str = "embedded"  # LLM when no checkpoint is given: HF id, path or "embedded"
     encoder: str | None = None  # None: exaonepath when its weights are found, else random-vit-b16
     encoder_weights: str | None = None
+    stain_norm: str | None = None  # None: what the checkpoint was trained on (chat/provenance.py)
+    stain_target: str | None = None  # Macenko target image; None: the checkpoint's, when still at its path
+    allow_feature_mismatch: bool = False  # serve features unlike the training ones; the banner says so
     device: str = "auto"
     max_upload_gb: float = 4.0
     concurrency: int = 1  # model calls at once (Gradio queue limit and engine semaphore)

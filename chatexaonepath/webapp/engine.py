@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..assets import user_cache_dir
 from ..errors import ServerBusyError
-from ..vision_tower.extraction import ExtractConfig, FeatureExtractor
+from ..vision_tower.extraction import FeatureExtractor
 from .config import AppConfig, GenerationSettings
 from .session import WebSession
 from .shared import SharedModel
@@ -109,14 +109,18 @@ class AppEngine(SharedModel):
     @classmethod
     def load(cls, config: AppConfig) -> "AppEngine":
         """Load the model and patch encoder named in `config` (the slow part of starting the app)."""
+        from ..chat.provenance import serving_extractor
         from ..chat.session import load_chat_model
-        from ..vision_tower.encoder import build_encoder_or_random
 
         started = time.perf_counter()
         model = load_chat_model(config.model, config.llm)
-        encoder = build_encoder_or_random(config.encoder, config.encoder_weights)
-        extract = ExtractConfig(encoder=encoder.name, device=config.device)
-        engine = cls(model, FeatureExtractor(extract, encoder), config)
+        extractor, mismatch = serving_extractor(  # the checkpoint's training settings, unless overridden (refused)
+            model.config, encoder=config.encoder, encoder_weights=config.encoder_weights, stain_norm=config.stain_norm,
+            stain_target=config.stain_target, allow_feature_mismatch=config.allow_feature_mismatch,
+            device=config.device)
+        engine = cls(model, extractor, config)
+        if mismatch:
+            engine.card.warnings.append(mismatch)  # allowed with --allow-feature-mismatch: shown in the banner
         logger.info("Model and encoder loaded in %.1f s", time.perf_counter() - started)
         return engine
 

@@ -103,7 +103,7 @@ class WebSession:
         config = shared.config
         self.chat = ChatSession(shared.model, shared.extractor.config, features_dir=shared.features_dir,
                                 extractor=shared.extractor, max_new_tokens=config.max_new_tokens,
-                                temperature=config.temperature)
+                                temperature=config.temperature, allow_feature_mismatch=config.allow_feature_mismatch)
         self.view: SlideView | None = None
         self.slide_path: Path | None = None
         self.pending_path: Path | None = None  # an upload waiting for its µm/px

@@ -65,8 +65,8 @@ def phase_configs(phase: int, out: Path, data_file: Path, features: Path, **over
     from chatexaonepath.train.phases import PhaseConfig
 
     data_keys = {"val_fraction", "max_patches", "skip_missing", "val_data", "seed"}
-    data = DataConfig(data=[str(data_file)], features_dir=str(features), val_fraction=0.25,
-                      **{k: v for k, v in overrides.items() if k in data_keys})
+    data = DataConfig(data=[str(data_file)], features_dir=str(features),
+                      **{"val_fraction": 0.25, **{k: v for k, v in overrides.items() if k in data_keys}})
     settings = dict(phase=phase, out=str(out), batch_size=2, gradient_accumulation=1, epochs=1, report_to="none",
                     lora_r=4, lora_alpha=8, logging_steps=1, precision="fp32")
     settings.update({k: v for k, v in overrides.items() if k not in data_keys})

@@ -6,11 +6,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from chatexaonepath.chat.conversation import DEFAULT_SYSTEM_PROMPT, Turn
 from chatexaonepath.chat.modeling import ChatEXAONEPathForCausalLM
-from chatexaonepath.chat.session import UNTRAINED_WARNING, load_chat_model
+from chatexaonepath.chat.session import UNTRAINED_WARNING, ChatSession, load_chat_model
 from chatexaonepath.errors import ChatEXAONEPathError
 from chatexaonepath.train.data import file_sha256
-from chatexaonepath.train.phases import train_phase
+from chatexaonepath.train.phases import prompt_builder, train_phase
 from tests.train.conftest import phase_configs
 
 
@@ -41,6 +42,8 @@ def test_phase1_changes_only_the_tower_and_writes_a_loadable_checkpoint(dataset_
 
     config = json.loads((out / "config.json").read_text())
     assert config["tower_trained"] is True and config["lora"] is None and "use_cache" not in config
+    # what it was trained with: no system prompt in phase 1, and the features' provenance (write_bags: "fake")
+    assert config["system_prompt"] is None and config["feature_provenance"]["encoder"] == "fake"
     info = json.loads((out / "training_args.json").read_text())
     assert info["phase"] == 1 and info["phase_config"]["learning_rate"] == 1e-3
     assert info["data"]["files_sha256"] == {str((dataset_dir / "captions.json").resolve()):
@@ -50,6 +53,10 @@ def test_phase1_changes_only_the_tower_and_writes_a_loadable_checkpoint(dataset_
     with caplog.at_level(logging.WARNING):
         model = load_chat_model(out)
     assert UNTRAINED_WARNING not in caplog.text
+    turns = [Turn("user", "<image>\nDescribe this slide."), Turn("assistant", "Class alpha tissue.")]
+    trained = prompt_builder(model).build(turns)  # the prompt training built
+    chat = ChatSession(model).builder.build(turns[:1], add_generation_prompt=True)  # and the one chat builds
+    assert chat.input_ids == trained.input_ids[:len(chat.input_ids)] and len(chat.input_ids) < len(trained.input_ids)
     saved = load_file(str(out / "tower.safetensors"))
     assert torch.equal(saved["feature_std"], model.tower.feature_std) and not (saved["feature_mean"] == 0).all()
     for name, value in snapshot.after.items():
@@ -71,6 +78,8 @@ def test_phase2_changes_only_lora_and_tower_and_loads_for_chat(dataset_dir, phas
     assert all(torch.equal(start[k], phase1_tower[k]) for k in start)  # phase 2 started from phase 1's tower
 
     config = json.loads((out / "config.json").read_text())
+    assert config["system_prompt"] == DEFAULT_SYSTEM_PROMPT  # phase 2 trains with it in every sample
+    assert config["feature_provenance"] == json.loads((phase1_out / "config.json").read_text())["feature_provenance"]
     assert config["lora"] == {"r": 4, "alpha": 8, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj",
                                                                                         "o_proj"]}
     assert (out / "adapter" / "adapter_config.json").is_file()
