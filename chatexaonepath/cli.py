@@ -56,6 +56,8 @@ def slide_extract(
     skip_errors: Annotated[bool, typer.Option("--skip-errors/--fail-fast", help="Record bad slides and go on (default), or stop at the first.")] = True,
     seed: Annotated[int, typer.Option(help="Seed for random encoders.")] = 0,
     decoder: Annotated[str, typer.Option(help="auto (DCT-scaled JPEG tiles where a slide allows, else OpenSlide), openslide or dct.")] = "auto",
+    max_pixels: Annotated[int, typer.Option(help="Most pixels decoded at once (a whole PNG/JPEG, a TIFF strip or tile); larger slides are refused.")] = 1_000_000_000,
+    max_patches_per_slide: Annotated[int, typer.Option(help="Refuse slides with more tissue patches than this (counted from the grid, before any is read).")] = 200_000,
     quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Extract patch features from slides into CLAM/TRIDENT-compatible .h5 files (resumable).
@@ -74,7 +76,7 @@ def slide_extract(
         stain_target=str(stain_target) if stain_target else None, batch_size=batch_size,
         num_workers=num_workers, precision=precision, device=device, mpp=mpp, patch_size=patch_size,
         target_mpp=target_mpp, min_tissue=min_tissue, seed=seed, tissue=TissueConfig(min_saturation=min_saturation),
-        decoder=decoder,
+        decoder=decoder, max_pixels=max_pixels, max_patches_per_slide=max_patches_per_slide,
     )
     shard = Shard.from_env()
     with progress_bar(quiet or not shard.is_main) as progress:  # one rank's bars are enough on a terminal

@@ -131,3 +131,17 @@ def test_interactive_chat_reads_questions_until_end_of_input(slides, tmp_path):
                             env=env, timeout=600)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("model> ") == 2  # two questions, the blank line skipped
+
+
+def test_slide_extract_refuses_a_slide_over_the_patch_budget_and_goes_on(slides, tmp_path):
+    """The budget is checked from the grid before any patch is read; the refusal names the flag that changes it."""
+    import json
+
+    out = tmp_path / "feats"
+    result = run_cli("slide", "extract", slides["tumor"], "--out", out, "--encoder", "random-vit-b16",
+                     "--max-patches-per-slide", "3", "--quiet")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    error = json.loads((out / "errors.jsonl").read_text().splitlines()[0])
+    assert "--max-patches-per-slide" in error["error"] and not (out / "tumor.h5").exists()
+    result = run_cli("slide", "extract", slides["tumor"], "--out", out, "--max-pixels", "5", "--quiet")
+    assert result.returncode == 2 and "--max-pixels" in result.stderr and "Traceback" not in result.stderr

@@ -224,7 +224,7 @@ def _extract_one(path: Path, out_dir: Path, config: ExtractConfig, extractor: Fe
     lock = SlideLock(out_dir / f"{slide_id}.lock")
     started = time.perf_counter()
     try:
-        with open_slide(path, config.mpp) as slide:
+        with open_slide(path, config.mpp, limits=config.limits) as slide:
             target = out_dir / f"{slide_id}.h5"
             if settings_match(target, extractor.settings(slide)):
                 logger.info("%s: already extracted with these settings, skipped", slide_id)

@@ -25,7 +25,7 @@ from .encoder import PatchEncoder, build_encoder
 from .features import FORMAT_VERSION, write_features
 from .jpeg_tiles import DECODERS, JpegTilePatchReader, choose_decoder
 from .patching import PatchGrid, patch_grid, read_patch
-from .slide import Slide
+from .slide import DEFAULT_MAX_PATCHES, DEFAULT_MAX_PIXELS, MPP_RANGE, Slide, SlideLimits
 from .stain import macenko_normalizer, stain_target_sha256
 from .tissue import TissueConfig, TissueMask, draw_tissue_outline, segment_tissue
 
@@ -53,7 +53,15 @@ class ExtractConfig:
     mpp: float | None = None  # level-0 µm/px override for slides without it
     seed: int = 0  # for random encoders only
     decoder: str = "auto"  # auto | openslide | dct (jpeg_tiles.py): how patches are decoded
+    # Budgets (slide.SlideLimits), checked before the work starts; they never change the features, so they are not settings.
+    max_pixels: int = DEFAULT_MAX_PIXELS  # most pixels decoded at once: a whole PNG/JPEG, a TIFF strip or tile
+    max_patches_per_slide: int = DEFAULT_MAX_PATCHES  # refuse slides with more tissue patches
     tissue: TissueConfig = field(default_factory=TissueConfig)
+
+    @property
+    def limits(self) -> SlideLimits:
+        """The budgets slides of this extraction are opened with."""
+        return SlideLimits(max_pixels=self.max_pixels, max_patches=self.max_patches_per_slide)
 
     def __post_init__(self) -> None:
         if self.stain_norm not in ("none", "macenko"):
@@ -73,8 +81,10 @@ class ExtractConfig:
             raise ChatEXAONEPathError(f"--min-tissue is a fraction between 0 and 1, got {self.min_tissue}.")
         if self.num_workers is not None and self.num_workers < 0:
             raise ChatEXAONEPathError(f"--num-workers must be 0 or more, got {self.num_workers}.")
-        if self.mpp is not None and not 0.05 <= self.mpp <= 50:
-            raise ChatEXAONEPathError(f"--mpp {self.mpp} is not a plausible µm/px (e.g. 0.25 for 40×, 0.5 for 20×).")
+        if self.mpp is not None and not MPP_RANGE[0] <= self.mpp <= MPP_RANGE[1]:
+            raise ChatEXAONEPathError(f"--mpp {self.mpp} is not a plausible µm/px ({MPP_RANGE[0]}–{MPP_RANGE[1]:g}; "
+                                      "e.g. 0.25 for 40×, 0.5 for 20×).")
+        self.limits  # noqa: B018 - building the limits validates the budgets now, with their flags' names
         if self.decoder not in DECODERS:
             raise ChatEXAONEPathError(f"--decoder must be one of {', '.join(DECODERS)}; got {self.decoder!r}.")
         if isinstance(self.tissue, dict):
