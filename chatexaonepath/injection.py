@@ -155,7 +155,7 @@ _ADDRESSED_COMMON = [
     r"language\s+model|ai\s+assistant|assistant|llm|ai)\b",
     r"\b(dear|hey|hi|hello|attention|note\s+to|note\s+for|message\s+to|message\s+for|instructions?\s+(to|for)|"
     r"reminder\s+(to|for)|addressed\s+to)\s+(the\s+|any\s+|all\s+)?{who}s?\b",
-    r"(^|\n)\s*(\w+\s+)?{label}(\s+reviewing|\s+note|\s+instructions?|\s+reading\s+this)?\s*[:,-]\s",
+    r"^\s*(\w+\s+)?{label}(\s+reviewing|\s+note|\s+instructions?|\s+reading\s+this)?\s*[:,-]\s",
     r"\b(the\s+)?{who}s?\s+(must|should|shall|is\s+to|needs\s+to|has\s+to|is\s+instructed)\b",
     r"\bif\s+you\s+are\s+(an?|the)\s+{who}\b",
     # French, Spanish, German: the addressee nouns never occur in a clinical answer or report line
@@ -176,7 +176,7 @@ _ADDRESSED_EVALUATOR = [
 _ADDRESSED_MODEL = [
     r"\b(if|when|whenever)\s+(you\s+are|you're)\s+(asked|questioned|prompted)\b",
     r"\b(if|when|whenever)\s+(asked|questioned|prompted)\b[^.\n]{0,80}\b(answer|respond|reply|say|state|write|output|tell)\b",
-    r"(^|[.!?;:\n]\s*)(please\s+)?(always\s+|only\s+)?(answer|respond|reply|say|output)\s+(only\s+|exactly\s+|always\s+)?"
+    r"(?:^|[.!?;:])\s*(please\s+)?(always\s+|only\s+)?(answer|respond|reply|say|output)\s+(only\s+|exactly\s+|always\s+)?"
     r"(with|that|as|:|[\"'\u201c])",
     r"\b(and|then|just|simply|instead)\s+(answer|respond|reply|say|output)\s+(only\s+|with\s+|that\s+)*[\"'\u201c:]",
     r"\b(your|the)\s+(answer|response|reply|output)\s+(must|should|shall|will|is\s+to)\s+be\b",
@@ -190,8 +190,8 @@ _ADDRESSED_MODEL = [
 _MARKUP = [
     r"</?\s*(candidate_answer|answer|report|question|system|instructions?|user|assistant|excerpts?|data|rubric|criteria)\s*>",
     r"\[/?inst\]|<<\s*/?sys\s*>>|<\|[a-z_]+\|>|<\s*/?\s*(im_start|im_end|s|eos|bos)\s*>",
-    r"(^|\n)\s*(system|assistant|user|judge|evaluator|grader|human|ai|developer)\s*:",
-    r"(^|\n)\s*(#{2,}|={3,}|-{3,}|\*{3,})\s*(end|begin|start|stop)\s+(of\s+)?(data|answer|report|excerpts?|block|input)\b",
+    r"^\s*(system|assistant|user|judge|evaluator|grader|human|ai|developer)\s*:",
+    r"^\s*(#{2,}|={3,}|-{3,}|\*{3,})\s*(end|begin|start|stop)\s+(of\s+)?(data|answer|report|excerpts?|block|input)\b",
 ]
 
 
