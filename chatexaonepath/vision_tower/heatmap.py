@@ -1,5 +1,9 @@
 """Attention heatmaps: what the model looked at, drawn over the slide thumbnail.
 
+Callers pass the projector's pooling weights softmax(q·k/√d + a) — what the visual tokens were made
+from (`ChatSession`'s `LoadedSlide.attention`) — or CLAM's softmax(a) as a second view; before
+training the two are equal, after it they are not.
+
 Each patch is a square coloured by its attention with a perceptual colormap (viridis by default);
 scores are shown by rank, as CLAM does, so that a few dominant patches do not flatten the rest.
 """
