@@ -85,6 +85,7 @@ def launch_app(engine: AppEngine, *, host: str = "127.0.0.1", port: int | None =
     # which is deleted at shutdown. Gradio reads the variable when the page is built, so set it first.
     os.environ["GRADIO_TEMP_DIR"] = str(engine.work_dir / "gradio")
     from .ui import build_demo
+    from .viewer import viewer_routes
 
     demo = build_demo(engine)
     demo.queue(max_size=64, default_concurrency_limit=engine.config.concurrency)
@@ -93,7 +94,9 @@ def launch_app(engine: AppEngine, *, host: str = "127.0.0.1", port: int | None =
                     quiet=quiet, show_error=False, max_file_size=engine.config.max_upload_bytes, ssr_mode=False,
                     mcp_server=False, pwa=False, enable_monitoring=False, footer_links=["api", "settings"],
                     # Run history would keep questions and answers in the browser (and offers cloud storage).
-                    run_history=False, auth_message="ChatEXAONEPath — sign in")
+                    run_history=False, auth_message="ChatEXAONEPath — sign in",
+                    # The slide viewer's routes (its script, tiles, overlay), ahead of Gradio's own.
+                    app_kwargs={"routes": viewer_routes(engine.tiles)})
     except OSError as e:  # Gradio's message names its environment variables; ours names the option
         busy = f"port {port} is in use or not allowed" if port else "no port in 7860–7959 is free"
         raise ChatEXAONEPathError(f"Could not serve on {host}: {busy}; pick another with --port.") from e

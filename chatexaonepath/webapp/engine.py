@@ -212,6 +212,7 @@ class AppEngine(SharedModel):
             sessions, self._sessions = list(self._sessions.values()), {}
         for session in sessions:
             session.close()
+        self.tiles.close()
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
     # -- the bundled example -----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..chat.conversation import Turn
+from ..chat.regions import Region, SlideTurn, question_scope
 from ..chat.session import ChatSession
 from ..errors import ChatEXAONEPathError, MissingMppError, ServerBusyError
 from ..vision_tower.heatmap import AttendedPatch, render_heatmap, top_attended_patches
@@ -155,8 +156,9 @@ class WebSession:
         found = [p for p in self.folder.iterdir() if p.is_dir()] if self.folder.is_dir() else []
         return [*found, *(p.resolve() for p in found)]
 
-    def _checked_question(self, question: str, settings: GenerationSettings | None) -> GenerationSettings:
-        """Refuse a question or settings past the app's limits, and count it against the rate."""
+    def _checked_question(self, question: str, settings: GenerationSettings | None,
+                          region: Region | None = None) -> GenerationSettings:
+        """Refuse a question, settings or region past the app's limits, and count it against the rate."""
         config = self.shared.config
         settings = settings or self.shared.default_settings
         if len(question) > config.max_question_chars:
@@ -165,6 +167,8 @@ class WebSession:
         settings.check(config)
         if self.chat.slide is None:
             raise ChatEXAONEPathError(self.notice or "Load a slide before asking about it.")
+        if region is not None:
+            question_scope(self.chat.slide, region)  # a region outside the slide or without tissue: one sentence
         self._admit()
         return settings
 
@@ -246,6 +250,14 @@ class WebSession:
         if self.pending_path == path:
             self.pending_path = None
         return slide
+
+    def open_shown_slide(self) -> Slide:
+        """Open the slide on show again for its viewer's tiles, with the load's µm/px, budgets and confinement."""
+        loaded, path = self.chat.slide, self.slide_path
+        if loaded is None or path is None:
+            raise ChatEXAONEPathError("No slide is loaded.")
+        return open_slide(path, float(loaded.features.attrs["level0_mpp"]), limits=self.shared.config.slide_limits,
+                          root=self._upload_folder(path))
 
     def _upload_folder(self, path: Path) -> Path | None:
         """The folder `take_upload` made for an uploaded slide; None for other slides (the example)."""
@@ -333,18 +345,19 @@ class WebSession:
         return out
 
     def ask(self, question: str, on_text: Callable[[str], None] | None = None,
-            settings: GenerationSettings | None = None) -> Reply:
-        """Answer `question` about the loaded slide, streaming pieces to `on_text`; `stop()` ends it early.
+            settings: GenerationSettings | None = None, region: Region | None = None) -> Reply:
+        """Answer `question` about the loaded slide (or only its `region`), streaming pieces to `on_text`;
+        `stop()` ends it early.
 
         A stopped answer stays in the conversation as far as it got (marked in `messages()`).
         """
         self.touch()
-        settings = self._checked_question(question, settings)
+        settings = self._checked_question(question, settings, region)
         self._stop.clear()
-        return self._ask(question, on_text, settings)
+        return self._ask(question, on_text, settings, region)
 
     def _ask(self, question: str, on_text: Callable[[str], None] | None,
-             settings: GenerationSettings | None) -> Reply:
+             settings: GenerationSettings | None, region: Region | None = None) -> Reply:
         pieces: list[str] = []
 
         def relay(piece: str) -> None:
@@ -359,18 +372,19 @@ class WebSession:
             self.chat.temperature, self.chat.max_new_tokens = settings.temperature, settings.max_new_tokens
             self.chat.builder.system_prompt = settings.system_prompt or None
             try:
-                answer = self.chat.ask(question, relay)
+                answer = self.chat.ask(question, relay, region=region)
             except _Stopped:
                 text = "".join(pieces).strip()
                 safe_question = question.strip().replace(self.chat.builder.image_token, "[image]")
-                self.chat.slide.turns += [Turn("user", safe_question), Turn("assistant", text)]
+                scope = Region.of(region) if region is not None else None
+                self.chat.slide.turns += [SlideTurn("user", safe_question, scope), SlideTurn("assistant", text, scope)]
                 self.stopped_turns.add(len(self.chat.slide.turns) - 1)
                 return Reply(text, True, None, time.perf_counter() - started)
         self.touch()
         return Reply(answer.text, False, answer.first_token_seconds, time.perf_counter() - started, answer.new_tokens)
 
-    def ask_stream(self, question: str,
-                   settings: GenerationSettings | None = None) -> Iterator[tuple[str, Reply | None]]:
+    def ask_stream(self, question: str, settings: GenerationSettings | None = None,
+                   region: Region | None = None) -> Iterator[tuple[str, Reply | None]]:
         """`ask` as an iterator of (text so far, None) … ending with (final text, Reply).
 
         Generation starts at once, before the first item is asked for, so a page can redraw while
@@ -378,13 +392,13 @@ class WebSession:
         one that is dropped without being read needs `stop()`.
         """
         self.touch()
-        settings = self._checked_question(question, settings)  # refused here, before a thread starts
+        settings = self._checked_question(question, settings, region)  # refused here, before a thread starts
         pieces: queue.SimpleQueue = queue.SimpleQueue()
         outcome: dict = {}
 
         def work() -> None:
             try:
-                outcome["reply"] = self._ask(question, pieces.put, settings)
+                outcome["reply"] = self._ask(question, pieces.put, settings, region)
             except BaseException as e:  # re-raised in the consumer's thread below
                 outcome["error"] = e
             finally:
@@ -437,6 +451,7 @@ class WebSession:
         self.closed = True
         self._cancel.set()
         self._stop.set()
+        self.shared.tiles.revoke(self)  # its viewer's tiles stop being served at once
         shutil.rmtree(self.folder, ignore_errors=True)
         # A load or answer still running stops at its next batch or token; wait briefly so its
         # tensors go now rather than when the last reference is collected.

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 from ..assets import private_dir, user_cache_dir
 from ..vision_tower.extraction import FeatureExtractor
 from .config import AppConfig, GenerationSettings
+from .tiles import TileRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class SharedModel:
         self._model_slot = threading.Semaphore(self.config.concurrency)
         self._lock = threading.Lock()
         self._slide_locks: dict[str, list] = {}  # fingerprint → [lock, users]
+        self.tiles = TileRegistry()  # the deep-zoom tiles of each session's slide (viewer.py serves them)
 
     @contextmanager
     def model_slot(self, on_wait: Callable[[], None] | None = None) -> Iterator[None]:

@@ -212,6 +212,8 @@ class SlideTiles:
         self._opener, self._cache = opener, cache
         self._slide: Slide | None = None
         self._generator: DeepZoomGenerator | None = None
+        self._source: openslide.AbstractSlide | None = None
+        self._background = (255, 255, 255)
         self._readers = 0
         self._release_wanted = False
         self.revoked = False
@@ -246,16 +248,18 @@ class SlideTiles:
             handle = slide.handle
             source = handle if _dense_pyramid(handle) else SlidePyramid(slide)
             self._generator = DeepZoomGenerator(source, TILE_SIZE, TILE_OVERLAP, limit_bounds=False)
+            colour = source.properties.get(openslide.PROPERTY_NAME_BACKGROUND_COLOR, "ffffff")
+            self._background = tuple(int(colour[i:i + 2], 16) for i in (0, 2, 4)) if len(colour) == 6 else (255,) * 3
         except BaseException:
             slide.close()
             raise
-        self._slide = slide
+        self._slide, self._source = slide, source
         logger.debug("Opened %s for tiles (%s)", slide.slide_id, type(source).__name__)
 
     def _close(self) -> None:
         if self._slide is not None:
             self._slide.close()
-        self._slide = self._generator = None
+        self._slide = self._generator = self._source = None
         self._release_wanted = False
 
     def release(self) -> None:
@@ -303,10 +307,25 @@ class SlideTiles:
             cols, rows = generator.level_tiles[level]
             if not (0 <= col < cols and 0 <= row < rows):
                 raise TileNotFound(f"There is no tile {col}_{row} at level {level}.")
-            image = self._read(lambda: generator.get_tile(level, (col, row)))
-        data = _jpeg(image)
+            data = self._read(lambda: self._render(generator, level, col, row))
         self._cache.put(key, data)
         return data
+
+    def _render(self, generator: DeepZoomGenerator, level: int, col: int, row: int) -> bytes:
+        # DeepZoomGenerator's own coordinates (which slide level, where, how much), shrunk with OpenCV's
+        # area average: `get_tile`'s Pillow Lanczos costs ~11 ms of a 2× tile's ~40, this ~1 ms.
+        import cv2
+
+        location, slide_level, size = generator.get_tile_coordinates(level, (col, row))
+        rgb = _on_background(np.asarray(self._source.read_region(location, slide_level, size)), self._background)
+        target = _tile_size(generator, level, col, row)
+        if (rgb.shape[1], rgb.shape[0]) != target:
+            rgb = cv2.resize(rgb, target, interpolation=cv2.INTER_AREA)
+        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        ok, encoded = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        if not ok:
+            raise OSError("JPEG encoding failed")
+        return encoded.tobytes()
 
     def region(self, x: int, y: int, width: int, height: int, max_side: int) -> bytes:
         """A level-0 rectangle as JPEG, shrunk to fit `max_side` (full resolution when it already fits)."""
@@ -349,6 +368,30 @@ class SlideTiles:
             raise SlideError("The slide could not be read here (the file is probably corrupt).") from e
 
 
+def _tile_size(generator: DeepZoomGenerator, level: int, col: int, row: int) -> tuple[int, int]:
+    """(width, height) of a deep-zoom tile: the tile side, cut at the level's edge, plus the overlap on inner edges."""
+    cols, rows = generator.level_tiles[level]
+    width, height = generator.level_dimensions[level]
+
+    def side(index: int, count: int, total: int) -> int:
+        inner_edges = (index > 0) + (index < count - 1)
+        return min(TILE_SIZE, total - TILE_SIZE * index) + TILE_OVERLAP * inner_edges
+
+    return side(col, cols, width), side(row, rows, height)
+
+
+def _on_background(rgba: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """RGB from RGBA, transparent (unscanned) areas blended onto the slide's background colour as OpenSlide does."""
+    import cv2
+
+    rgb = cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return rgb
+    weight = alpha[..., None].astype(np.float32) / 255.0
+    return (rgb * weight + np.asarray(background, np.float32) * (1.0 - weight)).round().astype(np.uint8)
+
+
 def _jpeg(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, "JPEG", quality=JPEG_QUALITY)
@@ -366,7 +409,8 @@ class TileRegistry:
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def publish(self, owner: object, opener: Callable[[], Slide], alive: Callable[[], bool] = lambda: True) -> SlideTiles:
+    def publish(self, owner: object, opener: Callable[[], Slide],
+                alive: Callable[[], bool] = lambda: True) -> SlideTiles:
         """Publish `owner`'s slide under new secrets; the slide it showed before stops being served."""
         tiles = SlideTiles(opener, self.cache, alive)
         with self._lock:

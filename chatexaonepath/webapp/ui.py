@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import gradio as gr
 
+from ..chat.regions import Region
 from ..errors import ChatEXAONEPathError, MissingMppError, ServerBusyError
 from ..vision_tower.slide import MPP_RANGE
 from .config import GenerationSettings
@@ -25,6 +26,7 @@ from .engine import AppEngine
 from .messages import user_message
 from .session import LoadProgress, SlideView, WebSession
 from .uploads import ACCEPTED_SUFFIXES
+from .viewer import ViewerHandlers, chat_messages, region_header, viewer_component
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +113,9 @@ def build_demo(engine: AppEngine) -> gr.Blocks:
                                     elem_id="mpp", minimum=MPP_RANGE[0], maximum=MPP_RANGE[1])
                     mpp_load = gr.Button("Load with this µm/px", elem_id="mpp-load", variant="primary")
                 status = gr.HTML("", elem_id="status")
-                slide_view = gr.Image(label="Slide: tissue outline and attention heatmap", type="numpy",
+                viewer = viewer_component()  # pan and zoom to full resolution, with the overlays (viewer.py)
+                slide_view = gr.Image(label="Thumbnail: tissue outline and attention heatmap (to download or print)",
+                                      type="numpy",
                                       interactive=False, elem_id="slide-view", buttons=["download", "fullscreen"])
                 with gr.Row():
                     show_heatmap = gr.Checkbox(True, label="Attention heatmap", elem_id="heatmap-toggle")
@@ -126,6 +130,11 @@ def build_demo(engine: AppEngine) -> gr.Blocks:
                                           elem_id="question", autofocus=True,
                                           max_length=engine.config.max_question_chars)
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                with gr.Row(equal_height=True):
+                    region = gr.Textbox(label="Region of the next question (level-0 x, y, w, h; empty: the whole "
+                                              "slide)", placeholder="Draw a region on the slide, or type x,y,w,h",
+                                        elem_id="region", scale=6, max_lines=1)
+                    whole = gr.Button("Whole slide", size="sm", scale=1, elem_id="whole-slide")
                 with gr.Row():
                     stop = gr.Button("Stop", variant="stop", size="sm", elem_id="stop")
                     retry = gr.Button("Retry", size="sm", elem_id="retry")
@@ -146,22 +155,28 @@ def build_demo(engine: AppEngine) -> gr.Blocks:
                     f"(or after {engine.config.session_idle_minutes:g} minutes without a request).")
 
         handlers = _Handlers(engine)
+        viewing = ViewerHandlers(engine)
         model_work = dict(concurrency_id=MODEL_GROUP, concurrency_limit=engine.config.concurrency,
                           show_progress="hidden")
         instant = dict(queue=False, show_progress="hidden")
         # The file box is emptied after each load (the status names the slide), ready for the next one.
         load_outputs = [status, slide_view, gallery, mpp_row, chatbot, chat_status, upload]
+        show = dict(fn=viewing.show, inputs=None, outputs=[viewer, region], api_visibility="private", **model_work)
         upload.upload(handlers.load_upload, [upload, show_heatmap, opacity], load_outputs, api_name="load_upload",
-                      **model_work)
+                      **model_work).then(**show)
         example.click(handlers.load_example, [show_heatmap, opacity], load_outputs, api_name="load_example_slide",
-                      **model_work)
+                      **model_work).then(**show)
         mpp_load.click(handlers.load_with_mpp, [mpp, show_heatmap, opacity], load_outputs, api_name="load_with_mpp",
-                       **model_work)
+                       **model_work).then(**show)
+        viewer.select(viewing.region_drawn, None, [region, viewer], api_visibility="private", **instant)
+        region.submit(viewing.region_typed, [region], viewer, api_visibility="private", **instant)
+        whole.click(viewing.whole_slide, None, [region, viewer], api_visibility="private", **instant)
+        gallery.select(viewing.goto_patch, None, viewer, api_visibility="private", **instant)
         cancel.click(handlers.cancel, None, None, api_name="cancel", **instant)
         show_heatmap.change(handlers.recompose, [show_heatmap, opacity], slide_view, api_name="recompose", **instant)
         opacity.release(handlers.recompose, [show_heatmap, opacity], slide_view, api_visibility="private", **instant)
 
-        chat_inputs = [question, temperature, max_tokens, system_prompt]
+        chat_inputs = [question, temperature, max_tokens, system_prompt, region]
         chat_outputs = [chatbot, question, chat_status]
         send.click(handlers.ask, chat_inputs, chat_outputs, api_name="ask", **model_work)
         question.submit(handlers.ask, chat_inputs, chat_outputs, api_visibility="private", **model_work)
@@ -269,33 +284,39 @@ class _Handlers:
 
     # -- chat ------------------------------------------------------------------------------------------
     def ask(self, question: str, temperature: float, max_tokens: float, system_prompt: str,
-            request: gr.Request) -> Iterator[tuple]:
+            request: gr.Request, region: str = "") -> Iterator[tuple]:
         if not question or not question.strip():
             yield gr.skip(), gr.skip(), "Type a question first."
             return
         try:
+            scope = Region.parse(region) if region and region.strip() else None  # empty: the whole slide
             session = self._session(request)
-        except ServerBusyError as e:
+        except ChatEXAONEPathError as e:  # an unreadable region, or a server at its limit of sessions
             yield gr.skip(), question, f"**Error:** {e}"
             return
-        yield from self._answer(session, question, temperature, max_tokens, system_prompt)
+        yield from self._answer(session, question, temperature, max_tokens, system_prompt, region=scope)
 
     def retry(self, question: str, temperature: float, max_tokens: float, system_prompt: str,
-              request: gr.Request) -> Iterator[tuple]:
+              request: gr.Request, region: str = "") -> Iterator[tuple]:
         try:
             session = self._session(request)
+            turns = session.turns
+            scope = getattr(turns[-2], "region", None) if len(turns) >= 2 else None  # asked again as it was asked
             last = session.drop_last_exchange()
         except ChatEXAONEPathError as e:
             yield gr.skip(), gr.skip(), str(e)
             return
-        yield from self._answer(session, last, temperature, max_tokens, system_prompt, keep_question=question)
+        yield from self._answer(session, last, temperature, max_tokens, system_prompt, keep_question=question,
+                                region=scope)
 
     def _answer(self, session: WebSession, question: str, temperature: float, max_tokens: float,
-                system_prompt: str, keep_question: str = "") -> Iterator[tuple]:
-        history = session.messages() + [{"role": "user", "content": question}]
+                system_prompt: str, keep_question: str = "", region: Region | None = None) -> Iterator[tuple]:
+        tiles = self.engine.tiles
+        header = region_header(region, tiles.published(session)) if region is not None else ""
+        history = chat_messages(session, tiles) + [{"role": "user", "content": header + question}]
         try:
             settings = GenerationSettings(float(temperature), _whole(max_tokens), system_prompt)
-            stream = session.ask_stream(question, settings)  # starts now: the model reads while the page redraws
+            stream = session.ask_stream(question, settings, region)  # starts now: the model reads meanwhile
         except Exception as e:
             yield gr.skip(), question, f"**Error:** {user_message(e, 'answering', session.upload_folders())}"
             return
@@ -308,7 +329,8 @@ class _Handlers:
             finished = True
         except Exception as e:  # shown under the chat; the question goes back into the box
             finished = True
-            yield session.messages(), question, f"**Error:** {user_message(e, 'answering', session.upload_folders())}"
+            yield (chat_messages(session, tiles), question,
+                   f"**Error:** {user_message(e, 'answering', session.upload_folders())}")
             return
         finally:
             if not finished:  # the browser went away: end the generation too
@@ -316,7 +338,7 @@ class _Handlers:
                 stream.close()
         note = "Stopped." if reply.stopped else (f"First words after {reply.first_token_seconds or 0:.2f} s; "
                                                  f"{reply.new_tokens} tokens in {reply.seconds:.1f} s.")
-        yield session.messages(), gr.skip(), note
+        yield chat_messages(session, tiles), gr.skip(), note
 
     def stop(self, request: gr.Request) -> None:
         session = self.engine.find_session(request.session_hash)

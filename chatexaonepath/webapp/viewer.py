@@ -1,0 +1,294 @@
+"""The slide viewer's server side: its HTTP routes, what a session publishes, and its chat decorations.
+
+The page's viewer (static/viewer.js, on OpenSeadragon served from static/vendor/) gets a small
+config through Gradio (token, key, geometry, and `region`/`goto` requests) and fetches everything
+else from the routes here, under `viewer/s/<token>/`: deep-zoom tiles, the overlay (every patch's
+level-0 square, weight and rank, the tissue outline, the gallery's patches), a patch at full
+resolution, a region's thumbnail. Each of those checks the session's key cookie (tiles.py).
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import gradio as gr
+import numpy as np
+
+from ..chat.regions import Region, SlideTurn, patch_side_of
+from ..errors import ChatEXAONEPathError, SlideError
+from .tiles import SlideTiles, TileForbidden, TileNotFound, TileRegistry
+
+if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
+    from .session import WebSession
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+LIBRARY = STATIC_DIR / "vendor" / "openseadragon" / "openseadragon.min.js"
+COOKIE = "cxp_viewer"  # the session's key, scoped by the page to viewer/s/<token>/
+THUMBNAIL_SIDE = 160  # a region's picture in the chat
+MAX_PATCH_SIDE = 1024  # a patch shown on click: full resolution up to this side
+MAX_OUTLINE_POINTS = 20_000
+NO_STORE = {"Cache-Control": "no-store"}
+KEEP = {"Cache-Control": "private, max-age=86400"}  # URLs hold an unguessable token: safe to keep
+
+
+def library_installed() -> bool:
+    """True when `make setup` has put OpenSeadragon beside the app (the viewer needs it; nothing comes from a CDN)."""
+    return LIBRARY.is_file()
+
+
+# -- what a session publishes ----------------------------------------------------------------------------
+def displayed_map(loaded) -> tuple[np.ndarray, str]:
+    """The per-patch weights the page shows for a loaded slide (its `attention`), and what to call them.
+
+    Since the model exposes its projector's pooling weights they are the `attention` (CLAM's own beside
+    it as `clam_attention`); before, the attention was CLAM's.
+    """
+    values = np.asarray(loaded.attention.detach().float().cpu(), np.float64).reshape(-1)
+    return values, ("pooling weight" if getattr(loaded, "clam_attention", None) is not None else "attention")
+
+
+def publish(registry: TileRegistry, session: "WebSession") -> dict:
+    """Publish the session's slide for its viewer (new secrets; the previous slide stops) and return the config."""
+    loaded = session.chat.slide
+    if loaded is None or session.slide_path is None:
+        raise ChatEXAONEPathError("Load a slide first.")
+    owner = weakref.ref(session)
+    tiles = registry.publish(session, session.open_shown_slide,
+                             alive=lambda: (s := owner()) is not None and not s.closed and s.chat.slide is loaded)
+    weights, name = displayed_map(loaded)
+    coords = loaded.features.coords
+    coords = np.asarray(coords.cpu() if hasattr(coords, "cpu") else coords, np.int64).reshape(-1, 2)
+    side = patch_side_of(loaded.features)
+    tiles.patch_coords, tiles.patch_side = coords, side
+    order = np.argsort(-weights, kind="stable")
+    ranks = np.empty(len(weights), np.int64)
+    ranks[order] = np.arange(1, len(weights) + 1)
+    with session.shared.model_slot():  # segmentation decodes the slide: one decode at a time, like loads
+        outline = tiles.with_slide(lambda slide: _tissue_outline(slide, session.shared.extractor.config.tissue))
+    tiles.overlay = {
+        "patch_side": side, "x": coords[:, 0].tolist(), "y": coords[:, 1].tolist(),
+        "weight": [float(f"{w:.4g}") for w in weights], "rank": ranks.tolist(), "map": name,
+        "top": order[: session.shared.config.top_patches].tolist(), "tissue": outline,
+    }
+    tiles.config = {"token": tiles.token, "key": tiles.key, "base": f"viewer/s/{tiles.token}/",
+                    "name": Path(session.slide_path).name, **tiles.geometry(), "region": None, "goto": None}
+    return dict(tiles.config)
+
+
+def _tissue_outline(slide, config) -> list[dict]:
+    """The tissue contours (and holes) in level-0 pixels, simplified to about one mask pixel."""
+    import cv2
+
+    from ..vision_tower.tissue import segment_tissue
+
+    try:
+        tissue = segment_tissue(slide, config)
+    except ChatEXAONEPathError as e:  # no tissue: the viewer simply shows no outline
+        logger.info("No tissue outline for the viewer: %s", e)
+        return []
+    rings = [(c, False) for c in tissue.contours] + [(h, True) for holes in tissue.holes for h in holes]
+    out, points = [], 0
+    for ring, hole in rings:
+        simple = cv2.approxPolyDP(ring.astype(np.int32).reshape(-1, 1, 2), float(tissue.downsample), True)
+        flat = simple.reshape(-1).tolist()
+        points += len(flat) // 2
+        if points > MAX_OUTLINE_POINTS:
+            logger.info("Tissue outline cut at %d points", MAX_OUTLINE_POINTS)
+            break
+        out.append({"hole": hole, "points": flat})
+    return out
+
+
+def viewer_update(registry: TileRegistry, session: "WebSession | None", **changes) -> dict | None:
+    """The session's current viewer config with `changes` (region, goto); None when it shows no slide."""
+    tiles = registry.published(session) if session is not None else None
+    if tiles is None:
+        return None
+    if "goto" in changes and changes["goto"] is not None:
+        tiles.config["goto_count"] = tiles.config.get("goto_count", 0) + 1
+        changes["goto"] = {**changes["goto"], "n": tiles.config["goto_count"]}
+    tiles.config.update(changes)
+    return dict(tiles.config)
+
+
+def top_patch_goto(registry: TileRegistry, session: "WebSession", rank_index: int) -> dict | None:
+    """A `goto` request for the gallery's `rank_index`-th patch (0 = the most weighted)."""
+    tiles = registry.published(session)
+    if tiles is None or not 0 <= rank_index < len(tiles.overlay.get("top", [])):
+        return None
+    index = tiles.overlay["top"][rank_index]
+    x, y = (int(v) for v in tiles.patch_coords[index])
+    return {"x": x, "y": y, "w": tiles.patch_side, "h": tiles.patch_side}
+
+
+# -- the conversation, as the page shows it --------------------------------------------------------------
+def chat_messages(session: "WebSession", registry: TileRegistry) -> list[dict]:
+    """`session.messages()` with region turns headed by their thumbnail and coordinates, and answers followed
+    by their evidence chips."""
+    messages = session.messages()
+    tiles = registry.published(session)
+    for message, turn in zip(messages, session.turns):
+        if not isinstance(turn, SlideTurn):
+            continue
+        if turn.role == "user" and turn.region is not None:
+            message["content"] = region_header(turn.region, tiles) + message["content"]
+        elif turn.role == "assistant" and turn.evidence:
+            message["content"] = message["content"] + evidence_chips(turn.evidence)
+    return messages
+
+
+def region_header(region: Region, tiles: SlideTiles | None) -> str:
+    """What heads a question about a region: its thumbnail (when the viewer shows the slide) and coordinates."""
+    picture = ""
+    if tiles is not None:
+        src = f"{tiles.config['base']}region/{region.x},{region.y},{region.width},{region.height}.jpeg"
+        picture = f'<img class="cxp-region-thumb" src="{html.escape(src)}" alt="region" width="72"> '
+    chip = _chip(region, f"Region: {region.describe()}")
+    return f'<div class="cxp-region-turn" data-region="{region}">{picture}{chip}</div>\n\n'
+
+
+def evidence_chips(evidence) -> str:
+    """The chips under an answer: the patches that weighed most in it, each a link the viewer flies to."""
+    chips = " ".join(_chip(e.region, f"#{e.rank} ({e.x:,}, {e.y:,}) · {e.weight:.3g}") for e in evidence)
+    return f'\n\n<div class="cxp-evidence">Evidence: {chips}</div>'
+
+
+def _chip(region: Region, label: str) -> str:
+    return (f'<a class="cxp-chip" href="#cxp-region={region}" title="Show this place on the slide">'
+            f'{html.escape(label)}</a>')
+
+
+# -- HTTP ------------------------------------------------------------------------------------------------
+def viewer_routes(registry: TileRegistry) -> list["BaseRoute"]:
+    """The viewer's routes, for the app's FastAPI (`launch(app_kwargs={"routes": …})`)."""
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    def answer(request, make) -> Response:
+        try:
+            tiles = registry.find(request.path_params["token"], request.cookies.get(COOKIE))
+            body = make(tiles, request.path_params)
+        except TileNotFound:
+            return PlainTextResponse("Not found.", 404, headers=NO_STORE)
+        except TileForbidden:
+            return PlainTextResponse("This slide belongs to another session.", 403, headers=NO_STORE)
+        except SlideError as e:
+            return PlainTextResponse(str(e), 500, headers=NO_STORE)
+        if isinstance(body, dict):
+            return JSONResponse(body, headers=KEEP)
+        return Response(body, media_type="image/jpeg", headers=KEEP)
+
+    def patch(tiles: SlideTiles, params) -> bytes:
+        index = params["index"]
+        if not 0 <= index < len(tiles.patch_coords):
+            raise TileNotFound(f"There is no patch {index}.")
+        x, y = (int(v) for v in tiles.patch_coords[index])
+        return tiles.region(x, y, tiles.patch_side, tiles.patch_side, min(tiles.patch_side, MAX_PATCH_SIDE))
+
+    def region(tiles: SlideTiles, params) -> bytes:
+        if not (params["w"] and params["h"]):
+            raise TileNotFound("An empty region has no picture.")
+        return tiles.region(params["x"], params["y"], params["w"], params["h"], THUMBNAIL_SIDE)
+
+    prefix = "/viewer/s/{token}"
+    return [
+        Mount("/viewer/static", app=StaticFiles(directory=STATIC_DIR, check_dir=False), name="viewer-static"),
+        Route(prefix + "/tiles/{level:int}/{col:int}_{row:int}.jpeg",
+              lambda r: answer(r, lambda t, p: t.tile(p["level"], p["col"], p["row"]))),
+        Route(prefix + "/overlay.json", lambda r: answer(r, lambda t, p: t.overlay)),
+        Route(prefix + "/patch/{index:int}.jpeg", lambda r: answer(r, patch)),
+        Route(prefix + "/region/{x:int},{y:int},{w:int},{h:int}.jpeg", lambda r: answer(r, region)),
+    ]
+
+
+# -- the page's component ----------------------------------------------------------------------------
+VIEWER_HEAD = ('<link rel="stylesheet" href="viewer/static/viewer.css">'
+               '<script src="viewer/static/vendor/openseadragon/openseadragon.min.js"></script>'
+               '<script src="viewer/static/viewer.js"></script>')
+VIEWER_TEMPLATE = """
+<div class="cxp-viewer">
+  <div class="cxp-toolbar">
+    <label><input type="checkbox" class="cxp-heat" checked> Attention overlay</label>
+    <label><input type="checkbox" class="cxp-outline" checked> Tissue outline</label>
+    <label>Opacity <input type="range" class="cxp-opacity" min="0" max="1" step="0.05" value="0.45"></label>
+    <span class="cxp-legend"><span class="cxp-legend-label">low</span><span class="cxp-legend-bar"></span><span
+      class="cxp-legend-label">high</span> <span class="cxp-legend-name">rank of the weight</span></span>
+    <button type="button" class="cxp-draw">Draw a region</button>
+    <button type="button" class="cxp-view">Ask about the current view</button>
+  </div>
+  <div class="cxp-stage">
+    <div class="cxp-osd"></div><div class="cxp-empty">Load a slide to pan and zoom it here.</div>
+  </div>
+  <div class="cxp-inspect" hidden></div>
+</div>
+"""
+VIEWER_JS = "window.CXPViewer ? window.CXPViewer.mount(element, props, trigger, watch) : " \
+            "(element.querySelector('.cxp-empty').textContent = 'The slide viewer is not installed (run make setup).')"
+
+
+def viewer_component():
+    """The viewer's place in the page: a gr.HTML whose value is the published config (None: no slide yet)."""
+    return gr.HTML(None, html_template=VIEWER_TEMPLATE, js_on_load=VIEWER_JS, head=VIEWER_HEAD, elem_id="viewer",
+                   apply_default_css=False, padding=False)
+
+
+class ViewerHandlers:
+    """The page's viewer events: publishing a loaded slide, regions drawn or typed, flights to the gallery's patches."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def _session(self, request: gr.Request) -> "WebSession | None":
+        return self.engine.find_session(request.session_hash)
+
+    def show(self, request: gr.Request) -> tuple:
+        """After a load: the new slide's config (new secrets), the same one when the slide did not change."""
+        session = self._session(request)
+        if session is None or session.chat.slide is None:
+            return None, ""
+        if self.engine.tiles.published(session) is not None:
+            return gr.skip(), gr.skip()  # the load failed or was cancelled: the slide on show stays
+        try:
+            return publish(self.engine.tiles, session), ""
+        except ChatEXAONEPathError as e:
+            logger.warning("The viewer could not show the slide: %s", e)
+            return None, ""
+
+    def region_drawn(self, request: gr.Request, event: gr.EventData) -> tuple:
+        """A rectangle drawn on the viewer (or its current view) becomes the next question's region."""
+        data = getattr(event, "_data", None) or {}
+        try:
+            region = Region.of(data.get("region"))
+        except ChatEXAONEPathError:
+            return gr.skip(), gr.skip()
+        return str(region), viewer_update(self.engine.tiles, self._session(request), region=list(region.as_tuple()))
+
+    def region_typed(self, text: str, request: gr.Request):
+        """A region typed into the box is drawn on the viewer (an unreadable one is left to the question's check)."""
+        try:
+            region = Region.parse(text) if text and text.strip() else None
+        except ChatEXAONEPathError:
+            return gr.skip()
+        rect = None if region is None else list(region.as_tuple())
+        return viewer_update(self.engine.tiles, self._session(request), region=rect) or gr.skip()
+
+    def whole_slide(self, request: gr.Request) -> tuple:
+        """Back to questions about the whole slide."""
+        return "", viewer_update(self.engine.tiles, self._session(request), region=None) or gr.skip()
+
+    def goto_patch(self, request: gr.Request, event: gr.SelectData):
+        """A gallery patch clicked: the viewer flies to it."""
+        session = self._session(request)
+        index = getattr(event, "index", None)
+        found = session is not None and isinstance(index, int)
+        target = top_patch_goto(self.engine.tiles, session, index) if found else None
+        return gr.skip() if target is None else viewer_update(self.engine.tiles, session, goto=target)
