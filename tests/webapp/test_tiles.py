@@ -69,9 +69,9 @@ def test_a_flat_image_never_decodes_more_than_the_read_budget_per_tile(tmp_path,
     from chatexaonepath.vision_tower.synthetic import render_synthetic_image
 
     path = tmp_path / "flat.png"
-    Image.fromarray(render_synthetic_image("tumor", (2000, 1500), mpp=0.5, seed=3)).save(path)
+    Image.fromarray(render_synthetic_image("tumor", (1200, 900), mpp=0.5, seed=3)).save(path)
     monkeypatch.setattr(tiles_module, "READ_PIXELS", 300_000)  # so the coarse levels need the held ones
-    monkeypatch.setattr(tiles_module, "HELD_LEVEL_PIXELS", 200_000)
+    monkeypatch.setattr(tiles_module, "HELD_LEVEL_PIXELS", 100_000)
     slide = open_slide(path, 0.5)
     reads = []
     real = slide.read_region
@@ -95,7 +95,7 @@ def test_a_flat_image_never_decodes_more_than_the_read_budget_per_tile(tmp_path,
                 tile = generator.get_tile(level, (col, row))
                 assert tile.size == generator.get_tile_coordinates(level, (col, row))[2] or tile.size[0] <= 256
     assert reads and max(reads) <= 300_000  # no tile reads more than the budget from the file
-    assert sum(a.size for a in pyramid._held.values()) // 3 <= 200_000 * 4 // 3 + 1
+    assert sum(a.size for a in pyramid._held.values()) // 3 <= 100_000 * 4 // 3 + 1
     slide.close()
 
 
@@ -197,3 +197,36 @@ def test_regions_are_full_resolution_when_small_and_shrunk_when_large(slides):
     assert clipped.shape == (148, 148, 3)  # only the part inside the 2048² slide
     with pytest.raises(TileNotFound):
         tiles.region(5000, 5000, 10, 10, max_side=64)
+
+
+def other_formats(root) -> dict:
+    """An Aperio SVS, a Hamamatsu VMS (one JPEG: OpenSlide without a pyramid), a stripped TIFF and a JPEG."""
+    import tifffile
+
+    from chatexaonepath.vision_tower.synthetic import make_synthetic_slide, render_synthetic_image
+    from tests.vision_tower.test_slide import write_vms
+
+    pixels = render_synthetic_image("tumor", (1024, 768), mpp=0.5, seed=8)
+    Image.fromarray(pixels).save(root / "plain.jpg", quality=95)
+    tifffile.imwrite(root / "flat.tif", pixels, rowsperstrip=16, compression="zlib",
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    # Hamamatsu VMS image files are JPEGs with restart markers.
+    Image.fromarray(pixels).save(root / "scan.jpg", quality=95, subsampling=0, restart_marker_rows=1)
+    return {"svs": (make_synthetic_slide(root / "case.svs", "stroma", (2048, 1024), mpp=0.25, seed=4, aperio=True),
+                    None, "aperio"),
+            "vms": (write_vms(root / "case.vms", "scan.jpg"), 0.5, "hamamatsu"),
+            "flat": (root / "flat.tif", None, "tiff"), "jpeg": (root / "plain.jpg", 0.5, "image")}
+
+
+@pytest.mark.parametrize("name", ["svs", "vms", "flat", "jpeg"])
+def test_every_format_the_app_opens_has_tiles(tmp_path, name):
+    path, mpp, vendor = other_formats(tmp_path)[name]
+    _, _, tiles = published(path, mpp)
+    geometry = tiles.geometry()
+    with open_slide(path, mpp) as slide:
+        assert slide.vendor == vendor
+        reference = slide.read_region((253, 0), 0, (256, 255)).astype(np.int16)  # 1 px of overlap each side
+    top = geometry["levels"] - 1
+    tile = decode(tiles.tile(top, 1, 0))  # the second tile of the full-resolution row: overlap on both sides
+    assert tile.shape == (255, 256, 3) and np.abs(tile - reference).mean() < 10  # JPEG at quality 80
+    assert decode(tiles.tile(0, 0, 0)).shape == (1, 1, 3) and decode(tiles.tile(top - 3, 0, 0)).shape[2] == 3
