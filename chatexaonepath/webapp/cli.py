@@ -104,7 +104,8 @@ def launch_app(engine: AppEngine, *, host: str = "127.0.0.1", port: int | None =
 
 
 def app_command(
-    model: Annotated[Optional[Path], typer.Option("--model", help="A trained ChatEXAONEPath checkpoint folder (default: an untrained tower, clearly labelled).")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help="A trained ChatEXAONEPath checkpoint folder (default: the demo model, trained on synthetic slides on the first run and cached).")] = None,
+    untrained: Annotated[bool, typer.Option("--untrained", help="Without --model: serve an untrained tower around --llm instead of the demo model.")] = False,
     llm: Annotated[str, typer.Option(help="LLM when no --model is given: a HF id, a path, or 'embedded' (SmolLM2-135M).")] = "embedded",
     encoder: Annotated[Optional[str], typer.Option(help="Patch encoder (default: the one the --model was trained on; without one exaonepath if its weights are found, else random-vit-b16).")] = None,
     encoder_weights: Annotated[Optional[str], typer.Option(help="EXAONEPath weights file, folder or hub id.")] = None,
@@ -143,7 +144,7 @@ def app_command(
     started = time.perf_counter()
     logins = parse_auth(auth)
     warning = network_warning(host, share, logins, no_auth)  # before the slow part: --share without --auth fails now
-    config = AppConfig(model=str(model) if model else None, llm=llm, encoder=encoder, encoder_weights=encoder_weights,
+    config = AppConfig(model=str(model) if model else None, untrained=untrained, llm=llm, encoder=encoder, encoder_weights=encoder_weights,
                        stain_norm=stain_norm, stain_target=str(stain_target) if stain_target else None,
                        allow_feature_mismatch=allow_feature_mismatch,
                        device=device, max_upload_gb=max_upload_gb, concurrency=concurrency,
@@ -158,7 +159,10 @@ def app_command(
     if warning:
         console.print(f"[bold red]Warning:[/] {warning}", highlight=False)
     console.print("Loading the model and the patch encoder …")
-    engine = AppEngine.load(config)
+    from ..demo_model import build_progress
+
+    with build_progress() as on_demo_progress:
+        engine = AppEngine.load(config, on_demo_progress=on_demo_progress)
     try:
         if example:
             engine.example_slide()

@@ -30,7 +30,8 @@ class UploadLimits:
 class AppConfig:
     """Settings of the chat app; docs/app.md ("Serving a lab") says why each limit has its default."""
 
-    model: str | None = None  # a trained checkpoint folder; None: an untrained tower around `llm`
+    model: str | None = None  # a trained checkpoint folder; None: the demo model (demo_model.py), or see `untrained`
+    untrained: bool = False  # without `model`: an untrained tower around `llm` instead of the demo model
     llm: str = "embedded"  # LLM when no checkpoint is given: HF id, path or "embedded"
     encoder: str | None = None  # None: exaonepath when its weights are found, else random-vit-b16
     encoder_weights: str | None = None
@@ -61,6 +62,8 @@ class AppConfig:
     max_new_tokens_limit: int = 1_024  # the most a request may ask for (the slider's end)
 
     def __post_init__(self) -> None:
+        if self.untrained and self.model:
+            raise ChatEXAONEPathError("--untrained and --model contradict each other; pass one of them.")
         if not self.max_upload_gb > 0:
             raise ChatEXAONEPathError(f"--max-upload-gb must be more than 0, got {self.max_upload_gb}.")
         if self.max_session_gb < self.max_upload_gb:

@@ -62,8 +62,8 @@ class ModelCard:
         return [("LLM", self.llm), ("patch encoder", self.encoder), ("vision tower", self.tower), ("LoRA", self.lora)]
 
 
-def describe_model(model, extractor: FeatureExtractor, checkpoint: str | None) -> ModelCard:
-    """The model card of a loaded model and patch encoder."""
+def describe_model(model, extractor: FeatureExtractor, checkpoint: str | None, demo=None) -> ModelCard:
+    """The model card of a loaded model and patch encoder (`demo`: the `DemoModel` it is, if it is one)."""
     config = model.config
     llm = config.llm_name_or_path
     if llm == "embedded":
@@ -74,8 +74,11 @@ def describe_model(model, extractor: FeatureExtractor, checkpoint: str | None) -
     if encoder.is_random:
         encoder_text = f"{encoder.name} — RANDOM weights ({encoder.weights_source})"
         warnings.append("the patch encoder has random weights")
-    if checkpoint is None:
-        tower = "untrained (randomly initialised; no checkpoint given with --model)"
+    if demo is not None:
+        tower = f"the demo model: {demo.describe()}"
+        warnings.append(demo.warning())
+    elif checkpoint is None:
+        tower = "untrained (randomly initialised; --untrained)"
     else:
         tower = f"{checkpoint} ({'trained' if config.tower_trained else 'UNTRAINED'})"
     if not config.tower_trained:
@@ -88,9 +91,12 @@ class AppEngine(SharedModel):
     """The shared model, patch encoder and feature cache, and the live browser sessions."""
 
     def __init__(self, model, extractor: FeatureExtractor, config: AppConfig | None = None, *,
-                 example_path: str | Path | None = None, work_dir: str | Path | None = None) -> None:
+                 example_path: str | Path | None = None, work_dir: str | Path | None = None, demo=None) -> None:
         super().__init__(model, extractor, config)
-        self.card = describe_model(model, extractor, self.config.model)
+        self.demo = demo  # the `DemoModel` served (demo_model.py), None for --model and --untrained
+        self.card = describe_model(model, extractor, self.config.model, demo)
+        if example_path is None and demo is not None:  # a held-out slide of the demo's cohort, with a lesion
+            example_path = demo.example_slide
         self.example_path = Path(example_path) if example_path else \
             user_cache_dir() / "examples" / f"{EXAMPLE_NAME}-{self.config.example_size}.tiff"
         if work_dir is None:
@@ -107,18 +113,29 @@ class AppEngine(SharedModel):
         self._reaper.start()
 
     @classmethod
-    def load(cls, config: AppConfig) -> "AppEngine":
-        """Load the model and patch encoder named in `config` (the slow part of starting the app)."""
+    def load(cls, config: AppConfig, *, demo_build=None, on_demo_progress=None) -> "AppEngine":
+        """Load the model and patch encoder named in `config` (the slow part of starting the app).
+
+        Without `config.model` (and without `config.untrained`) that is the demo model, built first when the
+        cache has none (`demo_build`: its `DemoBuildConfig`; `on_demo_progress(stage, done, total)`).
+        """
         from ..chat.provenance import serving_extractor
         from ..chat.session import load_chat_model
 
         started = time.perf_counter()
-        model = load_chat_model(config.model, config.llm)
+        demo, checkpoint = None, config.model
+        if checkpoint is None and not config.untrained:
+            from ..demo_model import DemoBuildConfig, ensure_demo_model
+
+            demo = ensure_demo_model(demo_build or DemoBuildConfig(llm=config.llm, encoder=config.encoder),
+                                     progress=on_demo_progress)
+            checkpoint = str(demo.model_dir)
+        model = load_chat_model(checkpoint, config.llm)
         extractor, mismatch = serving_extractor(  # the checkpoint's training settings, unless overridden (refused)
             model.config, encoder=config.encoder, encoder_weights=config.encoder_weights, stain_norm=config.stain_norm,
             stain_target=config.stain_target, allow_feature_mismatch=config.allow_feature_mismatch,
             device=config.device)
-        engine = cls(model, extractor, config)
+        engine = cls(model, extractor, config, demo=demo)
         if mismatch:
             engine.card.warnings.append(mismatch)  # allowed with --allow-feature-mismatch: shown in the banner
         logger.info("Model and encoder loaded in %.1f s", time.perf_counter() - started)

@@ -140,7 +140,8 @@ def build_demo(engine: AppEngine) -> gr.Blocks:
                     retry = gr.Button("Retry", size="sm", elem_id="retry")
                     clear = gr.Button("Clear chat", size="sm", elem_id="clear")
                 chat_status = gr.Markdown("", elem_id="chat-status")
-                gr.Examples([[q] for q in example_questions()], inputs=[question], label="Example questions")
+                questions = engine.demo.questions() if engine.demo is not None else example_questions()
+                gr.Examples([[q] for q in questions], inputs=[question], label="Example questions")
                 with gr.Accordion("Advanced: generation and system prompt", open=False, elem_id="advanced"):
                     temperature = gr.Slider(0.0, 2.0, engine.default_settings.temperature, step=0.05,
                                             label="Temperature (0 = greedy, reproducible)", elem_id="temperature")

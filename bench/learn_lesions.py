@@ -1,0 +1,134 @@
+"""Benchmark: does training learn to find a small lesion, and does the heatmap point at it?
+
+The lesion cohort (train/lesions.py: colon, liver or lymph node tissue; adenocarcinoma, squamous cell
+carcinoma or melanoma, low or high grade, in foci covering 1–5 % of the tissue; a quarter of the
+slides without a lesion) → features (random ViT-B/16: the EXAONEPath weights are not available
+offline) → phase 1 → phase 2 on the embedded LLM — the same `build_demo_model` the app's demo
+model comes from, with a larger cohort. On the held-out slides, whose lesions cover exactly 2 % of
+the tissue: the chat answers to the diagnosis, organ and grade questions, and the localisation AUC
+of the weights the app paints as the heatmap (per slide, a patch is positive when it overlaps the
+lesion mask; mean over the slides with a lesion).
+
+Controls on the same slides: the untrained model (what `--untrained` serves; its localisation is the
+mean over three random initialisations) and the trained model asked about another held-out slide
+(its answers scored against the asked slide, its heatmap laid over the asked slide's grid): both near
+chance when the answers and the heatmap come from the slide.
+
+Final lines: `lesion_accuracy: X` (diagnosis on held-out slides at 2 % lesion area; target ≥ 0.90)
+and `localisation_auc: Y` (target ≥ 0.90).
+
+    python bench/learn_lesions.py [--slides 64] [--out DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+try:
+    import chatexaonepath  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from chatexaonepath.chat.modeling import ChatEXAONEPathConfig, ChatEXAONEPathForCausalLM
+from chatexaonepath.demo_model import DemoBuildConfig, build_demo_model
+from chatexaonepath.train.lesion_scores import CohortView, derangement, score_lesion_cohort
+from chatexaonepath.train.lesions import NO_LESION, SCORED
+
+
+def untrained_model(in_dim: int, llm: str, seed: int) -> ChatEXAONEPathForCausalLM:
+    """What the app serves with --untrained: a fresh tower around the LLM."""
+    torch.manual_seed(seed)
+    return ChatEXAONEPathForCausalLM.build(ChatEXAONEPathConfig(llm_name_or_path=llm,
+                                                                aggregator={"in_dim": in_dim})).eval()
+
+
+def chance(view: CohortView, category: str) -> float:
+    """Accuracy of always answering the most frequent class of `category` among the scored slides."""
+    values = [row[category] for row in view.rows.values() if row[category]]
+    return max(values.count(v) for v in set(values)) / len(values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slides", type=int, default=64)
+    parser.add_argument("--size", type=int, default=3072, help="slide side in level-0 pixels (0.5 µm/px)")
+    parser.add_argument("--phase1-epochs", type=float, default=DemoBuildConfig.phase1_epochs)
+    parser.add_argument("--phase2-epochs", type=float, default=DemoBuildConfig.phase2_epochs)
+    parser.add_argument("--llm", default="embedded")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="work folder, resumed if it exists (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp work folder")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    work = args.out or Path(tempfile.mkdtemp(prefix="learn-lesions-"))
+    started = time.perf_counter()
+
+    def progress(stage, done, total):
+        if done is None:
+            print(f"  [{time.perf_counter() - started:5.0f} s] {stage} …", file=sys.stderr, flush=True)
+
+    config = DemoBuildConfig(slides=args.slides, size=args.size, phase1_epochs=args.phase1_epochs,
+                             phase2_epochs=args.phase2_epochs, llm=args.llm, seed=args.seed, check=False)
+    demo = build_demo_model(work, config, progress=progress)
+    view = CohortView.load(work / "cohort", work / "features")
+    model = ChatEXAONEPathForCausalLM.from_pretrained(demo.model_dir)  # what `--model` loads
+    progress("scoring the trained model", None, None)
+    trained = score_lesion_cohort(model, view)
+    shuffled = score_lesion_cohort(model, view, answer_from=derangement(view.ids, args.seed))
+    in_dim = model.config.aggregator["in_dim"]
+    del model
+    progress("scoring untrained models", None, None)
+    untrained = [score_lesion_cohort(untrained_model(in_dim, args.llm, seed), view, categories=SCORED if seed == 0
+                                     else ()) for seed in range(3)]
+    untrained_auc = float(np.mean([u.localisation_auc for u in untrained]))
+
+    lesion_slides = [sid for sid in view.ids if view.rows[sid]["diagnosis"] != NO_LESION]
+    rows = [
+        ("held-out slides (with a lesion at 2 %)", f"{len(view.ids)} ({len(lesion_slides)})"),
+        ("training slides, patches in the cohort", f"{demo.card['train_slides']}, {demo.card['patches']}"),
+        ("lesion patches per held-out slide (mean)",
+         f"{np.mean([view.lesion_patches[s].sum() for s in lesion_slides]):.1f} of "
+         f"{np.mean([len(view.lesion_patches[s]) for s in lesion_slides]):.0f}"),
+    ]
+    for category in SCORED:
+        rows.append((f"{category} accuracy: trained / shuffled slide / untrained (chance)",
+                     f"{trained.accuracy[category]:.2f} / {shuffled.accuracy[category]:.2f} / "
+                     f"{untrained[0].accuracy[category]:.2f} ({chance(view, category):.2f})"))
+    rows += [
+        ("diagnosis accuracy, slides with a lesion / without", f"{trained.accuracy_where('diagnosis', lesion=True):.2f} / "
+                                                               f"{trained.accuracy_where('diagnosis', lesion=False):.2f}"),
+        ("localisation AUC: trained / shuffled slide / untrained (mean of 3)",
+         f"{trained.localisation_auc:.3f} / {shuffled.localisation_auc:.3f} / {untrained_auc:.3f} "
+         f"({', '.join(f'{u.localisation_auc:.2f}' for u in untrained)})"),
+        ("localisation AUC: worst held-out slide", f"{min(trained.per_slide_auc.values()):.3f}"),
+        *((f"time: {k}", f"{v:.0f} s") for k, v in demo.card["seconds"].items()),
+        ("time: total (with scoring and controls)", f"{time.perf_counter() - started:.0f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    for a in [a for a in trained.answers if not a["correct"]][:8]:
+        print(f"  wrong: {a['slide']} {a['category']} ({a['truth']}): {a['answer']!r}")
+    for name, score in (("trained", trained), ("untrained", untrained[0])):
+        print(f"  {name} answers, e.g.: {[a['answer'][:40] for a in score.answers[:3]]}")
+    (work / "bench.json").write_text(json.dumps({"trained": trained.__dict__, "shuffled": shuffled.__dict__,
+                                                 "untrained_auc": untrained_auc}, indent=1, default=str))
+    if not args.keep and args.out is None:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"lesion_accuracy: {trained.accuracy['diagnosis']:.3f}")
+    print(f"localisation_auc: {trained.localisation_auc:.3f}")
+
+
+if __name__ == "__main__":
+    main()

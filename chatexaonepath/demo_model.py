@@ -1,0 +1,336 @@
+"""The demo model: trained once on the synthetic lesion cohort, cached, served by `make demo`.
+
+`ensure_demo_model()` returns a ready demo model from the user cache, building it first when the
+cache has none for this code and data version: lesion cohort (train/lesions.py) → features with the
+patch encoder the app serves → phase 1 → phase 2 → a check on the held-out slides (diagnosis
+accuracy, localisation AUC of the heatmap), written to `demo.json` beside the checkpoint. The
+app's example slide is one of those held-out slides with a lesion. `bench/learn_lesions.py` runs the
+same `build_demo_model` with a larger cohort and reports the figures with their controls.
+
+    <cache>/demo-model/<key>/cohort/   the lesion cohort (slides, masks, reports, data)
+                             features/ their features
+                             p1/ model/ the phase-1 and phase-2 checkpoints (`--model …/model` works too)
+                             demo.json what it is, the figures measured, the example slide; written last
+
+The key hashes the package version, the source of the modules that draw the cohort and run this
+build, the build settings and the patch encoder's weights: a change to any of them builds anew.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .assets import user_cache_dir
+from .errors import ChatEXAONEPathError
+from .fileio import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+DEMO_FORMAT = 1  # bump when the build changes in a way the hashed sources do not show
+CARD_FILE = "demo.json"
+# What the demo model is, in the words the banner and the model card use.
+DEMO_DESCRIPTION = ("a demo model trained on synthetic slides; it knows only these synthetic organs and lesions; "
+                    "not a medical device")
+
+ProgressFn = Callable[[str, int | None, int | None], None]  # (stage, done, total)
+
+
+@dataclass
+class DemoBuildConfig:
+    """How big the demo's cohort is and how long it trains; the defaults fit 10 minutes on 2 CPU cores."""
+
+    slides: int = 32
+    size: int = 3072  # level-0 side at 0.5 µm/px: about 90 tissue patches of 256² per slide
+    test_fraction: float = 0.25
+    normal_share: float = 0.25
+    llm: str = "embedded"
+    encoder: str | None = None  # None: what the app serves (EXAONEPath when its weights are found, else random)
+    # Measured on this cohort (docs/demo_model.md): the tower finds the lesion in phase 1 with a moderate rate
+    # over many cheap steps (the LLM is frozen: ~0.3 s a step); a higher rate learns the diagnosis without
+    # looking at the lesion. Phase 2 then moves the tower gently, so that it keeps looking there.
+    phase1_epochs: float = 40.0
+    phase1_lr: float = 2e-3
+    phase2_epochs: float = 3.0
+    phase2_lr: float = 2e-4
+    phase2_tower_lr: float = 3e-4
+    batch_size: int = 2
+    check: bool = True  # score the held-out slides (diagnosis, localisation) into demo.json
+    seed: int = 0
+    cohort: dict = field(default_factory=dict)  # further LesionCohortConfig settings (e.g. test_lesion_area)
+
+
+@dataclass
+class DemoModel:
+    """A built demo model: its checkpoint, its example slide and what it measured."""
+
+    folder: Path
+    card: dict
+
+    @property
+    def model_dir(self) -> Path:
+        return self.folder / "model"
+
+    @property
+    def example_slide(self) -> Path:
+        return self.folder / "cohort" / "slides" / f"{self.card['example']['slide']}.tiff"
+
+    def warning(self) -> str:
+        """What the banner says about it: exactly what it is, and that it is not a medical device."""
+        c = self.card
+        return (f"this is a demo model trained on synthetic slides; it knows only these synthetic organs "
+                f"({', '.join(c['organs'])}) and lesions ({', '.join(c['lesions'])}); not a medical device")
+
+    @staticmethod
+    def questions() -> list[str]:
+        """The questions it was trained to answer, one per kind (the page offers them as examples)."""
+        from .train.lesions import QUESTIONS
+
+        return [phrasings[0] for phrasings in QUESTIONS.values()]
+
+    def describe(self) -> str:
+        """One line for the model card: what it was trained on and how it scored on held-out slides."""
+        c, check = self.card, self.card.get("check") or {}
+        figures = ""
+        if check:
+            figures = (f"; on {check['held_out_slides']} held-out slides: diagnosis accuracy "
+                       f"{check['accuracy']['diagnosis']:.2f}, heatmap localisation AUC {check['localisation_auc']:.2f}")
+        return (f"{DEMO_DESCRIPTION} — {c['train_slides']} training slides of {', '.join(c['organs'])} with "
+                f"{', '.join(c['lesions'])} (low/high grade) or no lesion{figures}")
+
+
+_SOURCES = ("demo_model.py", "train/lesions.py", "train/lesion_scores.py", "vision_tower/synthetic_lesions.py",
+            "vision_tower/synthetic.py")
+
+
+def demo_key(config: DemoBuildConfig, encoder_sha256: str) -> str:
+    """The cache key: package version, the sources that shape the cohort and the build, settings, encoder."""
+    from . import __version__
+
+    digest = hashlib.sha256(f"{__version__}|{DEMO_FORMAT}|{encoder_sha256}|".encode())
+    digest.update(json.dumps(asdict(config), sort_keys=True).encode())
+    package = Path(__file__).parent
+    for name in _SOURCES:
+        digest.update(name.encode() + b"\0" + (package / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def demo_root() -> Path:
+    """Where demo models are cached: `<user cache>/demo-model/`."""
+    return user_cache_dir() / "demo-model"
+
+
+def load_ready(folder: Path) -> DemoModel | None:
+    """The demo model in `folder` when its build finished (demo.json is written last), else None."""
+    card_path = folder / CARD_FILE
+    if not card_path.is_file():
+        return None
+    try:
+        return DemoModel(folder, json.loads(card_path.read_text()))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def ensure_demo_model(config: DemoBuildConfig | None = None, *, root: str | Path | None = None,
+                      progress: ProgressFn | None = None, extractor=None) -> DemoModel:
+    """The cached demo model for this code and data version; built first (minutes) when there is none.
+
+    Builds of other versions in `root` are removed once the new one is ready. `extractor` is the
+    `FeatureExtractor` to make the features with (default: the one the app would serve).
+    """
+    config = config or DemoBuildConfig()
+    root = Path(root) if root is not None else demo_root()
+    extractor = extractor or _default_extractor(config)
+    folder = root / demo_key(config, extractor.encoder.weights_sha256)
+    ready = load_ready(folder)
+    if ready is not None:
+        logger.info("Demo model found in %s", folder)
+        return ready
+    demo = build_demo_model(folder, config, progress=progress, extractor=extractor)
+    for other in root.iterdir():  # older versions: never used again
+        if other.is_dir() and other != folder:
+            shutil.rmtree(other, ignore_errors=True)
+    return demo
+
+
+STAGE_TEXT = {"cohort": "drawing the synthetic lesion slides", "features": "extracting patch features",
+              "phase 1": "training phase 1 (the tower)", "phase 2": "training phase 2 (LoRA and the tower)",
+              "check": "scoring the held-out slides"}
+STAGE_UNITS = {"cohort": "slides", "features": "slides", "phase 1": "steps", "phase 2": "steps", "check": "slides"}
+
+
+@contextmanager
+def build_progress(quiet: bool = False) -> Iterator[ProgressFn]:
+    """A `ProgressFn` for `ensure_demo_model` that says what is happening and shows a bar per stage.
+
+    Nothing is shown unless a build starts (a cached demo model reports no progress).
+    """
+    from .progress import console, progress_bar
+
+    state: dict = {"bar": None, "task": None, "stage": None}
+    with ExitStack() as stack:
+        def on_progress(stage: str, done: int | None, total: int | None) -> None:
+            if state["bar"] is None:
+                if not quiet:
+                    console.print(f"[bold]Building the demo model[/] (first run only; up to about 10 minutes on 2 CPU "
+                                  f"cores): synthetic lesion slides → patch features → two-phase training on them. "
+                                  f"It is cached in {demo_root()}; later starts take seconds.", highlight=False)
+                state["bar"] = stack.enter_context(progress_bar(quiet))
+            bar = state["bar"]
+            if stage != state["stage"]:
+                state["stage"] = stage
+                state["task"] = bar.add_task(STAGE_TEXT.get(stage, stage), total=total,
+                                             unit=STAGE_UNITS.get(stage, "it"))
+            bar.update(state["task"], completed=done or 0, total=total)
+
+        yield on_progress
+
+
+def _default_extractor(config: DemoBuildConfig):
+    from .vision_tower.encoder import build_encoder_or_random
+    from .vision_tower.extraction import ExtractConfig, FeatureExtractor
+
+    encoder = build_encoder_or_random(config.encoder)
+    return FeatureExtractor(ExtractConfig(encoder=encoder.name, seed=config.seed), encoder)
+
+
+def cohort_config(config: DemoBuildConfig):
+    """The LesionCohortConfig a demo build draws."""
+    from .train.lesions import LesionCohortConfig
+
+    return LesionCohortConfig(slides=config.slides, size=config.size, test_fraction=config.test_fraction,
+                              normal_share=config.normal_share, seed=config.seed, **config.cohort)
+
+
+def build_demo_model(folder: str | Path, config: DemoBuildConfig, *, progress: ProgressFn | None = None,
+                     extractor=None) -> DemoModel:
+    """Cohort → features → phase 1 → phase 2 → held-out check, in `folder`; each stage resumes if interrupted."""
+    folder = Path(folder)
+    report = progress or (lambda stage, done, total: None)
+    extractor = extractor or _default_extractor(config)
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        started = time.perf_counter()
+        report(name, None, None)
+        result = fn()
+        timings[name] = round(time.perf_counter() - started, 1)
+        return result
+
+    cohort = cohort_config(config)
+    timed("cohort", lambda: _make_cohort(folder / "cohort", cohort, report))
+    patches = timed("features", lambda: _extract(folder, extractor, report))
+    p1 = timed("phase 1", lambda: _train(folder, config, 1, report))
+    p2 = timed("phase 2", lambda: _train(folder, config, 2, report))
+    check = timed("check", lambda: _check(folder, report)) if config.check else None
+    card = _card(folder, config, cohort, extractor, patches, p1, p2, check, timings)
+    atomic_write_json(folder / CARD_FILE, card)
+    logger.info("Demo model built in %s (%.0f s)", folder, sum(timings.values()))
+    return DemoModel(folder, json.loads((folder / CARD_FILE).read_text()))  # as a later start reads it
+
+
+def _make_cohort(out: Path, cohort, report: ProgressFn) -> None:
+    from .train.lesions import make_lesion_cohort
+
+    make_lesion_cohort(out, cohort, progress=lambda done, total: report("cohort", done, total))
+
+
+def _extract(folder: Path, extractor, report: ProgressFn) -> int:
+    from .vision_tower.batch import extract_slides
+
+    slides = sorted((folder / "cohort" / "slides").glob("*.tiff"))
+    state = {"slides": 0}
+
+    def on_slide_start(slide, n_patches):
+        state["slides"] += 1  # counted in slides: the patch total is known only slide by slide
+        report("features", state["slides"] - 1, len(slides))
+        return None
+
+    summary = extract_slides([folder / "cohort" / "slides"], folder / "features", extractor.config,
+                             on_slide_start=on_slide_start, extractor=extractor)
+    if summary.failed:
+        raise ChatEXAONEPathError(f"{len(summary.failed)} of {len(slides)} synthetic slides failed to extract; "
+                                  f"see {summary.errors_file}.")
+    report("features", len(slides), len(slides))
+    return sum(max(r.num_patches, 0) for r in summary.results)
+
+
+def _train(folder: Path, config: DemoBuildConfig, phase: int, report: ProgressFn) -> dict:
+    from transformers import TrainerCallback
+
+    from .train.data import DataConfig
+    from .train.phases import PhaseConfig, train_phase
+
+    out = folder / ("p1" if phase == 1 else "model")
+    if (out / "config.json").is_file() and (out / "training_args.json").is_file():
+        return json.loads((out / "training_args.json").read_text()).get("result", {})
+    common = dict(batch_size=config.batch_size, gradient_accumulation=1, warmup_ratio=0.1, report_to="none",
+                  save_total_limit=1, logging_steps=10, seed=config.seed)
+    if phase == 1:
+        phase_config = PhaseConfig(phase=1, out=str(out), llm=config.llm, epochs=config.phase1_epochs,
+                                   learning_rate=config.phase1_lr, **common)
+        data_file = "captions.json"
+    else:
+        phase_config = PhaseConfig(phase=2, out=str(out), init=str(folder / "p1"), epochs=config.phase2_epochs,
+                                   learning_rate=config.phase2_lr, tower_learning_rate=config.phase2_tower_lr, **common)
+        data_file = "instruct.json"
+    # No validation split: the cohort is small, and the held-out slides are scored after training anyway.
+    data = DataConfig(data=[str(folder / "cohort" / data_file)], features_dir=str(folder / "features"),
+                      val_fraction=0.0, seed=config.seed)
+    name = f"phase {phase}"
+
+    class Progress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            report(name, state.global_step, state.max_steps)
+
+    result = train_phase(phase_config, data, resume=out.is_dir(), callbacks=[Progress()])
+    return {"steps": result.global_step, "train_loss": result.train_loss, "records": result.train_records}
+
+
+def _check(folder: Path, report: ProgressFn) -> dict:
+    from .chat.modeling import ChatEXAONEPathForCausalLM
+    from .train.lesion_scores import CohortView, score_lesion_cohort
+
+    model = ChatEXAONEPathForCausalLM.from_pretrained(folder / "model")
+    view = CohortView.load(folder / "cohort", folder / "features")
+    report("check", 0, len(view.ids))
+    score = score_lesion_cohort(model, view, categories=("diagnosis",))
+    return {"held_out_slides": len(view.ids), "accuracy": score.accuracy, "localisation_auc": score.localisation_auc,
+            "per_slide_auc": score.per_slide_auc, "answers": score.answers}
+
+
+def _pick_example(folder: Path, check: dict | None) -> dict:
+    """The example slide: the held-out lesion slide the check scored best (right diagnosis, highest AUC)."""
+    from .train.lesions import NO_LESION, read_lesion_labels
+
+    rows = read_lesion_labels(folder / "cohort" / "labels.csv")
+    candidates = sorted(sid for sid, row in rows.items() if row["split"] == "test" and row["diagnosis"] != NO_LESION)
+    if not candidates:
+        raise ChatEXAONEPathError("The demo cohort has no held-out slide with a lesion; give it more slides.")
+    chosen = candidates[0]
+    if check:
+        right = {a["slide"] for a in check["answers"] if a["correct"]}
+        auc = check["per_slide_auc"]
+        chosen = max(candidates, key=lambda sid: (sid in right, auc.get(sid, 0.0), sid))
+    row = rows[chosen]
+    return {"slide": chosen, "organ": row["organ"], "diagnosis": row["diagnosis"], "grade": row["grade"],
+            "lesion_fraction": float(row["lesion_fraction"])}
+
+
+def _card(folder, config, cohort, extractor, patches, p1, p2, check, timings) -> dict:
+    from .train.lesions import read_lesion_labels
+
+    rows = read_lesion_labels(folder / "cohort" / "labels.csv")
+    return {"what": DEMO_DESCRIPTION, "format": DEMO_FORMAT, "build": asdict(config), "cohort": asdict(cohort),
+            "organs": list(cohort.organs), "lesions": list(cohort.lesions),
+            "train_slides": sum(r["split"] == "train" for r in rows.values()),
+            "test_slides": sum(r["split"] == "test" for r in rows.values()), "patches": patches,
+            "encoder": extractor.encoder.name, "encoder_weights": extractor.encoder.weights_source,
+            "phase1": p1, "phase2": p2, "check": check, "example": _pick_example(folder, check), "seconds": timings}

@@ -1,0 +1,285 @@
+"""The lesion cohort: normal tissue of an organ carrying a small lesion, a report each, QA data, masks.
+
+The harder proof that training learns (bench/learn_lesions.py) and the demo model's training data
+(chatexaonepath/demo_model.py). Each slide shows one organ's normal tissue (colon, liver, lymph node),
+and most carry one lesion (adenocarcinoma, squamous cell carcinoma, melanoma; low or high grade) in one
+or two foci covering 1–5 % of the tissue; the held-out slides carry exactly `test_fraction_area` (2 %).
+Layout of `DIR`:
+
+    slides/<slide_id>.tiff   pyramidal synthetic slides (vision_tower/synthetic_lesions.py)
+    masks/<slide_id>.png     the lesion mask at 1/8 of level 0: the lesion's share of each pixel (0–255)
+    reports/<slide_id>.txt   one short report per slide (organ, diagnosis, grade, margins), for RAIDER
+    labels.csv               slide_id, organ, diagnosis, grade, margins, lesion_fraction, split
+    captions.json            phase-1 data (training slides): "Describe this slide." → the findings
+    instruct.json            phase-2 data (training slides): diagnosis, organ, grade, margins questions
+    test.json                held-out slides: the diagnosis, organ and grade questions
+    cohort.json              the LesionCohortConfig that made it
+
+Slide ids (`les-0007`) reveal nothing. Files are written atomically; a rerun keeps the slides already
+written, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import ChatEXAONEPathError
+from ..fileio import atomic_write_json, atomic_write_text
+from ..vision_tower.synthetic_lesions import GRADES, LESION_TYPES, ORGANS, LesionSpec, make_lesion_slide
+
+logger = logging.getLogger(__name__)
+
+NO_LESION = "none"
+QUESTIONS = {  # the held-out slides are asked the first phrasing; training uses them all
+    "diagnosis": ("What is the diagnosis?", "What lesion does this slide show?", "What is the final diagnosis?"),
+    "organ": ("Which organ is this tissue from?", "What organ does this section come from?"),
+    "grade": ("What is the grade of the lesion?", "How would you grade this lesion?"),
+    "margins": ("Are the margins involved?", "Does the lesion reach the margin?"),
+}
+CAPTION_PROMPT = "Describe this slide."
+CATEGORY_ORDERS = (("diagnosis", "organ", "grade", "margins"), ("diagnosis", "grade", "margins", "organ"),
+                   ("organ", "margins", "diagnosis", "grade"), ("grade", "margins", "organ", "diagnosis"))
+SCORED = ("diagnosis", "organ", "grade")  # what bench/learn_lesions.py reports per question
+DIAGNOSIS_ANSWERS = {"adenocarcinoma": "Adenocarcinoma.", "squamous cell carcinoma": "Squamous cell carcinoma.",
+                     "melanoma": "Melanoma.", NO_LESION: "No lesion; normal tissue."}
+FINDINGS = {
+    "adenocarcinoma": "crowded, irregular malignant glands with dark nuclei",
+    "squamous cell carcinoma": "keratinising sheets of atypical squamous cells with keratin pearls",
+    "melanoma": "sheets of atypical cells with brown melanin pigment",
+}
+ORGAN_FINDINGS = {"colon": "colonic mucosa with regular crypts", "liver": "liver with plates of hepatocytes",
+                  "lymph node": "lymph node with sheets of small lymphocytes and germinal centres"}
+
+
+@dataclass
+class LesionCohortConfig:
+    """What `synth lesions` draws; saved as cohort.json."""
+
+    slides: int = 48
+    organs: list[str] = field(default_factory=lambda: list(ORGANS))
+    lesions: list[str] = field(default_factory=lambda: list(LESION_TYPES))
+    normal_share: float = 0.25  # slides without a lesion (they teach what "no lesion" looks like)
+    size: int = 3072  # level-0 side at `mpp` (3072 px at 0.5 µm/px: about 90 tissue patches of 256²)
+    mpp: float = 0.5
+    lesion_area: tuple[float, float] = (0.01, 0.05)  # of the tissue, training slides
+    test_lesion_area: float = 0.02  # of the tissue, every held-out slide with a lesion
+    test_fraction: float = 0.25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.lesion_area = tuple(self.lesion_area)
+        for name, values, known in (("organ", self.organs, ORGANS), ("lesion", self.lesions, LESION_TYPES)):
+            unknown = [v for v in values if v not in known]
+            if unknown or not values:
+                raise ChatEXAONEPathError(f"Unknown or no {name} {unknown[:1]}; choose from {', '.join(known)}.")
+        if not 0.0 <= self.normal_share < 1.0:
+            raise ChatEXAONEPathError(f"--normal-share must be in [0, 1), got {self.normal_share}.")
+        low, high = self.lesion_area
+        if not 0.0 < low <= high < 0.5 or not 0.0 < self.test_lesion_area < 0.5:
+            raise ChatEXAONEPathError(f"Lesion areas must be fractions of the tissue in (0, 0.5), low ≤ high; got "
+                                      f"{self.lesion_area} and {self.test_lesion_area}.")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ChatEXAONEPathError(f"--test-fraction must be between 0 and 1, got {self.test_fraction}.")
+        if self.size * self.mpp < 1024:
+            raise ChatEXAONEPathError(f"Slides of {self.size} px at {self.mpp} µm/px are too small for small lesions "
+                                      f"among enough patches; use --size {int(1024 / self.mpp)} or more.")
+        if self.slides < 2 * len(self.diagnoses):
+            raise ChatEXAONEPathError(f"--slides {self.slides} is too few; give at least {2 * len(self.diagnoses)} "
+                                      "(two per diagnosis: train and test).")
+
+    @property
+    def diagnoses(self) -> list[str]:
+        """The diagnosis classes: each lesion type, and no lesion when normal slides are drawn."""
+        return [*self.lesions, *([NO_LESION] if self.normal_share > 0 else [])]
+
+
+@dataclass
+class LesionSlide:
+    """One slide of the cohort and everything true about it."""
+
+    slide_id: str
+    organ: str
+    diagnosis: str  # a lesion type or NO_LESION
+    grade: str | None  # "low" / "high", None without a lesion
+    margins: str | None  # "involved" / "clear", None without a lesion
+    lesion_fraction: float  # of the tissue; 0 without a lesion
+    foci: int
+    split: str
+    seed: int
+
+    @property
+    def spec(self) -> LesionSpec:
+        if self.diagnosis == NO_LESION:
+            return LesionSpec(self.organ)
+        return LesionSpec(self.organ, self.diagnosis, self.grade, self.lesion_fraction, self.foci,
+                          self.margins == "involved")
+
+
+def plan_lesion_cohort(config: LesionCohortConfig) -> list[LesionSlide]:
+    """Who gets what: diagnoses in turn (normal slides at `normal_share`), organs and grades balanced within each."""
+    rng = np.random.default_rng(config.seed)
+    n_normal = round(config.normal_share * config.slides)
+    kinds = [NO_LESION] * n_normal + [config.lesions[i % len(config.lesions)] for i in range(config.slides - n_normal)]
+    order = rng.permutation(config.slides)  # interleave, so a prefix of the plan is a balanced small cohort
+    slides, seen = [], {}
+    for i, index in enumerate(sorted(range(config.slides), key=lambda j: order[j])):
+        diagnosis = kinds[index]
+        k = seen[diagnosis] = seen.get(diagnosis, -1) + 1
+        organ = config.organs[k % len(config.organs)]
+        lesion = diagnosis != NO_LESION
+        grade = GRADES[(k % len(config.organs) + k // len(config.organs)) % 2] if lesion else None  # every (organ, grade) in 6
+        slides.append(LesionSlide(
+            f"les-{i:04d}", organ, diagnosis, grade, ("involved" if rng.random() < 0.5 else "clear") if lesion else None,
+            float(rng.uniform(*config.lesion_area)) if lesion else 0.0, int(rng.integers(1, 3)) if lesion else 0,
+            "train", config.seed * 100_003 + i))
+    for diagnosis in config.diagnoses:  # the last slides of each diagnosis are held out
+        members = [s for s in slides if s.diagnosis == diagnosis]
+        held_out = min(len(members) - 1, max(1, round(config.test_fraction * len(members))))
+        for slide in members[len(members) - held_out:]:
+            slide.split = "test"
+            if slide.diagnosis != NO_LESION:
+                slide.lesion_fraction, slide.foci = config.test_lesion_area, 1
+    return slides
+
+
+# -- what the reports and the answers say ------------------------------------------------------------------
+def answers_for(slide: LesionSlide) -> dict[str, str]:
+    """The short answer to each question category (the reference the scoring checks against)."""
+    lesion = slide.diagnosis != NO_LESION
+    return {
+        "diagnosis": DIAGNOSIS_ANSWERS[slide.diagnosis],
+        "organ": f"{slide.organ.capitalize()}.",
+        "grade": f"{slide.grade.capitalize()} grade." if lesion else "Not applicable; there is no lesion.",
+        "margins": ("Involved; the lesion reaches the margin." if slide.margins == "involved" else
+                    "Clear; the lesion does not reach the margin.") if lesion else "Not applicable; there is no lesion.",
+    }
+
+
+def caption(slide: LesionSlide) -> str:
+    """The phase-1 caption: the finding only (lesion, grade, margins), not the organ.
+
+    With one visual token pooled by attention, learning the organ first (the easy, slide-wide signal)
+    pulls the attention off the lesion and it does not come back; phase 1 therefore teaches the tower to
+    find the lesion, and phase 2 adds the organ (docs/demo_model.md).
+    """
+    if slide.diagnosis == NO_LESION:
+        return "No lesion; normal tissue."
+    return f"{slide.diagnosis.capitalize()}, {slide.grade} grade; margins {slide.margins}."
+
+
+def report_text(slide: LesionSlide) -> str:
+    """A short synthetic pathology report: specimen, final diagnosis, grade, margins, microscopy."""
+    answers = answers_for(slide)
+    if slide.diagnosis == NO_LESION:
+        diagnosis, micro = f"{slide.organ.capitalize()}: no lesion identified; normal tissue.", ""
+    else:
+        diagnosis = f"{slide.organ.capitalize()}: {slide.diagnosis}, {slide.grade} grade."
+        micro = (f" A focus of {FINDINGS[slide.diagnosis]} occupies about {slide.lesion_fraction:.0%} of the "
+                 f"tissue{' in two foci' if slide.foci == 2 else ''}.")
+    return (f"SYNTHETIC PATHOLOGY REPORT (generated, not a patient record)\nSlide: {slide.slide_id}\n\n"
+            f"SPECIMEN: {slide.organ.capitalize()}.\n\nFINAL DIAGNOSIS:\n{diagnosis}\n\n"
+            f"GRADE: {answers['grade']}\nMARGINS: {answers['margins']}\n\n"
+            f"MICROSCOPIC DESCRIPTION:\nSections show {ORGAN_FINDINGS[slide.organ]}.{micro}\n")
+
+
+def _record(record_id: str, slide_id: str, turns: list[tuple[str, str]]) -> dict:
+    conversations = []
+    for i, (question, answer) in enumerate(turns):
+        conversations += [{"from": "human", "value": f"<image>\n{question}" if i == 0 else question},
+                          {"from": "gpt", "value": answer}]
+    return {"id": record_id, "image": slide_id, "conversations": conversations}
+
+
+def lesion_records(slides: list[LesionSlide]) -> dict[str, list[dict]]:
+    """captions.json, instruct.json and test.json as lists of LLaVA records."""
+    captions, instruct, test = [], [], []
+    for slide in slides:
+        answers = answers_for(slide)
+        if slide.split == "test":
+            for category in SCORED:
+                if category == "grade" and slide.diagnosis == NO_LESION:
+                    continue
+                test.append(_record(f"{slide.slide_id}-{category}", slide.slide_id,
+                                    [(QUESTIONS[category][0], answers[category])]))
+            continue
+        captions.append(_record(f"{slide.slide_id}-cap", slide.slide_id, [(CAPTION_PROMPT, caption(slide))]))
+        # Two conversations per slide, each asking every category: one sequence carries the system prompt
+        # once for four answers (training time is per token), and each category comes first in one of them.
+        for k, order in enumerate((CATEGORY_ORDERS[slide.seed % 2], CATEGORY_ORDERS[2 + slide.seed % 2])):
+            turns = [(QUESTIONS[c][(slide.seed + k) % len(QUESTIONS[c])], answers[c]) for c in order]
+            instruct.append(_record(f"{slide.slide_id}-qa{k}", slide.slide_id, turns))
+    return {"captions.json": captions, "instruct.json": instruct, "test.json": test}
+
+
+LABEL_FIELDS = ("slide_id", "organ", "diagnosis", "grade", "margins", "lesion_fraction", "foci", "split")
+
+
+def _write_labels(path: Path, slides: list[LesionSlide]) -> None:
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(LABEL_FIELDS)
+    for s in slides:
+        writer.writerow([s.slide_id, s.organ, s.diagnosis, s.grade or "", s.margins or "", f"{s.lesion_fraction:.4f}",
+                         s.foci, s.split])
+    atomic_write_text(path, table.getvalue())
+
+
+def read_lesion_labels(path: str | Path) -> dict[str, dict[str, str]]:
+    """labels.csv → {slide_id: row} (strings, as written)."""
+    with open(path, newline="") as f:
+        return {row["slide_id"]: row for row in csv.DictReader(f)}
+
+
+def _write_mask(path: Path, mask: np.ndarray) -> None:
+    import cv2
+
+    tmp = path.with_name(f".{path.stem}.partial.png")
+    if not cv2.imwrite(str(tmp), mask):
+        raise ChatEXAONEPathError(f"Could not write the lesion mask {path}.")
+    tmp.replace(path)
+
+
+def read_lesion_mask(path: str | Path) -> np.ndarray:
+    """masks/<slide_id>.png → uint8 lesion fractions at 1/MASK_DOWNSAMPLE of level 0 (0: none, 255: all lesion)."""
+    import cv2
+
+    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise ChatEXAONEPathError(f"Could not read the lesion mask {path}.")
+    return mask
+
+
+def make_lesion_cohort(out: str | Path, config: LesionCohortConfig,
+                       progress: Callable[[int, int], None] | None = None) -> dict[str, Path]:
+    """Write the cohort into `out` (slides already there are kept); returns the main paths."""
+    out = Path(out)
+    for sub in ("slides", "masks", "reports"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    previous = out / "cohort.json"
+    settings = json.loads(json.dumps(asdict(config)))
+    if previous.is_file() and json.loads(previous.read_text()) != settings:
+        raise ChatEXAONEPathError(f"{out} holds a cohort made with other settings; choose another --out.")
+    slides = plan_lesion_cohort(config)
+    for done, slide in enumerate(slides, 1):
+        path, mask_path = out / "slides" / f"{slide.slide_id}.tiff", out / "masks" / f"{slide.slide_id}.png"
+        if not (path.is_file() and mask_path.is_file()):  # both written atomically, the mask last
+            _, mask = make_lesion_slide(path, slide.spec, (config.size, config.size), config.mpp, slide.seed)
+            _write_mask(mask_path, mask)
+        atomic_write_text(out / "reports" / f"{slide.slide_id}.txt", report_text(slide))
+        if progress is not None:
+            progress(done, len(slides))
+    for name, records in lesion_records(slides).items():
+        atomic_write_json(out / name, records)
+    _write_labels(out / "labels.csv", slides)
+    atomic_write_json(previous, settings)
+    logger.info("Lesion cohort in %s: %d slides (%d held out)", out, len(slides), sum(s.split == "test" for s in slides))
+    return {name: out / name for name in ("slides", "masks", "reports", "labels.csv", "captions.json",
+                                          "instruct.json", "test.json", "cohort.json")}

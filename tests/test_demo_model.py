@@ -1,0 +1,151 @@
+"""The cached demo model: built once per code and data version, found again without building, rebuilt
+when its settings change; its card and the app's banner say exactly what it is. The builds here are
+tiny (8 small slides, a 2-layer ViT and LLaMA, one epoch each): seconds, not the real ten minutes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import chatexaonepath.demo_model as demo_module
+from chatexaonepath.demo_model import (
+    DEMO_DESCRIPTION, DemoBuildConfig, DemoModel, demo_key, ensure_demo_model, load_ready,
+)
+from chatexaonepath.train.lesions import NO_LESION, read_lesion_labels
+from chatexaonepath.vision_tower.extraction import ExtractConfig, FeatureExtractor
+from tests.chat.conftest import make_tiny_llm
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    return make_tiny_llm(tmp_path_factory.mktemp("demo-llm"))
+
+
+@pytest.fixture(scope="module")
+def extractor(tiny_encoder):
+    return FeatureExtractor(ExtractConfig(encoder=tiny_encoder.name, num_workers=0, batch_size=16), tiny_encoder)
+
+
+def tiny_config(llm, **overrides) -> DemoBuildConfig:
+    settings = dict(slides=8, size=2048, llm=str(llm), phase1_epochs=1, phase2_epochs=1, batch_size=4)
+    return DemoBuildConfig(**(settings | overrides))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_llm, extractor):
+    root = tmp_path_factory.mktemp("demo-cache")
+    stages = []
+    demo = ensure_demo_model(tiny_config(tiny_llm), root=root, extractor=extractor,
+                             progress=lambda stage, done, total: stages.append(stage))
+    return root, demo, stages
+
+
+@pytest.mark.slow
+def test_a_build_runs_every_stage_and_writes_its_card_last(built):
+    root, demo, stages = built
+    assert [s for i, s in enumerate(stages) if s not in stages[:i]] == ["cohort", "features", "phase 1", "phase 2",
+                                                                       "check"]
+    card = json.loads((demo.folder / "demo.json").read_text())
+    assert card["what"] == DEMO_DESCRIPTION and card["encoder"] == "tiny-vit-test"
+    assert card["train_slides"] + card["test_slides"] == 8 and card["patches"] > 0
+    assert set(card["check"]["accuracy"]) == {"diagnosis"} and 0.0 <= card["check"]["accuracy"]["diagnosis"] <= 1.0
+    assert (demo.model_dir / "config.json").is_file() and (demo.model_dir / "tower.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_the_example_is_a_held_out_slide_with_a_lesion(built):
+    _, demo, _ = built
+    row = read_lesion_labels(demo.folder / "cohort" / "labels.csv")[demo.card["example"]["slide"]]
+    assert row["split"] == "test" and row["diagnosis"] != NO_LESION and demo.example_slide.is_file()
+    assert demo.card["example"]["diagnosis"] == row["diagnosis"]
+
+
+@pytest.mark.slow
+def test_a_second_start_finds_the_build_without_building(built, tiny_llm, extractor, monkeypatch):
+    root, demo, _ = built
+    monkeypatch.setattr(demo_module, "build_demo_model", lambda *a, **k: pytest.fail("built again"))
+    again = ensure_demo_model(tiny_config(tiny_llm), root=root, extractor=extractor)
+    assert again.folder == demo.folder and again.card == demo.card
+
+
+def test_the_key_follows_settings_encoder_and_sources(tiny_llm, tiny_encoder, monkeypatch, tmp_path):
+    config = tiny_config(tiny_llm)
+    key = demo_key(config, tiny_encoder.weights_sha256)
+    assert demo_key(tiny_config(tiny_llm), tiny_encoder.weights_sha256) == key
+    assert demo_key(tiny_config(tiny_llm, phase2_epochs=2), tiny_encoder.weights_sha256) != key
+    assert demo_key(config, "another-encoder") != key
+    changed = tmp_path / "chatexaonepath"
+    for name in demo_module._SOURCES:  # a copy of the package's sources with one of them edited
+        (changed / name).parent.mkdir(parents=True, exist_ok=True)
+        (changed / name).write_bytes((demo_module.Path(demo_module.__file__).parent / name).read_bytes())
+    (changed / "train" / "lesions.py").write_text("# changed\n", encoding="utf-8")
+    monkeypatch.setattr(demo_module, "__file__", str(changed / "demo_model.py"))
+    assert demo_key(config, tiny_encoder.weights_sha256) != key
+
+
+@pytest.mark.slow
+def test_an_unfinished_build_is_not_used_and_a_new_version_replaces_old_ones(tiny_llm, extractor, tmp_path):
+    stale = tmp_path / "0123456789abcdef"
+    (stale / "cohort").mkdir(parents=True)
+    assert load_ready(stale) is None  # no demo.json: an interrupted build is never served
+    rebuilt = ensure_demo_model(tiny_config(tiny_llm, check=False), root=tmp_path, extractor=extractor)
+    assert rebuilt.card["check"] is None and rebuilt.example_slide.is_file()
+    assert [p for p in tmp_path.iterdir() if p.is_dir()] == [rebuilt.folder]  # the other version was removed
+
+
+@pytest.fixture
+def fake_demo(tmp_path):
+    """A DemoModel as a finished build describes itself (its files are not needed by the app's card)."""
+    card = {"organs": ["colon", "liver", "lymph node"], "lesions": ["adenocarcinoma", "squamous cell carcinoma",
+            "melanoma"], "train_slides": 24, "example": {"slide": "les-0030"},
+            "check": {"held_out_slides": 8, "accuracy": {"diagnosis": 0.875}, "localisation_auc": 0.93}}
+    return DemoModel(tmp_path / "demo", card)
+
+
+def test_the_banner_and_model_card_say_what_it_is(fake_demo, extractor, tiny_llm, tmp_path):
+    from chatexaonepath.chat.modeling import ChatEXAONEPathConfig, ChatEXAONEPathForCausalLM
+    from chatexaonepath.webapp.engine import AppConfig, AppEngine
+
+    model = ChatEXAONEPathForCausalLM.build(ChatEXAONEPathConfig(llm_name_or_path=str(tiny_llm), tower_trained=True,
+                                                                 aggregator={"in_dim": 64}))
+    engine = AppEngine(model, extractor, AppConfig(features_dir=str(tmp_path / "f")), work_dir=tmp_path / "w",
+                       demo=fake_demo)
+    try:
+        banner = engine.card.banner()
+        assert "trained on synthetic slides; it knows only these synthetic organs (colon, liver, lymph node)" in banner
+        assert "not a medical device" in banner and "melanoma" in banner
+        tower = dict(engine.card.rows())["vision tower"]
+        assert "the demo model" in tower and "diagnosis accuracy 0.88" in tower and "AUC 0.93" in tower
+        assert engine.example_path == fake_demo.folder / "cohort" / "slides" / "les-0030.tiff"
+        assert engine.demo.questions()[0] == "What is the diagnosis?"
+    finally:
+        engine.close()
+
+
+def test_the_app_serves_the_demo_without_a_model_and_not_with_untrained(monkeypatch, fake_demo):
+    from chatexaonepath.chat import session as chat_session
+    from chatexaonepath.errors import ChatEXAONEPathError
+    from chatexaonepath.webapp.engine import AppConfig, AppEngine
+
+    demo = fake_demo
+    calls = []
+    monkeypatch.setattr(demo_module, "ensure_demo_model", lambda *a, **k: calls.append("demo") or demo)
+
+    class Stop(Exception):
+        pass
+
+    def fake_load(checkpoint, llm):
+        calls.append(checkpoint)
+        raise Stop  # what follows is the ordinary model loading, tested elsewhere
+
+    monkeypatch.setattr(chat_session, "load_chat_model", fake_load)
+    with pytest.raises(Stop):
+        AppEngine.load(AppConfig())
+    assert calls == ["demo", str(demo.model_dir)]
+    calls.clear()
+    with pytest.raises(Stop):
+        AppEngine.load(AppConfig(untrained=True))
+    assert calls == [None]
+    with pytest.raises(ChatEXAONEPathError, match="contradict"):
+        AppConfig(untrained=True, model="runs/p2")

@@ -1,0 +1,172 @@
+"""The lesion cohort: slides with known lesion masks, balanced plans, reports and QA that name the truth,
+and the scores (answer matching, localisation AUC) the benchmark and the demo build use."""
+
+import json
+
+import numpy as np
+import pytest
+
+from chatexaonepath.errors import ChatEXAONEPathError
+from chatexaonepath.train.data import load_records
+from chatexaonepath.train.lesion_scores import (
+    CohortView, answer_correct, derangement, localisation_auc, named, roc_auc,
+)
+from chatexaonepath.train.lesions import (
+    NO_LESION, QUESTIONS, LesionCohortConfig, make_lesion_cohort, plan_lesion_cohort,
+    read_lesion_labels, read_lesion_mask,
+)
+from chatexaonepath.vision_tower.synthetic_lesions import (
+    MASK_DOWNSAMPLE, LesionSpec, downsample_mask, patch_lesion_coverage, render_lesion_image,
+)
+
+
+@pytest.mark.parametrize("spec", [LesionSpec("colon", "adenocarcinoma", "high", 0.02),
+                                  LesionSpec("liver", "melanoma", "low", 0.04, foci=2),
+                                  LesionSpec("lymph node", "squamous cell carcinoma", "high", 0.01,
+                                             margin_involved=True)])
+def test_the_lesion_covers_the_asked_share_of_the_tissue_and_only_where_its_margin_says(spec):
+    image, tissue, lesion = render_lesion_image(spec, (2048, 2048), seed=3)
+    assert image.shape == (2048, 2048, 3) and not (lesion & ~tissue).any()
+    assert lesion.sum() / tissue.sum() == pytest.approx(spec.fraction, rel=0.15)
+    import cv2
+
+    count = cv2.connectedComponents(lesion.astype(np.uint8))[0] - 1
+    assert count == spec.foci
+    edge = tissue & ~cv2.erode(tissue.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    assert (lesion & edge).any() == spec.margin_involved
+    assert abs(image[lesion].mean(0) - image[tissue & ~lesion].mean(0)).max() > 20  # the lesion looks different
+
+
+def test_a_normal_slide_has_no_lesion():
+    _, tissue, lesion = render_lesion_image(LesionSpec("liver"), (2048, 2048), seed=1)
+    assert tissue.mean() > 0.4 and not lesion.any()
+
+
+def test_unknown_organs_lesions_and_grades_are_refused():
+    with pytest.raises(ValueError, match="organ"):
+        LesionSpec("brain")
+    with pytest.raises(ValueError, match="grade"):
+        LesionSpec("colon", "melanoma", "medium")
+
+
+def test_patch_coverage_comes_from_the_mask_at_its_scale():
+    mask = np.zeros((64, 64), bool)
+    mask[10:20, 40:64] = True  # level 0: y 80–160, x 320–512
+    small = downsample_mask(np.kron(mask, np.ones((MASK_DOWNSAMPLE, MASK_DOWNSAMPLE), bool)))
+    assert small.shape == (64, 64) and small.max() == 255
+    coords = np.array([[256, 0], [0, 0], [256, 256], [384, 128]])
+    coverage = patch_lesion_coverage(coords, 128, small)
+    assert coverage[0] == pytest.approx(64 * 48 / 128**2) and coverage[1] == 0.0 and coverage[2] == 0.0
+    assert coverage[3] == pytest.approx(32 / 128)  # rows 128–160 of the patch's 128–256
+    assert patch_lesion_coverage(np.array([[320, 80]]), 128, small)[0] == pytest.approx(80 / 128)
+
+
+def test_the_plan_balances_diagnoses_organs_and_grades_and_holds_out_two_percent_lesions():
+    config = LesionCohortConfig(slides=48, seed=2)
+    slides = plan_lesion_cohort(config)
+    assert len({s.slide_id for s in slides}) == 48
+    counts = {d: sum(s.diagnosis == d for s in slides) for d in config.diagnoses}
+    assert counts[NO_LESION] == 12 and all(counts[d] == 12 for d in config.lesions)
+    lesions = [s for s in slides if s.diagnosis != NO_LESION]
+    assert {(s.organ, s.grade) for s in lesions} == {(o, g) for o in config.organs for g in ("low", "high")}
+    test = [s for s in slides if s.split == "test"]
+    assert {s.diagnosis for s in test} == set(config.diagnoses)
+    assert all(s.lesion_fraction == 0.02 and s.foci == 1 for s in test if s.diagnosis != NO_LESION)
+    assert all(0.01 <= s.lesion_fraction <= 0.05 for s in lesions)
+    assert all(s.grade is None and s.margins is None for s in slides if s.diagnosis == NO_LESION)
+
+
+def test_bad_settings_are_one_sentence_errors():
+    with pytest.raises(ChatEXAONEPathError, match="too few"):
+        LesionCohortConfig(slides=5)
+    with pytest.raises(ChatEXAONEPathError, match="Unknown"):
+        LesionCohortConfig(organs=["brain"])
+    with pytest.raises(ChatEXAONEPathError, match="too small"):
+        LesionCohortConfig(size=1024)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lesions")
+    make_lesion_cohort(out, LesionCohortConfig(slides=8, size=2048, seed=1))
+    return out
+
+
+def test_the_cohort_writes_slides_masks_reports_and_data_that_name_the_truth(cohort):
+    labels = read_lesion_labels(cohort / "labels.csv")
+    assert len(labels) == 8
+    test = {sid for sid, row in labels.items() if row["split"] == "test"}
+    for name in ("captions.json", "instruct.json"):
+        records = json.loads((cohort / name).read_text())
+        assert records and not {r["image"] for r in records} & test
+    for record in json.loads((cohort / "instruct.json").read_text()):
+        row = labels[record["image"]]
+        turns = record["conversations"]
+        for question, answer in zip(turns[::2], turns[1::2]):
+            category = next(c for c, phrasings in QUESTIONS.items() if question["value"].split("\n")[-1] in phrasings)
+            if category in ("diagnosis", "organ") or (category == "grade" and row["grade"]):
+                assert answer_correct(answer["value"], row[category], category), (row, answer)
+    held_out = json.loads((cohort / "test.json").read_text())
+    assert {r["image"] for r in held_out} == test
+    for sid, row in labels.items():
+        report = (cohort / "reports" / f"{sid}.txt").read_text()
+        assert row["organ"].capitalize() in report and (row["diagnosis"] in report or row["diagnosis"] == NO_LESION)
+        mask = read_lesion_mask(cohort / "masks" / f"{sid}.png")
+        assert mask.shape == (2048 // MASK_DOWNSAMPLE,) * 2 and (mask.any() == (row["diagnosis"] != NO_LESION))
+
+
+def test_the_cohort_data_is_valid_training_data_and_a_rerun_keeps_the_slides(cohort, tmp_path):
+    from chatexaonepath.vision_tower.features import write_features
+
+    for slide in (cohort / "slides").glob("*.tiff"):
+        write_features(tmp_path / f"{slide.stem}.h5", np.zeros((2, 4), np.float32), np.zeros((2, 2), np.int64), {})
+    for name in ("captions.json", "instruct.json", "test.json"):
+        assert load_records([str(cohort / name)], str(tmp_path)).records
+    before = {p.name: p.stat().st_mtime_ns for p in (cohort / "slides").iterdir()}
+    make_lesion_cohort(cohort, LesionCohortConfig(slides=8, size=2048, seed=1))
+    assert {p.name: p.stat().st_mtime_ns for p in (cohort / "slides").iterdir()} == before
+    with pytest.raises(ChatEXAONEPathError, match="other settings"):
+        make_lesion_cohort(cohort, LesionCohortConfig(slides=8, size=2048, seed=2))
+
+
+def test_the_cohort_view_finds_the_lesion_patches_of_extracted_slides(cohort, tmp_path, tiny_encoder):
+    from chatexaonepath.vision_tower.batch import extract_slides
+    from chatexaonepath.vision_tower.extraction import ExtractConfig, FeatureExtractor
+
+    config = ExtractConfig(encoder=tiny_encoder.name, num_workers=0, batch_size=16)
+    extract_slides([cohort / "slides"], tmp_path, config, extractor=FeatureExtractor(config, tiny_encoder))
+    view = CohortView.load(cohort, tmp_path)
+    for sid in view.ids:
+        lesion = view.rows[sid]["diagnosis"] != NO_LESION
+        assert (view.coverage[sid] > 0).any() == lesion
+        assert len(view.coverage[sid]) == len(view.features[sid])
+
+
+def test_answers_are_right_when_they_name_the_truth_and_nothing_else():
+    assert named("Squamous cell carcinoma, high grade.", "diagnosis") == {"squamous cell carcinoma"}
+    assert answer_correct("No lesion; normal tissue.", NO_LESION, "diagnosis")
+    assert not answer_correct("Adenocarcinoma or melanoma.", "melanoma", "diagnosis")
+    assert answer_correct("Lymph node.", "lymph node", "organ") and not answer_correct("Colonic", "colon", "organ")
+    assert answer_correct("High grade.", "high", "grade") and not answer_correct("Low to high.", "high", "grade")
+
+
+def test_roc_auc_counts_ties_half_and_needs_both_classes():
+    assert roc_auc([3, 2, 1, 0], [True, True, False, False]) == 1.0
+    assert roc_auc([0, 1, 2, 3], [True, True, False, False]) == 0.0
+    assert roc_auc([1, 1, 1, 1], [True, False, True, False]) == 0.5
+    assert np.isnan(roc_auc([1, 2], [True, True]))
+
+
+def test_localisation_auc_leaves_out_patches_the_lesion_only_grazes():
+    weights = np.array([0.5, 0.3, 0.01, 0.1, 0.09])
+    coverage = np.array([0.9, 0.4, 0.02, 0.0, 0.0])  # the grazed patch (2 %) gets no more weight than clean ones
+    assert localisation_auc(weights, coverage) == 1.0
+    assert localisation_auc(weights, coverage, min_coverage=0.0) == pytest.approx(4 / 6)
+
+
+def test_the_shuffled_control_gives_every_slide_another_one():
+    ids = [f"s{i}" for i in range(5)]
+    mapping = derangement(ids, seed=3)
+    assert sorted(mapping.values()) == ids and all(k != v for k, v in mapping.items())
+    with pytest.raises(ChatEXAONEPathError):
+        derangement(["only"])
