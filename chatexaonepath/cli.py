@@ -294,14 +294,14 @@ def demo(
 @app.command("quickstart")
 def quickstart(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for every stage's outputs (a rerun resumes).")] = Path("quickstart"),
-    slides: Annotated[int, typer.Option(help="Synthetic slides in the cohort (a quarter held out).")] = 40,
+    slides: Annotated[int, typer.Option(help="Synthetic lesion slides in the cohort (a quarter held out).")] = 48,
     encoder: Annotated[Optional[str], typer.Option(help="Patch encoder (default: exaonepath if its weights are found, else random-vit-b16).")] = None,
     raider_llm: Annotated[str, typer.Option(help="LLM backend RAIDER asks (see `raider generate --help`).")] = "local:embedded",
-    judge: Annotated[str, typer.Option(help="LLM backend of the seven-criteria judge.")] = "local:embedded",
+    judge: Annotated[Optional[str], typer.Option(help="LLM backend of the seven-criteria judge, e.g. openai:MODEL@URL (default: the judge is skipped; the embedded 135M LLM cannot write verdicts).")] = None,
     judge_items: Annotated[int, typer.Option(help="Held-out answers the judge reads.")] = 6,
     quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
-    """The whole pipeline on this machine: cohort → features → RAIDER → phase 1 → phase 2 → evaluation."""
+    """The whole pipeline on this machine: lesion cohort → features → RAIDER → phase 1 → phase 2 → evaluation."""
     from .quickstart import Quickstart, QuickstartConfig
 
     setup_logging(verbose, quiet)
@@ -325,6 +325,12 @@ def quickstart(
         table.add_row(stage, ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in outcome.items()))
     console.print(table)
+    evaluation = results.get("evaluation", {})
+    if "judge" in evaluation:  # skipped: one clear line, not minutes spent on certain judge errors
+        console.print(f"Judge {evaluation['judge']}.", highlight=False)
+    if "diagnosis_accuracy" in evaluation:  # the figures bench/learn_lesions.py reports, for this run
+        console.print(f"lesion_accuracy: {evaluation['diagnosis_accuracy']:.3f}\n"
+                      f"localisation_auc: {evaluation['localisation_auc']:.3f}", highlight=False)
     console.print(f"Chat with the trained model:  chatexaonepath app --model {out / 'model'}\n"
                   f"  or in the terminal:         chatexaonepath chat {out / 'cohort' / 'slides'}/<slide>.tiff "
                   f"--model {out / 'model'}")

@@ -1,11 +1,13 @@
 """The whole pipeline on one machine, end to end: `chatexaonepath quickstart --out DIR`.
 
-synthetic cohort (slides + reports) → feature extraction → RAIDER on the training reports (the
-embedded LLM) → phase 1 → phase 2 → evaluation (the diagnosis accuracy on held-out slides, and
-the seven-criteria judge) → a model folder the app and the chat open. Every stage resumes, so a
-rerun after a kill goes on where it stopped; each writes where the stage's own command would.
+synthetic lesion cohort (slides of colon, liver or lymph node carrying small lesions, a report each;
+train/lesions.py) → feature extraction → RAIDER on the training reports (the embedded LLM) →
+phase 1 → phase 2 → evaluation (on held-out slides: the diagnosis, organ and grade accuracy and the
+localisation AUC of the heatmap, as bench/learn_lesions.py measures them; the seven-criteria judge
+only when `judge` names a capable model) → a model folder the app and the chat open. Every stage
+resumes, so a rerun after a kill goes on where it stopped; each writes where its own command would.
 
-    DIR/cohort/      slides/, reports/, labels.csv, captions.json, instruct.json, test.json
+    DIR/cohort/      slides/, masks/, reports/, labels.csv, captions.json, instruct.json, test.json
     DIR/features/    <slide_id>.h5 (+ thumbnails/)
     DIR/raider/      reports.jsonl …, db/, questions.yaml, instructions.json (+ .captions.json …)
     DIR/runs/p1/     phase-1 checkpoint
@@ -19,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,17 +30,28 @@ from .fileio import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-# RAIDER's questions for the synthetic reports, which state a diagnosis and a microscopic finding only.
+# RAIDER's questions for the synthetic reports, which state the organ, a diagnosis, a grade and the margins only.
 QUICKSTART_QUESTIONS = """\
-# Questions RAIDER asks of the synthetic reports (they hold a diagnosis and a finding, nothing more).
+# Questions RAIDER asks of the synthetic lesion reports (organ, diagnosis, grade, margins; nothing more).
 version: 1
 categories:
   - id: diagnosis
     questions:
       - What is the diagnosis?
-      - What is the final diagnosis for this slide?
-      - What does the section show under the microscope?
+      - What lesion does the section show?
+  - id: organ
+    questions:
+      - Which organ is this tissue from?
+  - id: grade
+    questions:
+      - What is the grade of the lesion?
+  - id: margins
+    questions:
+      - Are the margins involved?
 """
+RAIDER_CATEGORIES = ["diagnosis", "organ", "grade", "margins"]
+JUDGE_SKIPPED = ("skipped: the embedded 135M LLM cannot write the judge's verdicts (on this quickstart it produced "
+                 "only judge errors); pass --judge openai:MODEL@URL or ollama:MODEL to run the seven-criteria judge")
 
 StageFn = Callable[[str, int | None, int | None], None]  # (stage, done, total) → progress display
 
@@ -47,16 +60,15 @@ StageFn = Callable[[str, int | None, int | None], None]  # (stage, done, total) 
 class QuickstartConfig:
     """Sizes and models of the quickstart; the defaults finish within about 30 minutes on 2 CPU cores."""
 
-    slides: int = 40
-    size: int = 1024  # slide side in level-0 pixels at 0.5 µm/px (bench/learn_synthetic.py's setting)
-    classes: list[str] = field(default_factory=lambda: ["tumor", "stroma", "normal", "necrosis", "lymphoid"])
+    slides: int = 48
+    size: int = 3072  # slide side in level-0 pixels at 0.5 µm/px (the demo model's and bench/learn_lesions.py's)
     encoder: str | None = None  # exaonepath when its weights are found, else random-vit-b16
     llm: str = "embedded"
     raider_llm: str = "local:embedded"
-    judge: str = "local:embedded"
-    phase1_epochs: float = 4.0
-    phase2_epochs: float = 2.0
-    judge_items: int = 6  # held-out answers the judge reads (a 135M judge is slow and weak; see docs)
+    judge: str | None = None  # None: the judge stage is skipped (JUDGE_SKIPPED says why)
+    phase1_epochs: float = 40.0  # the demo model's schedule (demo_model.DemoBuildConfig): measured to learn
+    phase2_epochs: float = 3.0
+    judge_items: int = 6  # held-out answers the judge reads
     seed: int = 0
 
 
@@ -91,12 +103,11 @@ class Quickstart:
         atomic_write_json(self.out / "quickstart.json", {"config": asdict(self.config), "stages": self.results})
 
     def make_cohort(self) -> dict:
-        from .train.cohort import CohortConfig, make_cohort
+        from .train.lesions import LesionCohortConfig, make_lesion_cohort
 
-        config = CohortConfig(slides=self.config.slides, classes=list(self.config.classes), size=self.config.size,
-                              seed=self.config.seed)
-        make_cohort(self.cohort, config, progress=lambda done, total: self.on_progress("cohort", done, total))
-        return {"slides": config.slides, "classes": config.classes}
+        config = LesionCohortConfig(slides=self.config.slides, size=self.config.size, seed=self.config.seed)
+        make_lesion_cohort(self.cohort, config, progress=lambda done, total: self.on_progress("cohort", done, total))
+        return {"slides": config.slides, "diagnoses": config.diagnoses}
 
     def extract(self) -> dict:
         from .vision_tower.batch import extract_slides
@@ -128,12 +139,12 @@ class Quickstart:
         from .raider.index import ChunkIndex, Embedder
         from .raider.ingest import read_reports, write_ingested
         from .raider.records import OutputPaths, RecordOptions, write_outputs
-        from .train.cohort import read_labels
+        from .train.lesions import read_lesion_labels
 
-        labels = read_labels(self.cohort / "labels.csv")
+        labels = read_lesion_labels(self.cohort / "labels.csv")
         # Only the training slides' reports: a test report in the training data would leak the answer.
-        train_reports = [self.cohort / "reports" / f"{sid}.txt" for sid, (_, split) in labels.items()
-                         if split == "train"]
+        train_reports = [self.cohort / "reports" / f"{sid}.txt" for sid, row in labels.items()
+                         if row["split"] == "train"]
         reports, unreadable = read_reports(train_reports)
         mapped = write_ingested(self.raider, reports, unreadable, sorted(labels))
         index = ChunkIndex(self.raider / "db", Embedder())
@@ -149,8 +160,9 @@ class Quickstart:
             on_plan=lambda n, done: total.update(n=n, done=done),
             on_record=lambda record: (total.update(done=total["done"] + 1),
                                       self.on_progress("raider", total["done"], total["n"])))
-        summary = write_outputs(paths, list(log.records.values()), mapped["mapping"], RecordOptions(),
-                                ["diagnosis"], {"backend": backend.name})
+        # One conversation per slide: the system prompt once for all its answers (training time is per token).
+        summary = write_outputs(paths, list(log.records.values()), mapped["mapping"], RecordOptions(multi_turn=True),
+                                RAIDER_CATEGORIES, {"backend": backend.name})
         return {key: summary[key] for key in ("generated", "not_mentioned", "rejected", "instruction_records",
                                               "caption_records")}
 
@@ -158,22 +170,24 @@ class Quickstart:
         from .train.data import DataConfig
         from .train.phases import PhaseConfig, train_phase
 
-        raider = self.raider / "instructions.json"
-        # The settings bench/learn_synthetic.py found to learn on this cohort within minutes on a CPU.
-        common = dict(batch_size=4, gradient_accumulation=1, warmup_ratio=0.1, report_to="none", save_total_limit=1,
-                      seed=self.config.seed)
-        if phase == 1:
-            data = [self.cohort / "captions.json", raider.with_name("instructions.captions.json")]
+        from .demo_model import DemoBuildConfig
+
+        raider, recipe = self.raider / "instructions.json", DemoBuildConfig()
+        # The demo model's recipe (docs/demo_model.md), measured to find the lesion within minutes on a CPU.
+        common = dict(batch_size=recipe.batch_size, gradient_accumulation=1, warmup_ratio=0.1, report_to="none",
+                      save_total_limit=1, seed=self.config.seed)
+        if phase == 1:  # the finding only: RAIDER's captions also name the organ, which pulls attention off the lesion
+            data = [self.cohort / "captions.json"]
             config = PhaseConfig(phase=1, out=str(self.p1), llm=self.config.llm, epochs=self.config.phase1_epochs,
-                                 learning_rate=2e-3, **common)
+                                 learning_rate=recipe.phase1_lr, **common)
         else:
             data = [self.cohort / "instruct.json", raider]
             config = PhaseConfig(phase=2, out=str(self.model), init=str(self.p1), epochs=self.config.phase2_epochs,
-                                 tower_learning_rate=1e-3, **common)
+                                 learning_rate=recipe.phase2_lr, tower_learning_rate=recipe.phase2_tower_lr, **common)
         out = Path(config.out)
         if _done(out):
             return {"skipped": "already trained"}
-        data_config = DataConfig(data=[str(p) for p in data if json.loads(p.read_text())],
+        data_config = DataConfig(data=[str(p) for p in data if json.loads(p.read_text())], val_fraction=0.0,
                                  features_dir=str(self.features), skip_missing=True, seed=self.config.seed)
 
         from transformers import TrainerCallback
@@ -197,14 +211,26 @@ class Quickstart:
 
     def evaluate(self) -> dict:
         from .chat.modeling import ChatEXAONEPathForCausalLM
+        from .train.lesion_scores import CohortView, score_lesion_cohort
+
+        model = ChatEXAONEPathForCausalLM.from_pretrained(self.model)
+        view = CohortView.load(self.cohort, self.features)
+        self.on_progress("evaluation", 0, len(view.ids))
+        score = score_lesion_cohort(model, view)
+        atomic_write_json(self.out / "held_out_answers.json", score.answers)
+        outcome = {f"{category}_accuracy": value for category, value in score.accuracy.items()}
+        outcome |= {"localisation_auc": score.localisation_auc, "localisation_auc_any_overlap": score.localisation_auc_any,
+                    "held_out_slides": len(view.ids)}
+        if self.config.judge is None:
+            logger.warning("Judge %s.", JUDGE_SKIPPED)
+            return outcome | {"judge": JUDGE_SKIPPED}
+        return outcome | self._judge(model)
+
+    def _judge(self, model) -> dict:
         from .eval.answers import GenerateConfig
         from .eval.judge import JudgeConfig
         from .eval.run import run_eval
-        from .train.cohort import score_diagnoses
 
-        model = ChatEXAONEPathForCausalLM.from_pretrained(self.model)
-        score = score_diagnoses(model, self.cohort, self.features)
-        atomic_write_json(self.out / "diagnosis_answers.json", score.answers)
         test = json.loads((self.cohort / "test.json").read_text())
         subset = atomic_write_json(self.eval / "test_subset.json", test[: self.config.judge_items])
         result = run_eval(
@@ -213,6 +239,5 @@ class Quickstart:
             self.eval, self.config.judge, judge_config=JudgeConfig(concurrency=1, max_tokens=384), model=model,
             judge_progress=lambda n, total: self.on_progress("evaluation", n, total))
         summary = result.summary
-        return {"diagnosis_accuracy": score.accuracy, "held_out_slides": len(score.answers),
-                "judged": summary.get("n"), "acceptance_rate": summary.get("acceptance_rate"),
+        return {"judged": summary.get("n"), "acceptance_rate": summary.get("acceptance_rate"),
                 "judge_errors": summary.get("n_judge_errors")}

@@ -26,16 +26,17 @@ def test_quickstart_runs_every_stage_and_a_rerun_resumes(tmp_path):
     llm = make_tiny_llm(tmp_path / "llm")
     with FakeOpenAIServer(reply=reply) as server:
         backend = f"openai:test-model@{server.url}"
-        config = QuickstartConfig(slides=6, classes=["tumor", "stroma", "lymphoid"], size=1024,
-                                  encoder="random-vit-b16", llm=str(llm), raider_llm=backend, judge=backend,
-                                  phase1_epochs=1, phase2_epochs=1, judge_items=2)
+        config = QuickstartConfig(slides=8, size=2048, encoder="random-vit-b16", llm=str(llm), raider_llm=backend,
+                                  judge=backend, phase1_epochs=1, phase2_epochs=1, judge_items=2)
         stages = []
         results = Quickstart(tmp_path / "qs", config, lambda stage, done, total: stages.append(stage)).run()
         requests = len(server.requests)
         assert list(results) == ["cohort", "features", "raider", "phase 1", "phase 2", "evaluation"]
         assert results["raider"]["instruction_records"] > 0 and results["raider"]["caption_records"] > 0
         assert results["phase 2"]["steps"] > 0
-        assert results["evaluation"]["held_out_slides"] == 3 and results["evaluation"]["judged"] == 2
+        assert results["evaluation"]["held_out_slides"] == 4 and results["evaluation"]["judged"] == 2
+        for figure in ("diagnosis_accuracy", "organ_accuracy", "grade_accuracy", "localisation_auc"):
+            assert 0.0 <= results["evaluation"][figure] <= 1.0
         assert results["evaluation"]["judge_errors"] == 0
         assert 0.0 <= results["evaluation"]["acceptance_rate"] <= 1.0
         instructions = json.loads((tmp_path / "qs" / "raider" / "instructions.json").read_text())
@@ -45,7 +46,9 @@ def test_quickstart_runs_every_stage_and_a_rerun_resumes(tmp_path):
         assert saved["stages"]["evaluation"]["judged"] == 2
         assert (tmp_path / "qs" / "model" / "config.json").is_file()
 
-        again = Quickstart(tmp_path / "qs", config).run()  # everything is there: nothing is redone
+        # Everything is there: nothing is redone; without a judge the stage says so in one line, asking nothing.
+        again = Quickstart(tmp_path / "qs", QuickstartConfig(**{**config.__dict__, "judge": None})).run()
         assert again["phase 1"] == {"skipped": "already trained", "seconds": again["phase 1"]["seconds"]}
         assert again["phase 2"]["skipped"] == "already trained"
+        assert again["evaluation"]["judge"].startswith("skipped") and "--judge" in again["evaluation"]["judge"]
         assert len(server.requests) == requests  # RAIDER and the judge asked nothing twice
