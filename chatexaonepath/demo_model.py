@@ -58,7 +58,7 @@ class DemoBuildConfig:
     # looking at the lesion. Phase 2 then moves the tower gently, so that it keeps looking there.
     phase1_epochs: float = 40.0
     phase1_lr: float = 2e-3
-    phase2_epochs: float = 3.0
+    phase2_epochs: float = 4.0
     phase2_lr: float = 2e-4
     phase2_tower_lr: float = 3e-4
     batch_size: int = 2

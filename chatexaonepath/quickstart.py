@@ -67,7 +67,7 @@ class QuickstartConfig:
     raider_llm: str = "local:embedded"
     judge: str | None = None  # None: the judge stage is skipped (JUDGE_SKIPPED says why)
     phase1_epochs: float = 40.0  # the demo model's schedule (demo_model.DemoBuildConfig): measured to learn
-    phase2_epochs: float = 3.0
+    phase2_epochs: float = 4.0
     judge_items: int = 6  # held-out answers the judge reads
     seed: int = 0
 

@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import gradio as gr
 
 from ..chat.regions import Region
+from ..chat.session import repetition_defaults
 from ..errors import ChatEXAONEPathError, MissingMppError, ServerBusyError
 from ..vision_tower.slide import MPP_RANGE
 from .config import GenerationSettings
@@ -148,6 +149,11 @@ def build_demo(engine: AppEngine) -> gr.Blocks:
                     max_tokens = gr.Slider(1, engine.config.max_new_tokens_limit,
                                            engine.default_settings.max_new_tokens, step=1,
                                            label="Max new tokens", elem_id="max-tokens")
+                    penalty, ngram = repetition_defaults(engine.model.llm)  # the LLM's own, else the anti-loop guards
+                    repetition = gr.Slider(1.0, 2.0, penalty, step=0.05, elem_id="repetition-penalty",
+                                           label="Repetition penalty (1 = off; stops a small LLM looping)")
+                    no_repeat = gr.Slider(0, 16, ngram, step=1, elem_id="no-repeat-ngram",
+                                          label="Never repeat a phrase of this many tokens (0 = off)")
                     system_prompt = gr.Textbox(engine.default_settings.system_prompt, lines=4,
                                                label="System prompt (empty: none)", elem_id="system-prompt",
                                                max_length=engine.config.max_system_prompt_chars)
@@ -173,6 +179,9 @@ def build_demo(engine: AppEngine) -> gr.Blocks:
         region.submit(viewing.region_typed, [region], viewer, api_visibility="private", **instant)
         whole.click(viewing.whole_slide, None, [region, viewer], api_visibility="private", **instant)
         gallery.select(viewing.goto_patch, None, viewer, api_visibility="private", **instant)
+        for guard in (repetition, no_repeat):  # per tab, kept in its session: the ask API stays as it was
+            guard.release(handlers.set_repetition_guards, [repetition, no_repeat], None, api_visibility="private",
+                          **instant)
         cancel.click(handlers.cancel, None, None, api_name="cancel", **instant)
         show_heatmap.change(handlers.recompose, [show_heatmap, opacity], slide_view, api_name="recompose", **instant)
         opacity.release(handlers.recompose, [show_heatmap, opacity], slide_view, api_visibility="private", **instant)
@@ -277,6 +286,20 @@ class _Handlers:
         session = self.engine.find_session(request.session_hash)
         if session is not None:
             session.cancel()
+
+    def set_repetition_guards(self, penalty: float, ngram: float, request: gr.Request) -> None:
+        """This tab's anti-loop settings (advanced panel); values outside the sliders' ranges are ignored."""
+        try:
+            penalty, ngram = float(penalty), int(ngram)
+        except (TypeError, ValueError, OverflowError):
+            return
+        if not (1.0 <= penalty <= 2.0 and 0 <= ngram <= 16):
+            return
+        try:
+            chat = self.engine.session(request.session_hash).chat
+        except ServerBusyError:  # the next question says the server is busy
+            return
+        chat.repetition_penalty, chat.no_repeat_ngram_size = penalty, ngram
 
     def recompose(self, show: bool, opacity: float, request: gr.Request):
         session = self.engine.find_session(request.session_hash)
