@@ -132,7 +132,8 @@ def build_demo(engine: AppEngine) -> gr.Blocks:
                                           max_length=engine.config.max_question_chars)
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                 with gr.Row(equal_height=True):
-                    region = gr.Textbox(label="Region of the next question (level-0 x, y, w, h; empty: the whole "
+                    # value="": an API client that predates regions may leave it out (the whole slide)
+                    region = gr.Textbox("", label="Region of the next question (level-0 x, y, w, h; empty: the whole "
                                               "slide)", placeholder="Draw a region on the slide, or type x,y,w,h",
                                         elem_id="region", scale=6, max_lines=1)
                     whole = gr.Button("Whole slide", size="sm", scale=1, elem_id="whole-slide")
