@@ -23,7 +23,7 @@ def test_two_phases_learn_to_name_the_tissue_of_held_out_slides(tiny_encoder, tm
 
     common = dict(batch_size=4, gradient_accumulation=1, warmup_ratio=0.1, report_to="none", save_total_limit=1)
     data = lambda name: DataConfig(data=[str(cohort / name)], features_dir=str(features))  # noqa: E731
-    train_phase(PhaseConfig(phase=1, out=str(tmp_path / "p1"), llm="embedded", epochs=4, learning_rate=2e-3,
+    train_phase(PhaseConfig(phase=1, out=str(tmp_path / "p1"), llm="embedded", epochs=8, learning_rate=2e-3,
                             **common), data("captions.json"))
     train_phase(PhaseConfig(phase=2, out=str(tmp_path / "p2"), init=str(tmp_path / "p1"), epochs=3, learning_rate=1e-3,
                             tower_learning_rate=1e-3, **common), data("instruct.json"))

@@ -44,13 +44,17 @@ def test_help_lists_the_safety_options(capsys):
 
 @pytest.mark.slow
 def test_python_app_py_serves_the_default_within_a_minute_and_cleans_up(tmp_path):
-    """The README's first command: embedded LLM, labelled demo weights, example slide, URL printed."""
+    """The README's first command without its one-off demo build: embedded LLM, labelled demo weights, URL printed.
+
+    `--untrained` skips the demo model, whose first build takes minutes (test_demo_model.py builds tiny
+    ones and checks the app picks the demo without `--model`); everything else is the real start-up.
+    """
     env = dict(os.environ, HF_HUB_OFFLINE="1", TMPDIR=str(tmp_path))
     for spaces_setting in ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT"):
         env.pop(spaces_setting, None)
     port = _free_port()
     started = time.monotonic()
-    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
+    process = subprocess.Popen([sys.executable, "app.py", "--untrained", "--port", str(port)], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
