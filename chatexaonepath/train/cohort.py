@@ -129,7 +129,8 @@ def caption(tissue: str) -> str:
     return f"{text.answer[:-1]}: {text.finding}."
 
 
-def _record(record_id: str, slide_id: str, turns: list[tuple[str, str]]) -> dict:
+def llava_record(record_id: str, slide_id: str, turns: list[tuple[str, str]]) -> dict:
+    """A LLaVA-format record of (question, answer) turns about a slide; `<image>` opens the first question."""
     conversations = []
     for i, (question, answer) in enumerate(turns):
         conversations += [{"from": "human", "value": f"<image>\n{question}" if i == 0 else question},
@@ -143,15 +144,16 @@ def cohort_records(slides: list[CohortSlide], questions_per_slide: int) -> dict[
     for slide in slides:
         answer = CLASS_TEXT[slide.tissue].answer
         if slide.split == "test":
-            test.append(_record(f"{slide.slide_id}-dx", slide.slide_id, [(DIAGNOSIS_QUESTION, answer)]))
+            test.append(llava_record(f"{slide.slide_id}-dx", slide.slide_id, [(DIAGNOSIS_QUESTION, answer)]))
             continue
-        captions.append(_record(f"{slide.slide_id}-cap", slide.slide_id, [(CAPTION_PROMPT, caption(slide.tissue))]))
+        captions.append(llava_record(f"{slide.slide_id}-cap", slide.slide_id,
+                                     [(CAPTION_PROMPT, caption(slide.tissue))]))
         questions = (DIAGNOSIS_QUESTION, *QUESTION_BANK)
         for q in range(questions_per_slide):
             turns = [(questions[(q + slide.seed) % len(questions)] if q else DIAGNOSIS_QUESTION, answer)]
             if q == 1:  # some multi-turn conversations, as RAIDER data has them
                 turns.append(("Describe the main finding.", f"The section shows {CLASS_TEXT[slide.tissue].finding}."))
-            instruct.append(_record(f"{slide.slide_id}-q{q}", slide.slide_id, turns))
+            instruct.append(llava_record(f"{slide.slide_id}-q{q}", slide.slide_id, turns))
     return {"captions.json": captions, "instruct.json": instruct, "test.json": test}
 
 

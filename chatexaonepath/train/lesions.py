@@ -34,6 +34,7 @@ import numpy as np
 from ..errors import ChatEXAONEPathError
 from ..fileio import atomic_write_json, atomic_write_text
 from ..vision_tower.synthetic_lesions import GRADES, LESION_TYPES, ORGANS, LesionSpec, make_lesion_slide
+from .cohort import llava_record
 
 logger = logging.getLogger(__name__)
 
@@ -190,14 +191,6 @@ def report_text(slide: LesionSlide) -> str:
             f"MICROSCOPIC DESCRIPTION:\nSections show {ORGAN_FINDINGS[slide.organ]}.{micro}\n")
 
 
-def _record(record_id: str, slide_id: str, turns: list[tuple[str, str]]) -> dict:
-    conversations = []
-    for i, (question, answer) in enumerate(turns):
-        conversations += [{"from": "human", "value": f"<image>\n{question}" if i == 0 else question},
-                          {"from": "gpt", "value": answer}]
-    return {"id": record_id, "image": slide_id, "conversations": conversations}
-
-
 def lesion_records(slides: list[LesionSlide]) -> dict[str, list[dict]]:
     """captions.json, instruct.json and test.json as lists of LLaVA records."""
     captions, instruct, test = [], [], []
@@ -207,15 +200,15 @@ def lesion_records(slides: list[LesionSlide]) -> dict[str, list[dict]]:
             for category in SCORED:
                 if category == "grade" and slide.diagnosis == NO_LESION:
                     continue
-                test.append(_record(f"{slide.slide_id}-{category}", slide.slide_id,
+                test.append(llava_record(f"{slide.slide_id}-{category}", slide.slide_id,
                                     [(QUESTIONS[category][0], answers[category])]))
             continue
-        captions.append(_record(f"{slide.slide_id}-cap", slide.slide_id, [(CAPTION_PROMPT, caption(slide))]))
+        captions.append(llava_record(f"{slide.slide_id}-cap", slide.slide_id, [(CAPTION_PROMPT, caption(slide))]))
         # Two conversations per slide, each asking every category: one sequence carries the system prompt
         # once for four answers (training time is per token), and each category comes first in one of them.
         for k, order in enumerate((CATEGORY_ORDERS[slide.seed % 2], CATEGORY_ORDERS[2 + slide.seed % 2])):
             turns = [(QUESTIONS[c][(slide.seed + k) % len(QUESTIONS[c])], answers[c]) for c in order]
-            instruct.append(_record(f"{slide.slide_id}-qa{k}", slide.slide_id, turns))
+            instruct.append(llava_record(f"{slide.slide_id}-qa{k}", slide.slide_id, turns))
     return {"captions.json": captions, "instruct.json": instruct, "test.json": test}
 
 

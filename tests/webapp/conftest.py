@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -50,3 +51,36 @@ def gradio_upload(root, source, name=None):
     folder = root / "gradio" / os.urandom(4).hex()
     folder.mkdir(parents=True)
     return shutil.copy(source, folder / (name or source.name))
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+@contextmanager
+def served(engine: AppEngine):
+    """The app for `engine` on 127.0.0.1 at a free port, yielding its URL; closed after, GRADIO_TEMP_DIR restored."""
+    from chatexaonepath.webapp.cli import launch_app
+
+    saved_temp = os.environ.get("GRADIO_TEMP_DIR")  # launch_app points it at the engine's work folder
+    demo, url = launch_app(engine, host="127.0.0.1", port=None, quiet=True)
+    try:
+        yield url
+    finally:
+        demo.close()
+        engine.close()
+        if saved_temp is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = saved_temp
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium, headless, driven by Playwright (its own browser download needs the internet)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()

@@ -15,9 +15,8 @@ import pytest
 
 from chatexaonepath.vision_tower.extraction import ExtractConfig, FeatureExtractor
 from chatexaonepath.webapp.engine import AppConfig, AppEngine
+from tests.webapp.conftest import CHROMIUM, served
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 UPLOAD_LIMIT_GB = 0.02  # ~21 MB: the test slides fit, the oversized file does not
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed")
@@ -43,8 +42,6 @@ WATCH_JS = """
 @pytest.fixture(scope="module")
 def app_url(tiny_chat_model, tiny_encoder, tmp_path_factory):
     """The app on 127.0.0.1 with a free port and a tiny engine; yields (url, engine)."""
-    from chatexaonepath.webapp.cli import launch_app
-
     root = tmp_path_factory.mktemp("webapp-browser")
     extract = ExtractConfig(encoder=tiny_encoder.name, num_workers=0, batch_size=2)
     engine = AppEngine(tiny_chat_model, FeatureExtractor(extract, tiny_encoder),
@@ -59,26 +56,12 @@ def app_url(tiny_chat_model, tiny_encoder, tmp_path_factory):
         return plain_forward(*args, **kwargs)
 
     llm.forward = slowed_forward
-    saved_temp = os.environ.get("GRADIO_TEMP_DIR")
-    demo, url = launch_app(engine, host="127.0.0.1", port=None, quiet=True)
-    yield url, engine
-    demo.close()
-    engine.close()
-    del llm.forward
-    if saved_temp is None:
-        os.environ.pop("GRADIO_TEMP_DIR", None)
-    else:
-        os.environ["GRADIO_TEMP_DIR"] = saved_temp
+    try:
+        with served(engine) as url:
+            yield url, engine
+    finally:
+        del llm.forward
 
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 def open_app(browser, url):

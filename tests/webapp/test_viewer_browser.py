@@ -17,7 +17,8 @@ from chatexaonepath.chat.regions import Region, patches_in_region
 from chatexaonepath.vision_tower.extraction import ExtractConfig, FeatureExtractor
 from chatexaonepath.webapp.engine import AppConfig, AppEngine
 from chatexaonepath.webapp.viewer import library_installed
-from tests.webapp.test_browser import CHROMIUM, CHROMIUM_ARGS, ask, open_app, wait_ready
+from tests.webapp.conftest import CHROMIUM, served
+from tests.webapp.test_browser import ask, open_app, wait_ready
 
 pytestmark = [pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed"),
               pytest.mark.skipif(not library_installed(), reason="OpenSeadragon is not installed (make setup)")]
@@ -28,8 +29,6 @@ V = "window.CXPViewer.viewers[0]"
 @pytest.fixture(scope="module")
 def app(tiny_chat_model, tiny_encoder, tmp_path_factory):
     """The app on 127.0.0.1 with a tiny engine whose tower calls are recorded; yields (url, engine, calls)."""
-    from chatexaonepath.webapp.cli import launch_app
-
     root = tmp_path_factory.mktemp("viewer-browser")
     extract = ExtractConfig(encoder=tiny_encoder.name, num_workers=0, batch_size=4)
     engine = AppEngine(tiny_chat_model, FeatureExtractor(extract, tiny_encoder),
@@ -43,26 +42,12 @@ def app(tiny_chat_model, tiny_encoder, tmp_path_factory):
         return real(bags, *args, **kwargs)
 
     tiny_chat_model.get_slide_tokens = recorded
-    saved_temp = os.environ.get("GRADIO_TEMP_DIR")
-    demo, url = launch_app(engine, host="127.0.0.1", port=None, quiet=True)
-    yield url, engine, calls
-    demo.close()
-    engine.close()
-    del tiny_chat_model.get_slide_tokens
-    if saved_temp is None:
-        os.environ.pop("GRADIO_TEMP_DIR", None)
-    else:
-        os.environ["GRADIO_TEMP_DIR"] = saved_temp
+    try:
+        with served(engine) as url:
+            yield url, engine, calls
+    finally:
+        del tiny_chat_model.get_slide_tokens
 
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 def open_example(browser, url):
