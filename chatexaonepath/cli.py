@@ -185,6 +185,37 @@ def synth_cohort(
         console.print(f"next: chatexaonepath slide extract {paths['slides']} --out {out / 'features'}")
 
 
+@synth_app.command("lesions")
+def synth_lesions(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for slides/, masks/, reports/, the data files and labels.csv.")],
+    slides: Annotated[int, typer.Option(help="Number of slides (diagnoses in turn, organs and grades balanced).")] = 48,
+    organs: Annotated[str, typer.Option(help="Comma-separated organs (colon, liver, lymph node).")] = "colon,liver,lymph node",
+    lesions: Annotated[str, typer.Option(help="Comma-separated lesion types (adenocarcinoma, squamous cell carcinoma, melanoma).")] = "adenocarcinoma,squamous cell carcinoma,melanoma",
+    size: Annotated[int, typer.Option(help="Slide width and height in level-0 pixels at 0.5 µm/px.")] = 3072,
+    normal_share: Annotated[float, typer.Option(help="Share of slides without a lesion.")] = 0.25,
+    test_lesion_area: Annotated[float, typer.Option(help="Lesion share of the tissue on every held-out lesion slide.")] = 0.02,
+    test_fraction: Annotated[float, typer.Option(help="Fraction of the slides held out for testing.")] = 0.25,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Write a lesion cohort (docs/demo_model.md): organ slides with small lesions, their masks and reports, QA data."""
+    from .train.lesions import LesionCohortConfig, make_lesion_cohort
+
+    def names(text: str) -> list[str]:
+        return [n.strip() for n in text.split(",") if n.strip()]
+
+    config = LesionCohortConfig(slides=slides, organs=names(organs), lesions=names(lesions), size=size,
+                                normal_share=normal_share, test_lesion_area=test_lesion_area,
+                                test_fraction=test_fraction, seed=seed)
+    with progress_bar(quiet) as progress:
+        task = progress.add_task("slides", total=slides, unit="slides")
+        paths = make_lesion_cohort(out, config, lambda done, total: progress.update(task, completed=done))
+    if not quiet:
+        for name, path in paths.items():
+            console.print(f"{name:<14} {path}")
+        console.print(f"next: chatexaonepath slide extract {paths['slides']} --out {out / 'features'}")
+
+
 @app.command("chat")
 def chat(
     slide: Annotated[Path, typer.Argument(help="The slide to talk about.")],

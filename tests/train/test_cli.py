@@ -47,3 +47,13 @@ def test_synth_cohort_writes_the_documented_layout(tmp_path):
     assert len(list((tmp_path / "c" / "slides").glob("*.tiff"))) == 6
     bad = run_cli("synth", "cohort", "--out", tmp_path / "d", "--classes", "tumor,bone")
     assert bad.returncode == 2 and "Unknown tissue class 'bone'" in bad.stderr
+
+
+def test_synth_lesions_writes_slides_masks_and_reports(tmp_path):
+    done = run_cli("synth", "lesions", "--out", tmp_path / "c", "--slides", "8", "--size", "2048", "-q")
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("slides", "masks", "reports", "labels.csv", "captions.json", "instruct.json", "test.json"):
+        assert (tmp_path / "c" / name).exists(), name
+    assert len(list((tmp_path / "c" / "masks").glob("*.png"))) == 8
+    bad = run_cli("synth", "lesions", "--out", tmp_path / "d", "--organs", "colon,brain")
+    assert bad.returncode == 2 and "brain" in bad.stderr and "Traceback" not in bad.stderr
