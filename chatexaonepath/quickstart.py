@@ -61,12 +61,12 @@ class QuickstartConfig:
     """Sizes and models of the quickstart; the defaults finish within about 30 minutes on 2 CPU cores."""
 
     slides: int = 48
-    size: int = 3072  # slide side in level-0 pixels at 0.5 µm/px (the demo model's and bench/learn_lesions.py's)
+    size: int = 3072  # slide side in level-0 pixels at 0.5 µm/px (bench/learn_lesions.py's; ~90 patches a slide)
     encoder: str | None = None  # exaonepath when its weights are found, else random-vit-b16
     llm: str = "embedded"
     raider_llm: str = "local:embedded"
     judge: str | None = None  # None: the judge stage is skipped (JUDGE_SKIPPED says why)
-    phase1_epochs: float = 40.0  # the demo model's schedule (demo_model.DemoBuildConfig): measured to learn
+    phase1_epochs: float = 40.0  # measured to find the lesion on 32 slides of this size (docs/demo_model.md)
     phase2_epochs: float = 4.0
     judge_items: int = 6  # held-out answers the judge reads
     seed: int = 0
@@ -173,7 +173,7 @@ class Quickstart:
         from .demo_model import DemoBuildConfig
 
         raider, recipe = self.raider / "instructions.json", DemoBuildConfig()
-        # The demo model's recipe (docs/demo_model.md), measured to find the lesion within minutes on a CPU.
+        # The demo model's learning rates and batch (docs/demo_model.md), measured to find the lesion on a CPU.
         common = dict(batch_size=recipe.batch_size, gradient_accumulation=1, warmup_ratio=0.1, report_to="none",
                       save_total_limit=1, seed=self.config.seed)
         if phase == 1:  # the finding only: RAIDER's captions also name the organ, which pulls attention off the lesion
