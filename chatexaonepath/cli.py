@@ -159,6 +159,21 @@ def synth_slide(
     typer.echo(str(path))
 
 
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _write_cohort(make, out: Path, config, slides: int, quiet: bool) -> None:
+    """Run a cohort writer (`make(out, config, progress)`) with a bar, then list what it wrote."""
+    with progress_bar(quiet) as progress:
+        task = progress.add_task("slides", total=slides, unit="slides")
+        paths = make(out, config, lambda done, total: progress.update(task, completed=done))
+    if not quiet:
+        for name, path in paths.items():
+            console.print(f"{name:<14} {path}")
+        console.print(f"next: chatexaonepath slide extract {paths['slides']} --out {out / 'features'}")
+
+
 @synth_app.command("cohort")
 def synth_cohort(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for slides/, reports/, the data files and labels.csv.")],
@@ -174,15 +189,9 @@ def synth_cohort(
     """Write a synthetic cohort for training checks: slides, reports, caption/QA data, a split by slide."""
     from .train.cohort import CohortConfig, make_cohort
 
-    config = CohortConfig(slides=slides, classes=[c.strip() for c in classes.split(",") if c.strip()], size=size,
+    config = CohortConfig(slides=slides, classes=_comma_list(classes), size=size,
                           mpp=mpp, test_fraction=test_fraction, questions_per_slide=questions, seed=seed)
-    with progress_bar(quiet) as progress:
-        task = progress.add_task("slides", total=slides, unit="slides")
-        paths = make_cohort(out, config, lambda done, total: progress.update(task, completed=done))
-    if not quiet:
-        for name, path in paths.items():
-            console.print(f"{name:<14} {path}")
-        console.print(f"next: chatexaonepath slide extract {paths['slides']} --out {out / 'features'}")
+    _write_cohort(make_cohort, out, config, slides, quiet)
 
 
 @synth_app.command("lesions")
@@ -201,19 +210,10 @@ def synth_lesions(
     """Write a lesion cohort (docs/demo_model.md): organ slides with small lesions, their masks and reports, QA data."""
     from .train.lesions import LesionCohortConfig, make_lesion_cohort
 
-    def names(text: str) -> list[str]:
-        return [n.strip() for n in text.split(",") if n.strip()]
-
-    config = LesionCohortConfig(slides=slides, organs=names(organs), lesions=names(lesions), size=size,
+    config = LesionCohortConfig(slides=slides, organs=_comma_list(organs), lesions=_comma_list(lesions), size=size,
                                 normal_share=normal_share, test_lesion_area=test_lesion_area,
                                 test_fraction=test_fraction, seed=seed)
-    with progress_bar(quiet) as progress:
-        task = progress.add_task("slides", total=slides, unit="slides")
-        paths = make_lesion_cohort(out, config, lambda done, total: progress.update(task, completed=done))
-    if not quiet:
-        for name, path in paths.items():
-            console.print(f"{name:<14} {path}")
-        console.print(f"next: chatexaonepath slide extract {paths['slides']} --out {out / 'features'}")
+    _write_cohort(make_lesion_cohort, out, config, slides, quiet)
 
 
 @app.command("chat")
