@@ -12,8 +12,8 @@ patches without lesion, the slivers it only grazes left out; mean over the slide
 the AUC with every overlapping patch positive is printed too).
 
 Controls on the same slides: the untrained model (what `--untrained` serves; its localisation is the
-mean over three random initialisations) and the trained model asked about another held-out slide
-(its answers scored against the asked slide, its heatmap laid over the asked slide's grid): both near
+mean over 16 random towers, as one tower's is far from chance either way) and the trained model asked
+about another held-out slide (its answers scored against the asked slide, its heatmap laid over the asked slide's grid): both near
 chance when the answers and the heatmap come from the slide.
 
 Final lines: `lesion_accuracy: X` (diagnosis on held-out slides at 2 % lesion area; target ≥ 0.90)
@@ -46,8 +46,12 @@ except ImportError:
 
 from chatexaonepath.chat.modeling import ChatEXAONEPathConfig, ChatEXAONEPathForCausalLM
 from chatexaonepath.demo_model import DemoBuildConfig, build_demo_model
-from chatexaonepath.train.lesion_scores import MIN_COVERAGE, CohortView, derangement, score_lesion_cohort
+from chatexaonepath.train.lesion_scores import (MIN_COVERAGE, CohortView, derangement, score_lesion_cohort,
+                                                untrained_localisation)
 from chatexaonepath.train.lesions import NO_LESION, SCORED
+
+
+UNTRAINED_TOWERS = 16
 
 
 def untrained_model(in_dim: int, llm: str, seed: int) -> ChatEXAONEPathForCausalLM:
@@ -79,6 +83,8 @@ def main() -> None:
     parser.add_argument("--phase2-epochs", type=float, default=DemoBuildConfig.phase2_epochs)
     parser.add_argument("--llm", default="embedded")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--untrained-towers", type=int, default=UNTRAINED_TOWERS,
+                        help="random towers the untrained localisation control averages over")
     parser.add_argument("--out", type=Path, default=None, help="work folder, resumed if it exists (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the temp work folder")
     parser.add_argument("--verbose", action="store_true")
@@ -102,9 +108,10 @@ def main() -> None:
     in_dim = model.config.aggregator["in_dim"]
     del model
     progress("scoring untrained models", None, None)
-    untrained = [score_lesion_cohort(untrained_model(in_dim, args.llm, seed), view, categories=SCORED if seed == 0
-                                     else ()) for seed in range(3)]
-    untrained_auc = float(np.mean([u.localisation_auc for u in untrained]))
+    base = untrained_model(in_dim, args.llm, 0)
+    untrained = score_lesion_cohort(base, view)  # its answers; localisation: the mean over many towers
+    untrained_aucs = [untrained.localisation_auc, *untrained_localisation(base, view, range(1, args.untrained_towers))]
+    untrained_auc = float(np.mean(untrained_aucs))
 
     lesion_slides = [sid for sid in view.ids if view.rows[sid]["diagnosis"] != NO_LESION]
     rows = [
@@ -118,16 +125,17 @@ def main() -> None:
     for category in SCORED:
         rows.append((f"{category} accuracy: trained / shuffled slide / untrained (chance)",
                      f"{trained.accuracy[category]:.2f} / {shuffled.accuracy[category]:.2f} / "
-                     f"{untrained[0].accuracy[category]:.2f} ({chance(view, category):.2f})"))
+                     f"{untrained.accuracy[category]:.2f} ({chance(view, category):.2f})"))
     rows += [
         ("diagnosis accuracy, slides with a lesion / without", f"{trained.accuracy_where('diagnosis', lesion=True):.2f} / "
                                                                f"{trained.accuracy_where('diagnosis', lesion=False):.2f}"),
-        ("localisation AUC: trained / shuffled slide / untrained (mean of 3)",
+        (f"localisation AUC: trained / shuffled slide / untrained (mean of {len(untrained_aucs)} towers)",
          f"{trained.localisation_auc:.3f} / {shuffled.localisation_auc:.3f} / {untrained_auc:.3f} "
-         f"({', '.join(f'{u.localisation_auc:.2f}' for u in untrained)})"),
+         f"(range {min(untrained_aucs):.2f}–{max(untrained_aucs):.2f}, "
+         f"s.e. {np.std(untrained_aucs, ddof=1) / np.sqrt(len(untrained_aucs)):.2f})"),
         ("  the same, every overlapping patch positive (slivers too)",
          f"{trained.localisation_auc_any:.3f} / {shuffled.localisation_auc_any:.3f} / "
-         f"{np.mean([u.localisation_auc_any for u in untrained]):.3f}"),
+         f"{untrained.localisation_auc_any:.3f} (one tower)"),
         ("localisation AUC: worst held-out slide", f"{min(trained.per_slide_auc.values()):.3f}"),
         *((f"time: {k} (0 when resumed)", f"{v:.0f} s") for k, v in demo.card["seconds"].items()),
         ("time: total (with scoring and controls)", f"{time.perf_counter() - started:.0f} s"),
@@ -137,10 +145,11 @@ def main() -> None:
         print(f"{key:<{width}}  {value}")
     for a in [a for a in trained.answers if not a["correct"]][:8]:
         print(f"  wrong: {a['slide']} {a['category']} ({a['truth']}): {a['answer']!r}")
-    for name, score in (("trained", trained), ("untrained", untrained[0])):
+    for name, score in (("trained", trained), ("untrained", untrained)):
         print(f"  {name} answers, e.g.: {[a['answer'][:40] for a in score.answers[:3]]}")
     (work / "bench.json").write_text(json.dumps({"trained": trained.__dict__, "shuffled": shuffled.__dict__,
-                                                 "untrained_auc": untrained_auc}, indent=1, default=str))
+                                                 "untrained_auc": untrained_auc,
+                                                 "untrained_aucs": untrained_aucs}, indent=1, default=str))
     if not args.keep and args.out is None:
         shutil.rmtree(work, ignore_errors=True)
     print(f"lesion_accuracy: {trained.accuracy['diagnosis']:.3f}")

@@ -187,8 +187,13 @@ class ChatEXAONEPathForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 slide_features: list[torch.Tensor] | torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                slide_mask: torch.Tensor | None = None, **llm_kwargs) -> ChatEXAONEPathOutput:
-        """LLM loss/logits with visual tokens spliced in; labels at image positions become IGNORE_INDEX."""
+                slide_mask: torch.Tensor | None = None, supervised_logits_only: bool = False,
+                **llm_kwargs) -> ChatEXAONEPathOutput:
+        """LLM loss/logits with visual tokens spliced in; labels at image positions become IGNORE_INDEX.
+
+        `supervised_logits_only` (training): the vocabulary projection runs only at the positions some
+        sample in the batch is scored on, so `logits` is (B, P, V) there; the loss is the same.
+        """
         input_ids = input_ids.to(self.device)
         labels = None if labels is None else labels.to(self.device)
         if slide_features is None:  # a text-only conversation
@@ -199,8 +204,11 @@ class ChatEXAONEPathForCausalLM(nn.Module):
         else:
             slide = self.get_slide_tokens(slide_features, slide_mask)
             embeddings, labels = self.merge_visual_tokens(input_ids, slide.visual_tokens, labels)
-        out = self.llm(inputs_embeds=embeddings, attention_mask=None if attention_mask is None else
-                       attention_mask.to(self.device), labels=labels, **llm_kwargs)
+        attention_mask = None if attention_mask is None else attention_mask.to(self.device)
+        if supervised_logits_only and labels is not None and self._llm_keeps_logits():
+            out = self._supervised_forward(embeddings, attention_mask, labels, **llm_kwargs)
+        else:
+            out = self.llm(inputs_embeds=embeddings, attention_mask=attention_mask, labels=labels, **llm_kwargs)
         tower = {} if slide is None else {
             "visual_tokens": slide.visual_tokens, "pooling_weights": slide.pooling_weights,
             "patch_attention": slide.aggregated.attention, "patch_mask": slide.aggregated.mask}
@@ -209,6 +217,39 @@ class ChatEXAONEPathForCausalLM(nn.Module):
             if name not in result:
                 result[name] = value
         return result
+
+    def _llm_keeps_logits(self) -> bool:
+        """True when the base LLM's forward takes `logits_to_keep` (transformers' causal LMs do)."""
+        if not hasattr(self, "_keeps_logits"):
+            import inspect
+
+            base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+            self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+        return self._keeps_logits
+
+    def _supervised_forward(self, embeddings: torch.Tensor, attention_mask: torch.Tensor | None,
+                            labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None,
+                            **llm_kwargs) -> ModelOutput:
+        """The LLM's causal-LM loss with the vocabulary projection only where it is scored.
+
+        A short answer after a long prompt is scored at a few positions, while the (V × d) projection at
+        every position is a fifth of a small LLM's step; `logits_to_keep` with those positions skips the
+        rest. The loss is transformers' own: shifted labels, mean over scored tokens, or their sum over
+        `num_items_in_batch` when the Trainer counts them across gradient accumulation.
+        """
+        targets = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position p predicts p + 1
+        keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (P,) scored in some sample
+        out = self.llm(inputs_embeds=embeddings, attention_mask=attention_mask, logits_to_keep=keep, **llm_kwargs)
+        logits = out.logits.float().flatten(0, 1)  # (B·P, V)
+        kept = targets[:, keep].flatten()
+        if num_items_in_batch is None:
+            loss = nn.functional.cross_entropy(logits, kept, ignore_index=IGNORE_INDEX)
+        else:
+            total = nn.functional.cross_entropy(logits, kept, ignore_index=IGNORE_INDEX, reduction="sum")
+            loss = total / (num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch)
+                            else num_items_in_batch)
+        out["loss"] = loss
+        return out
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, slide_features: list[torch.Tensor] | torch.Tensor,

@@ -121,10 +121,12 @@ class CohortView:
 
 
 def score_lesion_cohort(model, view: CohortView, categories: tuple[str, ...] = SCORED,
-                        answer_from: dict[str, str] | None = None, max_new_tokens: int = 24) -> LesionScore:
+                        answer_from: dict[str, str] | None = None, max_new_tokens: int = 24,
+                        questions: dict[str, str] | None = None) -> LesionScore:
     """Ask each category's question about every slide and score the heatmap against the masks.
 
-    `answer_from` maps a slide to the slide whose features answer for it (the shuffled control): the answers
+    `questions` overrides a category's question (default: its first phrasing in QUESTIONS; after phase 1
+    alone, the caption prompt, whose answer starts with the diagnosis). `answer_from` maps a slide to the slide whose features answer for it (the shuffled control): the answers
     are then scored against the asked slide's truth, and its heatmap is the other slide's weights laid over
     this slide's patch grid (the two grids share the level-0 lattice).
     """
@@ -142,13 +144,32 @@ def score_lesion_cohort(model, view: CohortView, categories: tuple[str, ...] = S
             truth = truth_of(row, category)
             if truth is None:
                 continue
-            answer = ask(session, features, QUESTIONS[category][0])
+            answer = ask(session, features, (questions or {}).get(category, QUESTIONS[category][0]))
             answers.append({"slide": sid, "category": category, "truth": truth, "answer": answer,
                             "correct": answer_correct(answer, truth, category),
                             "lesion": row["diagnosis"] != NO_LESION})
     accuracy = {c: sum(a["correct"] for a in answers if a["category"] == c) /
                 max(1, sum(a["category"] == c for a in answers)) for c in categories}
     return LesionScore(accuracy, _mean(aucs.values()), _mean(aucs_any.values()), aucs, answers)
+
+
+def untrained_localisation(model, view: CohortView, seeds) -> list[float]:
+    """Localisation AUC of a freshly initialised tower per seed (the LLM kept); `model.tower` is replaced.
+
+    An untrained tower ranks patches along a random direction and the lesion's patches are outliers, so one
+    initialisation puts them near the top or the bottom (an AUC far from 0.5 either way); the direction's sign
+    is symmetric, so over initialisations the AUC averages to chance: the control is the mean over many.
+    """
+    import torch
+
+    from ..chat.modeling import SlideEncoder
+
+    aucs = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model.tower = SlideEncoder(model.config).to(model.device).eval()
+        aucs.append(score_lesion_cohort(model, view, categories=()).localisation_auc)
+    return aucs
 
 
 def _mean(values) -> float:

@@ -74,8 +74,9 @@ class TowerTrainer(Trainer):
         self.remove_callback(PrinterCallback)  # library code logs (LogCallback), it does not print
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # No KV cache while training: it would only hold memory.
-        return super().compute_loss(model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch)
+        # No KV cache while training: it would only hold memory; logits only where the loss needs them.
+        inputs = {**inputs, "use_cache": False, "supervised_logits_only": True}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def create_optimizer(self, model=None):
         """AdamW over the trainable parameters, with the tower's own learning rate when one is set."""

@@ -86,6 +86,44 @@ def test_loss_only_counts_the_reply(model):
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
 
 
+def padded_pair(model):
+    """Two samples with replies of different lengths, right-padded into one batch."""
+    a, la = encode(model, answer="Carcinoma.")
+    b, lb = encode(model, question="Which organ?", answer="Colon, with a lesion that reaches the margin.")
+    width = max(a.shape[1], b.shape[1])
+    pad = lambda t, value: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)  # noqa: E731
+    ids = torch.cat([pad(a, model.tokenizer.pad_token_id or 0), pad(b, model.tokenizer.pad_token_id or 0)])
+    labels = torch.cat([pad(la, IGNORE_INDEX), pad(lb, IGNORE_INDEX)])
+    mask = torch.cat([pad(torch.ones_like(a), 0), pad(torch.ones_like(b), 0)])
+    return ids, labels, mask
+
+
+@pytest.mark.parametrize("num_items", [None, 7])
+def test_supervised_logits_only_gives_the_same_loss_and_gradients(model, num_items):
+    # Training projects onto the vocabulary only where a reply is scored; the loss and what the tower
+    # and LoRA learn from it must be exactly the full-logits path's.
+    with_trained_looking_lora(model)
+    model.train()
+    ids, labels, mask = padded_pair(model)
+    features = [torch.randn(12, 32), torch.randn(30, 32)]
+    extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    results = []
+    for only in (False, True):
+        model.zero_grad()
+        torch.manual_seed(3)  # the same dropout masks in the tower
+        out = model(ids, attention_mask=mask, slide_features=features, labels=labels, use_cache=False,
+                    supervised_logits_only=only, **extra)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss.detach(), out.logits.shape, grads))
+    (full_loss, full_shape, full_grads), (loss, shape, grads) = results
+    torch.testing.assert_close(loss, full_loss, atol=1e-5, rtol=1e-5)
+    assert shape[1] < full_shape[1]  # fewer positions projected
+    assert grads.keys() == full_grads.keys() and any("lora_" in n for n in grads) and any("tower" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], full_grads[name], atol=1e-5, rtol=1e-4)
+
+
 def test_save_and_load_roundtrip_with_lora_gives_identical_logits(model, tmp_path):
     input_ids, features, before = lora_logits(model, 25)
     path = model.save_pretrained(tmp_path / "ckpt")
