@@ -16,6 +16,7 @@ from rich.table import Table
 from .errors import ChatEXAONEPathError
 from .eval.cli import app as eval_app
 from .progress import console, progress_bar, setup_logging
+from .quickstart import QuickstartConfig
 from .raider.cli import app as raider_app
 from .train.cli import app as train_app
 from .webapp.cli import app_command
@@ -325,7 +326,7 @@ def demo(
 @app.command("quickstart")
 def quickstart(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for every stage's outputs (a rerun resumes).")] = Path("quickstart"),
-    slides: Annotated[int, typer.Option(help="Synthetic lesion slides in the cohort (a quarter held out).")] = 48,
+    slides: Annotated[int, typer.Option(help="Synthetic lesion slides in the cohort (a quarter held out).")] = QuickstartConfig.slides,
     encoder: Annotated[Optional[str], typer.Option(help="Patch encoder (default: exaonepath if its weights are found, else random-vit-b16).")] = None,
     raider_llm: Annotated[str, typer.Option(help="LLM backend RAIDER asks (see `raider generate --help`).")] = "local:embedded",
     judge: Annotated[Optional[str], typer.Option(help="LLM backend of the seven-criteria judge, e.g. openai:MODEL@URL (default: the judge is skipped; the embedded 135M LLM cannot write verdicts).")] = None,

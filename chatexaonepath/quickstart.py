@@ -60,7 +60,9 @@ StageFn = Callable[[str, int | None, int | None], None]  # (stage, done, total) 
 class QuickstartConfig:
     """Sizes and models of the quickstart; the defaults finish within about 30 minutes on 2 CPU cores."""
 
-    slides: int = 48
+    # The demo model's cohort (32 slides, 8 held out), whose recipe is measured to learn the diagnosis on a CPU
+    # (docs/demo_model.md); 48 slides meant half as many patches again, and the features are most of the time.
+    slides: int = 32
     size: int = 3072  # slide side in level-0 pixels at 0.5 µm/px (bench/learn_lesions.py's; ~90 patches a slide)
     encoder: str | None = None  # exaonepath when its weights are found, else random-vit-b16
     llm: str = "embedded"
