@@ -182,7 +182,7 @@ def build_progress(quiet: bool = False) -> Iterator[ProgressFn]:
         def on_progress(stage: str, done: int | None, total: int | None) -> None:
             if state["bar"] is None:
                 if not quiet:
-                    console.print(f"[bold]Building the demo model[/] (first run only; about 20 minutes on 2 CPU "
+                    console.print(f"[bold]Building the demo model[/] (first run only; 20 to 35 minutes on 2 CPU "
                                   f"cores, less with bfloat16 or a GPU): synthetic lesion slides → patch features → two-phase training on them. "
                                   f"It is cached in {demo_root()}; later starts take seconds.", highlight=False)
                 state["bar"] = stack.enter_context(progress_bar(quiet))
@@ -304,7 +304,8 @@ def _check(folder: Path, report: ProgressFn) -> dict:
     model = ChatEXAONEPathForCausalLM.from_pretrained(folder / "model")
     view = CohortView.load(folder / "cohort", folder / "features")
     report("check", 0, len(view.ids))
-    score = score_lesion_cohort(model, view, categories=("diagnosis",))
+    score = score_lesion_cohort(model, view, categories=("diagnosis",),
+                                on_slide=lambda done, total: report("check", done, total))
     return {"held_out_slides": len(view.ids), "accuracy": score.accuracy, "localisation_auc": score.localisation_auc,
             "per_slide_auc": score.per_slide_auc, "answers": score.answers}
 

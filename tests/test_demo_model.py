@@ -37,15 +37,19 @@ def built(tmp_path_factory, tiny_llm, extractor):
     root = tmp_path_factory.mktemp("demo-cache")
     stages = []
     demo = ensure_demo_model(tiny_config(tiny_llm), root=root, extractor=extractor,
-                             progress=lambda stage, done, total: stages.append(stage))
+                             progress=lambda stage, done, total: stages.append((stage, done, total)))
     return root, demo, stages
 
 
 @pytest.mark.slow
 def test_a_build_runs_every_stage_and_writes_its_card_last(built):
-    root, demo, stages = built
+    root, demo, reports = built
+    stages = [stage for stage, _, _ in reports]
     assert [s for i, s in enumerate(stages) if s not in stages[:i]] == ["cohort", "features", "phase 1", "phase 2",
                                                                        "check"]
+    for stage in ("cohort", "features", "phase 1", "phase 2", "check"):  # every bar reaches its end
+        done, total = [(d, t) for s, d, t in reports if s == stage and d is not None][-1]
+        assert total and done == total, (stage, done, total)
     card = json.loads((demo.folder / "demo.json").read_text())
     assert card["what"] == DEMO_DESCRIPTION and card["encoder"] == "tiny-vit-test"
     assert card["train_slides"] + card["test_slides"] == 8 and card["patches"] > 0

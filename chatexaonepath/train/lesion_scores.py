@@ -14,6 +14,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -122,17 +123,19 @@ class CohortView:
 
 def score_lesion_cohort(model, view: CohortView, categories: tuple[str, ...] = SCORED,
                         answer_from: dict[str, str] | None = None, max_new_tokens: int = 24,
-                        questions: dict[str, str] | None = None) -> LesionScore:
+                        questions: dict[str, str] | None = None,
+                        on_slide: Callable[[int, int], None] | None = None) -> LesionScore:
     """Ask each category's question about every slide and score the heatmap against the masks.
 
     `questions` overrides a category's question (default: its first phrasing in QUESTIONS; after phase 1
-    alone, the caption prompt, whose answer starts with the diagnosis). `answer_from` maps a slide to the slide whose features answer for it (the shuffled control): the answers
+    alone, the caption prompt, whose answer starts with the diagnosis). `on_slide(done, total)` is called
+    after each slide. `answer_from` maps a slide to the slide whose features answer for it (the shuffled control): the answers
     are then scored against the asked slide's truth, and its heatmap is the other slide's weights laid over
     this slide's patch grid (the two grids share the level-0 lattice).
     """
     session = session_for(model, max_new_tokens)
     answers, aucs, aucs_any = [], {}, {}
-    for sid in view.ids:
+    for done, sid in enumerate(view.ids, 1):
         row, source = view.rows[sid], (answer_from or {}).get(sid, sid)
         features = view.features[source]
         weights = displayed_weights(session, features)
@@ -148,6 +151,8 @@ def score_lesion_cohort(model, view: CohortView, categories: tuple[str, ...] = S
             answers.append({"slide": sid, "category": category, "truth": truth, "answer": answer,
                             "correct": answer_correct(answer, truth, category),
                             "lesion": row["diagnosis"] != NO_LESION})
+        if on_slide is not None:
+            on_slide(done, len(view.ids))
     accuracy = {c: sum(a["correct"] for a in answers if a["category"] == c) /
                 max(1, sum(a["category"] == c for a in answers)) for c in categories}
     return LesionScore(accuracy, _mean(aucs.values()), _mean(aucs_any.values()), aucs, answers)
