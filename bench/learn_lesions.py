@@ -13,8 +13,8 @@ the AUC with every overlapping patch positive is printed too).
 
 Controls on the same slides: the untrained model (what `--untrained` serves; its localisation is the
 mean over 16 random towers, as one tower's is far from chance either way) and the trained model asked
-about another held-out slide (its answers scored against the asked slide, its heatmap laid over the asked slide's grid): both near
-chance when the answers and the heatmap come from the slide.
+about another held-out slide (its answers scored against the asked slide, its heatmap laid over the
+asked slide's grid): both near chance when the answers and the heatmap come from the slide.
 
 Final lines: `lesion_accuracy: X` (diagnosis on held-out slides at 2 % lesion area; target ≥ 0.90)
 and `localisation_auc: Y` (target ≥ 0.90).

@@ -58,7 +58,7 @@ StageFn = Callable[[str, int | None, int | None], None]  # (stage, done, total) 
 
 @dataclass
 class QuickstartConfig:
-    """Sizes and models of the quickstart; the defaults finish within about 30 minutes on 2 CPU cores."""
+    """Sizes and models of the quickstart: the demo build's cohort and recipe, plus RAIDER (30+ min on 2 cores)."""
 
     # The demo model's cohort (32 slides, 8 held out), whose recipe is measured to learn the diagnosis on a CPU
     # (docs/demo_model.md); 48 slides meant half as many patches again, and the features are most of the time.

@@ -129,9 +129,9 @@ def score_lesion_cohort(model, view: CohortView, categories: tuple[str, ...] = S
 
     `questions` overrides a category's question (default: its first phrasing in QUESTIONS; after phase 1
     alone, the caption prompt, whose answer starts with the diagnosis). `on_slide(done, total)` is called
-    after each slide. `answer_from` maps a slide to the slide whose features answer for it (the shuffled control): the answers
-    are then scored against the asked slide's truth, and its heatmap is the other slide's weights laid over
-    this slide's patch grid (the two grids share the level-0 lattice).
+    after each slide. `answer_from` maps a slide to the slide whose features answer for it (the shuffled
+    control): the answers are then scored against the asked slide's truth, and its heatmap is the other
+    slide's weights laid over this slide's patch grid (the two grids share the level-0 lattice).
     """
     session = session_for(model, max_new_tokens)
     answers, aucs, aucs_any = [], {}, {}
