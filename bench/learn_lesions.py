@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temp work folder")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
+    if args.untrained_towers < 2:
+        parser.error("--untrained-towers must be at least 2: the control is a mean with its standard error.")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     work = args.out or Path(tempfile.mkdtemp(prefix="learn-lesions-"))
     started = time.perf_counter()

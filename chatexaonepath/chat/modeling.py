@@ -8,6 +8,7 @@ by id or path, never copied.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -144,6 +145,9 @@ class ChatEXAONEPathForCausalLM(nn.Module):
             # Decide once and record it: a later tokenizer revision must not switch the format under a trained model.
             config.prompt_style = "chat_template" if getattr(tokenizer, "chat_template", None) else "llama2"
         self.config, self.llm, self.tokenizer = config, llm, tokenizer
+        # transformers' causal LMs take `logits_to_keep`; training projects only the scored positions then.
+        base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # under a reloaded LoRA adapter
+        self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
         self.tower = SlideEncoder(config)
         self._lora_merged = False
 
@@ -205,7 +209,7 @@ class ChatEXAONEPathForCausalLM(nn.Module):
             slide = self.get_slide_tokens(slide_features, slide_mask)
             embeddings, labels = self.merge_visual_tokens(input_ids, slide.visual_tokens, labels)
         attention_mask = None if attention_mask is None else attention_mask.to(self.device)
-        if supervised_logits_only and labels is not None and self._llm_keeps_logits():
+        if supervised_logits_only and labels is not None and self._keeps_logits:
             out = self._supervised_forward(embeddings, attention_mask, labels, **llm_kwargs)
         else:
             out = self.llm(inputs_embeds=embeddings, attention_mask=attention_mask, labels=labels, **llm_kwargs)
@@ -217,15 +221,6 @@ class ChatEXAONEPathForCausalLM(nn.Module):
             if name not in result:
                 result[name] = value
         return result
-
-    def _llm_keeps_logits(self) -> bool:
-        """True when the base LLM's forward takes `logits_to_keep` (transformers' causal LMs do)."""
-        if not hasattr(self, "_keeps_logits"):
-            import inspect
-
-            base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
-            self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
-        return self._keeps_logits
 
     def _supervised_forward(self, embeddings: torch.Tensor, attention_mask: torch.Tensor | None,
                             labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None,

@@ -124,6 +124,16 @@ def test_supervised_logits_only_gives_the_same_loss_and_gradients(model, num_ite
         torch.testing.assert_close(grads[name], full_grads[name], atol=1e-5, rtol=1e-4)
 
 
+def test_a_reloaded_adapter_still_projects_only_the_scored_positions(model, tmp_path):
+    with_trained_looking_lora(model)
+    reloaded = ChatEXAONEPathForCausalLM.from_pretrained(model.save_pretrained(tmp_path / "ckpt"), dtype="fp32",
+                                                         trainable=True)
+    ids, labels, mask = padded_pair(reloaded)
+    out = reloaded(ids, attention_mask=mask, slide_features=[torch.randn(5, 32)] * 2, labels=labels,
+                   use_cache=False, supervised_logits_only=True)
+    assert out.logits.shape[1] < ids.shape[1]
+
+
 def test_save_and_load_roundtrip_with_lora_gives_identical_logits(model, tmp_path):
     input_ids, features, before = lora_logits(model, 25)
     path = model.save_pretrained(tmp_path / "ckpt")
