@@ -8,9 +8,11 @@ by id or path, never copied.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,7 +149,12 @@ class ChatEXAONEPathForCausalLM(nn.Module):
         self.config, self.llm, self.tokenizer = config, llm, tokenizer
         # transformers' causal LMs take `logits_to_keep`; training projects only the scored positions then.
         base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # under a reloaded LoRA adapter
-        self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+        parameters = inspect.signature(base.forward).parameters
+        self._keeps_logits = "logits_to_keep" in parameters
+        # The KV-cache argument's name: `cache` since transformers 5.24, `past_key_values` before.
+        self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values" if "past_key_values" in parameters else None
+        self._prefix_cache: OrderedDict[tuple, object] = OrderedDict()
+        self._prefix_cache_ok: bool | None = None  # None until checked against the full forward once
         self.tower = SlideEncoder(config)
         self._lora_merged = False
 
@@ -210,7 +217,7 @@ class ChatEXAONEPathForCausalLM(nn.Module):
             embeddings, labels = self.merge_visual_tokens(input_ids, slide.visual_tokens, labels)
         attention_mask = None if attention_mask is None else attention_mask.to(self.device)
         if supervised_logits_only and labels is not None and self._keeps_logits:
-            out = self._supervised_forward(embeddings, attention_mask, labels, **llm_kwargs)
+            out = self._supervised_forward(embeddings, attention_mask, labels, input_ids=input_ids, **llm_kwargs)
         else:
             out = self.llm(inputs_embeds=embeddings, attention_mask=attention_mask, labels=labels, **llm_kwargs)
         tower = {} if slide is None else {
@@ -224,7 +231,7 @@ class ChatEXAONEPathForCausalLM(nn.Module):
 
     def _supervised_forward(self, embeddings: torch.Tensor, attention_mask: torch.Tensor | None,
                             labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None,
-                            **llm_kwargs) -> ModelOutput:
+                            input_ids: torch.Tensor | None = None, **llm_kwargs) -> ModelOutput:
         """The LLM's causal-LM loss with the vocabulary projection only where it is scored.
 
         A short answer after a long prompt is scored at a few positions, while the (V × d) projection at
@@ -234,7 +241,10 @@ class ChatEXAONEPathForCausalLM(nn.Module):
         """
         targets = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position p predicts p + 1
         keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (P,) scored in some sample
-        out = self.llm(inputs_embeds=embeddings, attention_mask=attention_mask, logits_to_keep=keep, **llm_kwargs)
+        out = self._prefix_cached_forward(input_ids, embeddings, attention_mask, keep, llm_kwargs) \
+            if input_ids is not None else None
+        if out is None:
+            out = self.llm(inputs_embeds=embeddings, attention_mask=attention_mask, logits_to_keep=keep, **llm_kwargs)
         logits = out.logits.float().flatten(0, 1)  # (B·P, V)
         kept = targets[:, keep].flatten()
         if num_items_in_batch is None:
@@ -245,6 +255,90 @@ class ChatEXAONEPathForCausalLM(nn.Module):
                             else num_items_in_batch)
         out["loss"] = loss
         return out
+
+    # -- the frozen prompt prefix (phase 1) ---------------------------------------------------------------
+    _MIN_PREFIX = 8  # shorter shared prefixes are not worth a cache lookup
+    _PREFIX_ENTRIES = 8
+
+    def _prefix_cached_forward(self, input_ids: torch.Tensor, embeddings: torch.Tensor,
+                               attention_mask: torch.Tensor | None, keep: torch.Tensor,
+                               llm_kwargs: dict) -> ModelOutput | None:
+        """The LLM's forward over what follows the prompt prefix every sample shares, its keys and values cached.
+
+        While the LLM is frozen (phase 1) the tokens before the slide's visual tokens are the same in
+        every sample (the chat template's system turn and the user header: ~40 % of a caption sample
+        with SmolLM2) and nothing the tower learns changes what the LLM makes of them, so their keys
+        and values are computed once, without gradients, and the step runs only on the rest. None when
+        it does not apply (a trainable LLM, no shared prefix, gradient checkpointing, an LLM whose
+        cache this cannot use); the first use is checked against the full forward, and a mismatch turns
+        it off for good, so an unusual LLM trains as before, only slower.
+        """
+        if (self._prefix_cache_ok is False or self._cache_kwarg is None or not torch.is_grad_enabled()
+                or set(llm_kwargs) - {"use_cache"}):
+            return None
+        weights = list(self.llm.parameters())
+        if any(p.requires_grad for p in weights) or self._llm_checkpoints_activations():
+            return None
+        length = self._shared_prefix_length(input_ids, attention_mask, int(keep.min()) if len(keep) else 0)
+        if length < self._MIN_PREFIX:
+            return None
+        # Keyed by the weights' identity and in-place version too: a merged adapter or a reload is a new LLM.
+        state = hash(tuple((id(p), p._version) for p in weights))
+        key = (tuple(input_ids[0, :length].tolist()), input_ids.shape[0], embeddings.dtype, embeddings.device,
+               torch.is_autocast_enabled(), state)
+        if key not in self._prefix_cache:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            with torch.no_grad():
+                self.llm(inputs_embeds=embeddings[:, :length], use_cache=True, logits_to_keep=1,
+                         **{self._cache_kwarg: cache})
+            self._prefix_cache[key] = cache
+            while len(self._prefix_cache) > self._PREFIX_ENTRIES:
+                self._prefix_cache.popitem(last=False)
+        self._prefix_cache.move_to_end(key)
+        # The cache grows in place during a forward: each step gets its own copy of the prefix's.
+        out = self.llm(inputs_embeds=embeddings[:, length:], attention_mask=attention_mask, use_cache=False,
+                       logits_to_keep=keep - length, **{self._cache_kwarg: copy.deepcopy(self._prefix_cache[key])})
+        if self._prefix_cache_ok is None:
+            self._prefix_cache_ok = self._check_prefix_forward(out.logits, embeddings, attention_mask, keep)
+            if not self._prefix_cache_ok:
+                self._prefix_cache.clear()
+                return None
+        return out
+
+    def _llm_checkpoints_activations(self) -> bool:
+        # Recomputed layers would append the prefix's keys twice; transformers 5.24 renamed the flag.
+        flag = getattr(self.llm, "is_activation_checkpointing", None)
+        return bool(getattr(self.llm, "is_gradient_checkpointing", False) if flag is None else flag)
+
+    def _shared_prefix_length(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, limit: int) -> int:
+        """How many leading tokens every sample has in common, attended, before any image placeholder.
+
+        At most `limit`: the first scored position and those after it stay in the forward.
+        """
+        same = (input_ids == input_ids[:1]).all(0) & (input_ids[0] != self.config.image_token_index)
+        if attention_mask is not None:
+            same &= attention_mask.bool().all(0)
+        differs = (~same).nonzero()
+        length = int(differs[0]) if len(differs) else input_ids.shape[1]
+        return min(length, limit, input_ids.shape[1] - 1)
+
+    def _check_prefix_forward(self, logits: torch.Tensor, embeddings: torch.Tensor,
+                              attention_mask: torch.Tensor | None, keep: torch.Tensor) -> bool:
+        """Whether the cached-prefix logits are the full forward's (to the precision the LLM runs in)."""
+        with torch.no_grad():
+            full = self.llm(inputs_embeds=embeddings, attention_mask=attention_mask, use_cache=False,
+                            logits_to_keep=keep).logits
+        got, want = logits.detach().float(), full.float()
+        tolerance = 1e-3 if full.dtype == torch.float32 and not torch.is_autocast_enabled() else 5e-2
+        error = (got - want).abs().max().item() / max(want.abs().max().item(), 1e-6) if got.shape == want.shape else float("inf")
+        if error > tolerance:
+            logger.warning("The cached prompt prefix changes this LLM's logits (relative error %.2g); training "
+                           "without it (slower, the same result).", error)
+            return False
+        logger.info("Training reuses the shared prompt prefix's keys and values (relative error %.1g).", error)
+        return True
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, slide_features: list[torch.Tensor] | torch.Tensor,

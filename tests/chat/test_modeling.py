@@ -124,6 +124,72 @@ def test_supervised_logits_only_gives_the_same_loss_and_gradients(model, num_ite
         torch.testing.assert_close(grads[name], full_grads[name], atol=1e-5, rtol=1e-4)
 
 
+def frozen_step(model, ids, labels, mask, features, use_prefix: bool):
+    """One phase-1 style training step; returns the loss, the tower's gradients and the LLM calls' lengths."""
+    if not use_prefix:
+        model._prefix_cache_ok = False
+    elif model._prefix_cache_ok is False:
+        model._prefix_cache_ok = None  # checked again on first use
+    lengths = []
+    hook = model.llm.register_forward_pre_hook(lambda m, a, k: lengths.append(k["inputs_embeds"].shape[1]),
+                                               with_kwargs=True)
+    model.zero_grad()
+    try:
+        out = model(ids, attention_mask=mask, slide_features=features, labels=labels, use_cache=False,
+                    supervised_logits_only=True)
+        out.loss.backward()
+    finally:
+        hook.remove()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.tower.named_parameters()}, lengths
+
+
+def test_a_frozen_llm_runs_the_shared_prompt_prefix_once_and_learns_the_same(model):
+    # Phase 1: the LLM is frozen, so the system turn every sample starts with is computed once and
+    # later steps run only what follows it; what the tower learns must not change.
+    for p in model.llm.parameters():
+        p.requires_grad_(False)
+    model.train()
+    ids, labels, mask = padded_pair(model)
+    features = [torch.randn(12, 32), torch.randn(30, 32)]
+    full_loss, full_grads, full_lengths = frozen_step(model, ids, labels, mask, features, use_prefix=False)
+    assert full_lengths == [ids.shape[1]]
+    loss, grads, first = frozen_step(model, ids, labels, mask, features, use_prefix=True)
+    assert model._prefix_cache_ok is True  # checked against the full forward on first use
+    torch.testing.assert_close(loss, full_loss, atol=1e-5, rtol=1e-5)
+    for name in full_grads:
+        torch.testing.assert_close(grads[name], full_grads[name], atol=1e-5, rtol=1e-4)
+    first_image = int((ids[0] == model.config.image_token_index).nonzero()[0])
+    prefix, rest, check = first
+    assert 8 <= prefix <= first_image and rest == ids.shape[1] - prefix and check == ids.shape[1]
+    loss, _, later = frozen_step(model, ids, labels, mask, features, use_prefix=True)
+    assert later == [rest] and len(model._prefix_cache) == 1  # later steps: only what follows the prefix
+    torch.testing.assert_close(loss, full_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_the_cached_prefix_follows_the_llms_weights(model):
+    # A frozen LLM whose weights change in place (a merged adapter, a reload) must not be served an old prefix.
+    for p in model.llm.parameters():
+        p.requires_grad_(False)
+    ids, labels, mask = padded_pair(model)
+    features = [torch.randn(12, 32), torch.randn(30, 32)]
+    frozen_step(model, ids, labels, mask, features, use_prefix=True)
+    with torch.no_grad():
+        for p in model.llm.parameters():
+            p.mul_(1.5)
+    full_loss, _, _ = frozen_step(model, ids, labels, mask, features, use_prefix=False)
+    model._prefix_cache_ok = True
+    loss, _, lengths = frozen_step(model, ids, labels, mask, features, use_prefix=True)
+    assert lengths[-1] < ids.shape[1]
+    torch.testing.assert_close(loss, full_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_a_trainable_llm_always_runs_the_whole_prompt(model):
+    with_trained_looking_lora(model)
+    ids, labels, mask = padded_pair(model)
+    _, _, lengths = frozen_step(model, ids, labels, mask, [torch.randn(12, 32), torch.randn(30, 32)], use_prefix=True)
+    assert lengths == [ids.shape[1]] and not model._prefix_cache
+
+
 def test_a_reloaded_adapter_still_projects_only_the_scored_positions(model, tmp_path):
     with_trained_looking_lora(model)
     reloaded = ChatEXAONEPathForCausalLM.from_pretrained(model.save_pretrained(tmp_path / "ckpt"), dtype="fp32",
