@@ -214,8 +214,21 @@ def cohort_config(config: DemoBuildConfig):
 
 def build_demo_model(folder: str | Path, config: DemoBuildConfig, *, progress: ProgressFn | None = None,
                      extractor=None) -> DemoModel:
-    """Cohort → features → phase 1 → phase 2 → held-out check, in `folder`; each stage resumes if interrupted."""
+    """Cohort → features → phase 1 → phase 2 → held-out check, in `folder`; each stage resumes if interrupted.
+
+    A folder that already holds a finished build of these settings is returned as it is (whether or not
+    this call would check it), so scoring a cached demo build never rewrites its model card; one built
+    with other settings is refused, since its stages would be taken as done.
+    """
     folder = Path(folder)
+    ready = load_ready(folder)
+    if ready is not None:
+        ignore = {"check"}
+        built = {k: v for k, v in (ready.card.get("build") or {}).items() if k not in ignore}
+        if built != {k: v for k, v in asdict(config).items() if k not in ignore}:
+            raise ChatEXAONEPathError(f"{folder.name} holds a demo build with other settings; build into another "
+                                      f"folder.")
+        return ready
     report = progress or (lambda stage, done, total: None)
     extractor = extractor or _default_extractor(config)
     timings: dict[str, float] = {}

@@ -73,6 +73,19 @@ def test_a_second_start_finds_the_build_without_building(built, tiny_llm, extrac
     assert again.folder == demo.folder and again.card == demo.card
 
 
+@pytest.mark.slow
+def test_scoring_a_finished_build_again_keeps_its_card(built, tiny_llm, extractor, monkeypatch):
+    # bench/learn_lesions.py --out <the cached demo build> resumes it without the check: the card the
+    # app shows (its held-out figures and timings) must survive that, and other settings are refused.
+    _, demo, _ = built
+    card = (demo.folder / "demo.json").read_text()
+    monkeypatch.setattr(demo_module, "_train", lambda *a, **k: pytest.fail("trained again"))
+    again = demo_module.build_demo_model(demo.folder, tiny_config(tiny_llm, check=False), extractor=extractor)
+    assert (demo.folder / "demo.json").read_text() == card and again.card["check"] == demo.card["check"]
+    with pytest.raises(demo_module.ChatEXAONEPathError, match="other settings"):
+        demo_module.build_demo_model(demo.folder, tiny_config(tiny_llm, phase1_epochs=3), extractor=extractor)
+
+
 def test_the_key_follows_settings_encoder_and_sources(tiny_llm, tiny_encoder, monkeypatch, tmp_path):
     config = tiny_config(tiny_llm)
     key = demo_key(config, tiny_encoder.weights_sha256)
