@@ -47,8 +47,8 @@ ProgressFn = Callable[[str, int | None, int | None], None]  # (stage, done, tota
 class DemoBuildConfig:
     """How big the demo's cohort is and how long it trains (docs/demo_model.md: what the defaults take and score)."""
 
-    # Features are most of the build: ~2,800 ViT-B/16 patches. Measured (docs/demo_model.md): 21 minutes on a
-    # 2-core CPU without bfloat16 (fp32 at ~4 patches/s); a CPU with AVX-512 BF16 runs the encoder ~3x faster.
+    # Features are about half the build: ~2,800 ViT-B/16 patches. Measured (docs/demo_model.md) on 2 cores: the
+    # whole first start 12 minutes with AVX-512 BF16 (8.5 patches/s), 21-35 without (fp32, 2.5-4 patches/s).
     # Smaller recipes that fit 10 minutes there lost the lesion type (held-out diagnosis 0.0-0.5).
     slides: int = 32
     size: int = 3072  # level-0 side at 0.5 µm/px: about 90 tissue patches of 256² per slide
@@ -169,6 +169,19 @@ STAGE_TEXT = {"cohort": "drawing the synthetic lesion slides", "features": "extr
 STAGE_UNITS = {"cohort": "slides", "features": "slides", "phase 1": "steps", "phase 2": "steps", "check": "slides"}
 
 
+def expected_build_time() -> str:
+    """How long the first build takes here, as measured on 2-core CPUs (docs/demo_model.md), or on a GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "a few minutes on this GPU"
+    from .vision_tower.cpu_inference import oneDNN_bf16_available
+
+    if oneDNN_bf16_available():
+        return "about 12 minutes on 2 CPU cores with bfloat16, as this CPU has; less with more cores"
+    return "20 to 35 minutes on 2 CPU cores without bfloat16, as this CPU is; less with more cores or a GPU"
+
+
 @contextmanager
 def build_progress(quiet: bool = False) -> Iterator[ProgressFn]:
     """A `ProgressFn` for `ensure_demo_model` that says what is happening and shows a bar per stage.
@@ -182,8 +195,8 @@ def build_progress(quiet: bool = False) -> Iterator[ProgressFn]:
         def on_progress(stage: str, done: int | None, total: int | None) -> None:
             if state["bar"] is None:
                 if not quiet:
-                    console.print(f"[bold]Building the demo model[/] (first run only; 20 to 35 minutes on 2 CPU "
-                                  f"cores, less with bfloat16 or a GPU): synthetic lesion slides → patch features → two-phase training on them. "
+                    console.print(f"[bold]Building the demo model[/] (first run only; {expected_build_time()}): "
+                                  f"synthetic lesion slides → patch features → two-phase training on them. "
                                   f"It is cached in {demo_root()}; later starts take seconds.", highlight=False)
                 state["bar"] = stack.enter_context(progress_bar(quiet))
             bar = state["bar"]

@@ -86,6 +86,20 @@ def test_scoring_a_finished_build_again_keeps_its_card(built, tiny_llm, extracto
         demo_module.build_demo_model(demo.folder, tiny_config(tiny_llm, phase1_epochs=3), extractor=extractor)
 
 
+def test_the_start_up_line_gives_the_time_measured_for_this_kind_of_machine(monkeypatch):
+    import torch
+
+    import chatexaonepath.vision_tower.cpu_inference as cpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cpu, "oneDNN_bf16_available", lambda: True)
+    assert "12 minutes" in demo_module.expected_build_time()
+    monkeypatch.setattr(cpu, "oneDNN_bf16_available", lambda: False)
+    assert "20 to 35 minutes" in demo_module.expected_build_time()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert "GPU" in demo_module.expected_build_time()
+
+
 def test_the_key_follows_settings_encoder_and_sources(tiny_llm, tiny_encoder, monkeypatch, tmp_path):
     config = tiny_config(tiny_llm)
     key = demo_key(config, tiny_encoder.weights_sha256)
