@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -221,6 +222,8 @@ class LocalBackend:
     """
 
     supports_response_format = False  # no grammar-constrained decoding here: the judge asks in free text
+    # `vocabulary=TEXT` restricts the reply to the words of TEXT (RAIDER: the excerpts it must answer from).
+    supports_vocabulary = True
 
     def __init__(self, name_or_path: str = "embedded", timeout: float | None = None) -> None:
         from .llm import load_llm
@@ -247,6 +250,9 @@ class LocalBackend:
             if gen.get("seed") is not None:  # under the lock: concurrent requests must not reseed each other
                 torch.manual_seed(int(gen["seed"]))
             halt = _halting_criterion(stop, None if self.timeout is None else time.monotonic() + self.timeout)
+            if gen.get("vocabulary"):
+                allowed = self.vocabulary_ids(str(gen["vocabulary"]))
+                sampling["prefix_allowed_tokens_fn"] = lambda batch_id, sent: allowed
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
                                       max_new_tokens=int(gen.get("max_tokens") or 256),
                                       pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=[halt], **sampling)
@@ -256,6 +262,24 @@ class LocalBackend:
         if halt.fired == "stop":
             raise BackendError("The local generation was stopped by its caller.", retryable=True)
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+    def vocabulary_ids(self, text: str) -> list[int]:
+        """The token ids a reply made only of `text`'s words may use: each word as written, lower-case and
+        capitalised, with and without a leading space, plus punctuation and the end-of-turn tokens.
+
+        A 135M model asked to answer from report excerpts mostly writes about the prompt instead ("The
+        contents of the excerpts are…"); limited to the excerpts' own tokens it can only reuse the report's
+        words, which is what RAIDER's grounding check asks. Sub-word pieces can still combine into new
+        words: the check still runs on every answer.
+        """
+        words = set(re.findall(r"[^\W\d_]+|\d+", text)) | set(".,;:()-/'")
+        pieces = {f"{space}{form}" for w in words for form in (w, w.lower(), w.capitalize()) for space in ("", " ")}
+        ids = {i for piece in pieces for i in self.tokenizer.encode(piece, add_special_tokens=False)}
+        stops = self.model.generation_config.eos_token_id
+        ids.update([stops] if isinstance(stops, int) else (stops or []))
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(ids)
 
     async def acomplete(self, messages: Messages, **gen: object) -> str:
         """`complete` in a worker thread, stopped at the next token if the caller stops waiting."""

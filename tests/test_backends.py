@@ -80,6 +80,24 @@ def test_local_backend_generates_in_process(tmp_path):
     assert asyncio.run(backend.acomplete(MESSAGES, max_tokens=4)) == first
 
 
+def test_a_local_reply_limited_to_a_vocabulary_uses_only_its_tokens(tmp_path):
+    # RAIDER limits the local model to the excerpts' words; a random tiny LLM shows it is a hard limit.
+    from tests.chat.conftest import make_tiny_llm
+
+    backend = build_backend(f"local:{make_tiny_llm(tmp_path / 'llm')}")
+    assert backend.supports_vocabulary
+    allowed = set(backend.vocabulary_ids("Colon: adenocarcinoma, low grade."))
+    free = backend.tokenizer.encode(backend.complete(MESSAGES, max_tokens=12), add_special_tokens=False)
+    assert not set(free) <= allowed  # unconstrained, it strays
+    seen = []
+    generate = backend.model.generate
+    backend.model.generate = lambda *a, **k: seen.append(out := generate(*a, **k)) or out
+    backend.complete(MESSAGES, max_tokens=12, vocabulary="Colon: adenocarcinoma, low grade.")
+    prompt_length = backend.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=True,
+                                                          return_tensors="pt")["input_ids"].shape[1]
+    assert seen and set(seen[0][0, prompt_length:].tolist()) <= allowed
+
+
 def test_openai_backend_counts_tokens_for_run_summaries():
     with FakeOpenAIServer(reply=lambda messages: "three word answer") as server:
         backend = build_backend(f"openai:test-model@{server.url}")

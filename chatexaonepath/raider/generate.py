@@ -212,10 +212,13 @@ async def _ask(task: Task, index: "ChunkIndex", backend: "TextBackend", config: 
     max_words = CAPTION_MAX_WORDS if task.is_caption else MAX_WORDS
     attempts = []
     answer, problems = "", ["not asked"]
+    # A backend that can limit its reply to given words (the local one) answers in the excerpts' words only.
+    vocabulary = {"vocabulary": "\n".join([*excerpts, NOT_MENTIONED, "" if task.is_caption else task.question])} \
+        if getattr(backend, "supports_vocabulary", False) else {}
     for attempt in range(config.max_attempts):
         temperature = config.temperature if attempt == 0 else max(config.temperature, config.retry_temperature)
         raw = await backend.acomplete(messages, temperature=temperature, max_tokens=config.max_tokens,
-                                      seed=config.seed + attempt)
+                                      seed=config.seed + attempt, **vocabulary)
         answer = normalize_answer(raw, max_words)
         problems = answer_problems(answer, max_words, excerpts="\n".join(excerpts),
                                    question="" if task.is_caption else task.question)
@@ -266,7 +269,8 @@ def answer_settings(backend: "TextBackend", index: "ChunkIndex", config: Generat
     """What shapes an answer besides its report and question: a log made with other values is not reused."""
     return {"backend": backend.name, "k": config.k, "prompt_version": PROMPT_VERSION, "embedder": index.embedder.name,
             "max_attempts": config.max_attempts, "temperature": config.temperature,
-            "retry_temperature": config.retry_temperature, "max_tokens": config.max_tokens, "seed": config.seed}
+            "retry_temperature": config.retry_temperature, "max_tokens": config.max_tokens, "seed": config.seed,
+            "vocabulary": "excerpts" if getattr(backend, "supports_vocabulary", False) else "free"}
 
 
 def current_records(log: ResultLog, versions: dict[str, str], report_ids: Iterable[str]) -> list[dict]:

@@ -162,6 +162,11 @@ def test_the_local_embedded_backend_answers(tmp_path, index):
     (record,) = log.records.values()
     assert record["backend"] == "local:embedded" and record["attempts"][0]["answer"]
     assert stats.usage["requests"] == 1 and stats.usage["completion_tokens"] > 0
+    # Limited to the excerpts' words, the 135M model answers from the report at the first attempt
+    # (free, it wrote about the prompt: "The contents of the excerpts are data copied from…").
+    assert log.settings["vocabulary"] == "excerpts"
+    assert record["status"] == "ok", record["attempts"]
+    assert "squamous" in record["answer"].lower() or "carcinoma" in record["answer"].lower(), record["answer"]
 
 
 # --- the CLI, as a user runs it, including a kill -9 in the middle of a run ----------------------------
