@@ -58,7 +58,7 @@ StageFn = Callable[[str, int | None, int | None], None]  # (stage, done, total) 
 
 @dataclass
 class QuickstartConfig:
-    """Sizes and models of the quickstart: the demo build's cohort and recipe, plus RAIDER (30+ min on 2 cores)."""
+    """Sizes and models of the quickstart: the demo build's cohort and recipe, plus RAIDER (17 min on 2 bf16 cores)."""
 
     # The demo model's cohort (32 slides, 8 held out), whose recipe is measured to learn the diagnosis on a CPU
     # (docs/demo_model.md); 48 slides meant half as many patches again, and the features are most of the time.
@@ -218,7 +218,8 @@ class Quickstart:
         model = ChatEXAONEPathForCausalLM.from_pretrained(self.model)
         view = CohortView.load(self.cohort, self.features)
         self.on_progress("evaluation", 0, len(view.ids))
-        score = score_lesion_cohort(model, view)
+        score = score_lesion_cohort(model, view,
+                                    on_slide=lambda done, total: self.on_progress("evaluation", done, total))
         atomic_write_json(self.out / "held_out_answers.json", score.answers)
         outcome = {f"{category}_accuracy": value for category, value in score.accuracy.items()}
         outcome |= {"localisation_auc": score.localisation_auc, "localisation_auc_any_overlap": score.localisation_auc_any,

@@ -29,9 +29,11 @@ def test_quickstart_runs_every_stage_and_a_rerun_resumes(tmp_path):
         config = QuickstartConfig(slides=8, size=2048, encoder="random-vit-b16", llm=str(llm), raider_llm=backend,
                                   judge=backend, phase1_epochs=1, phase2_epochs=1, judge_items=2)
         stages = []
-        results = Quickstart(tmp_path / "qs", config, lambda stage, done, total: stages.append(stage)).run()
+        results = Quickstart(tmp_path / "qs", config,
+                             lambda stage, done, total: stages.append((stage, done, total))).run()
         requests = len(server.requests)
         assert list(results) == ["cohort", "features", "raider", "phase 1", "phase 2", "evaluation"]
+        assert ("evaluation", 4, 4) in stages  # the held-out scoring's bar advances to its end
         assert results["raider"]["instruction_records"] > 0 and results["raider"]["caption_records"] > 0
         assert results["phase 2"]["steps"] > 0
         assert results["evaluation"]["held_out_slides"] == 4 and results["evaluation"]["judged"] == 2
