@@ -152,7 +152,7 @@ class ChatEXAONEPathForCausalLM(nn.Module):
         parameters = inspect.signature(base.forward).parameters
         self._keeps_logits = "logits_to_keep" in parameters
         # The KV-cache argument's name: `cache` since transformers 5.24, `past_key_values` before.
-        self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values" if "past_key_values" in parameters else None
+        self._cache_kwarg = next((name for name in ("cache", "past_key_values") if name in parameters), None)
         self._prefix_cache: OrderedDict[tuple, object] = OrderedDict()
         self._prefix_cache_ok: bool | None = None  # None until checked against the full forward once
         self.tower = SlideEncoder(config)
@@ -266,13 +266,33 @@ class ChatEXAONEPathForCausalLM(nn.Module):
         """The LLM's forward over what follows the prompt prefix every sample shares, its keys and values cached.
 
         While the LLM is frozen (phase 1) the tokens before the slide's visual tokens are the same in
-        every sample (the chat template's system turn and the user header: ~40 % of a caption sample
-        with SmolLM2) and nothing the tower learns changes what the LLM makes of them, so their keys
+        every sample (the chat template's system turn and the user header: 24 of a 49-token caption
+        sample with SmolLM2) and nothing the tower learns changes what the LLM makes of them, so their keys
         and values are computed once, without gradients, and the step runs only on the rest. None when
         it does not apply (a trainable LLM, no shared prefix, gradient checkpointing, an LLM whose
-        cache this cannot use); the first use is checked against the full forward, and a mismatch turns
-        it off for good, so an unusual LLM trains as before, only slower.
+        cache this cannot use); the first use is checked against the full forward, and a mismatch or an
+        error turns it off for good, so an unusual LLM trains as before, only slower.
         """
+        if self._prefix_cache_ok is not None:
+            return self._prefix_forward(input_ids, embeddings, attention_mask, keep, llm_kwargs)
+        try:  # the first time it applies, anything unexpected means the plain forward from then on
+            out = self._prefix_forward(input_ids, embeddings, attention_mask, keep, llm_kwargs)
+        except Exception as error:  # noqa: BLE001 - an LLM whose cache works otherwise must still train
+            logger.warning("Training cannot reuse the shared prompt prefix with this LLM (%s); it runs the whole "
+                           "prompt (slower, the same result).", error)
+            self._prefix_cache_ok = False
+            self._prefix_cache.clear()
+            return None
+        if out is not None:
+            self._prefix_cache_ok = self._check_prefix_forward(out.logits, embeddings, attention_mask, keep)
+            if not self._prefix_cache_ok:
+                self._prefix_cache.clear()
+                return None
+        return out
+
+    def _prefix_forward(self, input_ids: torch.Tensor, embeddings: torch.Tensor, attention_mask: torch.Tensor | None,
+                        keep: torch.Tensor, llm_kwargs: dict) -> ModelOutput | None:
+        """The cached-prefix forward, or None where it does not apply."""
         if (self._prefix_cache_ok is False or self._cache_kwarg is None or not torch.is_grad_enabled()
                 or set(llm_kwargs) - {"use_cache"}):
             return None
@@ -298,14 +318,8 @@ class ChatEXAONEPathForCausalLM(nn.Module):
                 self._prefix_cache.popitem(last=False)
         self._prefix_cache.move_to_end(key)
         # The cache grows in place during a forward: each step gets its own copy of the prefix's.
-        out = self.llm(inputs_embeds=embeddings[:, length:], attention_mask=attention_mask, use_cache=False,
-                       logits_to_keep=keep - length, **{self._cache_kwarg: copy.deepcopy(self._prefix_cache[key])})
-        if self._prefix_cache_ok is None:
-            self._prefix_cache_ok = self._check_prefix_forward(out.logits, embeddings, attention_mask, keep)
-            if not self._prefix_cache_ok:
-                self._prefix_cache.clear()
-                return None
-        return out
+        return self.llm(inputs_embeds=embeddings[:, length:], attention_mask=attention_mask, use_cache=False,
+                        logits_to_keep=keep - length, **{self._cache_kwarg: copy.deepcopy(self._prefix_cache[key])})
 
     def _llm_checkpoints_activations(self) -> bool:
         # Recomputed layers would append the prefix's keys twice; transformers 5.24 renamed the flag.
@@ -332,7 +346,8 @@ class ChatEXAONEPathForCausalLM(nn.Module):
                             logits_to_keep=keep).logits
         got, want = logits.detach().float(), full.float()
         tolerance = 1e-3 if full.dtype == torch.float32 and not torch.is_autocast_enabled() else 5e-2
-        error = (got - want).abs().max().item() / max(want.abs().max().item(), 1e-6) if got.shape == want.shape else float("inf")
+        error = float("inf") if got.shape != want.shape else \
+            (got - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
         if error > tolerance:
             logger.warning("The cached prompt prefix changes this LLM's logits (relative error %.2g); training "
                            "without it (slower, the same result).", error)

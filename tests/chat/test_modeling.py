@@ -187,7 +187,20 @@ def test_a_trainable_llm_always_runs_the_whole_prompt(model):
     with_trained_looking_lora(model)
     ids, labels, mask = padded_pair(model)
     _, _, lengths = frozen_step(model, ids, labels, mask, [torch.randn(12, 32), torch.randn(30, 32)], use_prefix=True)
-    assert lengths == [ids.shape[1]] and not model._prefix_cache
+    assert lengths == [ids.shape[1]] and not model._prefix_cache and model._prefix_cache_ok is None
+
+
+def test_an_llm_whose_cache_fails_trains_on_the_whole_prompt(model, monkeypatch, caplog):
+    for p in model.llm.parameters():
+        p.requires_grad_(False)
+    ids, labels, mask = padded_pair(model)
+    features = [torch.randn(12, 32), torch.randn(30, 32)]
+    full_loss, _, _ = frozen_step(model, ids, labels, mask, features, use_prefix=False)
+    model._cache_kwarg = "no_such_argument"  # an LLM that takes its cache some other way
+    loss, _, lengths = frozen_step(model, ids, labels, mask, features, use_prefix=True)
+    assert model._prefix_cache_ok is False and "whole prompt" in caplog.text
+    assert lengths[-1] == ids.shape[1]
+    torch.testing.assert_close(loss, full_loss, atol=1e-5, rtol=1e-5)
 
 
 def test_a_reloaded_adapter_still_projects_only_the_scored_positions(model, tmp_path):
