@@ -139,7 +139,7 @@ def main() -> None:
          f"{trained.localisation_auc_any:.3f} / {shuffled.localisation_auc_any:.3f} / "
          f"{untrained.localisation_auc_any:.3f} (one tower)"),
         ("localisation AUC: worst held-out slide", f"{min(trained.per_slide_auc.values()):.3f}"),
-        *((f"time: {k} (0 when resumed)", f"{v:.0f} s") for k, v in demo.card["seconds"].items()),
+        *((f"time: {k} (its build; 0 for a stage resumed)", f"{v:.0f} s") for k, v in demo.card["seconds"].items()),
         ("time: total (with scoring and controls)", f"{time.perf_counter() - started:.0f} s"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -273,7 +273,9 @@ class ChatEXAONEPathForCausalLM(nn.Module):
         cache this cannot use); the first use is checked against the full forward, and a mismatch or an
         error turns it off for good, so an unusual LLM trains as before, only slower.
         """
-        if self._prefix_cache_ok is not None:
+        if self._prefix_cache_ok is False:
+            return None
+        if self._prefix_cache_ok:
             return self._prefix_forward(input_ids, embeddings, attention_mask, keep, llm_kwargs)
         try:  # the first time it applies, anything unexpected means the plain forward from then on
             out = self._prefix_forward(input_ids, embeddings, attention_mask, keep, llm_kwargs)
@@ -293,8 +295,7 @@ class ChatEXAONEPathForCausalLM(nn.Module):
     def _prefix_forward(self, input_ids: torch.Tensor, embeddings: torch.Tensor, attention_mask: torch.Tensor | None,
                         keep: torch.Tensor, llm_kwargs: dict) -> ModelOutput | None:
         """The cached-prefix forward, or None where it does not apply."""
-        if (self._prefix_cache_ok is False or self._cache_kwarg is None or not torch.is_grad_enabled()
-                or set(llm_kwargs) - {"use_cache"}):
+        if self._cache_kwarg is None or not torch.is_grad_enabled() or set(llm_kwargs) - {"use_cache"}:
             return None
         weights = list(self.llm.parameters())
         if any(p.requires_grad for p in weights) or self._llm_checkpoints_activations():

@@ -213,14 +213,15 @@ async def _ask(task: Task, index: "ChunkIndex", backend: "TextBackend", config: 
     attempts = []
     answer, problems = "", ["not asked"]
     # A backend that can limit its reply to given words (the local one) answers in the excerpts' words only.
-    vocabulary = {"vocabulary": "\n".join([*excerpts, NOT_MENTIONED, "" if task.is_caption else task.question])} \
+    joined = "\n".join(excerpts)
+    vocabulary = {"vocabulary": "\n".join([joined, NOT_MENTIONED, "" if task.is_caption else task.question])} \
         if getattr(backend, "supports_vocabulary", False) else {}
     for attempt in range(config.max_attempts):
         temperature = config.temperature if attempt == 0 else max(config.temperature, config.retry_temperature)
         raw = await backend.acomplete(messages, temperature=temperature, max_tokens=config.max_tokens,
                                       seed=config.seed + attempt, **vocabulary)
         answer = normalize_answer(raw, max_words)
-        problems = answer_problems(answer, max_words, excerpts="\n".join(excerpts),
+        problems = answer_problems(answer, max_words, excerpts=joined,
                                    question="" if task.is_caption else task.question)
         if task.is_caption and answer == NOT_MENTIONED:
             problems.append("a caption must describe the report")
