@@ -25,6 +25,8 @@ import csv
 import io
 import json
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -250,9 +252,30 @@ def read_lesion_mask(path: str | Path) -> np.ndarray:
     return mask
 
 
+def _paint(out: Path, slide: LesionSlide, config: LesionCohortConfig) -> None:
+    path, mask_path = out / "slides" / f"{slide.slide_id}.tiff", out / "masks" / f"{slide.slide_id}.png"
+    _, mask = make_lesion_slide(path, slide.spec, (config.size, config.size), config.mpp, slide.seed)
+    _write_mask(mask_path, mask)  # last: a slide with its mask is complete
+
+
+def _missing(out: Path, slide: LesionSlide) -> bool:
+    return not ((out / "slides" / f"{slide.slide_id}.tiff").is_file() and (out / "masks" / f"{slide.slide_id}.png").is_file())
+
+
+def drawing_threads(jobs: int) -> int:
+    """How many slides to paint at once: one per core (at most 8), never more than there are slides."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 8, jobs))
+
+
 def make_lesion_cohort(out: str | Path, config: LesionCohortConfig,
-                       progress: Callable[[int, int], None] | None = None) -> dict[str, Path]:
-    """Write the cohort into `out` (slides already there are kept); returns the main paths."""
+                       progress: Callable[[int, int], None] | None = None, threads: int | None = None) -> dict[str, Path]:
+    """Write the cohort into `out` (slides already there are kept); returns the main paths.
+
+    Missing slides are painted `threads` at a time (default: one per core). Threads, not processes:
+    painting is numpy, OpenCV and compression, which release the GIL, and a thread needs no fresh
+    interpreter (a spawned process re-imports whatever program called this, the app included).
+    """
     out = Path(out)
     for sub in ("slides", "masks", "reports"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -261,14 +284,21 @@ def make_lesion_cohort(out: str | Path, config: LesionCohortConfig,
     if previous.is_file() and json.loads(previous.read_text()) != settings:
         raise ChatEXAONEPathError(f"{out} holds a cohort made with other settings; choose another --out.")
     slides = plan_lesion_cohort(config)
-    for done, slide in enumerate(slides, 1):
-        path, mask_path = out / "slides" / f"{slide.slide_id}.tiff", out / "masks" / f"{slide.slide_id}.png"
-        if not (path.is_file() and mask_path.is_file()):  # both written atomically, the mask last
-            _, mask = make_lesion_slide(path, slide.spec, (config.size, config.size), config.mpp, slide.seed)
-            _write_mask(mask_path, mask)
+    for slide in slides:
         atomic_write_text(out / "reports" / f"{slide.slide_id}.txt", report_text(slide))
-        if progress is not None:
-            progress(done, len(slides))
+    todo = [slide for slide in slides if _missing(out, slide)]
+    done = len(slides) - len(todo)
+    if progress is not None:
+        progress(done, len(slides))
+    pool = ThreadPoolExecutor(max_workers=threads or drawing_threads(len(todo)))
+    try:
+        for future in as_completed([pool.submit(_paint, out, slide, config) for slide in todo]):
+            future.result()
+            done += 1
+            if progress is not None:
+                progress(done, len(slides))
+    finally:  # the first failure (or Ctrl-C) stops the rest; the slides finished so far are kept
+        pool.shutdown(wait=True, cancel_futures=True)
     for name, records in lesion_records(slides).items():
         atomic_write_json(out / name, records)
     _write_labels(out / "labels.csv", slides)

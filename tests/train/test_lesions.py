@@ -129,6 +129,42 @@ def test_the_cohort_data_is_valid_training_data_and_a_rerun_keeps_the_slides(coh
         make_lesion_cohort(cohort, LesionCohortConfig(slides=8, size=2048, seed=2))
 
 
+def test_slides_painted_side_by_side_are_the_slides_painted_one_by_one(cohort, tmp_path):
+    import tifffile
+
+    config, seen = LesionCohortConfig(slides=8, size=2048, seed=1), []
+    make_lesion_cohort(tmp_path, config, progress=lambda done, total: seen.append((done, total)), threads=1)
+    assert seen == [(i, 8) for i in range(9)]
+    for slide in sorted((cohort / "slides").glob("*.tiff")):
+        assert np.array_equal(tifffile.imread(slide), tifffile.imread(tmp_path / "slides" / slide.name)), slide.name
+        assert np.array_equal(read_lesion_mask(cohort / "masks" / f"{slide.stem}.png"),
+                              read_lesion_mask(tmp_path / "masks" / f"{slide.stem}.png"))
+    (tmp_path / "masks" / "les-0003.png").unlink()  # interrupted after the slide, before its mask
+    kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "slides").iterdir() if p.name != "les-0003.tiff"}
+    seen.clear()
+    make_lesion_cohort(tmp_path, config, progress=lambda done, total: seen.append((done, total)), threads=2)
+    assert seen == [(7, 8), (8, 8)] and (tmp_path / "masks" / "les-0003.png").is_file()
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "slides").iterdir() if p.name != "les-0003.tiff"} == kept
+
+
+def test_a_slide_that_fails_to_paint_stops_the_cohort_and_keeps_the_others(tmp_path, monkeypatch):
+    import chatexaonepath.train.lesions as lesions
+
+    paint = lesions._paint
+
+    def failing(out, slide, config):
+        if slide.slide_id == "les-0002":
+            raise OSError("disk full")
+        paint(out, slide, config)
+
+    monkeypatch.setattr(lesions, "_paint", failing)
+    with pytest.raises(OSError, match="disk full"):
+        make_lesion_cohort(tmp_path, LesionCohortConfig(slides=8, size=2048, seed=1), threads=1)
+    painted = {p.stem for p in (tmp_path / "masks").glob("*.png")}  # the one slide already being painted may finish
+    assert {"les-0000", "les-0001"} <= painted <= {"les-0000", "les-0001", "les-0003"}
+    assert not (tmp_path / "cohort.json").exists()  # so the next run paints the rest
+
+
 def test_the_cohort_view_finds_the_lesion_patches_of_extracted_slides(cohort, tmp_path, tiny_encoder):
     from chatexaonepath.vision_tower.batch import extract_slides
     from chatexaonepath.vision_tower.extraction import ExtractConfig, FeatureExtractor
