@@ -4,12 +4,12 @@ The lesion cohort (train/lesions.py: colon, liver or lymph node tissue; adenocar
 carcinoma or melanoma, low or high grade, in foci covering 1–5 % of the tissue; a quarter of the
 slides without a lesion) → features (random ViT-B/16: the EXAONEPath weights are not available
 offline) → phase 1 → phase 2 on the embedded LLM — the same `build_demo_model`, with the same
-defaults, that the app's demo model comes from (`--slides 64 --size 3072` for a larger held-out set, at
-about three times the time). On the held-out slides, whose lesions cover exactly 2 % of
-the tissue: the chat answers to the diagnosis, organ and grade questions, and the localisation AUC
-of the weights the app paints as the heatmap (per slide, patches at least 10 % lesion against
-patches without lesion, the slivers it only grazes left out; mean over the slides with a lesion;
-the AUC with every overlapping patch positive is printed too).
+defaults, that the app's demo model comes from (24 training slides, 8 held out; `--slides 64` for a
+larger held-out set, at about twice the time). On the held-out slides, whose lesions cover exactly 2 %
+of the tissue: the chat answers to the diagnosis, organ and grade questions, and the localisation
+AUC of the weights the app paints as the heatmap (per slide, patches at least 10 % lesion against
+patches without lesion, the slivers it only grazes left out; mean over the slides with a lesion; the
+AUC with every overlapping patch positive is printed too).
 
 Controls on the same slides: the untrained model (what `--untrained` serves; its localisation is the
 mean over 16 random towers, as one tower's is far from chance either way) and the trained model asked
@@ -19,7 +19,7 @@ asked slide's grid): both near chance when the answers and the heatmap come from
 Final lines: `lesion_accuracy: X` (diagnosis on held-out slides at 2 % lesion area; target ≥ 0.90)
 and `localisation_auc: Y` (target ≥ 0.90).
 
-    python bench/learn_lesions.py [--slides N] [--size PX] [--out DIR] [--keep]
+    python bench/learn_lesions.py [--slides N] [--test-fraction F] [--size PX] [--out DIR] [--keep]
 
 `--out` resumes a build folder, so `--out <user cache>/demo-model/<key>` scores the cached demo model
 itself without training again (pass the settings it was built with).
@@ -79,7 +79,11 @@ def main() -> None:
     parser.add_argument("--slides", type=int, default=DemoBuildConfig.slides)
     parser.add_argument("--size", type=int, default=DemoBuildConfig.size,
                         help="slide side in level-0 pixels (0.5 µm/px)")
+    parser.add_argument("--test-fraction", type=float, default=DemoBuildConfig.test_fraction,
+                        help="share of each diagnosis's slides held out")
     parser.add_argument("--phase1-epochs", type=float, default=DemoBuildConfig.phase1_epochs)
+    parser.add_argument("--phase1-max-patches", type=int, default=DemoBuildConfig.phase1_max_patches,
+                        help="patches phase 1 draws from each training slide per step")
     parser.add_argument("--phase2-epochs", type=float, default=DemoBuildConfig.phase2_epochs)
     parser.add_argument("--llm", default="embedded")
     parser.add_argument("--seed", type=int, default=0)
@@ -99,7 +103,8 @@ def main() -> None:
         if done is None:
             print(f"  [{time.perf_counter() - started:5.0f} s] {stage} …", file=sys.stderr, flush=True)
 
-    config = DemoBuildConfig(slides=args.slides, size=args.size, phase1_epochs=args.phase1_epochs,
+    config = DemoBuildConfig(slides=args.slides, size=args.size, test_fraction=args.test_fraction,
+                             phase1_epochs=args.phase1_epochs, phase1_max_patches=args.phase1_max_patches,
                              phase2_epochs=args.phase2_epochs, llm=args.llm, seed=args.seed, check=False)
     demo = build_demo_model(work, config, progress=progress)
     view = CohortView.load(work / "cohort", work / "features")

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .demo_model import DemoBuildConfig
 from .errors import ChatEXAONEPathError
 from .fileio import atomic_write_json, atomic_write_text
 
@@ -68,8 +69,8 @@ class QuickstartConfig:
     llm: str = "embedded"
     raider_llm: str = "local:embedded"
     judge: str | None = None  # None: the judge stage is skipped (JUDGE_SKIPPED says why)
-    phase1_epochs: float = 40.0  # measured to find the lesion on 32 slides of this size (docs/demo_model.md)
-    phase2_epochs: float = 4.0
+    phase1_epochs: float = DemoBuildConfig.phase1_epochs  # the demo's, measured on 32 slides of this size
+    phase2_epochs: float = DemoBuildConfig.phase2_epochs
     judge_items: int = 6  # held-out answers the judge reads
     seed: int = 0
 
@@ -172,8 +173,6 @@ class Quickstart:
         from .train.data import DataConfig
         from .train.phases import PhaseConfig, train_phase
 
-        from .demo_model import DemoBuildConfig
-
         raider, recipe = self.raider / "instructions.json", DemoBuildConfig()
         # The demo model's learning rates and batch (docs/demo_model.md), measured to find the lesion on a CPU.
         common = dict(batch_size=recipe.batch_size, gradient_accumulation=1, warmup_ratio=0.1, report_to="none",
@@ -190,7 +189,8 @@ class Quickstart:
         if _done(out):
             return {"skipped": "already trained"}
         data_config = DataConfig(data=[str(p) for p in data if json.loads(p.read_text())], val_fraction=0.0,
-                                 features_dir=str(self.features), skip_missing=True, seed=self.config.seed)
+                                 features_dir=str(self.features), skip_missing=True, seed=self.config.seed,
+                                 max_patches=recipe.phase1_max_patches if phase == 1 else None)
 
         from transformers import TrainerCallback
 

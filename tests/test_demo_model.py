@@ -28,7 +28,8 @@ def extractor(tiny_encoder):
 
 
 def tiny_config(llm, **overrides) -> DemoBuildConfig:
-    settings = dict(slides=8, size=2048, llm=str(llm), phase1_epochs=1, phase2_epochs=1, batch_size=4)
+    settings = dict(slides=8, size=2048, llm=str(llm), phase1_epochs=1, phase2_epochs=1, batch_size=4,
+                    phase1_max_patches=16)  # of ~44 tissue patches a slide
     return DemoBuildConfig(**(settings | overrides))
 
 
@@ -55,6 +56,9 @@ def test_a_build_runs_every_stage_and_writes_its_card_last(built):
     assert card["train_slides"] + card["test_slides"] == 8 and card["patches"] > 0
     assert set(card["check"]["accuracy"]) == {"diagnosis"} and 0.0 <= card["check"]["accuracy"]["diagnosis"] <= 1.0
     assert (demo.model_dir / "config.json").is_file() and (demo.model_dir / "tower.safetensors").is_file()
+    # Phase 1 trains on subsampled bags (the recipe's), phase 2 and everything served on whole slides.
+    runs = {name: json.loads((demo.folder / name / "training_args.json").read_text()) for name in ("p1", "model")}
+    assert [runs[name]["data"]["config"]["max_patches"] for name in ("p1", "model")] == [16, None]
 
 
 @pytest.mark.slow
