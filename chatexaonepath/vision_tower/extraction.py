@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from ..assets import usable_cores
 from ..errors import ChatEXAONEPathError
 from .cpu_inference import oneDNN_bf16_available, pack_for_cpu_bf16
 from .encoder import PatchEncoder, build_encoder
@@ -172,8 +173,7 @@ def default_num_workers(device: torch.device, processes: int = 1) -> int:
     process only competes with it; measured on 2 cores, 0 and 1 workers tie end to end.
     `processes` extractors on one host (one per GPU under torchrun) share its cores.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cores = max(1, cores // max(1, processes))
+    cores = max(1, usable_cores() // max(1, processes))
     if device.type == "cuda":
         return min(16, max(1, cores - 1))
     return 0 if cores <= 4 else max(1, cores // 8)
