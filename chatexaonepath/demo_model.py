@@ -296,29 +296,39 @@ def _extract(folder: Path, extractor, report: ProgressFn) -> int:
     return sum(max(r.num_patches, 0) for r in summary.results)
 
 
+def recipe_phase_config(recipe: DemoBuildConfig, phase: int, out: Path, init: Path | None = None):
+    """The PhaseConfig of `phase` under the demo recipe (the quickstart trains with it too)."""
+    from .train.phases import PhaseConfig
+
+    common = dict(batch_size=recipe.batch_size, gradient_accumulation=1, warmup_ratio=0.1, report_to="none",
+                  save_total_limit=1, logging_steps=10, seed=recipe.seed)
+    if phase == 1:
+        return PhaseConfig(phase=1, out=str(out), llm=recipe.llm, epochs=recipe.phase1_epochs,
+                           learning_rate=recipe.phase1_lr, **common)
+    return PhaseConfig(phase=2, out=str(out), init=str(init), epochs=recipe.phase2_epochs,
+                       learning_rate=recipe.phase2_lr, tower_learning_rate=recipe.phase2_tower_lr, **common)
+
+
+def recipe_data_config(recipe: DemoBuildConfig, phase: int, data: list[Path], features: Path, **extra):
+    """The DataConfig of `phase` under the demo recipe: phase 1 subsamples each slide, phase 2 sees it whole."""
+    from .train.data import DataConfig
+
+    # No validation split: the cohort is small, and the held-out slides are scored after training anyway.
+    return DataConfig(data=[str(p) for p in data], features_dir=str(features), val_fraction=0.0,
+                      max_patches=recipe.phase1_max_patches if phase == 1 else None, seed=recipe.seed, **extra)
+
+
 def _train(folder: Path, config: DemoBuildConfig, phase: int, report: ProgressFn) -> dict:
     from transformers import TrainerCallback
 
-    from .train.data import DataConfig
-    from .train.phases import PhaseConfig, train_phase
+    from .train.phases import train_phase
 
     out = folder / ("p1" if phase == 1 else "model")
     if (out / "config.json").is_file() and (out / "training_args.json").is_file():
         return json.loads((out / "training_args.json").read_text()).get("result", {})
-    common = dict(batch_size=config.batch_size, gradient_accumulation=1, warmup_ratio=0.1, report_to="none",
-                  save_total_limit=1, logging_steps=10, seed=config.seed)
-    if phase == 1:
-        phase_config = PhaseConfig(phase=1, out=str(out), llm=config.llm, epochs=config.phase1_epochs,
-                                   learning_rate=config.phase1_lr, **common)
-        data_file = "captions.json"
-    else:
-        phase_config = PhaseConfig(phase=2, out=str(out), init=str(folder / "p1"), epochs=config.phase2_epochs,
-                                   learning_rate=config.phase2_lr, tower_learning_rate=config.phase2_tower_lr, **common)
-        data_file = "instruct.json"
-    # No validation split: the cohort is small, and the held-out slides are scored after training anyway.
-    data = DataConfig(data=[str(folder / "cohort" / data_file)], features_dir=str(folder / "features"),
-                      val_fraction=0.0, max_patches=config.phase1_max_patches if phase == 1 else None,
-                      seed=config.seed)
+    phase_config = recipe_phase_config(config, phase, out, folder / "p1")
+    data_file = "captions.json" if phase == 1 else "instruct.json"
+    data = recipe_data_config(config, phase, [folder / "cohort" / data_file], folder / "features")
     name = f"phase {phase}"
 
     class Progress(TrainerCallback):

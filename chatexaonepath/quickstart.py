@@ -63,8 +63,8 @@ class QuickstartConfig:
 
     # The demo model's cohort (32 slides, 8 held out), whose recipe is measured to learn the diagnosis on a CPU
     # (docs/demo_model.md); 48 slides meant half as many patches again, and the features are most of the time.
-    slides: int = 32
-    size: int = 3072  # slide side in level-0 pixels at 0.5 µm/px (bench/learn_lesions.py's; ~90 patches a slide)
+    slides: int = DemoBuildConfig.slides
+    size: int = DemoBuildConfig.size  # slide side in level-0 pixels at 0.5 µm/px (~90 patches a slide)
     encoder: str | None = None  # exaonepath when its weights are found, else random-vit-b16
     llm: str = "embedded"
     raider_llm: str = "local:embedded"
@@ -170,27 +170,21 @@ class Quickstart:
                                               "caption_records")}
 
     def _train(self, phase: int) -> dict:
-        from .train.data import DataConfig
-        from .train.phases import PhaseConfig, train_phase
+        from .demo_model import recipe_data_config, recipe_phase_config
+        from .train.phases import train_phase
 
-        raider, recipe = self.raider / "instructions.json", DemoBuildConfig()
-        # The demo model's learning rates and batch (docs/demo_model.md), measured to find the lesion on a CPU.
-        common = dict(batch_size=recipe.batch_size, gradient_accumulation=1, warmup_ratio=0.1, report_to="none",
-                      save_total_limit=1, seed=self.config.seed)
-        if phase == 1:  # the finding only: RAIDER's captions also name the organ, which pulls attention off the lesion
-            data = [self.cohort / "captions.json"]
-            config = PhaseConfig(phase=1, out=str(self.p1), llm=self.config.llm, epochs=self.config.phase1_epochs,
-                                 learning_rate=recipe.phase1_lr, **common)
-        else:
-            data = [self.cohort / "instruct.json", raider]
-            config = PhaseConfig(phase=2, out=str(self.model), init=str(self.p1), epochs=self.config.phase2_epochs,
-                                 learning_rate=recipe.phase2_lr, tower_learning_rate=recipe.phase2_tower_lr, **common)
+        # The demo model's recipe (docs/demo_model.md), measured to find the lesion on a CPU.
+        recipe = DemoBuildConfig(llm=self.config.llm, phase1_epochs=self.config.phase1_epochs,
+                                 phase2_epochs=self.config.phase2_epochs, seed=self.config.seed)
+        config = recipe_phase_config(recipe, phase, self.p1 if phase == 1 else self.model, self.p1)
+        # Phase 1 learns the finding only: RAIDER's captions also name the organ, which pulls attention off the lesion.
+        data = [self.cohort / "captions.json"] if phase == 1 else [self.cohort / "instruct.json",
+                                                                   self.raider / "instructions.json"]
         out = Path(config.out)
         if _done(out):
             return {"skipped": "already trained"}
-        data_config = DataConfig(data=[str(p) for p in data if json.loads(p.read_text())], val_fraction=0.0,
-                                 features_dir=str(self.features), skip_missing=True, seed=self.config.seed,
-                                 max_patches=recipe.phase1_max_patches if phase == 1 else None)
+        data_config = recipe_data_config(recipe, phase, [p for p in data if json.loads(p.read_text())],
+                                         self.features, skip_missing=True)
 
         from transformers import TrainerCallback
 
