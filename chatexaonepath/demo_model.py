@@ -26,11 +26,15 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .assets import user_cache_dir
 from .errors import ChatEXAONEPathError
 from .fileio import atomic_write_json
+
+if TYPE_CHECKING:
+    from .train.data import DataConfig
+    from .train.phases import PhaseConfig
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +300,7 @@ def _extract(folder: Path, extractor, report: ProgressFn) -> int:
     return sum(max(r.num_patches, 0) for r in summary.results)
 
 
-def recipe_phase_config(recipe: DemoBuildConfig, phase: int, out: Path, init: Path | None = None):
+def recipe_phase_config(recipe: DemoBuildConfig, phase: int, out: Path, init: Path | None = None) -> PhaseConfig:
     """The PhaseConfig of `phase` under the demo recipe (the quickstart trains with it too)."""
     from .train.phases import PhaseConfig
 
@@ -309,7 +313,8 @@ def recipe_phase_config(recipe: DemoBuildConfig, phase: int, out: Path, init: Pa
                        learning_rate=recipe.phase2_lr, tower_learning_rate=recipe.phase2_tower_lr, **common)
 
 
-def recipe_data_config(recipe: DemoBuildConfig, phase: int, data: list[Path], features: Path, **extra):
+def recipe_data_config(recipe: DemoBuildConfig, phase: int, data: list[Path], features: Path,
+                       **extra) -> DataConfig:
     """The DataConfig of `phase` under the demo recipe: phase 1 subsamples each slide, phase 2 sees it whole."""
     from .train.data import DataConfig
 
@@ -318,9 +323,18 @@ def recipe_data_config(recipe: DemoBuildConfig, phase: int, data: list[Path], fe
                       max_patches=recipe.phase1_max_patches if phase == 1 else None, seed=recipe.seed, **extra)
 
 
-def _train(folder: Path, config: DemoBuildConfig, phase: int, report: ProgressFn) -> dict:
+def step_progress(stage: str, report: ProgressFn):
+    """A Trainer callback that reports each optimiser step of `stage` as (stage, step, max steps)."""
     from transformers import TrainerCallback
 
+    class Progress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            report(stage, state.global_step, state.max_steps)
+
+    return Progress()
+
+
+def _train(folder: Path, config: DemoBuildConfig, phase: int, report: ProgressFn) -> dict:
     from .train.phases import train_phase
 
     out = folder / ("p1" if phase == 1 else "model")
@@ -329,13 +343,7 @@ def _train(folder: Path, config: DemoBuildConfig, phase: int, report: ProgressFn
     phase_config = recipe_phase_config(config, phase, out, folder / "p1")
     data_file = "captions.json" if phase == 1 else "instruct.json"
     data = recipe_data_config(config, phase, [folder / "cohort" / data_file], folder / "features")
-    name = f"phase {phase}"
-
-    class Progress(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            report(name, state.global_step, state.max_steps)
-
-    result = train_phase(phase_config, data, resume=out.is_dir(), callbacks=[Progress()])
+    result = train_phase(phase_config, data, resume=out.is_dir(), callbacks=[step_progress(f"phase {phase}", report)])
     return {"steps": result.global_step, "train_loss": result.train_loss, "records": result.train_records}
 
 

@@ -170,7 +170,7 @@ class Quickstart:
                                               "caption_records")}
 
     def _train(self, phase: int) -> dict:
-        from .demo_model import recipe_data_config, recipe_phase_config
+        from .demo_model import recipe_data_config, recipe_phase_config, step_progress
         from .train.phases import train_phase
 
         # The demo model's recipe (docs/demo_model.md), measured to find the lesion on a CPU.
@@ -185,17 +185,8 @@ class Quickstart:
             return {"skipped": "already trained"}
         data_config = recipe_data_config(recipe, phase, [p for p in data if json.loads(p.read_text())],
                                          self.features, skip_missing=True)
-
-        from transformers import TrainerCallback
-
-        on_progress = self.on_progress
-        name = f"phase {phase}"
-
-        class Progress(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                on_progress(name, state.global_step, state.max_steps)
-
-        result = train_phase(config, data_config, resume=out.is_dir(), callbacks=[Progress()])
+        result = train_phase(config, data_config, resume=out.is_dir(),
+                             callbacks=[step_progress(f"phase {phase}", self.on_progress)])
         return {"steps": result.global_step, "train_loss": result.train_loss,
                 "best_eval_loss": result.best_eval_loss, "records": result.train_records}
 
