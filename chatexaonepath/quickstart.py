@@ -37,16 +37,20 @@ QUICKSTART_QUESTIONS = """\
 version: 1
 categories:
   - id: diagnosis
+    sections: [diagnosis, synoptic, comment, microscopic]
     questions:
       - What is the diagnosis?
       - What lesion does the section show?
   - id: organ
+    sections: [specimen, diagnosis, gross, synoptic, clinical]
     questions:
       - Which organ is this tissue from?
   - id: grade
+    sections: [diagnosis, synoptic, microscopic, comment]
     questions:
       - What is the grade of the lesion?
   - id: margins
+    sections: [margins, synoptic, diagnosis, comment]
     questions:
       - Are the margins involved?
 """

@@ -44,6 +44,8 @@ CAPTION_INSTRUCTIONS = (
     "Give a brief pathology description of this slide.",
     "What does this slide show? Answer as a short report.",
 )
+# Where a caption is looked for in a headed report: never its header of titles, identifiers and disclaimers.
+CAPTION_SECTIONS = ("diagnosis", "synoptic", "microscopic", "comment")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,10 @@ class Question:
 
     category: str
     text: str
+    # The report sections the answer is retrieved from (chunking.SECTION_PATTERNS names); empty: all of them.
+    # A headed report's other text (its header of titles, identifiers and disclaimers, the gross description
+    # for a grade) is then never an excerpt, so a small answerer cannot pick its words up.
+    sections: tuple[str, ...] = ()
 
 
 def load_questions(path: str | Path | None = None) -> list[Question]:
@@ -64,7 +70,13 @@ def load_questions(path: str | Path | None = None) -> list[Question]:
     for i, category in enumerate(categories):
         if not isinstance(category, dict) or not category.get("id") or not category.get("questions"):
             raise ChatEXAONEPathError(f"Category {i} of {path or 'questions.yaml'} needs an 'id' and 'questions'.")
-        questions += [Question(str(category["id"]), str(q).strip()) for q in category["questions"] if str(q).strip()]
+        sections = category.get("sections") or []
+        if not isinstance(sections, list) or not all(isinstance(x, str) and x.strip() for x in sections):
+            raise ChatEXAONEPathError(f"Category {category['id']!r} of {path or 'questions.yaml'}: 'sections' must be a "
+                                      "list of section names (diagnosis, microscopic, margins, …).")
+        section_names = tuple(x.strip().lower() for x in sections)
+        questions += [Question(str(category["id"]), str(q).strip(), section_names)
+                      for q in category["questions"] if str(q).strip()]
     return questions
 
 
@@ -99,6 +111,7 @@ class Task:
     report_id: str
     category: str  # question category, or "caption"
     question: str
+    sections: tuple[str, ...] = ()  # where the excerpts come from (Question.sections)
 
     @property
     def key(self) -> str:
@@ -129,9 +142,10 @@ def plan_tasks(report_ids: Iterable[str], questions: list[Question], config: Gen
     tasks = []
     for report_id in report_ids:
         if config.captions:
-            tasks.append(Task(report_id, CAPTION, CAPTION_QUERY))
+            tasks.append(Task(report_id, CAPTION, CAPTION_QUERY, CAPTION_SECTIONS))
         for category, phrasings in by_category.items():
-            tasks += [Task(report_id, category, q.text) for q in _pick(phrasings, config.phrasings, report_id)]
+            tasks += [Task(report_id, category, q.text, q.sections)
+                      for q in _pick(phrasings, config.phrasings, report_id)]
     return tasks
 
 
@@ -206,7 +220,7 @@ async def _ask(task: Task, index: "ChunkIndex", backend: "TextBackend", config: 
                version: str | None) -> dict:
     """Retrieve, ask, validate and retry one task; returns its log record."""
     started = time.perf_counter()
-    hits = index.retrieve(task.report_id, task.question, k=config.k)
+    hits = index.retrieve(task.report_id, task.question, k=config.k, sections=task.sections)
     excerpts = [h.text for h in hits]
     messages = caption_messages(excerpts) if task.is_caption else answer_messages(task.question, excerpts)
     max_words = CAPTION_MAX_WORDS if task.is_caption else MAX_WORDS
@@ -234,7 +248,7 @@ async def _ask(task: Task, index: "ChunkIndex", backend: "TextBackend", config: 
                                         f"the rules, in at most {max_words} words."}]
     status = "rejected" if problems else ("not_mentioned" if answer == NOT_MENTIONED else "ok")
     return {"key": task.key, "report_id": task.report_id, "report_version": version, "category": task.category,
-            "question": task.question, "status": status, "answer": answer, "attempts": attempts,
+            "question": task.question, "sections": list(task.sections), "status": status, "answer": answer, "attempts": attempts,
             "chunks": [{"id": h.chunk_id, "score": round(h.score, 4), "section": h.section} for h in hits],
             "backend": backend.name, "prompt_version": PROMPT_VERSION,
             "seconds": round(time.perf_counter() - started, 3)}
@@ -300,6 +314,14 @@ def generate_answers(index: "ChunkIndex", backend: "TextBackend", questions: lis
     if stale:
         logger.warning("%d answers were made from another version of their report (%d reports edited); they are asked "
                        "again.", len(stale), len(set(stale.values())))
+    # Answers retrieved from other sections than the question bank now names (an edited bank, or a log
+    # from before sections) are asked again too.
+    moved = {t.key: t.report_id for t in tasks if t.key in log.records and t.key not in stale
+             and log.records[t.key].get("sections") != list(t.sections)}
+    if moved:
+        logger.warning("%d answers were retrieved from other report sections than the question bank now names; they "
+                       "are asked again.", len(moved))
+        stale.update(moved)
     todo = [t for t in tasks if t.key not in log.records or t.key in stale]
     stats = RunStats(asked=len(todo), skipped=len(tasks) - len(todo))
     if on_plan:

@@ -150,10 +150,23 @@ class ChunkIndex:
             cache[question] = self.embedder.encode([question])[0]
         return cache[question]
 
-    def retrieve(self, report_id: str, question: str, k: int = 4) -> list[Retrieved]:
-        """The `k` chunks of one report most similar to `question` (never another report's)."""
+    def retrieve(self, report_id: str, question: str, k: int = 4,
+                 sections: tuple[str, ...] | list[str] = ()) -> list[Retrieved]:
+        """The `k` chunks of one report most similar to `question` (never another report's).
+
+        With `sections`, only chunks of those report sections are candidates, unless the report has
+        none of them (an unheaded report): then every chunk is.
+        """
+        where = {"report_id": report_id}
+        if sections:
+            hits = self._query(question, k, {"$and": [where, {"section": {"$in": list(sections)}}]})
+            if hits:
+                return hits
+        return self._query(question, k, where)
+
+    def _query(self, question: str, k: int, where: dict) -> list[Retrieved]:
         result = self.collection.query(query_embeddings=[self.query_embedding(question)], n_results=k,
-                                       where={"report_id": report_id}, include=["documents", "metadatas", "distances"])
+                                       where=where, include=["documents", "metadatas", "distances"])
         return [Retrieved(cid, doc, 1.0 - float(dist), meta.get("section") or None, int(meta["start"]), int(meta["end"]))
                 for cid, doc, meta, dist in zip(result["ids"][0], result["documents"][0], result["metadatas"][0],
                                                 result["distances"][0])]

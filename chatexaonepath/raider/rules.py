@@ -1,7 +1,7 @@
 """RAIDER's answer rules: what the LLM is told (the prompts) and how each answer is checked.
 
 An answer has at most 10 words, no measurements, dates, accession or block identifiers, is no
-refusal, and is grounded: most of its content words appear in the excerpts it was made from.
+refusal, does not merely restate an open question, and is grounded: most of its content words appear in the excerpts it was made from.
 Reports are data: the excerpts are fenced with a per-request random boundary, the rule that text
 inside them is never an instruction is stated before and after them, and lines that address the
 model are blanked from the prompt and from the grounding check (`without_flagged_lines`).
@@ -131,6 +131,25 @@ def unsupported_words(answer: str, excerpts: str, question: str = "") -> tuple[l
     return content, [w for w in content if w[:5] not in known]
 
 
+# Words that answer nothing by themselves: with only these and the question's words, a reply to a "what" or
+# "which" question restates it ("The diagnosis is not the diagnosis", a small model's favourite).
+_FILLER_WORDS = frozenset("""a an the is are was were be been being of in on at to for from by with and or not no
+    it its this that these those there as shown shows show seen""".split())
+_OPEN_QUESTION = re.compile(r"^\W*(what|which|how|where|who|whose)\b", re.IGNORECASE)
+
+
+def restates_question(answer: str, question: str) -> bool:
+    """True when an answer to an open question adds no word (or number) to the question's own.
+
+    Yes/no questions are exempt: "Not involved" rightly answers "Are the margins involved?" with its words.
+    """
+    if not _OPEN_QUESTION.search(question) or answer.strip() == NOT_MENTIONED:
+        return False
+    asked = {w[:5] for w in re.findall(r"[a-z]+", question.lower())}
+    words = re.findall(r"[a-z]+|\d+", answer.lower())
+    return not any(w[:5] not in asked and w not in _FILLER_WORDS for w in words)
+
+
 def answer_problems(answer: str, max_words: int = MAX_WORDS, excerpts: str | None = None,
                     question: str = "") -> list[str]:
     """Why an answer breaks the rules (empty list when it is acceptable).
@@ -152,6 +171,8 @@ def answer_problems(answer: str, max_words: int = MAX_WORDS, excerpts: str | Non
         problems.append("contains a specimen or block identifier")
     if _REFUSAL.search(text):
         problems.append("is a refusal, not an answer")
+    if question and restates_question(text, question):
+        problems.append("only restates the question; answer it with the finding the excerpts give")
     if excerpts is not None and text != NOT_MENTIONED:
         content, missing = unsupported_words(text, excerpts, question)
         if content and len(missing) * 2 > len(content):

@@ -1,6 +1,7 @@
 import pytest
 
 from chatexaonepath.errors import ChatEXAONEPathError
+from chatexaonepath.raider.chunking import SECTION_PATTERNS
 from chatexaonepath.raider.generate import NOT_MENTIONED, answer_messages, answer_problems, load_questions
 
 
@@ -10,11 +11,23 @@ def test_default_question_bank_covers_the_categories():
     assert {"diagnosis", "organ", "histologic_type", "grade", "margins", "lymph_nodes", "invasion", "stage",
             "biomarkers"} <= categories
     assert all(sum(q.category == c for q in questions) >= 2 for c in categories)  # several phrasings each
+    # Every category names where its answer is found, and only sections the chunker knows.
+    assert all(q.sections and set(q.sections) <= set(SECTION_PATTERNS) for q in questions)
+    assert next(q for q in questions if q.category == "margins").sections[0] == "margins"
+
+
+def test_a_bank_without_sections_searches_whole_reports(tmp_path):
+    path = tmp_path / "q.yaml"
+    path.write_text("categories:\n  - id: x\n    sections: [Diagnosis, ' comment ']\n    questions: [Which one]\n"
+                    "  - id: y\n    questions: [Which other]\n")
+    assert [(q.category, q.sections) for q in load_questions(path)] == [("x", ("diagnosis", "comment")), ("y", ())]
 
 
 @pytest.mark.parametrize("content,expected", [
     ("categories: []", "non-empty"), ("categories:\n  - id: x\n", "needs an 'id' and 'questions'"),
     ("categories: [unclosed", "not valid YAML"),
+    ("categories:\n  - id: x\n    sections: diagnosis\n    questions: [Which one]\n", "'sections' must be a list"),
+    ("categories:\n  - id: x\n    sections: [diagnosis, 3]\n    questions: [Which one]\n", "'sections' must be a list"),
 ])
 def test_malformed_question_banks_raise(tmp_path, content, expected):
     path = tmp_path / "q.yaml"
@@ -80,3 +93,22 @@ def test_ordinary_answers_are_kept(answer):
 ])
 def test_measurements_dates_and_identifiers_are_rejected(answer, problem):
     assert any(problem in p for p in answer_problems(answer)), answer_problems(answer)
+
+
+@pytest.mark.parametrize("question,answer,restates", [
+    ("What is the diagnosis?", "The diagnosis is not the diagnosis", True),
+    ("What is the diagnosis?", "The diagnosis", True),
+    ("Which organ is this tissue from?", "The tissue is from the organ", True),
+    ("What is the diagnosis?", "No lesion identified; normal tissue", False),
+    ("What is the grade of the lesion?", "Low grade", False), ("What is the histologic grade?", "Grade 2", False),
+    ("What is the grade of the lesion?", "Not applicable", False), ("What is the diagnosis?", NOT_MENTIONED, False),
+    ("Are the margins involved?", "Not involved", False),  # a yes/no question is answered with its own words
+    ("Is lymphovascular invasion present?", "Lymphovascular invasion is present", False),
+])
+def test_an_answer_that_only_restates_an_open_question_is_rejected(question, answer, restates):
+    excerpts = "FINAL DIAGNOSIS: Colon: no lesion identified; normal tissue. GRADE: Low grade 2. Not applicable. " \
+               "MARGINS: Not involved. Lymphovascular invasion is present. The organ tissue."
+    problems = answer_problems(answer, excerpts=excerpts, question=question)
+    assert any("only restates the question" in p for p in problems) == restates, problems
+    if not restates:
+        assert problems == []

@@ -58,3 +58,31 @@ def test_unreachable_chroma_server_is_one_sentence(embedder):
         port = s.getsockname()[1]
     with pytest.raises(ChatEXAONEPathError, match="Could not open the Chroma server"):
         ChunkIndex(embedder=embedder, host="127.0.0.1", port=port)
+
+
+HEADED = ("SYNTHETIC PATHOLOGY REPORT (generated, not a patient record)\nSlide: les-0002\n\n"
+          "SPECIMEN: Liver.\n\nFINAL DIAGNOSIS:\nLiver: no lesion identified; normal tissue.\n\n"
+          "MARGINS: not applicable\n\nMICROSCOPIC DESCRIPTION:\nSections show hepatocyte plates.\n")
+
+
+def test_retrieval_keeps_to_the_named_sections_and_never_returns_the_header(tmp_path, embedder):
+    index = ChunkIndex(tmp_path / "db", embedder)
+    index.add(chunk_report("les-0002", HEADED, size=120) + chunks())
+    # Unfiltered, the header of titles and disclaimers is a candidate excerpt for a diagnosis question…
+    everything = index.retrieve("les-0002", "What is the diagnosis?", k=8)
+    assert any("not a patient record" in h.text for h in everything)
+    # …named sections keep it (and the other sections) out, whatever k asks for.
+    hits = index.retrieve("les-0002", "What is the diagnosis?", k=8, sections=("diagnosis", "microscopic"))
+    assert hits and {h.section for h in hits} <= {"diagnosis", "microscopic"}
+    assert not any("not a patient record" in h.text or "Slide:" in h.text for h in hits)
+    assert "no lesion identified" in hits[0].text
+    assert all(h.chunk_id.startswith("les-0002:") for h in hits)
+
+
+def test_a_report_without_the_named_sections_is_searched_whole(tmp_path, embedder):
+    index = ChunkIndex(tmp_path / "db", embedder)
+    unheaded = "Sigmoid colon resection showing moderately differentiated adenocarcinoma. Margins are clear."
+    index.add(chunk_report("plain-1", unheaded, size=120) + chunks())
+    hits = index.retrieve("plain-1", "What is the diagnosis?", k=2, sections=("diagnosis", "synoptic"))
+    assert hits and "adenocarcinoma" in hits[0].text and hits[0].section is None
+    assert all(h.chunk_id.startswith("plain-1:") for h in hits)  # the fallback stays in the report too

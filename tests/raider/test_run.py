@@ -375,3 +375,21 @@ def test_answers_made_with_other_sampling_settings_are_not_reused(tmp_path, inde
         with pytest.raises(ChatEXAONEPathError, match=f"other settings.*{next(iter(change))}"):
             generate_answers(index, backend, QUESTIONS[:1], tmp_path / "x.log.jsonl",
                              GenerateConfig(captions=False, **change), report_ids=["lung-03"])
+
+
+def test_answers_come_from_the_banks_sections_and_a_changed_bank_is_asked_again(tmp_path, index):
+    in_section = [Question("diagnosis", "What is the diagnosis?", ("diagnosis",))]
+    with FakeOpenAIServer(reply=grounded_reply) as server:
+        backend = build_backend(f"openai:test-model@{server.url}")
+        generate_answers(index, backend, QUESTIONS[:1], tmp_path / "x.log.jsonl", GenerateConfig(captions=False))
+        before = len(server.prompts())
+        log, stats = generate_answers(index, backend, in_section, tmp_path / "x.log.jsonl",
+                                      GenerateConfig(captions=False))
+        prompts = server.prompts()[before:]
+        assert stats.asked == len(REPORTS) == len(prompts)  # retrieved elsewhere before: asked again
+        for messages in prompts:  # only diagnosis-section text, never the comment or microscopic one
+            assert all("invasion" not in e and "pleura" not in e for e in excerpts_of(messages))
+        assert {h["section"] for r in log.records.values() for h in r["chunks"]} == {"diagnosis"}
+        assert all(r["sections"] == ["diagnosis"] for r in log.records.values())
+        _, again = generate_answers(index, backend, in_section, tmp_path / "x.log.jsonl", GenerateConfig(captions=False))
+        assert again.asked == 0  # same bank: resumed
