@@ -131,19 +131,26 @@ def unsupported_words(answer: str, excerpts: str, question: str = "") -> tuple[l
     return content, [w for w in content if w[:5] not in known]
 
 
-# Words that answer nothing by themselves: with only these and the question's words, a reply to a "what" or
-# "which" question restates it ("The diagnosis is not the diagnosis", a small model's favourite).
-_FILLER_WORDS = frozenset("""a an the is are was were be been being of in on at to for from by with and or not no
+# Words that answer nothing by themselves. Negations are not among them: "No lesion" answers "What lesion does
+# the section show?" with the question's own noun.
+_FILLER_WORDS = frozenset("""a an the is are was were be been being of in on at to for from by with and or
     it its this that these those there as shown shows show seen""".split())
 _OPEN_QUESTION = re.compile(r"^\W*(what|which|how|where|who|whose)\b", re.IGNORECASE)
+# "The diagnosis is not the diagnosis", "… is not a diagnosis of a diagnosis": a small model's favourite non-answer.
+_TAUTOLOGY = re.compile(r"\b([a-z]{4,})s?\s+(?:is|are)\s+(?:not\s+)?(?:(?:the|a|an)\s+)?\1s?"
+                       r"(?=\s*(?:$|[.,;:]|of\b))", re.IGNORECASE)
 
 
 def restates_question(answer: str, question: str) -> bool:
-    """True when an answer to an open question adds no word (or number) to the question's own.
+    """True when an answer says nothing: "X is (not) X", or no word (or number) beyond an open question's own.
 
-    Yes/no questions are exempt: "Not involved" rightly answers "Are the margins involved?" with its words.
+    Yes/no questions may be answered with their own words ("Not involved" for "Are the margins involved?").
     """
-    if not _OPEN_QUESTION.search(question) or answer.strip() == NOT_MENTIONED:
+    if answer.strip() == NOT_MENTIONED:
+        return False
+    if _TAUTOLOGY.search(answer):
+        return True
+    if not _OPEN_QUESTION.search(question):
         return False
     asked = {w[:5] for w in re.findall(r"[a-z]+", question.lower())}
     words = re.findall(r"[a-z]+|\d+", answer.lower())

@@ -99,6 +99,11 @@ def test_measurements_dates_and_identifiers_are_rejected(answer, problem):
     ("What is the diagnosis?", "The diagnosis is not the diagnosis", True),
     ("What is the diagnosis?", "The diagnosis", True),
     ("Which organ is this tissue from?", "The tissue is from the organ", True),
+    ("What lesion does the section show?", "The diagnosis is not a diagnosis of a diagnosis", True),
+    ("Are the margins involved?", "The margins are the margins", True),  # "X is X" answers no question
+    ("What lesion does the section show?", "No lesion", False),
+    ("What is the grade of the lesion?", "The grade is grade 2", False), ("What is the diagnosis?", "Tumor is tumor-free", False),
+    ("What lesion does the section show?", "The section does not show a lesion", False),
     ("What is the diagnosis?", "No lesion identified; normal tissue", False),
     ("What is the grade of the lesion?", "Low grade", False), ("What is the histologic grade?", "Grade 2", False),
     ("What is the grade of the lesion?", "Not applicable", False), ("What is the diagnosis?", NOT_MENTIONED, False),
@@ -107,7 +112,7 @@ def test_measurements_dates_and_identifiers_are_rejected(answer, problem):
 ])
 def test_an_answer_that_only_restates_an_open_question_is_rejected(question, answer, restates):
     excerpts = "FINAL DIAGNOSIS: Colon: no lesion identified; normal tissue. GRADE: Low grade 2. Not applicable. " \
-               "MARGINS: Not involved. Lymphovascular invasion is present. The organ tissue."
+               "MARGINS: Not involved, tumor-free. Lymphovascular invasion is present. The organ tissue."
     problems = answer_problems(answer, excerpts=excerpts, question=question)
     assert any("only restates the question" in p for p in problems) == restates, problems
     if not restates:
