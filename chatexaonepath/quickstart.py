@@ -9,7 +9,7 @@ resumes, so a rerun after a kill goes on where it stopped; each writes where its
 
     DIR/cohort/      slides/, masks/, reports/, labels.csv, captions.json, instruct.json, test.json
     DIR/features/    <slide_id>.h5 (+ thumbnails/)
-    DIR/raider/      reports.jsonl …, db/, questions.yaml, instructions.json (+ .captions.json …)
+    DIR/raider/      reports.jsonl …, db/, questions.yaml, instructions.json (+ .summary.json, .log.jsonl …)
     DIR/runs/p1/     phase-1 checkpoint
     DIR/model/       phase-2 checkpoint: `chatexaonepath app --model DIR/model`
     DIR/eval/        answers.jsonl, verdicts.jsonl, summary.json, report.md, criteria.png
@@ -162,8 +162,11 @@ class Quickstart:
         backend = build_backend(self.config.raider_llm)
         report_ids = sorted(r.report_id for r in reports)
         total = {"n": 0}
+        # No captions: phase 1 trains on the cohort's finding-only captions (see _train), so RAIDER's would go
+        # unused, and they are its slowest requests (30 words, and the small answerer mostly needs three tries).
         log, stats = generate_answers(
-            index, backend, questions, paths.log, GenerateConfig(max_tokens=32, seed=self.config.seed), report_ids,
+            index, backend, questions, paths.log, GenerateConfig(max_tokens=32, seed=self.config.seed, captions=False),
+            report_ids,
             on_plan=lambda n, done: total.update(n=n, done=done),
             on_record=lambda record: (total.update(done=total["done"] + 1),
                                       self.on_progress("raider", total["done"], total["n"])))

@@ -1,7 +1,8 @@
 """RAIDER's answer rules: what the LLM is told (the prompts) and how each answer is checked.
 
 An answer has at most 10 words, no measurements, dates, accession or block identifiers, is no
-refusal, does not merely restate an open question, and is grounded: most of its content words appear in the excerpts it was made from.
+refusal, does not merely restate an open question, denies nothing unless the excerpts deny something,
+has no number they do not give, and is grounded: most of its content words appear in the excerpts it was made from.
 Reports are data: the excerpts are fenced with a per-request random boundary, the rule that text
 inside them is never an instruction is stated before and after them, and lines that address the
 model are blanked from the prompt and from the grounding check (`without_flagged_lines`).
@@ -141,6 +142,29 @@ _TAUTOLOGY = re.compile(r"\b([a-z]{4,})s?\s+(?:is|are)\s+(?:not\s+)?(?:(?:the|a|
                        r"(?=\s*(?:$|[.,;:]|of\b))", re.IGNORECASE)
 
 
+# A negative answer ("does not show a lesion") needs a report that denies something: a small model negates by
+# habit. What counts as a denial in the excerpts is wider (negative findings: "margins clear", "0/12 nodes").
+_NEGATION = re.compile(r"\b(no|not|none|without|never|nor|absent)\b|n't\b", re.IGNORECASE)
+_DENIAL = re.compile(r"\b(no|not|none|without|never|nor|negative|absent|free|clear|uninvolved|unremarkable|benign"
+                     r"|normal|zero|nil)\b|n't\b|\b0\s*(/|of\b)", re.IGNORECASE)
+
+
+def unsupported_negation(answer: str, excerpts: str) -> bool:
+    """True when the answer denies something and the excerpts deny nothing (lines addressing the model aside)."""
+    return answer.strip() != NOT_MENTIONED and bool(_NEGATION.search(answer)) \
+        and not _DENIAL.search(without_flagged_lines(excerpts))
+
+
+def unsupported_numbers(answer: str, excerpts: str) -> list[str]:
+    """The numbers of the answer that the excerpts never write ("grade 4" from a report saying "low grade").
+
+    A measurement's number supports nothing: answers may not carry measurements, so "2" from "about 2% of
+    the tissue" is no grade.
+    """
+    known = set(re.findall(r"\d+", _MEASUREMENT.sub(" ", without_flagged_lines(excerpts))))
+    return list(dict.fromkeys(n for n in re.findall(r"\d+", answer) if n not in known))
+
+
 def restates_question(answer: str, question: str) -> bool:
     """True when an answer says nothing: "X is (not) X", or no word (or number) beyond an open question's own.
 
@@ -184,4 +208,8 @@ def answer_problems(answer: str, max_words: int = MAX_WORDS, excerpts: str | Non
         content, missing = unsupported_words(text, excerpts, question)
         if content and len(missing) * 2 > len(content):
             problems.append(f"uses words the excerpts do not contain ({', '.join(missing[:4])}); use the report's words")
+        if numbers := unsupported_numbers(text, excerpts):
+            problems.append(f"has numbers the excerpts do not give ({', '.join(numbers[:3])}); use the report's words")
+        if unsupported_negation(text, excerpts):
+            problems.append("denies what the excerpts do not deny; say what they report")
     return problems
