@@ -162,7 +162,9 @@ def unsupported_numbers(answer: str, excerpts: str) -> list[str]:
     the tissue" is no grade.
     """
     known = set(re.findall(r"\d+", _MEASUREMENT.sub(" ", without_flagged_lines(excerpts))))
-    return list(dict.fromkeys(n for n in re.findall(r"\d+", answer) if n not in known))
+    # The numbers of a measurement, date or identifier in the answer are those rules' to report.
+    bare = _SPECIMEN.sub(" ", _DATE.sub(" ", _MEASUREMENT.sub(" ", answer)))
+    return list(dict.fromkeys(n for n in re.findall(r"\d+", bare) if n not in known))
 
 
 def restates_question(answer: str, question: str) -> bool:

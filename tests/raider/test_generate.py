@@ -139,6 +139,7 @@ def test_a_denial_needs_a_report_that_denies_something(excerpts, answer, denies_
 @pytest.mark.parametrize("answer,invented", [
     ("The grade of the lesion is 4", ["4"]), ("Grade 2", []), ("pT2 N0", []), ("pT3 N1", ["1"]),
     ("Low grade", []), ("Two of twelve nodes positive", []), ("Grade 5", ["5"]),  # 5 is only a percentage there
+    ("Carcinoma measuring 7 mm", []), ("Signed 2019-03-04", []),  # the measurement and date rules' to report
 ])
 def test_numbers_must_come_from_the_excerpts(answer, invented):
     excerpts = "FINAL DIAGNOSIS: adenocarcinoma, low grade (grade 2 of 3), pT2 N0. Two of twelve nodes positive. " \
