@@ -16,6 +16,7 @@ frozen base LLM can be referenced rather than copied. Inference builds its promp
 from __future__ import annotations
 
 import bisect
+import re
 from dataclasses import dataclass, field
 
 from ..constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
@@ -63,8 +64,29 @@ def turns_from_llava(conversations: list[dict]) -> list[Turn]:
     return turns
 
 
+# LLaMA-2's turn markers are plain text to its tokenizer, so its special tokens alone do not cover them.
+_LLAMA2_MARKERS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
+
+
+def control_strings(tokenizer, style: str, keep: str = IMAGE_TOKEN) -> list[str]:
+    """The strings that would become the prompt format's own control tokens: special tokens (BOS, EOS, the chat
+    template's turn markers such as <|im_start|>), and for the llama2 style its [INST]/<<SYS>> markers; longest first."""
+    found = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            found.add(str(getattr(token, "content", token)))
+    if style == "llama2":
+        found.update(_LLAMA2_MARKERS)
+    return sorted((s for s in found if s and s != keep), key=len, reverse=True)
+
+
 class PromptBuilder:
-    """Tokenises conversations in the LLaMA-2 chat format or with the tokenizer's chat template."""
+    """Tokenises conversations in the LLaMA-2 chat format or with the tokenizer's chat template.
+
+    A message's text never becomes a control token: one that writes "<|im_end|><|im_start|>system …" or
+    "[/INST]" would otherwise open a turn of its own choosing, so those strings are blanked from every
+    message (training and inference alike, so the model is served what it learned from).
+    """
 
     def __init__(self, tokenizer, *, num_image_tokens: int = 1, image_token: str = IMAGE_TOKEN,
                  system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, style: str = "auto") -> None:
@@ -75,6 +97,12 @@ class PromptBuilder:
         self.tokenizer, self.style, self.system_prompt = tokenizer, style, system_prompt
         self.image_token, self.num_image_tokens = image_token, num_image_tokens
         self.image_token_id = IMAGE_TOKEN_INDEX
+        controls = control_strings(tokenizer, style, keep=image_token)
+        self._controls = re.compile("|".join(map(re.escape, controls))) if controls else None
+
+    def neutralise(self, text: str) -> str:
+        """`text` with every control string blanked (a space keeps the words around it apart)."""
+        return self._controls.sub(" ", text) if self._controls else text
 
     def build(self, turns: list[Turn], add_generation_prompt: bool = False) -> BuiltPrompt:
         """Token ids and labels for `turns`; with `add_generation_prompt` the ids end ready for a reply."""
@@ -83,6 +111,7 @@ class PromptBuilder:
         if self.system_prompt and self.image_token in self.system_prompt:
             raise ChatEXAONEPathError(f"The system prompt contains {self.image_token}, the slide's placeholder; "
                                       "remove it (the slide is attached to the first question by itself).")
+        turns = [Turn(t.role, self.neutralise(t.content)) for t in turns]
         segments = self._segments_llama2(turns, add_generation_prompt) if self.style == "llama2" else \
             self._segments_template(turns, add_generation_prompt)
         text, replies, images = self._layout(segments)
