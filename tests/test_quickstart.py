@@ -20,13 +20,16 @@ def reply(messages):
 
 
 @pytest.mark.slow
-def test_quickstart_runs_every_stage_and_a_rerun_resumes(tmp_path):
+def test_quickstart_runs_every_stage_and_a_rerun_resumes(tmp_path, tiny_encoder, monkeypatch):
+    import chatexaonepath.vision_tower.encoder as encoder_module
     from tests.chat.conftest import make_tiny_llm
 
+    # The stages' wiring is under test, not ViT-B/16 (its features are 40 % of this test on 2 fp32 cores).
+    monkeypatch.setitem(encoder_module._ENCODERS, tiny_encoder.name, lambda weights=None, seed=0: tiny_encoder)
     llm = make_tiny_llm(tmp_path / "llm")
     with FakeOpenAIServer(reply=reply) as server:
         backend = f"openai:test-model@{server.url}"
-        config = QuickstartConfig(slides=8, size=2048, encoder="random-vit-b16", llm=str(llm), raider_llm=backend,
+        config = QuickstartConfig(slides=8, size=2048, encoder=tiny_encoder.name, llm=str(llm), raider_llm=backend,
                                   judge=backend, phase1_epochs=1, phase2_epochs=1, judge_items=2)
         stages = []
         results = Quickstart(tmp_path / "qs", config,
