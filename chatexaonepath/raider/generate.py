@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from ..backends import BackendError
 from ..errors import ChatEXAONEPathError
 from ..fileio import read_yaml
+from .chunking import SECTION_PATTERNS
 from .rules import (  # noqa: F401 - the rules are part of generation's public names
     ANSWER_RULES, CAPTION_MAX_WORDS, CAPTION_RULES, DATA_RULE, MAX_WORDS, NOT_MENTIONED, answer_messages,
     answer_problems, caption_messages, normalize_answer, unsupported_words,
@@ -75,6 +76,10 @@ def load_questions(path: str | Path | None = None) -> list[Question]:
             raise ChatEXAONEPathError(f"Category {category['id']!r} of {path or 'questions.yaml'}: 'sections' must be a "
                                       "list of section names (diagnosis, microscopic, margins, …).")
         section_names = tuple(x.strip().lower() for x in sections)
+        # A misspelt name would match no chunk and silently search the whole report: refuse it.
+        if unknown := [x for x in section_names if x not in SECTION_PATTERNS]:
+            raise ChatEXAONEPathError(f"Category {category['id']!r} of {path or 'questions.yaml'}: unknown section "
+                                      f"{unknown[0]!r}; use {', '.join(SECTION_PATTERNS)}.")
         questions += [Question(str(category["id"]), str(q).strip(), section_names)
                       for q in category["questions"] if str(q).strip()]
     return questions
@@ -248,7 +253,8 @@ async def _ask(task: Task, index: "ChunkIndex", backend: "TextBackend", config: 
                                         f"the rules, in at most {max_words} words."}]
     status = "rejected" if problems else ("not_mentioned" if answer == NOT_MENTIONED else "ok")
     return {"key": task.key, "report_id": task.report_id, "report_version": version, "category": task.category,
-            "question": task.question, "sections": list(task.sections), "status": status, "answer": answer, "attempts": attempts,
+            "question": task.question, "sections": list(task.sections), "status": status, "answer": answer,
+            "attempts": attempts,
             "chunks": [{"id": h.chunk_id, "score": round(h.score, 4), "section": h.section} for h in hits],
             "backend": backend.name, "prompt_version": PROMPT_VERSION,
             "seconds": round(time.perf_counter() - started, 3)}

@@ -29,6 +29,7 @@ def test_a_bank_without_sections_searches_whole_reports(tmp_path):
     ("categories: [unclosed", "not valid YAML"),
     ("categories:\n  - id: x\n    sections: diagnosis\n    questions: [Which one]\n", "'sections' must be a list"),
     ("categories:\n  - id: x\n    sections: [diagnosis, 3]\n    questions: [Which one]\n", "'sections' must be a list"),
+    ("categories:\n  - id: x\n    sections: [diagnosys]\n    questions: [Which one]\n", "unknown section 'diagnosys'"),
 ])
 def test_malformed_question_banks_raise(tmp_path, content, expected):
     path = tmp_path / "q.yaml"
