@@ -122,16 +122,28 @@ _SOURCES = ("demo_model.py", "train/lesions.py", "train/lesion_scores.py", "visi
             "vision_tower/synthetic.py")
 
 
-def demo_key(config: DemoBuildConfig, encoder_sha256: str) -> str:
-    """The cache key: package version, the sources that shape the cohort and the build, settings, encoder."""
+def demo_key(config: DemoBuildConfig, encoder_sha256: str, precision: str = "fp32/fp32") -> str:
+    """The cache key: package version, the sources that shape the cohort and the build, settings, encoder.
+
+    `precision` is the features' and the training's resolved precision (`build_precision`): a cache
+    shared between machines must not serve a model trained on bf16 features to one that extracts fp32.
+    """
     from . import __version__
 
-    digest = hashlib.sha256(f"{__version__}|{DEMO_FORMAT}|{encoder_sha256}|".encode())
+    digest = hashlib.sha256(f"{__version__}|{DEMO_FORMAT}|{encoder_sha256}|{precision}|".encode())
     digest.update(json.dumps(asdict(config), sort_keys=True).encode())
     package = Path(__file__).parent
     for name in _SOURCES:
         digest.update(name.encode() + b"\0" + (package / name).read_bytes())
     return digest.hexdigest()[:16]
+
+
+def build_precision(extractor) -> str:
+    """"<features>/<training>", as resolved on this machine (auto is bf16 where the CPU or GPU runs it)."""
+    from .train.phases import PhaseConfig, resolve_precision, training_device
+
+    phase = PhaseConfig(phase=1, out="")
+    return f"{extractor.precision}/{resolve_precision(phase, training_device(phase))}"
 
 
 def demo_root() -> Path:
@@ -160,7 +172,7 @@ def ensure_demo_model(config: DemoBuildConfig | None = None, *, root: str | Path
     config = config or DemoBuildConfig()
     root = Path(root) if root is not None else demo_root()
     extractor = extractor or _default_extractor(config)
-    folder = root / demo_key(config, extractor.encoder.weights_sha256)
+    folder = root / demo_key(config, extractor.encoder.weights_sha256, build_precision(extractor))
     ready = load_ready(folder)
     if ready is not None:
         logger.info("Demo model found in %s", folder)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,6 +84,25 @@ def _done(directory: Path) -> bool:
     return (directory / "config.json").is_file() and (directory / "tower.safetensors").is_file()
 
 
+def _trained_on(directory: Path, data: list[Path]) -> bool:
+    """True when the run in `directory` (finished, else its last checkpoint) was on exactly these data files."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .train.data import file_sha256
+    from .train.trainer import TRAINING_ARGS
+
+    if not _done(directory):
+        last = get_last_checkpoint(str(directory)) if directory.is_dir() else None
+        if last is None:
+            return False
+        directory = Path(last)
+    try:
+        saved = json.loads((directory / TRAINING_ARGS).read_text())["data"]["files_sha256"]
+        return sorted(saved.values()) == sorted(file_sha256(p) for p in data)
+    except (OSError, ValueError, KeyError, TypeError):  # an older or damaged checkpoint: train it again
+        return False
+
+
 class Quickstart:
     """Runs the stages in order; each is skipped or resumed when its outputs are already there."""
 
@@ -90,6 +110,7 @@ class Quickstart:
         self.out, self.config = Path(out), config
         self.on_progress = on_progress or (lambda stage, done, total: None)
         self.results: dict[str, Any] = {}
+        self._retrained = False  # a training stage ran in this call (the ones after it are then stale)
         self.cohort, self.features = self.out / "cohort", self.out / "features"
         self.raider, self.p1, self.model, self.eval = (self.out / "raider", self.out / "runs" / "p1",
                                                        self.out / "model", self.out / "eval")
@@ -188,10 +209,17 @@ class Quickstart:
         data = [self.cohort / "captions.json"] if phase == 1 else [self.cohort / "instruct.json",
                                                                    self.raider / "instructions.json"]
         out = Path(config.out)
-        if _done(out):
+        data = [p for p in data if json.loads(p.read_text())]
+        # Phase 2 starts from phase 1, so a phase 1 trained anew makes any phase 2 stale too.
+        current = _trained_on(out, data) and not (phase == 2 and self._retrained)
+        if current and _done(out):
             return {"skipped": "already trained"}
-        data_config = recipe_data_config(recipe, phase, [p for p in data if json.loads(p.read_text())],
-                                         self.features, skip_missing=True)
+        if out.exists() and not current:
+            # RAIDER's answers (or phase 1) changed since this was trained: serving it would not match them.
+            logger.warning("Phase %d in %s was trained on other data; training it again.", phase, out)
+            shutil.rmtree(out)
+        self._retrained = True
+        data_config = recipe_data_config(recipe, phase, data, self.features, skip_missing=True)
         result = train_phase(config, data_config, resume=out.is_dir(),
                              callbacks=[step_progress(f"phase {phase}", self.on_progress)])
         return {"steps": result.global_step, "train_loss": result.train_loss,

@@ -110,6 +110,7 @@ def test_the_key_follows_settings_encoder_and_sources(tiny_llm, tiny_encoder, mo
     assert demo_key(tiny_config(tiny_llm), tiny_encoder.weights_sha256) == key
     assert demo_key(tiny_config(tiny_llm, phase2_epochs=2), tiny_encoder.weights_sha256) != key
     assert demo_key(config, "another-encoder") != key
+    assert demo_key(config, tiny_encoder.weights_sha256, "bf16/bf16") != key  # a cache shared across CPUs
     changed = tmp_path / "chatexaonepath"
     for name in demo_module._SOURCES:  # a copy of the package's sources with one of them edited
         (changed / name).parent.mkdir(parents=True, exist_ok=True)

@@ -58,3 +58,13 @@ def test_quickstart_runs_every_stage_and_a_rerun_resumes(tmp_path, tiny_encoder,
         assert again["phase 2"]["skipped"] == "already trained"
         assert again["evaluation"]["judge"].startswith("skipped") and "--judge" in again["evaluation"]["judge"]
         assert len(server.requests) == requests  # RAIDER and the judge asked nothing twice
+
+        # The phase-2 data changed (here one question fewer): the model trained on the old data is not served.
+        import chatexaonepath.train.lesions as lesions
+
+        drawn = lesions.lesion_records
+        monkeypatch.setattr(lesions, "lesion_records",
+                            lambda slides: {k: v[:-1] if k == "instruct.json" else v for k, v in drawn(slides).items()})
+        changed = Quickstart(tmp_path / "qs", QuickstartConfig(**{**config.__dict__, "judge": None})).run()
+        assert changed["phase 1"]["skipped"] == "already trained"  # its captions are the same
+        assert changed["phase 2"]["steps"] > 0
