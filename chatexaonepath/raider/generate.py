@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PROMPT_VERSION = "raider-answer-v2"
+# The answer checks' own version: a logged answer checked under other rules is checked again on resume.
+RULES_VERSION = hashlib.sha256((Path(__file__).parent / "rules.py").read_bytes()).hexdigest()[:12]
 # What retrieval looks for when writing a slide's caption (phase-1 data).
 CAPTION_QUERY = "final diagnosis, tumour type and grade, main microscopic findings"
 # Phase-1 instructions; one per slide, chosen by the slide id so reruns give the same data.
@@ -221,6 +223,14 @@ class RunStats:
     usage: dict = field(default_factory=dict)
 
 
+def task_problems(task: Task, answer: str, excerpts: str) -> list[str]:
+    """Why `answer` breaks the rules for `task`, given the excerpts (joined) it was made from."""
+    if task.is_caption:
+        problems = answer_problems(answer, CAPTION_MAX_WORDS, excerpts=excerpts)
+        return problems + (["a caption must describe the report"] if answer == NOT_MENTIONED else [])
+    return answer_problems(answer, MAX_WORDS, excerpts=excerpts, question=task.question)
+
+
 async def _ask(task: Task, index: "ChunkIndex", backend: "TextBackend", config: GenerateConfig,
                version: str | None) -> dict:
     """Retrieve, ask, validate and retry one task; returns its log record."""
@@ -240,10 +250,7 @@ async def _ask(task: Task, index: "ChunkIndex", backend: "TextBackend", config: 
         raw = await backend.acomplete(messages, temperature=temperature, max_tokens=config.max_tokens,
                                       seed=config.seed + attempt, **vocabulary)
         answer = normalize_answer(raw, max_words)
-        problems = answer_problems(answer, max_words, excerpts=joined,
-                                   question="" if task.is_caption else task.question)
-        if task.is_caption and answer == NOT_MENTIONED:
-            problems.append("a caption must describe the report")
+        problems = task_problems(task, answer, joined)
         attempts.append({"answer": answer, "problems": problems})
         if not problems:
             break
@@ -254,7 +261,7 @@ async def _ask(task: Task, index: "ChunkIndex", backend: "TextBackend", config: 
     status = "rejected" if problems else ("not_mentioned" if answer == NOT_MENTIONED else "ok")
     return {"key": task.key, "report_id": task.report_id, "report_version": version, "category": task.category,
             "question": task.question, "sections": list(task.sections), "status": status, "answer": answer,
-            "attempts": attempts,
+            "attempts": attempts, "rules_version": RULES_VERSION,
             "chunks": [{"id": h.chunk_id, "score": round(h.score, 4), "section": h.section} for h in hits],
             "backend": backend.name, "prompt_version": PROMPT_VERSION,
             "seconds": round(time.perf_counter() - started, 3)}
@@ -294,6 +301,40 @@ def answer_settings(backend: "TextBackend", index: "ChunkIndex", config: Generat
             "vocabulary": "excerpts" if getattr(backend, "supports_vocabulary", False) else "free"}
 
 
+REASK_WARNINGS = {
+    "edited": "%d answers were made from another version of their report (%d reports edited); they are asked again.",
+    # An edited question bank, or a log from before sections.
+    "moved": "%d answers (%d reports) were retrieved from other report sections than the question bank now names; "
+             "they are asked again.",
+    "rules": "%d answers (%d reports) were checked under other answer rules and do not pass the current ones; they "
+             "are asked again.",
+}
+
+
+def _reask_reason(log: ResultLog, task: Task, version: str | None, index: "ChunkIndex",
+                  config: GenerateConfig) -> str | None:
+    """Why the logged answer to `task` cannot be reused (a REASK_WARNINGS key), or None when it can.
+
+    An answer checked under other rules is checked again on the excerpts it was made from (retrieval
+    only, no LLM); one that passes is logged as checked, so a resume re-checks nothing twice. A
+    rejected one is asked again, as the new rules may accept what the old refused.
+    """
+    record = log.records[task.key]
+    if record.get("report_version") != version:
+        return "edited"
+    if record.get("sections") != list(task.sections):
+        return "moved"
+    if record.get("rules_version") == RULES_VERSION:
+        return None
+    if record.get("status") == "rejected":
+        return "rules"
+    hits = index.retrieve(task.report_id, task.question, k=config.k, sections=task.sections)
+    if task_problems(task, record.get("answer", ""), "\n".join(h.text for h in hits)):
+        return "rules"
+    log.append(record | {"rules_version": RULES_VERSION})
+    return None
+
+
 def current_records(log: ResultLog, versions: dict[str, str], report_ids: Iterable[str]) -> list[dict]:
     """The log's records for `report_ids` that were answered from the report's current version."""
     wanted = set(report_ids)
@@ -315,20 +356,12 @@ def generate_answers(index: "ChunkIndex", backend: "TextBackend", questions: lis
     report_ids = index.report_ids() if report_ids is None else report_ids
     versions = index.report_versions()
     tasks = plan_tasks(report_ids, questions, config)
-    stale = {t.key: t.report_id for t in tasks
-             if t.key in log.records and log.records[t.key].get("report_version") != versions.get(t.report_id)}
-    if stale:
-        logger.warning("%d answers were made from another version of their report (%d reports edited); they are asked "
-                       "again.", len(stale), len(set(stale.values())))
-    # Answers retrieved from other sections than the question bank now names (an edited bank, or a log
-    # from before sections) are asked again too.
-    moved = {t.key: t.report_id for t in tasks if t.key in log.records and t.key not in stale
-             and log.records[t.key].get("sections") != list(t.sections)}
-    if moved:
-        logger.warning("%d answers were retrieved from other report sections than the question bank now names; they "
-                       "are asked again.", len(moved))
-        stale.update(moved)
-    todo = [t for t in tasks if t.key not in log.records or t.key in stale]
+    reasons = {t.key: why for t in tasks if t.key in log.records
+               and (why := _reask_reason(log, t, versions.get(t.report_id), index, config))}
+    for why, text in REASK_WARNINGS.items():
+        if keys := [k for k, r in reasons.items() if r == why]:
+            logger.warning(text, len(keys), len({log.records[k]["report_id"] for k in keys}))
+    todo = [t for t in tasks if t.key not in log.records or t.key in reasons]
     stats = RunStats(asked=len(todo), skipped=len(tasks) - len(todo))
     if on_plan:
         on_plan(len(tasks), stats.skipped)

@@ -393,3 +393,24 @@ def test_answers_come_from_the_banks_sections_and_a_changed_bank_is_asked_again(
         assert all(r["sections"] == ["diagnosis"] for r in log.records.values())
         _, again = generate_answers(index, backend, in_section, tmp_path / "x.log.jsonl", GenerateConfig(captions=False))
         assert again.asked == 0  # same bank: resumed
+
+
+def test_answers_checked_under_other_rules_are_checked_again_and_only_failures_are_asked(tmp_path, index):
+    path, config = tmp_path / "x.log.jsonl", GenerateConfig(captions=False)
+    with FakeOpenAIServer(reply=grounded_reply) as server:
+        backend = build_backend(f"openai:test-model@{server.url}")
+        generate_answers(index, backend, QUESTIONS[:1], path, config)
+        # The log as older rules left it: one answer the current rules refuse, one they rejected.
+        header, *lines = [line for line in path.read_text().splitlines() if line.strip()]
+        records = [json.loads(line) | {"rules_version": "older"} for line in lines]
+        records[0]["answer"] = "The diagnosis is the diagnosis."  # only restates the question
+        records[1]["status"] = "rejected"
+        path.write_text("\n".join([header, *map(json.dumps, records)]) + "\n")
+        before = len(server.prompts())
+        log, stats = generate_answers(index, backend, QUESTIONS[:1], path, config)
+        assert stats.asked == 2 == len(server.prompts()) - before
+        assert log.records[records[0]["key"]]["answer"] != "The diagnosis is the diagnosis."
+        assert log.records[records[1]["key"]]["status"] == "ok"
+        assert all(r["rules_version"] != "older" for r in log.records.values())  # the third: checked, kept
+        _, again = generate_answers(index, backend, QUESTIONS[:1], path, config)
+        assert again.asked == 0 and len(server.prompts()) == before + 2
