@@ -74,6 +74,15 @@ def chance(view: CohortView, category: str) -> float:
     return max(values.count(v) for v in set(values)) / len(values)
 
 
+def patch_count(text: str) -> int | None:
+    """A --phase1-max-patches value: a positive count, or `none` for whole slides."""
+    if text.strip().lower() == "none":
+        return None
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of patches or none, got {text!r}")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slides", type=int, default=DemoBuildConfig.slides)
@@ -82,8 +91,8 @@ def main() -> None:
     parser.add_argument("--test-fraction", type=float, default=DemoBuildConfig.test_fraction,
                         help="share of each diagnosis's slides held out")
     parser.add_argument("--phase1-epochs", type=float, default=DemoBuildConfig.phase1_epochs)
-    parser.add_argument("--phase1-max-patches", type=int, default=DemoBuildConfig.phase1_max_patches,
-                        help="patches phase 1 draws from each training slide per step")
+    parser.add_argument("--phase1-max-patches", type=patch_count, default=DemoBuildConfig.phase1_max_patches,
+                        help="patches phase 1 draws from each training slide per step (none: every patch)")
     parser.add_argument("--phase2-epochs", type=float, default=DemoBuildConfig.phase2_epochs)
     parser.add_argument("--llm", default="embedded")
     parser.add_argument("--seed", type=int, default=0)

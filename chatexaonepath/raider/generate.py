@@ -249,7 +249,7 @@ async def _ask(task: Task, index: "ChunkIndex", backend: "TextBackend", config: 
         temperature = config.temperature if attempt == 0 else max(config.temperature, config.retry_temperature)
         raw = await backend.acomplete(messages, temperature=temperature, max_tokens=config.max_tokens,
                                       seed=config.seed + attempt, **vocabulary)
-        answer = normalize_answer(raw, max_words)
+        answer = normalize_answer(raw, max_words, question="" if task.is_caption else task.question)
         problems = task_problems(task, answer, joined)
         attempts.append({"answer": answer, "problems": problems})
         if not problems:
@@ -315,9 +315,9 @@ def _reask_reason(log: ResultLog, task: Task, version: str | None, index: "Chunk
                   config: GenerateConfig) -> str | None:
     """Why the logged answer to `task` cannot be reused (a REASK_WARNINGS key), or None when it can.
 
-    An answer checked under other rules is checked again on the excerpts it was made from (retrieval
-    only, no LLM); one that passes is logged as checked, so a resume re-checks nothing twice. A
-    rejected one is asked again, as the new rules may accept what the old refused.
+    An answer checked under other rules is normalised and checked again on the excerpts it was made
+    from (retrieval only, no LLM); one that passes is logged as it now reads, so a resume re-checks
+    nothing twice. A rejected one is asked again, as the new rules may accept what the old refused.
     """
     record = log.records[task.key]
     if record.get("report_version") != version:
@@ -328,10 +328,13 @@ def _reask_reason(log: ResultLog, task: Task, version: str | None, index: "Chunk
         return None
     if record.get("status") == "rejected":
         return "rules"
+    answer = normalize_answer(record.get("answer", ""), CAPTION_MAX_WORDS if task.is_caption else MAX_WORDS,
+                              question="" if task.is_caption else task.question)
     hits = index.retrieve(task.report_id, task.question, k=config.k, sections=task.sections)
-    if task_problems(task, record.get("answer", ""), "\n".join(h.text for h in hits)):
+    if task_problems(task, answer, "\n".join(h.text for h in hits)):
         return "rules"
-    log.append(record | {"rules_version": RULES_VERSION})
+    status = "not_mentioned" if answer == NOT_MENTIONED else "ok"
+    log.append(record | {"answer": answer, "status": status, "rules_version": RULES_VERSION})
     return None
 
 

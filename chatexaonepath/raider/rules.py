@@ -86,11 +86,12 @@ def caption_messages(excerpts: list[str]) -> list[dict[str, str]]:
     ]
 
 
-def normalize_answer(raw: str, max_words: int = MAX_WORDS) -> str:
-    """The answer in a model's reply: its first line, without a label, quotes or a final period.
+def normalize_answer(raw: str, max_words: int = MAX_WORDS, question: str = "") -> str:
+    """The answer in a model's reply: its first line, without a label, quotes, a lead-in or a final period.
 
     A reply longer than `max_words` is cut to its first sentence (small models answer, then ramble
-    on). Replies that say the report is silent ("not stated", "no information") become exactly
+    on). With the `question`, a lead-in that restates an open one is dropped (`without_lead_in`).
+    Replies that say the report is silent ("not stated", "no information") become exactly
     NOT_MENTIONED, so they can be counted and filtered.
     """
     lines = [line.strip() for line in raw.strip().splitlines() if line.strip()]
@@ -100,6 +101,8 @@ def normalize_answer(raw: str, max_words: int = MAX_WORDS) -> str:
     text = re.sub(r"^(answer|a|summary)\s*:\s*", "", text, flags=re.IGNORECASE).strip().strip("\"'`*").strip()
     if text.endswith(".") and not text.endswith(".."):
         text = text[:-1].rstrip()
+    if question:
+        text = without_lead_in(text, question)
     if _NOT_MENTIONED_LIKE.search(text) and len(text.split()) <= MAX_WORDS + 2:
         return NOT_MENTIONED
     return text
@@ -181,6 +184,39 @@ def restates_question(answer: str, question: str) -> bool:
     asked = {w[:5] for w in re.findall(r"[a-z]+", question.lower())}
     words = re.findall(r"[a-z]+|\d+", answer.lower())
     return not any(w[:5] not in asked and w not in _FILLER_WORDS for w in words)
+
+
+_COPULA = frozenset({"is", "are", "was", "were"})
+_LEAD_IN_WORDS = frozenset({"the", "a", "an", "it", "this", "these", "its", "of", "from", "in"})
+
+
+def without_lead_in(answer: str, question: str) -> str:
+    """The answer without a lead-in that restates an open question: "The diagnosis is: melanoma" → "Melanoma".
+
+    Small models open every answer with the question's words; left in, the phrase becomes part of the
+    training target and teaches a style (one that, unlike the finding, does not depend on the slide).
+    Only words of the question (and articles) before the verb are dropped, so an answer that says
+    anything there is kept whole, as is one to a yes/no question or one with nothing after its lead-in.
+    """
+    if not _OPEN_QUESTION.search(question):
+        return answer
+    asked = {w[:5] for w in re.findall(r"[a-z]+", question.lower())}
+    words = answer.split()
+    plain = [re.sub(r"\W+$", "", w.lower()) for w in words]
+
+    def restated(w: str) -> bool:
+        return w in _LEAD_IN_WORDS or (w.isalpha() and w[:5] in asked)
+
+    verb = next((i for i, w in enumerate(plain[:8]) if w in _COPULA), None)
+    if verb is None or verb == 0 or not all(restated(w) for w in plain[:verb]):
+        return answer
+    start = verb + 1
+    while start < len(words) - 1 and plain[start] in _LEAD_IN_WORDS:  # "… is from the liver" → "liver"
+        start += 1
+    rest = " ".join(words[start:]).lstrip(":;,- ")
+    if not re.search(r"[A-Za-z0-9]", rest):
+        return answer
+    return rest[0].upper() + rest[1:]
 
 
 def answer_problems(answer: str, max_words: int = MAX_WORDS, excerpts: str | None = None,

@@ -119,6 +119,23 @@ def test_replies_are_normalised(raw, expected):
     assert normalize_answer(raw) == expected
 
 
+@pytest.mark.parametrize("raw,question,expected", [
+    ("The diagnosis is: Malignant adenocarcinoma of the colon.", "What is the diagnosis?",
+     "Malignant adenocarcinoma of the colon"),
+    ("This tissue is from the liver.", "Which organ is this tissue from?", "Liver"),
+    ("The grade of the lesion is high", "What is the grade of the lesion?", "High"),
+    ("It is adenocarcinoma", "What is the diagnosis?", "Adenocarcinoma"),
+    # Kept whole: a word the question lacks before the verb, a yes/no question, nothing after the lead-in.
+    ("The tumour is a melanoma", "What is the diagnosis?", "The tumour is a melanoma"),
+    ("The margins are not involved", "Are the margins involved?", "The margins are not involved"),
+    ("The diagnosis is:", "What is the diagnosis?", "The diagnosis is:"),
+    ("The diagnosis is not stated", "What is the diagnosis?", NOT_MENTIONED),
+])
+def test_a_lead_in_that_restates_an_open_question_is_dropped(raw, question, expected):
+    # Left in, "The diagnosis is …" becomes a style the model learns apart from the slide (quickstart, 2026-12-04).
+    assert normalize_answer(raw, question=question) == expected
+
+
 def test_captions_and_not_mentioned_answers_are_told_apart(tmp_path, index):
     def reply(messages):
         if "Summary:" in messages[1]["content"]:
@@ -405,6 +422,7 @@ def test_answers_checked_under_other_rules_are_checked_again_and_only_failures_a
         records = [json.loads(line) | {"rules_version": "older"} for line in lines]
         records[0]["answer"] = "The diagnosis is the diagnosis."  # only restates the question
         records[1]["status"] = "rejected"
+        records[2]["answer"] = "The diagnosis is " + records[2]["answer"].lower()  # normalised anew, not asked
         path.write_text("\n".join([header, *map(json.dumps, records)]) + "\n")
         before = len(server.prompts())
         log, stats = generate_answers(index, backend, QUESTIONS[:1], path, config)
@@ -412,5 +430,6 @@ def test_answers_checked_under_other_rules_are_checked_again_and_only_failures_a
         assert log.records[records[0]["key"]]["answer"] != "The diagnosis is the diagnosis."
         assert log.records[records[1]["key"]]["status"] == "ok"
         assert all(r["rules_version"] != "older" for r in log.records.values())  # the third: checked, kept
+        assert not log.records[records[2]["key"]]["answer"].startswith("The diagnosis is")
         _, again = generate_answers(index, backend, QUESTIONS[:1], path, config)
         assert again.asked == 0 and len(server.prompts()) == before + 2
