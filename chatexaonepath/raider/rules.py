@@ -1,7 +1,7 @@
 """RAIDER's answer rules: what the LLM is told (the prompts) and how each answer is checked.
 
 An answer has at most 10 words, no measurements, dates, accession or block identifiers, is no
-refusal, does not merely restate an open question, denies nothing unless the excerpts deny something,
+refusal, does not merely restate an open question, says no word three times, denies nothing unless the excerpts deny something,
 has no number they do not give, and is grounded: most of its content words appear in the excerpts it was made from.
 Reports are data: the excerpts are fenced with a per-request random boundary, the rule that text
 inside them is never an instruction is stated before and after them, and lines that address the
@@ -219,6 +219,19 @@ def without_lead_in(answer: str, question: str) -> str:
     return rest[0].upper() + rest[1:]
 
 
+def repeated_word(answer: str) -> str | None:
+    """A content word said three times or more ("Malignant Malignant Malignant…", glued ones too), else None.
+
+    A small model caught in a loop still passes the length and grounding checks when the word it
+    repeats is the report's.
+    """
+    counts: dict[str, int] = {}
+    for word in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", answer):  # splits "MalignantMalignant" too
+        if len(word) > 3 and word.lower() not in _FILLER_WORDS:
+            counts[word.lower()] = counts.get(word.lower(), 0) + 1
+    return next((w for w, n in counts.items() if n >= 3), None)
+
+
 def answer_problems(answer: str, max_words: int = MAX_WORDS, excerpts: str | None = None,
                     question: str = "") -> list[str]:
     """Why an answer breaks the rules (empty list when it is acceptable).
@@ -242,6 +255,8 @@ def answer_problems(answer: str, max_words: int = MAX_WORDS, excerpts: str | Non
         problems.append("is a refusal, not an answer")
     if question and restates_question(text, question):
         problems.append("only restates the question; answer it with the finding the excerpts give")
+    if repeated := repeated_word(text):
+        problems.append(f"repeats {repeated!r}; say each thing once")
     if excerpts is not None and text != NOT_MENTIONED:
         content, missing = unsupported_words(text, excerpts, question)
         if content and len(missing) * 2 > len(content):

@@ -41,7 +41,8 @@ def test_malformed_question_banks_raise(tmp_path, content, expected):
 
 
 @pytest.mark.parametrize("answer", ["Invasive ductal carcinoma", "Grade 2", NOT_MENTIONED, "Negative margins",
-                                    "pT2 N0", "T2 N1 M0", "HER2 negative, ER positive"])
+                                    "pT2 N0", "T2 N1 M0", "HER2 negative, ER positive",
+                                    "Carcinoma in situ and invasive carcinoma"])
 def test_good_answers_pass(answer):
     assert answer_problems(answer) == []
 
@@ -52,6 +53,9 @@ def test_good_answers_pass(answer):
     ("Resected on 03/12/2019", "date"), ("Carcinoma in block A3", "identifier"),
     ("Accession S19-12345", "identifier"),
     ("I cannot determine that", "refusal"),
+    # A loop of the report's own word: within 10 words and grounded, yet says nothing (quickstart, 2026-12-04).
+    ("Malignant Malignant Malignant Malignant MalignantMalignantMalignant", "repeats 'malignant'"),
+    ("Carcinoma, carcinoma and carcinoma", "repeats"),
 ])
 def test_rule_breaking_answers_are_caught_with_a_reason(answer, problem):
     assert any(problem in p for p in answer_problems(answer))
