@@ -151,6 +151,9 @@ def test_the_banner_and_model_card_say_what_it_is(fake_demo, extractor, tiny_llm
         banner = engine.card.banner()
         assert "trained on synthetic slides; it knows only these synthetic organs (colon, liver, lymph node)" in banner
         assert "not a medical device" in banner and "melanoma" in banner
+        from chatexaonepath.webapp.ui import banner_html
+
+        assert banner_html(engine).lower().count("not a medical device") == 1  # the page says it once
         tower = dict(engine.card.rows())["vision tower"]
         assert "the demo model" in tower and "diagnosis accuracy 0.88" in tower and "AUC 0.93" in tower
         assert engine.example_path == fake_demo.folder / "cohort" / "slides" / "les-0030.tiff"

@@ -56,7 +56,8 @@ def banner_html(engine: AppEngine) -> str:
     text = engine.card.banner()
     if text is None:
         return ""
-    return _box(f"<b>⚠ {html.escape(text)}</b> Not a medical device.", "#b91c1c", "#fee2e2")
+    tail = "" if "not a medical device" in text.lower() else " Not a medical device."  # said once, not twice
+    return _box(f"<b>⚠ {html.escape(text)}</b>{tail}", "#b91c1c", "#fee2e2")
 
 
 def model_card_markdown(engine: AppEngine) -> str:
