@@ -8,17 +8,28 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import ChatEXAONEPathError
 
 
+def temp_beside(path: str | Path, suffix: str = ".tmp") -> Path:
+    """A hidden temp name beside `path`, unique to this writer: `.<name>.<pid>.<random><suffix>`.
+
+    The pid alone is not enough: the app's sessions are threads of one process, and two of them
+    writing the same cache file at once (the same slide uploaded twice) would share a temp file.
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write `text` to a temp file beside `path`, fsync it, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_beside(path)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()

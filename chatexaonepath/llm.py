@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from .assets import embedded_llm_gguf, user_cache_dir
 from .errors import ChatEXAONEPathError
+from .fileio import temp_beside
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def embedded_llm_dir() -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = temp_beside(target)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     # save_pretrained refuses GGUF-"quantised" models; the weights are plain float32 once loaded,

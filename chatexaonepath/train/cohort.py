@@ -22,13 +22,13 @@ import csv
 import io
 import json
 import logging
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from ..errors import ChatEXAONEPathError
+from ..fileio import atomic_write_text
 from ..vision_tower.synthetic import make_synthetic_slide
 
 logger = logging.getLogger(__name__)
@@ -158,9 +158,7 @@ def cohort_records(slides: list[CohortSlide], questions_per_slide: int) -> dict[
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 MAX_DRAWS = 5

@@ -18,6 +18,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from ..chat.modeling import ADAPTER_DIR, TOWER_WEIGHTS, ChatEXAONEPathForCausalLM
 from ..errors import ChatEXAONEPathError
+from ..fileio import atomic_write_text
 from .data import SlideConversationDataset
 
 logger = logging.getLogger(__name__)
@@ -26,9 +27,7 @@ TRAINING_ARGS = "training_args.json"
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str))
 
 
 def save_checkpoint(model: ChatEXAONEPathForCausalLM, directory: str | Path, run_info: dict,

@@ -21,6 +21,7 @@ import torch
 
 from ..assets import usable_cores
 from ..errors import ChatEXAONEPathError
+from ..fileio import temp_beside
 from .cpu_inference import oneDNN_bf16_available, pack_for_cpu_bf16
 from .encoder import PatchEncoder, build_encoder
 from .features import FORMAT_VERSION, write_features
@@ -318,6 +319,6 @@ def write_thumbnail(path: Path, slide: Slide, tissue: TissueMask, long_side: int
         image, downsample = slide.read_at_downsample(downsample)
     outlined = draw_tissue_outline(image, tissue, downsample)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    tmp = temp_beside(path.with_suffix(""), ".tmp.png")
     cv2.imwrite(str(tmp), cv2.cvtColor(outlined, cv2.COLOR_RGB2BGR))
     os.replace(tmp, path)

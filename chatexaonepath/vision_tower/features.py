@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import FeaturesError
+from ..fileio import temp_beside
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def write_features(path: str | Path, features: np.ndarray, coords: np.ndarray, a
     if features.ndim != 2 or coords.shape != (features.shape[0], 2):
         raise ValueError(f"features {features.shape} and coords {coords.shape} do not describe one bag")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_beside(path)
     try:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("features", data=features.astype(np.float16))

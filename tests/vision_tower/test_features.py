@@ -19,6 +19,26 @@ def test_roundtrip_keeps_arrays_and_attrs(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["s1.h5"]  # no temp file left behind
 
 
+def test_two_sessions_writing_the_same_slide_at_once_both_succeed(tmp_path):
+    # The app's sessions are threads of one process: the same slide uploaded twice at once is
+    # extracted twice and both write its cache file. Each must land whole, neither fail.
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    features = np.random.default_rng(0).normal(size=(4000, 256)).astype(np.float32)
+    coords = np.zeros((4000, 2), dtype=np.int64)
+    start = Barrier(4)
+
+    def write(_):
+        start.wait()
+        return write_features(tmp_path / "s1.h5", features, coords, {"encoder": "x"})
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(write, range(4)))
+    assert read_features(tmp_path / "s1.h5").features.shape == (4000, 256)
+    assert [p.name for p in tmp_path.iterdir()] == ["s1.h5"]
+
+
 def test_reads_pt_tensors_and_dicts(tmp_path):
     torch.save(torch.randn(7, 16), tmp_path / "a.pt")
     torch.save({"features": torch.randn(1, 4, 16), "coords": torch.zeros(4, 2, dtype=torch.int32)}, tmp_path / "b.pt")
