@@ -199,7 +199,7 @@ def expected_build_time() -> str:
     from .vision_tower.cpu_inference import oneDNN_bf16_available
 
     if oneDNN_bf16_available():
-        return "about 12 minutes on 2 CPU cores with bfloat16, as this CPU has; less with more cores"
+        return "6 to 12 minutes on 2 CPU cores with bfloat16, as this CPU has; less with more cores"
     return "20 to 35 minutes on 2 CPU cores without bfloat16, as this CPU is; less with more cores or a GPU"
 
 

@@ -171,7 +171,8 @@ def unsupported_numbers(answer: str, excerpts: str) -> list[str]:
 
 
 def restates_question(answer: str, question: str) -> bool:
-    """True when an answer says nothing: "X is (not) X", or no word (or number) beyond an open question's own.
+    """True when an answer says nothing: "X is (not) X", or no word (or number) beyond an open question's own
+    (a leading "not" adds none: "Not the diagnosis").
 
     Yes/no questions may be answered with their own words ("Not involved" for "Are the margins involved?").
     """
@@ -183,6 +184,8 @@ def restates_question(answer: str, question: str) -> bool:
         return False
     asked = {w[:5] for w in re.findall(r"[a-z]+", question.lower())}
     words = re.findall(r"[a-z]+|\d+", answer.lower())
+    if words[:1] == ["not"]:  # "Not the diagnosis" negates nothing it names ("No lesion" and "… does not show" do)
+        words = words[1:]
     return not any(w[:5] not in asked and w not in _FILLER_WORDS for w in words)
 
 

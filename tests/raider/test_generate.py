@@ -108,6 +108,7 @@ def test_measurements_dates_and_identifiers_are_rejected(answer, problem):
     ("What lesion does the section show?", "The diagnosis is not a diagnosis of a diagnosis", True),
     ("Are the margins involved?", "The margins are the margins", True),  # "X is X" answers no question
     ("What lesion does the section show?", "No lesion", False),
+    ("What is the diagnosis?", "Not the diagnosis", True),  # the embedded LLM's answer for normal slides
     ("What is the grade of the lesion?", "The grade is grade 2", False), ("What is the diagnosis?", "Tumor is tumor-free", False),
     ("What lesion does the section show?", "The section does not show a lesion", False),
     ("What is the diagnosis?", "No lesion identified; normal tissue", False),
