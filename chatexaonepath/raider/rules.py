@@ -1,8 +1,9 @@
 """RAIDER's answer rules: what the LLM is told (the prompts) and how each answer is checked.
 
 An answer has at most 10 words, no measurements, dates, accession or block identifiers, is no
-refusal, does not merely restate an open question, says no word three times, denies nothing unless the excerpts deny something,
-has no number they do not give, and is grounded: most of its content words appear in the excerpts it was made from.
+refusal, does not merely restate an open question, says no word three times, denies nothing unless
+the excerpts deny something, has no number they do not give, and is grounded: most of its content
+words appear in the excerpts it was made from. A lead-in restating an open question is dropped first.
 Reports are data: the excerpts are fenced with a per-request random boundary, the rule that text
 inside them is never an instruction is stated before and after them, and lines that address the
 model are blanked from the prompt and from the grounding check (`without_flagged_lines`).
