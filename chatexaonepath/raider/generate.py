@@ -10,6 +10,7 @@ with every answer) or across settings that shape them (the log's header, `answer
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import hashlib
 import json
@@ -36,8 +37,22 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PROMPT_VERSION = "raider-answer-v2"
-# The answer checks' own version: a logged answer checked under other rules is checked again on resume.
-RULES_VERSION = hashlib.sha256((Path(__file__).parent / "rules.py").read_bytes()).hexdigest()[:12]
+
+
+def _code_version(path: Path) -> str:
+    """A hash of a module's code without its comments and docstrings (editing prose changes nothing)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.unparse(tree).encode()).hexdigest()[:12]
+
+
+# The answer checks' own version: a logged answer checked under other rules is checked again on resume
+# (and a rejected one asked again, which costs requests: hence code only, not prose).
+RULES_VERSION = _code_version(Path(__file__).parent / "rules.py")
 # What retrieval looks for when writing a slide's caption (phase-1 data).
 CAPTION_QUERY = "final diagnosis, tumour type and grade, main microscopic findings"
 # Phase-1 instructions; one per slide, chosen by the slide id so reruns give the same data.

@@ -153,3 +153,16 @@ def test_numbers_must_come_from_the_excerpts(answer, invented):
     assert unsupported_numbers(answer, excerpts) == invented
     problems = answer_problems(answer, excerpts=excerpts, question="What is the grade?")
     assert any("numbers the excerpts do not give (" + ", ".join(invented) in p for p in problems) == bool(invented)
+
+
+def test_the_rules_version_follows_code_not_prose(tmp_path):
+    # A new version re-checks every logged answer and re-asks the rejected ones: prose edits must not.
+    from chatexaonepath.raider.generate import _code_version
+
+    module = tmp_path / "rules.py"
+    module.write_text('"""Rules."""\n\ndef check(a):\n    """Say why."""\n    return a > 1  # strict\n')
+    version = _code_version(module)
+    module.write_text('"""Rules, reworded."""\n\ndef check(a):\n    """Say why, better."""\n    return a > 1\n')
+    assert _code_version(module) == version
+    module.write_text('"""Rules."""\n\ndef check(a):\n    """Say why."""\n    return a > 2\n')
+    assert _code_version(module) != version
