@@ -7,7 +7,8 @@ accuracy, localisation AUC of the heatmap), written to `demo.json` beside the ch
 app's example slide is one of those held-out slides with a lesion. `bench/learn_lesions.py` runs the
 same `build_demo_model` with a larger cohort and reports the figures with their controls.
 
-    <cache>/demo-model/<key>/cohort/   the lesion cohort (slides, masks, reports, data)
+    <cache>/demo-model/<key>/build.json the settings, written first
+                             cohort/   the lesion cohort (slides, masks, reports, data)
                              features/ their features
                              p1/ model/ the phase-1 and phase-2 checkpoints (`--model …/model` works too)
                              demo.json what it is, the figures measured, the example slide; written last
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 DEMO_FORMAT = 1  # bump when the build changes in a way the hashed sources do not show
 CARD_FILE = "demo.json"
+BUILD_FILE = "build.json"  # the settings of a build, written when it starts
 # What the demo model is, in the words the banner and the model card use.
 DEMO_DESCRIPTION = ("a demo model trained on synthetic slides; it knows only these synthetic organs and lesions; "
                     "not a medical device")
@@ -255,14 +257,26 @@ def build_demo_model(folder: str | Path, config: DemoBuildConfig, *, progress: P
     with other settings is refused, since its stages would be taken as done.
     """
     folder = Path(folder)
+    wanted = _settings(asdict(config))
     ready = load_ready(folder)
     if ready is not None:
-        ignore = {"check"}
-        built = {k: v for k, v in (ready.card.get("build") or {}).items() if k not in ignore}
-        if built != {k: v for k, v in asdict(config).items() if k not in ignore}:
+        if _settings(ready.card.get("build") or {}) != wanted:
             raise ChatEXAONEPathError(f"{folder.name} holds a demo build with other settings; build into another "
                                       f"folder.")
         return ready
+    # An unfinished build records its settings first: resuming one made with others would take its
+    # finished stages (a phase 1 of other epochs, say) as this build's.
+    started = folder / BUILD_FILE
+    try:
+        previous = json.loads(started.read_text()) if started.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        previous = None
+    if previous is not None and _settings(previous) != wanted:
+        raise ChatEXAONEPathError(f"{folder.name} holds an unfinished demo build with other settings; build into "
+                                  f"another folder, or remove it.")
+    if previous is None and folder.is_dir() and any(folder.iterdir()):
+        raise ChatEXAONEPathError(f"{folder.name} is not empty and holds no demo build; build into another folder.")
+    atomic_write_json(started, asdict(config))
     report = progress or (lambda stage, done, total: None)
     extractor = extractor or _default_extractor(config)
     timings: dict[str, float] = {}
@@ -284,6 +298,11 @@ def build_demo_model(folder: str | Path, config: DemoBuildConfig, *, progress: P
     atomic_write_json(folder / CARD_FILE, card)
     logger.info("Demo model built in %s (%.0f s)", folder, sum(timings.values()))
     return DemoModel(folder, json.loads((folder / CARD_FILE).read_text()))  # as a later start reads it
+
+
+def _settings(build: dict) -> dict:
+    """The settings that make a build what it is (whether it is checked changes nothing in it)."""
+    return {k: v for k, v in build.items() if k != "check"}
 
 
 def _make_cohort(out: Path, cohort, report: ProgressFn) -> None:

@@ -120,6 +120,23 @@ def test_the_key_follows_settings_encoder_and_sources(tiny_llm, tiny_encoder, mo
     assert demo_key(config, tiny_encoder.weights_sha256) != key
 
 
+def test_an_unfinished_build_with_other_settings_or_a_foreign_folder_is_refused(tiny_llm, extractor, tmp_path,
+                                                                                 monkeypatch):
+    # Resuming either would take stages it finds (a phase 1 of other epochs, say) as this build's.
+    monkeypatch.setattr(demo_module, "_make_cohort", lambda *a, **k: pytest.fail("built into it"))
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "p1").mkdir(parents=True)
+    (unfinished / "build.json").write_text(json.dumps(demo_module.asdict(tiny_config(tiny_llm, phase1_epochs=3))))
+    with pytest.raises(demo_module.ChatEXAONEPathError, match="unfinished demo build with other settings"):
+        demo_module.build_demo_model(unfinished, tiny_config(tiny_llm), extractor=extractor)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(demo_module.ChatEXAONEPathError, match="not empty and holds no demo build"):
+        demo_module.build_demo_model(foreign, tiny_config(tiny_llm), extractor=extractor)
+    assert (foreign / "notes.txt").read_text() == "mine" and len(list(foreign.iterdir())) == 1
+
+
 @pytest.mark.slow
 def test_an_unfinished_build_is_not_used_and_a_new_version_replaces_old_ones(tiny_llm, extractor, tmp_path):
     stale = tmp_path / "0123456789abcdef"
