@@ -38,7 +38,6 @@ def embedded_llm_dir() -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tmp = temp_beside(target)
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     # save_pretrained refuses GGUF-"quantised" models; the weights are plain float32 once loaded,
     # so write them and a config without the GGUF quantisation marker directly.

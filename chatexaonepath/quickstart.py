@@ -88,7 +88,7 @@ def _trained_on(directory: Path, data: list[Path]) -> bool:
     """True when the run in `directory` (finished, else its last checkpoint) was on exactly these data files."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    from .train.data import file_sha256
+    from .train.data import data_files_sha256
     from .train.trainer import TRAINING_ARGS
 
     if not _done(directory):
@@ -97,8 +97,7 @@ def _trained_on(directory: Path, data: list[Path]) -> bool:
             return False
         directory = Path(last)
     try:
-        saved = json.loads((directory / TRAINING_ARGS).read_text())["data"]["files_sha256"]
-        return sorted(saved.values()) == sorted(file_sha256(p) for p in data)
+        return json.loads((directory / TRAINING_ARGS).read_text())["data"]["data_sha256"] == data_files_sha256(data)
     except (OSError, ValueError, KeyError, TypeError):  # an older or damaged checkpoint: train it again
         return False
 

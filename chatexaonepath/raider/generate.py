@@ -144,6 +144,15 @@ class Task:
     def is_caption(self) -> bool:
         return self.category == CAPTION
 
+    @property
+    def max_words(self) -> int:
+        return CAPTION_MAX_WORDS if self.is_caption else MAX_WORDS
+
+    @property
+    def asked(self) -> str:
+        """The question the answer is checked against ("" for a caption, which answers no question)."""
+        return "" if self.is_caption else self.question
+
 
 CAPTION = "caption"
 
@@ -238,12 +247,17 @@ class RunStats:
     usage: dict = field(default_factory=dict)
 
 
+def task_answer(task: Task, reply: str) -> str:
+    """The answer to `task` in a model's reply (or in an answer logged under older rules), normalised."""
+    return normalize_answer(reply, task.max_words, question=task.asked)
+
+
 def task_problems(task: Task, answer: str, excerpts: str) -> list[str]:
     """Why `answer` breaks the rules for `task`, given the excerpts (joined) it was made from."""
-    if task.is_caption:
-        problems = answer_problems(answer, CAPTION_MAX_WORDS, excerpts=excerpts)
-        return problems + (["a caption must describe the report"] if answer == NOT_MENTIONED else [])
-    return answer_problems(answer, MAX_WORDS, excerpts=excerpts, question=task.question)
+    problems = answer_problems(answer, task.max_words, excerpts=excerpts, question=task.asked)
+    if task.is_caption and answer == NOT_MENTIONED:
+        problems.append("a caption must describe the report")
+    return problems
 
 
 async def _ask(task: Task, index: "ChunkIndex", backend: "TextBackend", config: GenerateConfig,
@@ -253,18 +267,18 @@ async def _ask(task: Task, index: "ChunkIndex", backend: "TextBackend", config: 
     hits = index.retrieve(task.report_id, task.question, k=config.k, sections=task.sections)
     excerpts = [h.text for h in hits]
     messages = caption_messages(excerpts) if task.is_caption else answer_messages(task.question, excerpts)
-    max_words = CAPTION_MAX_WORDS if task.is_caption else MAX_WORDS
+    max_words = task.max_words
     attempts = []
     answer, problems = "", ["not asked"]
     # A backend that can limit its reply to given words (the local one) answers in the excerpts' words only.
     joined = "\n".join(excerpts)
-    vocabulary = {"vocabulary": "\n".join([joined, NOT_MENTIONED, "" if task.is_caption else task.question])} \
+    vocabulary = {"vocabulary": "\n".join([joined, NOT_MENTIONED, task.asked])} \
         if getattr(backend, "supports_vocabulary", False) else {}
     for attempt in range(config.max_attempts):
         temperature = config.temperature if attempt == 0 else max(config.temperature, config.retry_temperature)
         raw = await backend.acomplete(messages, temperature=temperature, max_tokens=config.max_tokens,
                                       seed=config.seed + attempt, **vocabulary)
-        answer = normalize_answer(raw, max_words, question="" if task.is_caption else task.question)
+        answer = task_answer(task, raw)
         problems = task_problems(task, answer, joined)
         attempts.append({"answer": answer, "problems": problems})
         if not problems:
@@ -343,8 +357,7 @@ def _reask_reason(log: ResultLog, task: Task, version: str | None, index: "Chunk
         return None
     if record.get("status") == "rejected":
         return "rules"
-    answer = normalize_answer(record.get("answer", ""), CAPTION_MAX_WORDS if task.is_caption else MAX_WORDS,
-                              question="" if task.is_caption else task.question)
+    answer = task_answer(task, record.get("answer", ""))
     hits = index.retrieve(task.report_id, task.question, k=config.k, sections=task.sections)
     if task_problems(task, answer, "\n".join(h.text for h in hits)):
         return "rules"

@@ -12,6 +12,7 @@ model are blanked from the prompt and from the grounding check (`without_flagged
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from ..injection import new_boundary
 from .chunking import without_flagged_lines
@@ -171,6 +172,11 @@ def unsupported_numbers(answer: str, excerpts: str) -> list[str]:
     return list(dict.fromkeys(n for n in re.findall(r"\d+", bare) if n not in known))
 
 
+def _stems(question: str) -> set[str]:
+    """The question's words by their first five letters (how the restatement checks match them)."""
+    return {w[:5] for w in re.findall(r"[a-z]+", question.lower())}
+
+
 def restates_question(answer: str, question: str) -> bool:
     """True when an answer says nothing: "X is (not) X", or no word (or number) beyond an open question's own
     (a leading "not" adds none: "Not the diagnosis").
@@ -183,7 +189,7 @@ def restates_question(answer: str, question: str) -> bool:
         return True
     if not _OPEN_QUESTION.search(question):
         return False
-    asked = {w[:5] for w in re.findall(r"[a-z]+", question.lower())}
+    asked = _stems(question)
     words = re.findall(r"[a-z]+|\d+", answer.lower())
     if words[:1] == ["not"]:  # "Not the diagnosis" negates nothing it names ("No lesion" and "… does not show" do)
         words = words[1:]
@@ -204,7 +210,7 @@ def without_lead_in(answer: str, question: str) -> str:
     """
     if not _OPEN_QUESTION.search(question):
         return answer
-    asked = {w[:5] for w in re.findall(r"[a-z]+", question.lower())}
+    asked = _stems(question)
     words = answer.split()
     plain = [re.sub(r"\W+$", "", w.lower()) for w in words]
 
@@ -229,10 +235,8 @@ def repeated_word(answer: str) -> str | None:
     A small model caught in a loop still passes the length and grounding checks when the word it
     repeats is the report's.
     """
-    counts: dict[str, int] = {}
-    for word in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", answer):  # splits "MalignantMalignant" too
-        if len(word) > 3 and word.lower() not in _FILLER_WORDS:
-            counts[word.lower()] = counts.get(word.lower(), 0) + 1
+    words = (w.lower() for w in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", answer))  # splits "MalignantMalignant"
+    counts = Counter(w for w in words if len(w) > 3 and w not in _FILLER_WORDS)
     return next((w for w, n in counts.items() if n >= 3), None)
 
 

@@ -16,6 +16,7 @@ import random
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -367,5 +368,15 @@ def data_summary(config: DataConfig, train: list[Record], val: list[Record], loa
         "train_slides": len({r.features_path for r in train}), "val_slides": len({r.features_path for r in val}),
         "val_slide_files": sorted({r.features_path.name for r in val}),
         "skipped_missing": len(loaded.missing), "skipped_missing_ids": loaded.missing[:100],
-        "data_sha256": hashlib.sha256("".join(sorted(files.values())).encode()).hexdigest(),
+        "data_sha256": combined_sha256(files.values()),
     }
+
+
+def combined_sha256(file_hashes: Iterable[str]) -> str:
+    """One hash for a set of data files, whatever their order or paths (a run's `data_sha256`)."""
+    return hashlib.sha256("".join(sorted(file_hashes)).encode()).hexdigest()
+
+
+def data_files_sha256(paths: Iterable[str | Path]) -> str:
+    """The `data_sha256` a run on these data files records: what resuming and retraining compare."""
+    return combined_sha256(file_sha256(p) for p in paths)
