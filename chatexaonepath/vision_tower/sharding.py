@@ -105,6 +105,11 @@ class Shard:
                                           "torchrun or accelerate launch so MASTER_ADDR and MASTER_PORT are set.") from e
         try:
             yield
+            if created:
+                # A rank that tears gloo down while another still talks to it can abort at exit
+                # ("terminate called without an active exception"): the job then fails after its work is
+                # done. Only on success: after a failure the other ranks may never arrive.
+                dist.barrier()
         finally:
             if created and dist.is_initialized():
                 dist.destroy_process_group()
