@@ -35,7 +35,7 @@ from chatexaonepath.chat.modeling import ChatEXAONEPathConfig, ChatEXAONEPathFor
 from chatexaonepath.chat.session import ChatSession
 from chatexaonepath.vision_tower.encoder import build_encoder
 from chatexaonepath.vision_tower.extraction import ExtractConfig, FeatureExtractor
-from chatexaonepath.vision_tower.synthetic import make_synthetic_slide
+from chatexaonepath.synthetic.slides import make_synthetic_slide
 
 QUESTION = "What is the most likely diagnosis, and which features support it?"
 

@@ -34,7 +34,7 @@ from chatexaonepath.vision_tower.extraction import patch_loader, patch_reader
 from chatexaonepath.vision_tower.jpeg_tiles import choose_decoder
 from chatexaonepath.vision_tower.patching import PatchGrid, patch_grid
 from chatexaonepath.vision_tower.slide import open_slide
-from chatexaonepath.vision_tower.synthetic import make_synthetic_slide
+from chatexaonepath.synthetic.slides import make_synthetic_slide
 from chatexaonepath.vision_tower.tissue import segment_tissue
 
 

@@ -43,7 +43,7 @@ from chatexaonepath.vision_tower.extraction import ExtractConfig, FeatureExtract
 from chatexaonepath.vision_tower.features import read_features
 from chatexaonepath.vision_tower.patching import PatchGrid
 from chatexaonepath.vision_tower.slide import open_slide
-from chatexaonepath.vision_tower.synthetic import make_synthetic_slide
+from chatexaonepath.synthetic.slides import make_synthetic_slide
 
 
 def bench_slide(layout: str, block: int, repeat: int, cache: Path) -> Path:

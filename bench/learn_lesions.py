@@ -45,10 +45,10 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatexaonepath.chat.modeling import ChatEXAONEPathConfig, ChatEXAONEPathForCausalLM
-from chatexaonepath.demo_model import DemoBuildConfig, build_demo_model
-from chatexaonepath.train.lesion_scores import (MIN_COVERAGE, CohortView, derangement, score_lesion_cohort,
+from chatexaonepath.synthetic.demo_model import DemoBuildConfig, build_demo_model
+from chatexaonepath.synthetic.scores import (MIN_COVERAGE, CohortView, derangement, score_lesion_cohort,
                                                 untrained_localisation)
-from chatexaonepath.train.lesions import NO_LESION, SCORED
+from chatexaonepath.synthetic.lesions import NO_LESION, SCORED
 
 
 UNTRAINED_TOWERS = 16

@@ -33,7 +33,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatexaonepath.chat.modeling import ChatEXAONEPathConfig, ChatEXAONEPathForCausalLM
-from chatexaonepath.train.cohort import (
+from chatexaonepath.synthetic.tissue_cohort import (
     DIAGNOSIS_QUESTION, CohortConfig, ask_about_features, diagnosis_correct, make_cohort, read_labels, score_diagnoses,
 )
 from chatexaonepath.train.data import DataConfig

@@ -21,7 +21,7 @@ except ImportError:  # not installed yet: run from a checkout
 from torchstain.torch.normalizers import TorchMacenkoNormalizer
 
 from chatexaonepath.vision_tower.stain import MacenkoNormalizer
-from chatexaonepath.vision_tower.synthetic import stained_patch
+from chatexaonepath.synthetic.slides import stained_patch
 
 N_PATCHES, SIZE, REPEATS, SEED = 64, 256, 9, 0
 

@@ -34,7 +34,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatexaonepath.vision_tower.slide import open_slide
-from chatexaonepath.vision_tower.synthetic import make_synthetic_slide
+from chatexaonepath.synthetic.slides import make_synthetic_slide
 from chatexaonepath.webapp.tiles import TILE_SIZE, TileRegistry
 from chatexaonepath.webapp.viewer import COOKIE, viewer_routes
 

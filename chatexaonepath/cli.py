@@ -150,7 +150,7 @@ def synth_slide(
     blank: Annotated[bool, typer.Option("--blank", help="Glass only, no tissue.")] = False,
 ) -> None:
     """Write a pyramidal, tiled, JPEG-compressed synthetic H&E slide that OpenSlide opens."""
-    from .vision_tower.synthetic import make_synthetic_slide, tissue_classes
+    from .synthetic.slides import make_synthetic_slide, tissue_classes
 
     if tissue not in tissue_classes():
         raise ChatEXAONEPathError(f"Unknown tissue class {tissue!r}; choose one of {', '.join(tissue_classes())}.")
@@ -188,7 +188,7 @@ def synth_cohort(
     quiet: Quiet = False,
 ) -> None:
     """Write a synthetic cohort for training checks: slides, reports, caption/QA data, a split by slide."""
-    from .train.cohort import CohortConfig, make_cohort
+    from .synthetic.tissue_cohort import CohortConfig, make_cohort
 
     config = CohortConfig(slides=slides, classes=_comma_list(classes), size=size,
                           mpp=mpp, test_fraction=test_fraction, questions_per_slide=questions, seed=seed)
@@ -209,7 +209,7 @@ def synth_lesions(
     quiet: Quiet = False,
 ) -> None:
     """Write a lesion cohort (docs/demo_model.md): organ slides with small lesions, their masks and reports, QA data."""
-    from .train.lesions import LesionCohortConfig, make_lesion_cohort
+    from .synthetic.lesions import LesionCohortConfig, make_lesion_cohort
 
     config = LesionCohortConfig(slides=slides, organs=_comma_list(organs), lesions=_comma_list(lesions), size=size,
                                 normal_share=normal_share, test_lesion_area=test_lesion_area,
@@ -312,7 +312,7 @@ def demo(
     quiet: Quiet = False,
 ) -> None:
     """Run the vision tower end to end on a synthetic slide and print what it produced."""
-    from .vision_tower.demo import run_demo
+    from .synthetic.tower_demo import run_demo
 
     setup_logging(quiet=quiet)
     with progress_bar(quiet) as progress:

@@ -1,7 +1,7 @@
 """The whole pipeline on one machine, end to end: `chatexaonepath quickstart --out DIR`.
 
 synthetic lesion cohort (slides of colon, liver or lymph node carrying small lesions, a report each;
-train/lesions.py) → feature extraction → RAIDER on the training reports (the embedded LLM) →
+synthetic/lesions.py) → feature extraction → RAIDER on the training reports (the embedded LLM) →
 phase 1 → phase 2 → evaluation (on held-out slides: the diagnosis, organ and grade accuracy and the
 localisation AUC of the heatmap, as bench/learn_lesions.py measures them; the seven-criteria judge
 only when `judge` names a capable model) → a model folder the app and the chat open. Every stage
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .demo_model import DemoBuildConfig
+from .synthetic.demo_model import DemoBuildConfig
 from .errors import ChatEXAONEPathError
 from .fileio import atomic_write_json, atomic_write_text
 
@@ -130,7 +130,7 @@ class Quickstart:
         atomic_write_json(self.out / "quickstart.json", {"config": asdict(self.config), "stages": self.results})
 
     def make_cohort(self) -> dict:
-        from .train.lesions import LesionCohortConfig, make_lesion_cohort
+        from .synthetic.lesions import LesionCohortConfig, make_lesion_cohort
 
         config = LesionCohortConfig(slides=self.config.slides, size=self.config.size, seed=self.config.seed)
         make_lesion_cohort(self.cohort, config, progress=lambda done, total: self.on_progress("cohort", done, total))
@@ -166,7 +166,7 @@ class Quickstart:
         from .raider.index import ChunkIndex, Embedder
         from .raider.ingest import read_reports, write_ingested
         from .raider.records import OutputPaths, RecordOptions, write_outputs
-        from .train.lesions import read_lesion_labels
+        from .synthetic.lesions import read_lesion_labels
 
         labels = read_lesion_labels(self.cohort / "labels.csv")
         # Only the training slides' reports: a test report in the training data would leak the answer.
@@ -197,7 +197,7 @@ class Quickstart:
                                               "caption_records")}
 
     def _train(self, phase: int) -> dict:
-        from .demo_model import recipe_data_config, recipe_phase_config, step_progress
+        from .synthetic.demo_model import recipe_data_config, recipe_phase_config, step_progress
         from .train.phases import train_phase
 
         # The demo model's recipe (docs/demo_model.md), measured to find the lesion on a CPU.
@@ -232,7 +232,7 @@ class Quickstart:
 
     def evaluate(self) -> dict:
         from .chat.modeling import ChatEXAONEPathForCausalLM
-        from .train.lesion_scores import CohortView, score_lesion_cohort
+        from .synthetic.scores import CohortView, score_lesion_cohort
 
         model = ChatEXAONEPathForCausalLM.from_pretrained(self.model)
         view = CohortView.load(self.cohort, self.features)

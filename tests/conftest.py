@@ -19,7 +19,7 @@ def slides(tmp_path_factory) -> dict[str, Path]:
     """Synthetic slides and broken files, made once per test session."""
     from PIL import Image
 
-    from chatexaonepath.vision_tower.synthetic import make_synthetic_slide, render_synthetic_image
+    from chatexaonepath.synthetic.slides import make_synthetic_slide, render_synthetic_image
 
     root = tmp_path_factory.mktemp("slides")
     paths = {
@@ -65,7 +65,7 @@ def tiny_encoder(tiny_vit_config):
 @pytest.fixture
 def he_like_image():
     """An H&E-like RGB uint8 image for quick checks."""
-    from chatexaonepath.vision_tower.synthetic import render_synthetic_image
+    from chatexaonepath.synthetic.slides import render_synthetic_image
 
     def make(seed: int = 0, tissue: str = "tumor", size: int = 256) -> np.ndarray:
         return render_synthetic_image(tissue, (size, size), mpp=0.5, seed=seed, coverage=0.9)

@@ -9,12 +9,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "chatexaonepath"
 
 # stage (a sub-package or a root module) → stages it must never import, even lazily inside a function
 FORBIDDEN = {
-    "vision_tower": {"chat", "train", "raider", "eval", "webapp", "backends", "llm"},  # the tower knows no LLM
-    "backends": {"chat", "train", "raider", "eval", "webapp"},  # text backends never import the chat model
-    "raider": {"chat", "train", "eval", "webapp"},
-    "chat": {"train", "webapp", "raider", "eval"},  # inference never imports training
-    "webapp": {"train", "eval"},  # (it reads raider's question bank for its example questions)
-    "eval": {"train", "webapp"},  # (it reuses raider's chunker and embedder for long reports)
+    # the tower knows no LLM; no production stage imports the synthetic world (tests, demo and benches use it)
+    "vision_tower": {"chat", "train", "raider", "eval", "webapp", "backends", "llm", "synthetic"},
+    "backends": {"chat", "train", "raider", "eval", "webapp", "synthetic"},  # text backends never import the chat model
+    "raider": {"chat", "train", "eval", "webapp", "synthetic"},
+    "chat": {"train", "webapp", "raider", "eval", "synthetic"},  # inference never imports training
+    "train": {"webapp", "eval", "synthetic"},
+    # (it reads raider's question bank for its example questions; it serves the demo model, built lazily)
+    "webapp": {"train", "eval"},
+    "eval": {"train", "webapp", "synthetic"},  # (it reuses raider's chunker and embedder for long reports)
+    "synthetic": {"webapp"},  # the synthetic world builds on the stages, never on the page
 }
 
 

@@ -60,7 +60,7 @@ def test_quickstart_runs_every_stage_and_a_rerun_resumes(tmp_path, tiny_encoder,
         assert len(server.requests) == requests  # RAIDER and the judge asked nothing twice
 
         # The phase-2 data changed (here one question fewer): the model trained on the old data is not served.
-        import chatexaonepath.train.lesions as lesions
+        import chatexaonepath.synthetic.lesions as lesions
 
         drawn = lesions.lesion_records
         monkeypatch.setattr(lesions, "lesion_records",

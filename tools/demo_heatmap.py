@@ -20,8 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from chatexaonepath.chat.modeling import ChatEXAONEPathForCausalLM  # noqa: E402
-from chatexaonepath.train.lesion_scores import CohortView, ask, displayed_weights, session_for  # noqa: E402
-from chatexaonepath.train.lesions import QUESTIONS, read_lesion_mask  # noqa: E402
+from chatexaonepath.synthetic.scores import CohortView, ask, displayed_weights, session_for  # noqa: E402
+from chatexaonepath.synthetic.lesions import QUESTIONS, read_lesion_mask  # noqa: E402
 
 
 def main() -> None:

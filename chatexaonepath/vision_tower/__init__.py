@@ -12,7 +12,7 @@ _EXPORTS = {
     "patch_grid": "patching", "PatchGrid": "patching", "MacenkoNormalizer": "stain",
     "build_encoder": "encoder", "register_encoder": "encoder", "available_encoders": "encoder",
     "read_features": "features", "write_features": "features", "extract_slides": "batch",
-    "ExtractConfig": "extraction", "FeatureExtractor": "extraction", "make_synthetic_slide": "synthetic",
+    "ExtractConfig": "extraction", "FeatureExtractor": "extraction",
     "GatedAttentionAggregator": "aggregator", "AggregatorConfig": "aggregator", "AttentionPoolProjector": "projector",
     "ProjectorConfig": "projector", "render_heatmap": "heatmap", "top_attended_patches": "heatmap",
 }

@@ -159,7 +159,7 @@ def app_command(
     if warning:
         console.print(f"[bold red]Warning:[/] {warning}", highlight=False)
     console.print("Loading the model and the patch encoder …")
-    from ..demo_model import build_progress
+    from ..synthetic.demo_model import build_progress
 
     with build_progress() as on_demo_progress:
         engine = AppEngine.load(config, on_demo_progress=on_demo_progress)

@@ -30,7 +30,7 @@ class UploadLimits:
 class AppConfig:
     """Settings of the chat app; docs/app.md ("Serving a lab") says why each limit has its default."""
 
-    model: str | None = None  # a trained checkpoint folder; None: the demo model (demo_model.py), or see `untrained`
+    model: str | None = None  # a trained checkpoint folder; None: the demo model (synthetic/demo_model.py), or see `untrained`
     untrained: bool = False  # without `model`: an untrained tower around `llm` instead of the demo model
     llm: str = "embedded"  # LLM when no checkpoint is given: HF id, path or "embedded"
     encoder: str | None = None  # None: exaonepath when its weights are found, else random-vit-b16

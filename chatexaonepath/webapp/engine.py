@@ -93,7 +93,7 @@ class AppEngine(SharedModel):
     def __init__(self, model, extractor: FeatureExtractor, config: AppConfig | None = None, *,
                  example_path: str | Path | None = None, work_dir: str | Path | None = None, demo=None) -> None:
         super().__init__(model, extractor, config)
-        self.demo = demo  # the `DemoModel` served (demo_model.py), None for --model and --untrained
+        self.demo = demo  # the `DemoModel` served (synthetic/demo_model.py), None for --model and --untrained
         self.card = describe_model(model, extractor, self.config.model, demo)
         if example_path is None and demo is not None:  # a held-out slide of the demo's cohort, with a lesion
             example_path = demo.example_slide
@@ -125,7 +125,7 @@ class AppEngine(SharedModel):
         started = time.perf_counter()
         demo, checkpoint = None, config.model
         if checkpoint is None and not config.untrained:
-            from ..demo_model import DemoBuildConfig, ensure_demo_model
+            from ..synthetic.demo_model import DemoBuildConfig, ensure_demo_model
 
             demo = ensure_demo_model(demo_build or DemoBuildConfig(llm=config.llm, encoder=config.encoder),
                                      progress=on_demo_progress)
@@ -235,7 +235,7 @@ class AppEngine(SharedModel):
     # -- the bundled example -----------------------------------------------------------------------------
     def example_slide(self) -> Path:
         """The synthetic example slide, generated into the cache on first use (a few seconds)."""
-        from ..vision_tower.synthetic import make_synthetic_slide
+        from ..synthetic.slides import make_synthetic_slide
 
         with self._example_lock:
             if not self.example_path.exists():

@@ -77,7 +77,7 @@ def test_a_session_refuses_cached_features_unlike_the_training_ones(model, tiny_
 def test_serving_extractor_takes_its_defaults_from_the_checkpoint(tiny_registered, tmp_path):
     from PIL import Image
 
-    from chatexaonepath.vision_tower.synthetic import stained_patch
+    from chatexaonepath.synthetic.slides import stained_patch
 
     Image.fromarray(stained_patch(3)).save(tmp_path / "target.png")
     trained = FeatureExtractor(ExtractConfig(encoder=tiny_registered.name, stain_norm="macenko", patch_size=224,

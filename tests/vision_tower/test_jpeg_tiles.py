@@ -13,7 +13,7 @@ from chatexaonepath.vision_tower.features import read_attrs, settings_match, wri
 from chatexaonepath.vision_tower.jpeg_tiles import JpegTilePatchReader, choose_decoder, tiled_jpeg_level
 from chatexaonepath.vision_tower.patching import patch_grid, read_patch
 from chatexaonepath.vision_tower.slide import open_slide
-from chatexaonepath.vision_tower.synthetic import make_synthetic_slide
+from chatexaonepath.synthetic.slides import make_synthetic_slide
 from chatexaonepath.vision_tower.tissue import segment_tissue
 
 

@@ -27,7 +27,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> list[Path]:
     """Six tiny 40× slides, alternately Aperio-like SVS (DCT decoder) and generic TIFF."""
-    from chatexaonepath.vision_tower.synthetic import make_synthetic_slide
+    from chatexaonepath.synthetic.slides import make_synthetic_slide
 
     root = tmp_path_factory.mktemp("cohort")
     return [make_synthetic_slide(root / f"s{i}.{'svs' if i % 2 else 'tiff'}", "tumor", (1024, 1024), mpp=0.25,

@@ -123,7 +123,7 @@ def test_greyscale_images_are_rejected_with_a_reason(tmp_path):
 def test_single_level_slides_are_read_in_strips(tmp_path, monkeypatch):
     """Without a pyramid, a thumbnail is assembled strip by strip and matches the one-piece read."""
     from chatexaonepath.vision_tower import slide as slide_module
-    from chatexaonepath.vision_tower.synthetic import make_synthetic_slide
+    from chatexaonepath.synthetic.slides import make_synthetic_slide
 
     path = make_synthetic_slide(tmp_path / "flat.tiff", "stroma", (2048, 1536), mpp=0.5, seed=9, downsample=1000)
     with open_slide(path) as slide:

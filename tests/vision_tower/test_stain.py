@@ -10,7 +10,7 @@ import torch
 
 from chatexaonepath.errors import ChatEXAONEPathError
 from chatexaonepath.vision_tower.stain import MacenkoNormalizer, _smallest
-from chatexaonepath.vision_tower.synthetic import stained_patch as he_patch
+from chatexaonepath.synthetic.slides import stained_patch as he_patch
 
 torchstain = pytest.importorskip("torchstain")
 from torchstain.torch.normalizers import TorchMacenkoNormalizer  # noqa: E402

@@ -3,7 +3,7 @@ import pytest
 
 from chatexaonepath.errors import NoTissueError
 from chatexaonepath.vision_tower.slide import open_slide
-from chatexaonepath.vision_tower.synthetic import render_synthetic_image
+from chatexaonepath.synthetic.slides import render_synthetic_image
 from chatexaonepath.vision_tower.tissue import TissueConfig, draw_tissue_outline, segment_tissue
 
 
@@ -21,7 +21,7 @@ def test_finds_the_tissue_of_a_synthetic_slide(slides):
 
 
 def test_mask_agrees_with_the_rendered_tissue():
-    from chatexaonepath.vision_tower.synthetic import write_pyramidal_tiff
+    from chatexaonepath.synthetic.slides import write_pyramidal_tiff
     import tempfile, pathlib
 
     image = render_synthetic_image("stroma", (2048, 2048), mpp=0.25, seed=11)

@@ -66,7 +66,7 @@ def test_pyramids_are_used_as_they_are_only_when_dense(slides):
 
 
 def test_a_flat_image_never_decodes_more_than_the_read_budget_per_tile(tmp_path, monkeypatch):
-    from chatexaonepath.vision_tower.synthetic import render_synthetic_image
+    from chatexaonepath.synthetic.slides import render_synthetic_image
 
     path = tmp_path / "flat.png"
     Image.fromarray(render_synthetic_image("tumor", (1200, 900), mpp=0.5, seed=3)).save(path)
@@ -203,7 +203,7 @@ def other_formats(root) -> dict:
     """An Aperio SVS, a Hamamatsu VMS (one JPEG: OpenSlide without a pyramid), a stripped TIFF and a JPEG."""
     import tifffile
 
-    from chatexaonepath.vision_tower.synthetic import make_synthetic_slide, render_synthetic_image
+    from chatexaonepath.synthetic.slides import make_synthetic_slide, render_synthetic_image
     from tests.vision_tower.test_slide import write_vms
 
     pixels = render_synthetic_image("tumor", (1024, 768), mpp=0.5, seed=8)

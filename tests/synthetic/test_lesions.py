@@ -8,14 +8,14 @@ import pytest
 
 from chatexaonepath.errors import ChatEXAONEPathError
 from chatexaonepath.train.data import load_records
-from chatexaonepath.train.lesion_scores import (
+from chatexaonepath.synthetic.scores import (
     CohortView, answer_correct, derangement, localisation_auc, named, roc_auc,
 )
-from chatexaonepath.train.lesions import (
+from chatexaonepath.synthetic.lesions import (
     NO_LESION, QUESTIONS, LesionCohortConfig, make_lesion_cohort, plan_lesion_cohort,
     read_lesion_labels, read_lesion_mask,
 )
-from chatexaonepath.vision_tower.synthetic_lesions import (
+from chatexaonepath.synthetic.lesion_slides import (
     MASK_DOWNSAMPLE, LesionSpec, downsample_mask, patch_lesion_coverage, render_lesion_image,
 )
 
@@ -148,7 +148,7 @@ def test_slides_painted_side_by_side_are_the_slides_painted_one_by_one(cohort, t
 
 
 def test_a_slide_that_fails_to_paint_stops_the_cohort_and_keeps_the_others(tmp_path, monkeypatch):
-    import chatexaonepath.train.lesions as lesions
+    import chatexaonepath.synthetic.lesions as lesions
 
     paint = lesions._paint
 

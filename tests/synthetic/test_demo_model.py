@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-import chatexaonepath.demo_model as demo_module
-from chatexaonepath.demo_model import (
+import chatexaonepath.synthetic.demo_model as demo_module
+from chatexaonepath.synthetic.demo_model import (
     DEMO_DESCRIPTION, DemoBuildConfig, DemoModel, demo_key, ensure_demo_model, load_ready,
 )
-from chatexaonepath.train.lesions import NO_LESION, read_lesion_labels
+from chatexaonepath.synthetic.lesions import NO_LESION, read_lesion_labels
 from chatexaonepath.vision_tower.extraction import ExtractConfig, FeatureExtractor
 from tests.chat.conftest import make_tiny_llm
 

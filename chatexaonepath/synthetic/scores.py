@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import ChatEXAONEPathError
 from ..vision_tower.features import SlideFeatures, read_features
-from ..vision_tower.synthetic_lesions import patch_lesion_coverage
+from .lesion_slides import patch_lesion_coverage
 from .lesions import NO_LESION, QUESTIONS, SCORED, read_lesion_labels, read_lesion_mask
 
 # Patches the lesion covers less than this are slivers at its border: their look hardly changes, no model can

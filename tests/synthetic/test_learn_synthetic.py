@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from chatexaonepath.chat.modeling import ChatEXAONEPathConfig, ChatEXAONEPathForCausalLM
-from chatexaonepath.train.cohort import CohortConfig, make_cohort, score_diagnoses
+from chatexaonepath.synthetic.tissue_cohort import CohortConfig, make_cohort, score_diagnoses
 from chatexaonepath.train.data import DataConfig
 from chatexaonepath.train.phases import PhaseConfig, train_phase
 from chatexaonepath.vision_tower.batch import extract_slides

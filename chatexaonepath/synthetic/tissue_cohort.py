@@ -4,7 +4,7 @@ It is the proof that training learns: after `slide extract` on `slides/`, phase 
 and phase 2 on `instruct.json`, the chat answer to "What is the diagnosis?" on the held-out slides
 (`test.json`) should name the right class. Layout of `DIR` (docs/training.md):
 
-    slides/<slide_id>.tiff   pyramidal synthetic H&E slides (vision_tower/synthetic.py)
+    slides/<slide_id>.tiff   pyramidal synthetic H&E slides (synthetic/slides.py)
     reports/<slide_id>.txt   one short report per slide (RAIDER ingests these; mapped to slides by stem)
     labels.csv               slide_id,class,split
     captions.json            phase-1 data (training slides): "Describe this slide." → caption
@@ -29,7 +29,7 @@ from typing import Callable
 
 from ..errors import ChatEXAONEPathError
 from ..fileio import atomic_write_text
-from ..vision_tower.synthetic import make_synthetic_slide
+from .slides import make_synthetic_slide
 
 logger = logging.getLogger(__name__)
 

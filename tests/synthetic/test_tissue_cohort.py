@@ -4,7 +4,7 @@ import json
 import pytest
 
 from chatexaonepath.errors import ChatEXAONEPathError
-from chatexaonepath.train.cohort import (
+from chatexaonepath.synthetic.tissue_cohort import (
     CLASS_TEXT, DIAGNOSIS_QUESTION, CohortConfig, diagnosis_correct, make_cohort, plan_cohort,
 )
 from chatexaonepath.train.data import load_records

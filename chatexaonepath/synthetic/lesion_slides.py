@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .synthetic import BACKGROUND_RGB, TissueStyle, _draw_texture, _smooth_noise, _tissue_shape, write_pyramidal_tiff
+from .slides import BACKGROUND_RGB, TissueStyle, _draw_texture, _smooth_noise, _tissue_shape, write_pyramidal_tiff
 
 logger = logging.getLogger(__name__)
 

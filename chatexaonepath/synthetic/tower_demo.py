@@ -6,11 +6,11 @@ import logging
 import time
 from pathlib import Path
 
-from .encoder import build_encoder_or_random
-from .extraction import ExtractConfig, FeatureExtractor
-from .features import read_features
-from .slide import open_slide
-from .synthetic import make_synthetic_slide
+from ..vision_tower.encoder import build_encoder_or_random
+from ..vision_tower.extraction import ExtractConfig, FeatureExtractor
+from ..vision_tower.features import read_features
+from ..vision_tower.slide import open_slide
+from .slides import make_synthetic_slide
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import pytest
 
 from chatexaonepath.chat.modeling import ChatEXAONEPathForCausalLM
 from chatexaonepath.train.data import DataConfig
-from chatexaonepath.train.lesion_scores import CohortView, score_lesion_cohort, untrained_localisation
-from chatexaonepath.train.lesions import CAPTION_PROMPT, NO_LESION, LesionCohortConfig, make_lesion_cohort
+from chatexaonepath.synthetic.scores import CohortView, score_lesion_cohort, untrained_localisation
+from chatexaonepath.synthetic.lesions import CAPTION_PROMPT, NO_LESION, LesionCohortConfig, make_lesion_cohort
 from chatexaonepath.train.phases import PhaseConfig, train_phase
 from chatexaonepath.vision_tower.batch import extract_slides
 from chatexaonepath.vision_tower.extraction import ExtractConfig, FeatureExtractor

@@ -1,12 +1,12 @@
 """The lesion cohort: normal tissue of an organ carrying a small lesion, a report each, QA data, masks.
 
 The harder proof that training learns (bench/learn_lesions.py) and the demo model's training data
-(chatexaonepath/demo_model.py). Each slide shows one organ's normal tissue (colon, liver, lymph node),
+(synthetic/demo_model.py). Each slide shows one organ's normal tissue (colon, liver, lymph node),
 and most carry one lesion (adenocarcinoma, squamous cell carcinoma, melanoma; low or high grade) in one
 or two foci covering 1–5 % of the tissue; the held-out slides carry exactly `test_fraction_area` (2 %).
 Layout of `DIR`:
 
-    slides/<slide_id>.tiff   pyramidal synthetic slides (vision_tower/synthetic_lesions.py)
+    slides/<slide_id>.tiff   pyramidal synthetic slides (synthetic/lesion_slides.py)
     masks/<slide_id>.png     the lesion mask at 1/8 of level 0: the lesion's share of each pixel (0–255)
     reports/<slide_id>.txt   one short report per slide (organ, diagnosis, grade, margins), for RAIDER
     labels.csv               slide_id, organ, diagnosis, grade, margins, lesion_fraction, split
@@ -35,8 +35,8 @@ import numpy as np
 from ..assets import usable_cores
 from ..errors import ChatEXAONEPathError
 from ..fileio import atomic_write_json, atomic_write_text
-from ..vision_tower.synthetic_lesions import GRADES, LESION_TYPES, ORGANS, LesionSpec, make_lesion_slide
-from .cohort import llava_record
+from .lesion_slides import GRADES, LESION_TYPES, ORGANS, LesionSpec, make_lesion_slide
+from .tissue_cohort import llava_record
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The demo model: trained once on the synthetic lesion cohort, cached, served by `make demo`.
 
 `ensure_demo_model()` returns a ready demo model from the user cache, building it first when the
-cache has none for this code and data version: lesion cohort (train/lesions.py) → features with the
+cache has none for this code and data version: lesion cohort (synthetic/lesions.py) → features with the
 patch encoder the app serves → phase 1 → phase 2 → a check on the held-out slides (diagnosis
 accuracy, localisation AUC of the heatmap), written to `demo.json` beside the checkpoint. The
 app's example slide is one of those held-out slides with a lesion. `bench/learn_lesions.py` runs the
@@ -29,13 +29,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from .assets import user_cache_dir
-from .errors import ChatEXAONEPathError
-from .fileio import atomic_write_json
+from ..assets import user_cache_dir
+from ..errors import ChatEXAONEPathError
+from ..fileio import atomic_write_json
 
 if TYPE_CHECKING:
-    from .train.data import DataConfig
-    from .train.phases import PhaseConfig
+    from ..train.data import DataConfig
+    from ..train.phases import PhaseConfig
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class DemoModel:
     @staticmethod
     def questions() -> list[str]:
         """The questions it was trained to answer, one per kind (the page offers them as examples)."""
-        from .train.lesions import QUESTIONS
+        from .lesions import QUESTIONS
 
         return [phrasings[0] for phrasings in QUESTIONS.values()]
 
@@ -120,8 +120,7 @@ class DemoModel:
                 f"{', '.join(c['lesions'])} (low/high grade) or no lesion{figures}")
 
 
-_SOURCES = ("demo_model.py", "train/lesions.py", "train/lesion_scores.py", "vision_tower/synthetic_lesions.py",
-            "vision_tower/synthetic.py")
+_SOURCES = ("demo_model.py", "lesions.py", "scores.py", "lesion_slides.py", "slides.py")
 
 
 def demo_key(config: DemoBuildConfig, encoder_sha256: str, precision: str = "fp32/fp32") -> str:
@@ -130,7 +129,7 @@ def demo_key(config: DemoBuildConfig, encoder_sha256: str, precision: str = "fp3
     `precision` is the features' and the training's resolved precision (`build_precision`): a cache
     shared between machines must not serve a model trained on bf16 features to one that extracts fp32.
     """
-    from . import __version__
+    from .. import __version__
 
     digest = hashlib.sha256(f"{__version__}|{DEMO_FORMAT}|{encoder_sha256}|{precision}|".encode())
     digest.update(json.dumps(asdict(config), sort_keys=True).encode())
@@ -142,7 +141,7 @@ def demo_key(config: DemoBuildConfig, encoder_sha256: str, precision: str = "fp3
 
 def build_precision(extractor) -> str:
     """"<features>/<training>", as resolved on this machine (auto is bf16 where the CPU or GPU runs it)."""
-    from .train.phases import PhaseConfig, resolve_precision, training_device
+    from ..train.phases import PhaseConfig, resolve_precision, training_device
 
     phase = PhaseConfig(phase=1, out="")
     return f"{extractor.precision}/{resolve_precision(phase, training_device(phase))}"
@@ -198,7 +197,7 @@ def expected_build_time() -> str:
 
     if torch.cuda.is_available():
         return "a few minutes on this GPU"
-    from .vision_tower.cpu_inference import oneDNN_bf16_available
+    from ..vision_tower.cpu_inference import oneDNN_bf16_available
 
     if oneDNN_bf16_available():
         return "6 to 12 minutes on 2 CPU cores with bfloat16, as this CPU has; less with more cores"
@@ -211,7 +210,7 @@ def build_progress(quiet: bool = False) -> Iterator[ProgressFn]:
 
     Nothing is shown unless a build starts (a cached demo model reports no progress).
     """
-    from .progress import console, progress_bar
+    from ..progress import console, progress_bar
 
     state: dict = {"bar": None, "task": None, "stage": None}
     with ExitStack() as stack:
@@ -233,8 +232,8 @@ def build_progress(quiet: bool = False) -> Iterator[ProgressFn]:
 
 
 def _default_extractor(config: DemoBuildConfig):
-    from .vision_tower.encoder import build_encoder_or_random
-    from .vision_tower.extraction import ExtractConfig, FeatureExtractor
+    from ..vision_tower.encoder import build_encoder_or_random
+    from ..vision_tower.extraction import ExtractConfig, FeatureExtractor
 
     encoder = build_encoder_or_random(config.encoder)
     return FeatureExtractor(ExtractConfig(encoder=encoder.name, seed=config.seed), encoder)
@@ -242,7 +241,7 @@ def _default_extractor(config: DemoBuildConfig):
 
 def cohort_config(config: DemoBuildConfig):
     """The LesionCohortConfig a demo build draws."""
-    from .train.lesions import LesionCohortConfig
+    from .lesions import LesionCohortConfig
 
     return LesionCohortConfig(slides=config.slides, size=config.size, test_fraction=config.test_fraction,
                               normal_share=config.normal_share, seed=config.seed, **config.cohort)
@@ -306,13 +305,13 @@ def _settings(build: dict) -> dict:
 
 
 def _make_cohort(out: Path, cohort, report: ProgressFn) -> None:
-    from .train.lesions import make_lesion_cohort
+    from .lesions import make_lesion_cohort
 
     make_lesion_cohort(out, cohort, progress=lambda done, total: report("cohort", done, total))
 
 
 def _extract(folder: Path, extractor, report: ProgressFn) -> int:
-    from .vision_tower.batch import extract_slides
+    from ..vision_tower.batch import extract_slides
 
     slides = sorted((folder / "cohort" / "slides").glob("*.tiff"))
     state = {"slides": 0}
@@ -333,7 +332,7 @@ def _extract(folder: Path, extractor, report: ProgressFn) -> int:
 
 def recipe_phase_config(recipe: DemoBuildConfig, phase: int, out: Path, init: Path | None = None) -> PhaseConfig:
     """The PhaseConfig of `phase` under the demo recipe (the quickstart trains with it too)."""
-    from .train.phases import PhaseConfig
+    from ..train.phases import PhaseConfig
 
     common = dict(batch_size=recipe.batch_size, gradient_accumulation=1, warmup_ratio=0.1, report_to="none",
                   save_total_limit=1, logging_steps=10, seed=recipe.seed)
@@ -347,7 +346,7 @@ def recipe_phase_config(recipe: DemoBuildConfig, phase: int, out: Path, init: Pa
 def recipe_data_config(recipe: DemoBuildConfig, phase: int, data: list[Path], features: Path,
                        **extra) -> DataConfig:
     """The DataConfig of `phase` under the demo recipe: phase 1 subsamples each slide, phase 2 sees it whole."""
-    from .train.data import DataConfig
+    from ..train.data import DataConfig
 
     # No validation split: the cohort is small, and the held-out slides are scored after training anyway.
     return DataConfig(data=[str(p) for p in data], features_dir=str(features), val_fraction=0.0,
@@ -366,7 +365,7 @@ def step_progress(stage: str, report: ProgressFn):
 
 
 def _train(folder: Path, config: DemoBuildConfig, phase: int, report: ProgressFn) -> dict:
-    from .train.phases import train_phase
+    from ..train.phases import train_phase
 
     out = folder / ("p1" if phase == 1 else "model")
     if (out / "config.json").is_file() and (out / "training_args.json").is_file():
@@ -379,8 +378,8 @@ def _train(folder: Path, config: DemoBuildConfig, phase: int, report: ProgressFn
 
 
 def _check(folder: Path, report: ProgressFn) -> dict:
-    from .chat.modeling import ChatEXAONEPathForCausalLM
-    from .train.lesion_scores import CohortView, score_lesion_cohort
+    from ..chat.modeling import ChatEXAONEPathForCausalLM
+    from .scores import CohortView, score_lesion_cohort
 
     model = ChatEXAONEPathForCausalLM.from_pretrained(folder / "model")
     view = CohortView.load(folder / "cohort", folder / "features")
@@ -393,7 +392,7 @@ def _check(folder: Path, report: ProgressFn) -> dict:
 
 def _pick_example(folder: Path, check: dict | None) -> dict:
     """The example slide: the held-out lesion slide the check scored best (right diagnosis, highest AUC)."""
-    from .train.lesions import NO_LESION, read_lesion_labels
+    from .lesions import NO_LESION, read_lesion_labels
 
     rows = read_lesion_labels(folder / "cohort" / "labels.csv")
     candidates = sorted(sid for sid, row in rows.items() if row["split"] == "test" and row["diagnosis"] != NO_LESION)
@@ -410,7 +409,7 @@ def _pick_example(folder: Path, check: dict | None) -> dict:
 
 
 def _card(folder, config, cohort, extractor, patches, p1, p2, check, timings) -> dict:
-    from .train.lesions import read_lesion_labels
+    from .lesions import read_lesion_labels
 
     rows = read_lesion_labels(folder / "cohort" / "labels.csv")
     return {"what": DEMO_DESCRIPTION, "format": DEMO_FORMAT, "build": asdict(config), "cohort": asdict(cohort),
