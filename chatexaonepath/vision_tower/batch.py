@@ -12,6 +12,7 @@ import glob
 import json
 import logging
 import os
+import re
 import socket
 import time
 from contextlib import contextmanager, nullcontext
@@ -251,11 +252,16 @@ def _extract_one(path: Path, out_dir: Path, config: ExtractConfig, extractor: Fe
 
 def _remove_partial_outputs(out_dir: Path, slide_id: str) -> None:
     """Delete temp files a killed run left for this slide (safe: we hold its lock)."""
-    name = glob.escape(slide_id)
-    leftovers = [*out_dir.glob(f".{name}.h5.[0-9]*.tmp"), *(out_dir / "thumbnails").glob(f".{name}.[0-9]*.tmp.png")]
-    for leftover in leftovers:
-        logger.info("removing %s, left by an interrupted run", leftover)
-        leftover.unlink(missing_ok=True)
+    name = re.escape(slide_id)
+    # fileio.temp_beside's names, `.<file>.<pid>.<random>.tmp<suffix>`, and the older `.<file>.<pid>.tmp`
+    # and `.<slide_id>.<pid>.tmp.png`; matched exactly, so another slide's ("<id>.v2") are left alone.
+    patterns = [(out_dir, re.compile(rf"\.{name}\.h5\.\d+(\.[0-9a-f]+)?\.tmp(\.h5)?")),
+                (out_dir / "thumbnails", re.compile(rf"\.{name}(\.png)?\.\d+(\.[0-9a-f]+)?\.tmp\.png"))]
+    for folder, pattern in patterns:
+        for leftover in folder.glob(f".{glob.escape(slide_id)}.*"):
+            if pattern.fullmatch(leftover.name):
+                logger.info("removing %s, left by an interrupted run", leftover)
+                leftover.unlink(missing_ok=True)
 
 
 def _one_sentence(error: Exception) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +20,13 @@ import torch
 
 from ..assets import usable_cores
 from ..errors import ChatEXAONEPathError
-from ..fileio import temp_beside
+from ..fileio import atomic_write_with
 from .cpu_inference import oneDNN_bf16_available, pack_for_cpu_bf16
 from .encoder import PatchEncoder, build_encoder
 from .features import FORMAT_VERSION, write_features
 from .jpeg_tiles import DECODERS, JpegTilePatchReader, choose_decoder
 from .patching import PatchGrid, patch_grid, read_patch
-from .slide import DEFAULT_MAX_PATCHES, DEFAULT_MAX_PIXELS, MPP_RANGE, Slide, SlideLimits
+from .slide import DEFAULT_MAX_LEVEL_PIXELS, DEFAULT_MAX_PATCHES, DEFAULT_MAX_PIXELS, MPP_RANGE, Slide, SlideLimits
 from .stain import macenko_normalizer, stain_target_sha256
 from .tissue import TissueConfig, TissueMask, draw_tissue_outline, segment_tissue
 
@@ -58,12 +57,14 @@ class ExtractConfig:
     # Budgets (slide.SlideLimits), checked before the work starts; they never change the features, so they are not settings.
     max_pixels: int = DEFAULT_MAX_PIXELS  # most pixels decoded at once: a whole PNG/JPEG, a TIFF strip or tile
     max_patches_per_slide: int = DEFAULT_MAX_PATCHES  # refuse slides with more tissue patches
+    max_level_pixels: int = DEFAULT_MAX_LEVEL_PIXELS  # area of the smallest level (read whole for the tissue map)
     tissue: TissueConfig = field(default_factory=TissueConfig)
 
     @property
     def limits(self) -> SlideLimits:
         """The budgets slides of this extraction are opened with."""
-        return SlideLimits(max_pixels=self.max_pixels, max_patches=self.max_patches_per_slide)
+        return SlideLimits(max_pixels=self.max_pixels, max_patches=self.max_patches_per_slide,
+                           max_level_pixels=self.max_level_pixels)
 
     def __post_init__(self) -> None:
         if self.stain_norm not in ("none", "macenko"):
@@ -318,7 +319,11 @@ def write_thumbnail(path: Path, slide: Slide, tissue: TissueMask, long_side: int
     else:
         image, downsample = slide.read_at_downsample(downsample)
     outlined = draw_tissue_outline(image, tissue, downsample)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_beside(path.with_suffix(""), ".tmp.png")
-    cv2.imwrite(str(tmp), cv2.cvtColor(outlined, cv2.COLOR_RGB2BGR))
-    os.replace(tmp, path)
+    atomic_write_with(path, lambda tmp: _imwrite(tmp, cv2.cvtColor(outlined, cv2.COLOR_RGB2BGR)))
+
+
+def _imwrite(path: Path, bgr: np.ndarray) -> None:
+    import cv2
+
+    if not cv2.imwrite(str(path), bgr):  # OpenCV reports a failed write by its return value only
+        raise OSError(f"Could not write the image {path.name}")

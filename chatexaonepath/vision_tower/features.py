@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import FeaturesError
-from ..fileio import temp_beside
+from ..fileio import atomic_write_with
 
 logger = logging.getLogger(__name__)
 
@@ -46,27 +45,23 @@ class SlideFeatures:
 
 
 def write_features(path: str | Path, features: np.ndarray, coords: np.ndarray, attrs: dict) -> Path:
-    """Write a features file atomically: a temp file in the same folder, then a rename."""
+    """Write a features file atomically (fileio.atomic_write_with): a temp file in the same folder, then a rename."""
     import h5py
 
     path = Path(path)
     if features.ndim != 2 or coords.shape != (features.shape[0], 2):
         raise ValueError(f"features {features.shape} and coords {coords.shape} do not describe one bag")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_beside(path)
-    try:
+
+    def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("features", data=features.astype(np.float16))
             f.create_dataset("coords", data=coords.astype(np.int64))
             for key, value in attrs.items():
                 f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
             f.attrs["version"] = FORMAT_VERSION
-        with open(tmp, "rb+") as f:  # on disk before the rename makes it "complete"
-            os.fchmod(f.fileno(), 0o600)  # features describe a patient's slide: readable by this user only
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    # 0600: features describe a patient's slide, readable by this user only
+    atomic_write_with(path, write, mode=0o600)
     return path
 
 

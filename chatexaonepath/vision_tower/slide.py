@@ -2,8 +2,10 @@
 
 `open_slide` is the only entry point; it turns every way a file can be wrong into a `SlideError`
 with one sentence, so no raw OpenSlide traceback ever reaches a user. Before anything is decoded it
-checks the slide against its `SlideLimits` (pixels decoded at once; the patch budget is checked by
-`patch_grid`) and that every file the format names lies inside the slide's own folder.
+checks the slide against its `SlideLimits` (pixels decoded at once, the area of the smallest level,
+which the tissue map and thumbnails read whole; the patch budget is checked by `patch_grid`) and
+that every file the format names lies inside the slide's own folder. Long reads call the slide's
+`checkpoint` between strips, so whoever reads can stop them (or let more urgent work go first).
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..errors import BudgetExceededError, MissingMppError, SlideError
+from ..fileio import file_sha256
 from .images import PlainImage, TiffSegments, megapixels, sniff
+from .mpp import MPP_RANGE, floats, metadata_mpp
 from .references import check_references
 
 logger = logging.getLogger(__name__)
@@ -29,14 +34,16 @@ SLIDE_SUFFIXES = (
     ".dcm", ".png", ".jpg", ".jpeg",
 )
 PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-# Plausible level-0 µm/px for microscopy: from beyond 80× (0.1) down to a 1× overview (10). Outside
-# it the number is a screen DPI, a unit mix-up or a crafted tag (50 µm/px would turn a small image
-# into a hundred thousand upsampled patches).
-MPP_RANGE = (0.05, 10.0)
 # Largest level read in one piece for thumbnails and segmentation (~64 MB as RGBA).
 STRIP_PIXELS = 16 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 1_000_000_000
+# Below Pillow's own decompression-bomb error (2 × Image.MAX_IMAGE_PIXELS = 179 M): a 10,000² export.
+DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_MAX_PATCHES = 200_000
+# The tissue map and thumbnails read one level whole, in strips: its area is what such a read costs in
+# time (~1–2 × 10^8 px/s), whatever the file's size (a 10 kB TIFF of empty strips can declare 10^10 px).
+DEFAULT_MAX_LEVEL_PIXELS = 2_000_000_000
+# A whole-slide read this small (a thumbnail) is kept: the heatmap, outline and view of a load read it again.
+KEPT_READ_PIXELS = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -44,18 +51,23 @@ class SlideLimits:
     """Budgets checked before the work starts, so memory and time depend on them, not on the file.
 
     `max_pixels`: the most pixels decoded in one piece — a whole PNG/JPEG, one strip or tile of a
-    TIFF or of any OpenSlide format. `max_patches`: the most tissue patches one slide may have
-    (checked by `patch_grid` from the grid, before any patch is read).
+    TIFF or of any OpenSlide format. `max_level_pixels`: the area of the smallest level, which the
+    tissue map and thumbnails read whole (in strips, so it bounds time, not memory). `max_patches`:
+    the most tissue patches one slide may have (checked by `patch_grid` from the grid, before any
+    patch is read).
     """
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_patches: int = DEFAULT_MAX_PATCHES
+    max_level_pixels: int = DEFAULT_MAX_LEVEL_PIXELS
 
     def __post_init__(self) -> None:
         if self.max_pixels < 1_000_000:
             raise SlideError(f"--max-pixels must be at least 1,000,000, got {self.max_pixels:,}.")
         if self.max_patches < 1:
             raise SlideError(f"--max-patches-per-slide must be at least 1, got {self.max_patches:,}.")
+        if self.max_level_pixels < 1_000_000:
+            raise SlideError(f"--max-level-pixels must be at least 1,000,000, got {self.max_level_pixels:,}.")
 
 
 class Slide:
@@ -73,6 +85,10 @@ class Slide:
         self.limits = limits or SlideLimits()
         self._handle = handle
         self._pid = os.getpid()
+        # Called between the pieces of a long read; it may raise to stop the read (a cancelled load).
+        self.checkpoint: Callable[[], None] | None = None
+        self._fingerprint: str | None = None
+        self._kept_read: tuple[tuple, np.ndarray] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> "Slide":
@@ -94,6 +110,7 @@ class Slide:
         self.__dict__.update(state)
         self._handle = None
         self._pid = -1
+        self.checkpoint, self._fingerprint, self._kept_read = None, None, None
 
     @property
     def handle(self):  # openslide.AbstractSlide
@@ -157,42 +174,76 @@ class Slide:
         return self.read_region((0, 0), level, self.level_dimensions[level])
 
     def read_at_downsample(self, downsample: float) -> tuple[np.ndarray, float]:
-        """The whole slide at about `downsample`× below level 0; returns (RGB image, exact downsample)."""
+        """The whole slide at about `downsample`× below level 0; returns (RGB image, exact downsample).
+
+        Read from the nearest finer level whose area fits `limits.max_level_pixels` (a coarser one,
+        enlarged, when the finer ones do not), in strips, calling `checkpoint` before each strip.
+        """
         import cv2
 
         level = self.best_level_for_downsample(downsample)
+        while level < self.level_count - 1 and _area(self.level_dimensions[level]) > self.limits.max_level_pixels:
+            level += 1
         width0, height0 = self.dimensions
         target_w, target_h = max(1, round(width0 / downsample)), max(1, round(height0 / downsample))
+        key = (level, target_w, target_h)
+        if self._kept_read is not None and self._kept_read[0] == key:
+            return self._kept_read[1].copy(), width0 / target_w
         level_w, level_h = self.level_dimensions[level]
+        _check_level_area(self.path, (level_w, level_h), self.limits)
         if level_w * level_h <= STRIP_PIXELS:
             image = self.read_level(level)
             if (image.shape[1], image.shape[0]) != (target_w, target_h):
-                image = cv2.resize(image, (target_w, target_h), interpolation=cv2.INTER_AREA)
-            return image, width0 / target_w
-        # A slide without a coarse pyramid level (single-level TIFF, big PNG) would need tens of GB
-        # at once: read it in horizontal strips and shrink each one into place.
-        image = np.empty((target_h, target_w, 3), np.uint8)
-        rows = max(1, STRIP_PIXELS // level_w)
-        level_ds = self.level_downsamples[level]
-        done = 0
-        for top in range(0, level_h, rows):
-            bottom = min(level_h, top + rows)
-            end = target_h if bottom == level_h else round(bottom * target_h / level_h)
-            if end <= done:
-                continue
-            strip = self.read_region((0, round(top * level_ds)), level, (level_w, bottom - top))
-            image[done:end] = cv2.resize(strip, (target_w, end - done), interpolation=cv2.INTER_AREA)
-            done = end
+                image = cv2.resize(image, (target_w, target_h), interpolation=_interpolation(image, target_w))
+        else:
+            # A slide without a coarse pyramid level (single-level TIFF, big PNG) would need tens of GB
+            # at once: read it in horizontal strips and shrink each one into place.
+            image = np.empty((target_h, target_w, 3), np.uint8)
+            rows = max(1, STRIP_PIXELS // level_w)
+            level_ds = self.level_downsamples[level]
+            done = 0
+            for top in range(0, level_h, rows):
+                bottom = min(level_h, top + rows)
+                end = target_h if bottom == level_h else round(bottom * target_h / level_h)
+                if end <= done:
+                    continue
+                if self.checkpoint is not None:
+                    self.checkpoint()
+                strip = self.read_region((0, round(top * level_ds)), level, (level_w, bottom - top))
+                image[done:end] = cv2.resize(strip, (target_w, end - done), interpolation=_interpolation(strip, target_w))
+                done = end
+        if target_w * target_h <= KEPT_READ_PIXELS:
+            self._kept_read = (key, image.copy())
         return image, width0 / target_w
 
     def fingerprint(self) -> str:
-        """A cheap content fingerprint of the slide's file(s), computed once; see `slide_fingerprint`."""
-        if getattr(self, "_fingerprint", None) is None:
+        """The slide's content hash, computed once (`slide_fingerprint`), or the one given with `open_slide`."""
+        if self._fingerprint is None:
             self._fingerprint = slide_fingerprint(self.path)
         return self._fingerprint
 
     def __repr__(self) -> str:
         return f"Slide({str(self.path)!r}, mpp={self.mpp:.4g}, dimensions={self.dimensions})"
+
+
+def _area(dimensions: tuple[int, int]) -> int:
+    return int(dimensions[0]) * int(dimensions[1])
+
+
+def _interpolation(image: np.ndarray, target_width: int) -> int:
+    import cv2
+
+    return cv2.INTER_AREA if image.shape[1] >= target_width else cv2.INTER_LINEAR
+
+
+def _check_level_area(path: Path, dimensions: tuple[int, int], limits: SlideLimits) -> None:
+    """A level read whole (in strips) costs time by its area: refuse one past the budget before reading it."""
+    width, height = dimensions
+    if _area(dimensions) > limits.max_level_pixels:
+        raise BudgetExceededError(
+            f"{path} is {int(width):,}×{int(height):,} = {megapixels(_area(dimensions))} megapixels at its smallest "
+            f"level, which the tissue map reads whole: more than the {megapixels(limits.max_level_pixels)} allowed "
+            "(--max-level-pixels); save it as a pyramidal TIFF.")
 
 
 def slide_id_of(path: Path) -> str:
@@ -247,7 +298,7 @@ def _check_tile_pixels(handle, path: Path, limits: SlideLimits) -> None:
     """OpenSlide decodes a whole tile to read any part of it: a crafted giant tile is a bomb too."""
     props = handle.properties
     for level in range(handle.level_count):
-        width, height = _floats([props.get(f"openslide.level[{level}].tile-width"),
+        width, height = floats([props.get(f"openslide.level[{level}].tile-width"),
                                  props.get(f"openslide.level[{level}].tile-height")]) or (0, 0)
         if width * height > limits.max_pixels:
             raise BudgetExceededError(
@@ -260,56 +311,6 @@ def _dicom_file(folder: Path) -> Path:
     if not dcm:
         raise SlideError(f"{folder} is a folder without .dcm files; pass a slide file or a DICOM slide folder.")
     return dcm[0]
-
-
-def _metadata_mpp(handle, path: Path) -> float | None:
-    """µm/px from the slide's properties (OpenSlide's standard keys, then TIFF resolution tags)."""
-    import openslide
-
-    props = handle.properties
-    values = [props.get(openslide.PROPERTY_NAME_MPP_X), props.get(openslide.PROPERTY_NAME_MPP_Y)]
-    mpps = _floats(values)
-    if not mpps:
-        mpps = _floats([props.get("aperio.MPP")])
-    if not mpps:
-        mpps = _tiff_resolution_mpp(props)
-    if not mpps and isinstance(handle, PlainImage):
-        mpps = _image_dpi_mpp(handle)
-    mpps = [m for m in mpps if math.isfinite(m) and MPP_RANGE[0] <= m <= MPP_RANGE[1]]
-    if not mpps:
-        return None
-    if len(mpps) == 2 and abs(mpps[0] - mpps[1]) > 0.1 * max(mpps):
-        logger.warning("%s has anisotropic pixels (%.4g × %.4g µm); using their mean.", path, *mpps)
-    return float(sum(mpps) / len(mpps))
-
-
-def _floats(values: list[object]) -> list[float]:
-    """The values that parse as numbers; scanners sometimes write junk into these fields."""
-    numbers = []
-    for value in values:
-        try:
-            numbers.append(float(value))
-        except (TypeError, ValueError):
-            continue
-    return numbers
-
-
-def _tiff_resolution_mpp(props) -> list[float]:
-    unit = props.get("tiff.ResolutionUnit", "").lower()
-    per_um = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
-    res = _floats([props.get("tiff.XResolution")])
-    if per_um is None or not res or res[0] <= 0:
-        return []
-    return [per_um / res[0]]
-
-
-def _image_dpi_mpp(image: PlainImage) -> list[float]:
-    # PNG/JPEG carry a DPI; most writers put a screen default there (72 → 353 µm/px), which
-    # MPP_RANGE rejects, so only a DPI that was clearly set for microscopy is used.
-    dpi = image.info.get("dpi")
-    if not dpi or not dpi[0]:
-        return []
-    return [25400.0 / float(dpi[0])]
 
 
 def open_slide(path: str | os.PathLike, mpp: float | None = None, *, limits: SlideLimits | None = None,
@@ -334,7 +335,8 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, *, limits: Sli
     check_references(path, Path(root) if root is not None else None)  # before OpenSlide reads anything
     handle = _open_handle(path, limits)
     try:
-        found = _metadata_mpp(handle, path)
+        _check_level_area(path, tuple(handle.level_dimensions[-1]), limits)  # before any pixel is read
+        found = metadata_mpp(handle, path)
         _check_readable(handle, path)
     except BaseException:
         handle.close()
@@ -370,28 +372,26 @@ def _check_readable(handle, path: Path) -> None:
         raise SlideError(f"Could not decode {path}: {e} (the file is probably corrupt or truncated).") from e
 
 
-def slide_fingerprint(path: str | os.PathLike, sample_bytes: int = 1 << 20) -> str:
-    """A cheap content fingerprint: sha256 over each file's size and its head, middle and tail MiB.
+def slide_fingerprint(path: str | os.PathLike) -> str:
+    """The slide's content hash: `sha256:` of its file, or of its files' names and hashes for a multi-file slide.
 
-    Hashing whole multi-gigabyte slides on every rerun would cost more than the skip saves; this
-    changes whenever a file is replaced or rewritten, which is what the feature cache needs.
+    Whole files, so two slides share cached features only when their bytes are identical (a copy with
+    the first, middle and last MiB kept and the rest rewritten is another slide). Each file is read
+    once per process (fileio.file_sha256); an upload's hash is taken while it is written.
     """
     path = Path(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     if path.suffix.lower() == ".mrxs":  # MIRAX keeps its data in a sibling folder
         data_dir = path.with_suffix("")
         files += sorted(p for p in data_dir.rglob("*") if p.is_file()) if data_dir.is_dir() else []
+    if files == [path]:
+        return "sha256:" + file_sha256(path)
     digest = hashlib.sha256()
     for file in files:
-        size = file.stat().st_size
         # Member names matter for multi-file slides; the slide's own name does not (content only).
         member = "" if file == path else str(file.relative_to(file.parent if path.is_file() else path))
-        digest.update(f"{member}:{size}".encode())
-        with open(file, "rb") as f:
-            for offset in sorted({0, max(0, size // 2 - sample_bytes // 2), max(0, size - sample_bytes)}):
-                f.seek(offset)
-                digest.update(f.read(sample_bytes))
-    return "sampled-sha256:" + digest.hexdigest()
+        digest.update(f"{member}\0{file_sha256(file)}\n".encode())
+    return "sha256-files:" + digest.hexdigest()
 
 
 def find_slides(inputs: list[str | os.PathLike]) -> list[Path]:

@@ -67,12 +67,14 @@ def test_live_locks_are_respected_and_dead_ones_ignored(slides, tmp_path, extrac
 
 def test_leftovers_of_a_killed_run_are_removed_but_not_other_slides(slides, tmp_path, extractor):
     (tmp_path / "thumbnails").mkdir(parents=True)
-    mine = [tmp_path / ".tumor.h5.4242.tmp", tmp_path / "thumbnails" / ".tumor.4242.tmp.png"]
-    other = tmp_path / ".tumor.v2.h5.4242.tmp"  # the id "tumor.v2" is another slide
-    for path in [*mine, other]:
+    mine = [tmp_path / ".tumor.h5.4242.tmp", tmp_path / "thumbnails" / ".tumor.4242.tmp.png",
+            tmp_path / ".tumor.h5.4242.0a1b2c3d.tmp.h5", tmp_path / "thumbnails" / ".tumor.png.4242.0a1b2c3d.tmp.png"]
+    others = [tmp_path / ".tumor.v2.h5.4242.tmp",  # the id "tumor.v2" is another slide
+              tmp_path / "thumbnails" / ".tumor.2x.png.4242.0a1b2c3d.tmp.png"]  # and so is "tumor.2x"
+    for path in [*mine, *others]:
         path.write_bytes(b"partial")
     extract_slides([slides["tumor"]], tmp_path, extractor.config, extractor=extractor)
-    assert not any(p.exists() for p in mine) and other.exists()
+    assert not any(p.exists() for p in mine) and all(p.exists() for p in others)
 
 
 def test_changing_mpp_override_re_extracts(slides, tmp_path, tiny_encoder):

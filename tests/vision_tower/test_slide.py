@@ -93,6 +93,20 @@ def test_fingerprint_changes_with_content(tmp_path, slides):
     assert slide_fingerprint(copy) != slide_fingerprint(slides["tumor"])
 
 
+def test_fingerprint_covers_every_byte_not_samples(tmp_path):
+    """A copy keeping the size and the first, middle and last MiB but rewriting the rest is another slide."""
+    import hashlib
+
+    data = np.random.default_rng(3).integers(0, 255, 6 << 20, np.uint8).tobytes()
+    original, poisoned = tmp_path / "victim.tiff", tmp_path / "copy.tiff"
+    original.write_bytes(data)
+    changed = bytearray(data)
+    changed[(3 << 19):(5 << 19)] = bytes(1 << 20)  # 1.5–2.5 MiB: between the head and the middle MiB
+    poisoned.write_bytes(bytes(changed))
+    assert slide_fingerprint(poisoned) != slide_fingerprint(original)
+    assert slide_fingerprint(original) == "sha256:" + hashlib.sha256(data).hexdigest()  # as `sha256sum` says
+
+
 def test_find_slides_expands_folders_and_rejects_missing(slides, tmp_path):
     found = find_slides([slides["tumor"].parent])
     assert slides["tumor"] in found and slides["png"] in found
@@ -136,6 +150,73 @@ def test_single_level_slides_are_read_in_strips(tmp_path, monkeypatch):
 
 
 # -- hostile input: budgets checked before anything is decoded -------------------------------------------
+def tiff_of_empty_strips(path, width, height, rows_per_strip, mpp=0.5):
+    """A stripped RGB TIFF declaring `width` × `height` whose strips hold no bytes: ~8 bytes per strip on disk."""
+    import struct
+
+    strips = -(-height // rows_per_strip)
+    ifd_size = 2 + 13 * 12 + 4
+    data = bytearray()
+
+    def blob(payload: bytes) -> bytes:  # an out-of-line tag value: its offset, as the tag's 4 bytes
+        offset = 8 + ifd_size + len(data)
+        data.extend(payload + b"\0" * (len(payload) % 2))
+        return struct.pack("<I", offset)
+
+    short, long_ = (lambda v: struct.pack("<HH", v, 0)), (lambda v: struct.pack("<I", v))
+    empty = struct.pack(f"<{strips}I", *([0] * strips))
+    resolution = blob(struct.pack("<2I", round(1e4 / mpp), 1))
+    tags = [(256, 4, 1, long_(width)), (257, 4, 1, long_(height)), (258, 3, 3, blob(struct.pack("<3H", 8, 8, 8))),
+            (259, 3, 1, short(1)), (262, 3, 1, short(2)), (273, 4, strips, blob(empty)), (277, 3, 1, short(3)),
+            (278, 4, 1, long_(rows_per_strip)), (279, 4, strips, blob(empty)), (282, 5, 1, resolution),
+            (283, 5, 1, resolution), (284, 3, 1, short(1)), (296, 3, 1, short(3))]  # 296: centimetres
+    ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHI", *t[:3]) + t[3] for t in tags) + b"\0" * 4
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8) + ifd + bytes(data))
+    return path
+
+
+def test_a_tiny_tiff_declaring_a_huge_level_is_refused_before_reading(tmp_path):
+    """10 kB of empty strips declaring 10,000 × 1,200,000 px: reading it whole would take a minute, refused at once."""
+    import time
+
+    from chatexaonepath.errors import BudgetExceededError
+
+    attack = tiff_of_empty_strips(tmp_path / "huge.tif", 10_000, 1_200_000, 1_000)
+    assert attack.stat().st_size < 12_000
+    started = time.perf_counter()
+    with pytest.raises(BudgetExceededError, match=r"12,000 megapixels at its smallest level.*--max-level-pixels"):
+        open_slide(attack)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_long_whole_level_reads_stop_at_their_checkpoint(tmp_path):
+    """Reads of a whole level in strips call the slide's checkpoint before each strip; raising there stops them."""
+    from chatexaonepath.vision_tower import slide as slide_module
+
+    calls = []
+
+    def checkpoint():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    path = tiff_of_empty_strips(tmp_path / "flat.tif", 4_000, 40_000, 500)  # 160 MP: ten 16-MP strips
+    with open_slide(path) as slide:
+        slide.checkpoint = checkpoint
+        with pytest.raises(KeyboardInterrupt):
+            slide.read_at_downsample(64)
+    assert len(calls) == 3
+    assert slide_module.STRIP_PIXELS * 3 < 4_000 * 40_000  # it stopped well before the end
+
+
+def test_a_level_over_the_area_budget_is_read_from_a_coarser_one(slides):
+    from chatexaonepath.vision_tower.slide import SlideLimits
+
+    with open_slide(slides["tumor"], limits=SlideLimits(max_level_pixels=1_000_000)) as slide:  # level 0: 4.2 MP
+        image, downsample = slide.read_at_downsample(2)
+    assert image.shape == (1024, 1024, 3) and downsample == pytest.approx(2)
+
+
 def png_declaring(path, width, height):
     """A few-hundred-byte PNG whose header declares `width` × `height` RGB pixels (a decompression bomb)."""
     import struct
@@ -183,7 +264,7 @@ def test_an_image_bomb_is_refused_from_its_header(tmp_path, maker, suffix):
         open_slide(bomb, mpp=0.5)
     assert time.perf_counter() - started < 1.0
     message = str(info.value)
-    assert "3,600 megapixels" in message and "1,000 allowed (--max-pixels)" in message
+    assert "3,600 megapixels" in message and "100 allowed (--max-pixels)" in message
     assert Image.MAX_IMAGE_PIXELS == pillow_limit  # Pillow's own guard is never switched off
 
 
