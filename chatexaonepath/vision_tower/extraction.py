@@ -275,12 +275,18 @@ class FeatureExtractor:
         return tissue, grid
 
     def iter_features(self, slide: Slide, grid: PatchGrid) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (start index, float32 (B, D) features) batch by batch."""
+        """Yield (start index, float32 (B, D) features) batch by batch.
+
+        With `slide.checkpoint` set (the app's loads), each batch is encoded in slices short enough to
+        call it every `CHECKPOINT_SECONDS`: on a CPU one batch of a ViT-B/16 takes seconds.
+        """
         reader = patch_reader(slide, grid, self.decoder(slide))
         loader = patch_loader(slide, grid, self.config.batch_size, self.num_workers, self.device.type == "cuda", reader)
+        slicer = _Slicer(self.config.batch_size) if slide.checkpoint is not None else None
         try:
             for start, patches in loader:
-                yield start, self.encode(patches)
+                yield start, self.encode(patches) if slicer is None else slicer.encode(self.encode, patches,
+                                                                                        slide.checkpoint)
         finally:
             reader.close()
 
@@ -307,6 +313,28 @@ class FeatureExtractor:
         }
         write_features(out_dir / f"{slide.slide_id}.h5", features, grid.coords, attrs)
         return SlideResult(slide.slide_id, slide.path, len(grid), time.perf_counter() - started, "extracted")
+
+
+CHECKPOINT_SECONDS = 0.5  # most time between two checkpoints while encoding, when the caller asks for them
+
+
+class _Slicer:
+    """Encodes a batch in slices sized (from the measured rate) to take about `CHECKPOINT_SECONDS` each."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = self.size = batch_size
+
+    def encode(self, encode: Callable[[torch.Tensor], torch.Tensor], patches: torch.Tensor,
+               checkpoint: Callable[[], None]) -> torch.Tensor:
+        pieces = []
+        for begin in range(0, len(patches), self.size):
+            checkpoint()
+            started = time.perf_counter()
+            piece = patches[begin:begin + self.size]
+            pieces.append(encode(piece))
+            per_patch = (time.perf_counter() - started) / len(piece)
+            self.size = max(1, min(self.batch_size, int(CHECKPOINT_SECONDS / max(per_patch, 1e-6))))
+        return torch.cat(pieces)
 
 
 def write_thumbnail(path: Path, slide: Slide, tissue: TissueMask, long_side: int = 1024) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ChatEXAONEPathError
-from ..vision_tower.slide import SlideLimits
+from ..vision_tower.slide import DEFAULT_MAX_PIXELS, SlideLimits
 
 GB = 1024**3
 HARD_MAX_NEW_TOKENS = 4096
@@ -48,13 +48,15 @@ class AppConfig:
     example_size: int = 6144  # level-0 side of the example at 0.25 µm/px: ~80 patches
     features_dir: str | None = None  # feature cache; None: the user cache (shared with `chatexaonepath chat`)
     # -- what one upload may cost ---------------------------------------------------------------------
-    max_pixels: int = 100_000_000  # decoded at once: a whole PNG/JPEG (~4 bytes each), a TIFF strip or tile
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decoded at once: a whole PNG/JPEG (~4 bytes each), a TIFF strip or tile
     max_patches_per_slide: int = 200_000  # bounds the time a load holds the model
+    max_level_pixels: int = 2_000_000_000  # area of a slide's smallest level, which the tissue map reads whole
     max_zip_members: int = 2_000  # a MIRAX or DICOM slide has tens to hundreds of files
     max_zip_depth: int = 8  # folder levels inside a zip
     max_session_gb: float = 8.0  # disk per session: the slide shown plus the one being uploaded
     # -- sessions and requests -----------------------------------------------------------------------
     max_sessions: int = 16  # live browser sessions; beyond it new visitors are told to come back
+    max_sessions_per_client: int = 4  # live sessions of one address, and of one login with --auth
     session_idle_minutes: float = 30.0  # a session without a request for this long is ended
     max_requests_per_minute: int = 20  # model work (loads, questions) per session
     max_question_chars: int = 2_000
@@ -83,7 +85,8 @@ class AppConfig:
             raise ChatEXAONEPathError(f"--top-patches must be between 1 and 32, got {self.top_patches}.")
         if self.example_size < 2048:  # smaller synthetic slides hold less tissue than segmentation keeps
             raise ChatEXAONEPathError(f"The example slide must be at least 2048 px wide, got {self.example_size}.")
-        for name in ("max_zip_members", "max_zip_depth", "max_sessions", "max_requests_per_minute",
+        for name in ("max_zip_members", "max_zip_depth", "max_sessions", "max_sessions_per_client",
+                     "max_requests_per_minute",
                      "max_question_chars", "max_system_prompt_chars"):
             if getattr(self, name) < 1:
                 raise ChatEXAONEPathError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
@@ -107,7 +110,8 @@ class AppConfig:
     @property
     def slide_limits(self) -> SlideLimits:
         """The budgets every slide of the app is opened with."""
-        return SlideLimits(max_pixels=self.max_pixels, max_patches=self.max_patches_per_slide)
+        return SlideLimits(max_pixels=self.max_pixels, max_patches=self.max_patches_per_slide,
+                           max_level_pixels=self.max_level_pixels)
 
 
 @dataclass

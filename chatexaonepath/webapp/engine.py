@@ -2,10 +2,13 @@
 
 `AppEngine` is `SharedModel` (shared.py: the model, the patch encoder, the feature cache and their
 locks) plus the sessions: each browser session gets its own `WebSession` (its slide, its
-conversation, its private upload folder). Sessions end when their tab closes, or after
-`session_idle_minutes` without a request (a scripted client never closes a tab); at most
-`max_sessions` live at once, and a visitor beyond that is told the server is busy, while every
-session already open keeps working.
+conversation, its private upload folder). The page makes a session when it loads (`start_session`),
+nothing else does: a call naming no live session is refused, so scripted calls cannot fill the
+server with sessions. A session belongs to the client address and the login that made it; at most
+`max_sessions_per_client` per address and per login, `max_sessions` in all, and a visitor beyond
+that is told the server is busy while every session already open keeps working. Sessions end when
+their tab closes, or after `session_idle_minutes` without a request (a scripted client never
+closes a tab).
 """
 
 from __future__ import annotations
@@ -23,19 +26,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..assets import user_cache_dir
-from ..errors import ServerBusyError
+from ..errors import ChatEXAONEPathError, ServerBusyError
+from ..fileio import atomic_write_with
 from ..vision_tower.extraction import FeatureExtractor
 from .config import AppConfig, GenerationSettings
 from .session import WebSession
 from .shared import SharedModel
 
-__all__ = ["AppConfig", "AppEngine", "GenerationSettings", "ModelCard", "describe_model"]
+__all__ = ["AppConfig", "AppEngine", "GenerationSettings", "ModelCard", "NoSessionError", "describe_model"]
 
 logger = logging.getLogger(__name__)
 
 EXAMPLE_NAME = "synthetic_tumor"
 WORK_DIR_PREFIX = "chatexaonepath-app-"
 EXPIRED_REMEMBERED = 4096  # ids of ended sessions remembered, to tell a returning tab why its slide is gone
+
+
+class NoSessionError(ChatEXAONEPathError):
+    """A request names no live session of its caller (never started by the page, ended, or another login's)."""
+
+
+NO_SESSION = ("This page has no session on the server (it ended, or the request did not come from the page); "
+              "reload the page to start one.")
 
 
 @dataclass
@@ -105,7 +117,7 @@ class AppEngine(SharedModel):
             (Path(work_dir) / "pid").write_text(str(os.getpid()))
         self.work_dir = Path(work_dir)
         self._sessions: dict[str, WebSession] = {}
-        self._expired: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._expired: collections.OrderedDict[str, str | None] = collections.OrderedDict()  # id → its login
         self._example_lock = threading.Lock()
         self.example_ready = threading.Event()
         self._closing = threading.Event()
@@ -143,42 +155,92 @@ class AppEngine(SharedModel):
 
     # -- sessions ----------------------------------------------------------------------------------------
     def session(self, session_id: str) -> WebSession:
-        """The session of one browser tab, created on first use; every call counts as activity.
+        """A session for Python callers (no browser, no login), created on first use; every call counts as activity.
 
+        The page never uses this: it starts sessions with `start_session` and finds them with `resume_session`.
         Raises `ServerBusyError` when `max_sessions` are live and none has expired.
+        """
+        found = self.find_session(session_id)
+        if found is not None:
+            found.touch()
+            return found
+        return self.start_session(session_id)
+
+    def start_session(self, session_id: str, *, client: str | None = None, user: str | None = None) -> WebSession:
+        """The session of a page that just loaded, bound to its `client` address and `user` login.
+
+        Raises `ServerBusyError` past `max_sessions`, or past `max_sessions_per_client` for that address or
+        login; `NoSessionError` when the id is live under another login.
         """
         with self._lock:
             session = self._sessions.get(session_id)
-            if session is not None:
-                session.touch()
-                return session
-        self.expire_idle()
-        with self._lock:
-            session = self._sessions.get(session_id)
-            if session is None:
-                if len(self._sessions) >= self.config.max_sessions:
-                    raise ServerBusyError(
-                        f"The server is busy: {len(self._sessions)} people are using it, its limit "
-                        "(--max-sessions); try again in a few minutes.")
-                folder = self.work_dir / "sessions" / f"{len(self._sessions)}-{os.urandom(6).hex()}"
-                session = WebSession(self, folder, uploads_root=self.work_dir)
-                if session_id in self._expired:
-                    del self._expired[session_id]
-                    session.notice = (f"This session was idle for more than {self.config.session_idle_minutes:g} "
-                                      "minutes, so its slide and chat were cleared; load the slide again.")
-                self._sessions[session_id] = session
+        if session is not None:
+            if session.owner != user:
+                raise NoSessionError(NO_SESSION)
             session.touch()
             return session
-
-    def find_session(self, session_id: str) -> WebSession | None:
-        """The live session of a tab, or None (never creates one: for Stop, Cancel, redraws)."""
+        self.expire_idle()
         with self._lock:
-            return self._sessions.get(session_id)
+            if session_id in self._sessions:  # the same page's two events raced: one session
+                return self._sessions[session_id]
+            self._check_room(client, user)
+            folder = self.work_dir / "sessions" / f"{len(self._sessions)}-{os.urandom(6).hex()}"
+            session = WebSession(self, folder, uploads_root=self.work_dir, owner=user, client=client)
+            if session_id in self._expired and self._expired[session_id] == user:
+                del self._expired[session_id]
+                session.notice = (f"This session was idle for more than {self.config.session_idle_minutes:g} "
+                                  "minutes, so its slide and chat were cleared; load the slide again.")
+            self._sessions[session_id] = session
+        session.touch()
+        return session
 
-    def end_session(self, session_id: str) -> None:
-        """Forget a browser session and delete its uploads (called when the tab closes)."""
+    def _check_room(self, client: str | None, user: str | None) -> None:
+        """Refuse a new session past the server's cap, or past the per-client cap of its address or login."""
+        config = self.config
+        if len(self._sessions) >= config.max_sessions:
+            raise ServerBusyError(f"The server is busy: {len(self._sessions)} people are using it, its limit "
+                                  "(--max-sessions); try again in a few minutes.")
+        for what, key, value in (("this address", "client", client), ("this login", "owner", user)):
+            if value is None:
+                continue
+            held = sum(1 for s in self._sessions.values() if getattr(s, key) == value)
+            if held >= config.max_sessions_per_client:
+                raise ServerBusyError(
+                    f"{what.capitalize()} already has {held} sessions open, the most this server allows "
+                    "(--max-sessions-per-client); close another tab, or wait for an idle one to end.")
+
+    def resume_session(self, session_id: str, *, client: str | None = None, user: str | None = None) -> WebSession:
+        """The live session of a page for a request from it (counts as activity); a page whose session expired
+        gets a new one (with a notice). `NoSessionError` for an id no page of this login started."""
+        session = self.find_session(session_id, user)
+        if session is not None:
+            session.touch()
+            return session
         with self._lock:
-            session = self._sessions.pop(session_id, None)
+            expired = session_id in self._expired and self._expired[session_id] == user
+        if not expired:
+            raise NoSessionError(NO_SESSION)
+        return self.start_session(session_id, client=client, user=user)
+
+    def find_session(self, session_id: str, user: str | None = None) -> WebSession | None:
+        """The live session of a page of login `user`, or None (never creates one: for Stop, Cancel, redraws)."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+        return session if session is not None and session.owner == user else None
+
+    def has_session(self, client: str | None = None, user: str | None = None) -> bool:
+        """True when `client` (an address) or `user` (a login) has a live session: uploads need one."""
+        with self._lock:
+            return any((client is not None and s.client == client) or (user is not None and s.owner == user)
+                       for s in self._sessions.values())
+
+    def end_session(self, session_id: str, user: str | None = None) -> None:
+        """Forget a browser session of login `user` and delete its uploads (called when the tab closes)."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None or session.owner != user:
+                return
+            del self._sessions[session_id]
         if session is not None:
             session.close()
             release_memory()
@@ -189,9 +251,9 @@ class AppEngine(SharedModel):
         limit = self.config.session_idle_minutes * 60
         with self._lock:
             idle = [(sid, s) for sid, s in self._sessions.items() if now - s.last_active > limit and not s.busy]
-            for session_id, _ in idle:
+            for session_id, session in idle:
                 del self._sessions[session_id]
-                self._expired[session_id] = None
+                self._expired[session_id] = session.owner
             while len(self._expired) > EXPIRED_REMEMBERED:
                 self._expired.popitem(last=False)
         for _, session in idle:
@@ -241,7 +303,9 @@ class AppEngine(SharedModel):
             if not self.example_path.exists():
                 started = time.perf_counter()
                 size = self.config.example_size
-                make_synthetic_slide(self.example_path, "tumor", (size, size), mpp=0.25, seed=7)
+                # A temp name of its own: another app starting on the same cache may be writing it too.
+                atomic_write_with(self.example_path,
+                                  lambda tmp: make_synthetic_slide(tmp, "tumor", (size, size), mpp=0.25, seed=7))
                 logger.info("Made the example slide %s in %.1f s", self.example_path, time.perf_counter() - started)
         return self.example_path
 

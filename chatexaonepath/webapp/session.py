@@ -28,11 +28,11 @@ from ..chat.conversation import Turn
 from ..chat.regions import Region, SlideTurn, question_scope
 from ..chat.session import ChatSession
 from ..errors import ChatEXAONEPathError, MissingMppError, ServerBusyError
-from ..vision_tower.heatmap import AttendedPatch, render_heatmap, top_attended_patches
 from ..vision_tower.slide import Slide, open_slide
 from .config import GenerationSettings
 from .messages import is_out_of_memory, missing_mpp_message, user_message
 from .shared import SharedModel
+from .slide_view import SlideView, render_view
 from .uploads import take_upload
 
 __all__ = ["GenerationSettings", "LoadCancelled", "LoadProgress", "Reply", "SlideView", "WebSession",
@@ -40,7 +40,6 @@ __all__ = ["GenerationSettings", "LoadCancelled", "LoadProgress", "Reply", "Slid
 
 logger = logging.getLogger(__name__)
 
-VIEW_SIDE = 1024  # long side of the slide view in pixels
 
 
 class LoadCancelled(ChatEXAONEPathError):
@@ -64,26 +63,6 @@ class LoadProgress:
 
 
 @dataclass
-class SlideView:
-    """What the page shows of a loaded slide: thumbnail with tissue outline, heatmap, top patches."""
-
-    name: str
-    summary: str
-    outline: np.ndarray  # (H, W, 3) uint8 thumbnail with the tissue outline
-    heat: np.ndarray  # (H, W, 3) uint8 thumbnail with every patch fully tinted by its attention
-    covered: np.ndarray  # (H, W) bool, pixels inside a patch
-    patches: list[AttendedPatch] = field(default_factory=list)
-
-    def compose(self, show_heatmap: bool = True, opacity: float = 0.5) -> np.ndarray:
-        """The thumbnail, with the attention heatmap blended over the patches when `show_heatmap`."""
-        if not show_heatmap or opacity <= 0:
-            return self.outline
-        opacity = min(float(opacity), 1.0)
-        blended = (self.outline * (1.0 - opacity) + self.heat * opacity).round().astype(np.uint8)
-        return np.where(self.covered[..., None], blended, self.outline)
-
-
-@dataclass
 class Reply:
     """A finished (or stopped) answer."""
 
@@ -97,9 +76,11 @@ class Reply:
 class WebSession:
     """A browser session's slide and conversation; `close` deletes its uploads and frees its memory."""
 
-    def __init__(self, shared: SharedModel, folder: Path, *, uploads_root: Path | None = None) -> None:
+    def __init__(self, shared: SharedModel, folder: Path, *, uploads_root: Path | None = None,
+                 owner: str | None = None, client: str | None = None) -> None:
         self.shared = shared
         self.folder = folder
+        self.owner, self.client = owner, client  # the login and the address that started it (engine.py)
         self.uploads_root = uploads_root  # where the app's own copies of uploads live (deleted when refused)
         config = shared.config
         self.chat = ChatSession(shared.model, shared.extractor.config, features_dir=shared.features_dir,
@@ -111,7 +92,9 @@ class WebSession:
         self.stopped_turns: set[int] = set()  # indices of assistant turns cut short by Stop
         self.last_active = time.monotonic()  # the engine ends sessions idle for too long
         self.notice: str | None = None  # said once instead of "load a slide first" (e.g. after expiry)
+        self.claimed: Path | None = None  # an upload taken into the folder, not loaded yet
         self._busy = threading.RLock()  # one load or answer at a time within a session
+        self._files = threading.RLock()  # the folder's uploads: claims, discards, the disk budget
         self._cancel = threading.Event()
         self._stop = threading.Event()
         self._recent_work: collections.deque[float] = collections.deque()
@@ -173,19 +156,45 @@ class WebSession:
         return settings
 
     # -- slides --------------------------------------------------------------------------------------------
+    def claim_upload(self, upload: str | Path) -> Path:
+        """Move an upload into this session's folder now (checked for format and size), for `load_claimed`.
+
+        The page claims each upload as soon as it arrives, so only a scripted client's can sit unclaimed
+        in the shared upload folder (the app removes those after a few minutes).
+        """
+        upload = Path(upload)
+        with self._files:  # the disk budget is checked and the file moved as one step per session
+            self._check_open()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for replaced in (self.pending_path, self.claimed):  # a new upload replaces one not loaded yet
+                if replaced is not None:
+                    self._discard_upload(replaced)
+            self.pending_path = self.claimed = None
+            owned = self.uploads_root is not None and upload.resolve().is_relative_to(self.uploads_root.resolve())
+            self.claimed = take_upload(upload, self.folder, self.shared.config.upload_limits, owned=owned)
+            return self.claimed
+
+    def load_claimed(self, on_progress: Callable[[LoadProgress], None] | None = None) -> SlideView:
+        """Load the upload `claim_upload` took (see `load`)."""
+        self._cancel.clear()
+        with self._files:
+            path, self.claimed = self.claimed, None
+        if path is None:
+            raise ChatEXAONEPathError("There is no uploaded slide to load; upload one first.")
+        return self._load_upload(path, None, on_progress)
+
     def load_upload(self, upload: str | Path, mpp: float | None = None,
                     on_progress: Callable[[LoadProgress], None] | None = None) -> SlideView:
         """Take an uploaded file into the private folder and load it (see `load`)."""
-        upload = Path(upload)
-        self._check_open()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if self.pending_path is not None:  # a new upload replaces the one that waited for its µm/px
-            self._discard_upload(self.pending_path)
-            self.pending_path = None
-        owned = self.uploads_root is not None and upload.resolve().is_relative_to(self.uploads_root.resolve())
-        path = take_upload(upload, self.folder, self.shared.config.upload_limits, owned=owned)
+        self._cancel.clear()
+        path = self.claim_upload(upload)
+        with self._files:
+            self.claimed = None
+        return self._load_upload(path, mpp, on_progress)
+
+    def _load_upload(self, path: Path, mpp: float | None, on_progress) -> SlideView:
         try:
-            return self.load(path, mpp, on_progress)
+            return self._load(path, mpp, on_progress)
         except MissingMppError:
             raise  # kept as `pending_path`, to be loaded again with the µm/px the user enters
         except BaseException:
@@ -194,20 +203,24 @@ class WebSession:
 
     def load_pending(self, mpp: float, on_progress: Callable[[LoadProgress], None] | None = None) -> SlideView:
         """Load again the slide that lacked µm/px, now with `mpp`."""
+        self._cancel.clear()
         if self.pending_path is None:
             raise ChatEXAONEPathError("There is no slide waiting for its µm/px; upload one first.")
-        return self.load(self.pending_path, mpp, on_progress)
+        return self._load(self.pending_path, mpp, on_progress)
 
     def load(self, path: str | Path, mpp: float | None = None,
              on_progress: Callable[[LoadProgress], None] | None = None) -> SlideView:
         """Read a slide, extract (or reuse cached) features, start a new conversation, and draw the view.
 
         On failure the previous slide and conversation stay as they were; a slide lacking µm/px is
-        remembered as `pending_path`, so it can be loaded again with `mpp`.
+        remembered as `pending_path`, so it can be loaded again with `mpp`. The load holds a model slot
+        as a load (gate.py): it makes way for questions, and Cancel stops it, at each strip and slice.
         """
-        report = on_progress or (lambda progress: None)
-        path = Path(path)
         self._cancel.clear()
+        return self._load(Path(path), mpp, on_progress)
+
+    def _load(self, path: Path, mpp: float | None, on_progress) -> SlideView:
+        report = on_progress or (lambda progress: None)
         with self._busy:
             self.touch()
             self._admit()
@@ -216,19 +229,20 @@ class WebSession:
             with slide:
                 self._check_cancel()
                 fingerprint = slide.fingerprint()
-                same_slide = LoadProgress("waiting", "This slide is being prepared by another request; waiting "
-                                                     "for its features …")
-                busy_model = LoadProgress("waiting", "Waiting for the model (another request is running) …")
-                with self.shared.slide_lock(fingerprint, lambda: report(same_slide)), \
-                        self.shared.model_slot(lambda: report(busy_model)):
-                    self._check_cancel()
-                    report(LoadProgress("tissue", "Checking the feature cache, finding tissue, laying the patch "
-                                                  "grid …"))
+                # One message whatever is waited for: saying another request prepares this very slide
+                # would tell a user that somebody else loaded it.
+                waiting = LoadProgress("waiting", "Waiting for the model (another request is running) …")
+                with self.shared.slide_lock(fingerprint, lambda: report(waiting), self._check_cancel), \
+                        self.shared.model_slot(lambda: report(waiting), kind="load", cancelled=self._check_cancel) \
+                        as slot:
+                    slide.checkpoint = slot.make_way  # at each strip and slice: Cancel, and questions first
+                    report(LoadProgress("tissue", "Finding tissue and laying the patch grid …"))
                     previous_slide = self.chat.slide
                     loaded = self.chat.load_slide(slide, mpp, self._patch_progress(report))
                     report(LoadProgress("drawing", "Drawing the attention heatmap and the most-attended patches …"))
                     try:  # still under the model slot: drawing reads the slide, so decoding stays one at a time
-                        self.view = self._render(slide, loaded)
+                        self.view = render_view(slide, loaded, self.shared.extractor.config.tissue,
+                                                self.shared.config.top_patches)
                     except BaseException:
                         self.chat.slide = previous_slide  # the slide and the conversation go back together
                         raise
@@ -271,7 +285,8 @@ class WebSession:
         """Delete an uploaded slide (the folder `take_upload` made for it); other paths are left alone."""
         folder = self._upload_folder(path)
         if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+            with self._files:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _patch_progress(self, report: Callable[[LoadProgress], None]) -> Callable[[int, int], None]:
         started = time.perf_counter()
@@ -297,39 +312,6 @@ class WebSession:
     def cancel(self) -> None:
         """Cancel a load in progress (takes effect at the next batch of patches)."""
         self._cancel.set()
-
-    def _render(self, slide: Slide, loaded) -> SlideView:
-        features = loaded.features
-        side0 = int(features.attrs.get("patch_size_level0") or 0) or None
-        coords, attention = features.coords, loaded.attention
-        heat = np.asarray(render_heatmap(slide, coords, attention, patch_size_level0=side0, opacity=1.0,
-                                         max_side=VIEW_SIDE))
-        plain, downsample = slide.read_at_downsample(max(1.0, max(slide.dimensions) / VIEW_SIDE))
-        outline = self._outlined(slide, features, plain, downsample)
-        patches = top_attended_patches(slide, coords, attention, k=min(self.shared.config.top_patches, len(features)),
-                                       patch_size_level0=side0, size=side0 or 256)
-        width, height = slide.dimensions
-        cache_note = "features from the cache" if not loaded.extracted else "features extracted"
-        summary = (f"{slide.slide_id} — {width:,}×{height:,} px at {slide.mpp:.3g} µm/px "
-                   f"({slide.vendor}); {len(features)} patches of {features.attrs.get('patch_size', '?')} px at "
-                   f"{features.attrs.get('target_mpp', '?')} µm/px; {cache_note}.")
-        return SlideView(slide.slide_id, summary, outline, heat, (heat != plain).any(axis=-1), patches)
-
-    def _outlined(self, slide: Slide, features, plain: np.ndarray, downsample: float) -> np.ndarray:
-        """The thumbnail with the tissue outline: the extractor's own, else segmented again."""
-        import cv2
-
-        thumbnail = features.path.parent / "thumbnails" / f"{slide.slide_id}.png" if features.path else None
-        if thumbnail is not None and thumbnail.exists():
-            image = cv2.imread(str(thumbnail), cv2.IMREAD_COLOR)
-            if image is not None:
-                image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-                if image.shape[:2] != plain.shape[:2]:
-                    image = cv2.resize(image, (plain.shape[1], plain.shape[0]), interpolation=cv2.INTER_AREA)
-                return image
-        from ..vision_tower.tissue import draw_tissue_outline, segment_tissue
-
-        return draw_tissue_outline(plain, segment_tissue(slide, self.shared.extractor.config.tissue), downsample)
 
     # -- chat ----------------------------------------------------------------------------------------------
     @property

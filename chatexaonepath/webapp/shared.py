@@ -4,22 +4,23 @@
 registry of live sessions. Sessions depend on this module, the engine on both, so neither imports
 the other.
 
-A semaphore sized like the Gradio queue's concurrency limit guards the model, so work started
-outside Gradio (the example warm-up, a benchmark) queues the same way; a per-slide lock keeps two
-sessions from extracting one slide at once.
+A gate of as many slots as the Gradio queue's concurrency limit guards the model (gate.py), so work
+started outside Gradio (the example warm-up, a benchmark, the viewer's tiles) queues the same way,
+and questions go before loads; a per-slide lock keeps two sessions from extracting one slide at once.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 from ..assets import private_dir, user_cache_dir
 from ..vision_tower.extraction import FeatureExtractor
 from .config import AppConfig, GenerationSettings
+from .gate import POLL_SECONDS, ModelGate, Slot
 from .tiles import TileRegistry
 
 logger = logging.getLogger(__name__)
@@ -36,26 +37,26 @@ class SharedModel:
         self.features_dir = private_dir(Path(features_dir) if features_dir else user_cache_dir() / "features")
         self.default_settings = GenerationSettings(self.config.temperature, self.config.max_new_tokens,
                                                    model.config.system_prompt)
-        self._model_slot = threading.Semaphore(self.config.concurrency)
+        self.gate = ModelGate(self.config.concurrency)
         self._lock = threading.Lock()
         self._slide_locks: dict[str, list] = {}  # fingerprint → [lock, users]
-        self.tiles = TileRegistry()  # the deep-zoom tiles of each session's slide (viewer.py serves them)
+        # the deep-zoom tiles of each session's slide (viewer.py serves them); a whole-level read for them
+        # (a flat slide's overview) takes a slot like a load
+        self.tiles = TileRegistry(reading=lambda cancelled: self.model_slot(kind="load", cancelled=cancelled))
+
+    def model_slot(self, on_wait: Callable[[], None] | None = None, *, kind: str = "answer",
+                   cancelled: Callable[[], None] | None = None) -> AbstractContextManager[Slot]:
+        """Hold one of the model's `concurrency` slots for an `answer` or a `load` (gate.py); `on_wait` is called
+        first if none is free, `cancelled()` (which may raise) while waiting."""
+        return self.gate.hold(kind, on_wait, cancelled)
 
     @contextmanager
-    def model_slot(self, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-        """Hold one of the model's `concurrency` slots; `on_wait` is called first if none is free."""
-        if not self._model_slot.acquire(blocking=False):
-            if on_wait is not None:
-                on_wait()
-            self._model_slot.acquire()
-        try:
-            yield
-        finally:
-            self._model_slot.release()
+    def slide_lock(self, fingerprint: str, on_wait: Callable[[], None] | None = None,
+                   cancelled: Callable[[], None] | None = None) -> Iterator[None]:
+        """Only one session extracts a given slide; the next one then finds its features cached.
 
-    @contextmanager
-    def slide_lock(self, fingerprint: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-        """Only one session extracts a given slide; the next one then finds its features cached."""
+        While waiting, `cancelled()` is called every few tenths of a second and may raise (Cancel).
+        """
         with self._lock:
             entry = self._slide_locks.setdefault(fingerprint, [threading.Lock(), 0])
             entry[1] += 1  # users holding or waiting; the entry goes when the last one leaves
@@ -64,7 +65,9 @@ class SharedModel:
             if not lock.acquire(blocking=False):
                 if on_wait is not None:
                     on_wait()
-                lock.acquire()
+                while not lock.acquire(timeout=POLL_SECONDS):
+                    if cancelled is not None:
+                        cancelled()
             try:
                 yield
             finally:

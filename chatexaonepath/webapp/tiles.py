@@ -8,7 +8,11 @@ Tiles come from `openslide.deepzoom.DeepZoomGenerator` for every format the app 
 handles with a dense pyramid go to it directly; everything else — PNG/JPEG, flat TIFFs, and slides
 whose pyramid has big gaps or no small level — goes through `SlidePyramid`, power-of-two levels whose
 reads stay bounded: a tile never reads more than `READ_PIXELS` from the file, whatever the file (the
-coarse levels come from one level kept in memory, read once in strips).
+coarse levels come from one level kept in memory, read once in strips, under a model slot like a load,
+and stopped when the slide stops being shown).
+
+At most `MAX_OPEN_SLIDES` slides are held open, counted where a slide is opened (publishing one opens
+it to find its tissue outline and geometry): opening one more closes the least recently used.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import math
 import secrets
 import threading
 import weakref
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Callable, Iterator
 
 import numpy as np
@@ -61,9 +65,10 @@ class SlidePyramid(openslide.AbstractSlide):
     when no finer held level exists (a huge flat TIFF far out of the zoom range it can serve quickly).
     """
 
-    def __init__(self, slide: Slide) -> None:
+    def __init__(self, slide: Slide, reading: Callable[[], AbstractContextManager] | None = None) -> None:
         super().__init__()
         self._slide = slide
+        self._reading = reading or nullcontext  # what a whole-level read holds (a model slot) while it runs
         width, height = slide.dimensions
         dims = [(width, height)]
         while max(dims[-1]) > TILE_SIZE:
@@ -131,7 +136,14 @@ class SlidePyramid(openslide.AbstractSlide):
 
     def _held_level(self, level: int) -> np.ndarray:
         with self._lock:
-            return self._build_held(level)
+            if level in self._held:
+                return self._held[level]
+            with self._reading() as slot:  # a read of a whole level: in turn with loads, making way for answers
+                self._slide.checkpoint = getattr(slot, "make_way", None)
+                try:
+                    return self._build_held(level)
+                finally:
+                    self._slide.checkpoint = None
 
     def _build_held(self, level: int) -> np.ndarray:
         if level not in self._held:
@@ -205,11 +217,13 @@ class TileCache:
 class SlideTiles:
     """One published slide: its secrets, its deep-zoom geometry, and its tiles (opened lazily, closable at any time)."""
 
-    def __init__(self, opener: Callable[[], Slide], cache: TileCache, alive: Callable[[], bool] = lambda: True) -> None:
+    def __init__(self, opener: Callable[[], Slide], cache: TileCache, alive: Callable[[], bool] = lambda: True,
+                 on_open: Callable[["SlideTiles"], None] = lambda tiles: None,
+                 reading: Callable[[Callable[[], None]], AbstractContextManager] | None = None) -> None:
         self.token = secrets.token_urlsafe(24)
         self.key = secrets.token_urlsafe(24)
         self.alive = alive
-        self._opener, self._cache = opener, cache
+        self._opener, self._cache, self._on_open, self._reading_slot = opener, cache, on_open, reading
         self._slide: Slide | None = None
         self._generator: DeepZoomGenerator | None = None
         self._source: openslide.AbstractSlide | None = None
@@ -230,10 +244,13 @@ class SlideTiles:
         with self._state:
             if self.revoked:
                 raise TileNotFound("This slide is no longer shown.")
-            if self._generator is None:
+            opened = self._generator is None
+            if opened:
                 self._open()
             self._readers += 1
             generator = self._generator
+        if opened:  # outside this slide's lock: it may close other slides, whose readers may be opening theirs
+            self._on_open(self)
         try:
             yield generator
         finally:
@@ -246,7 +263,7 @@ class SlideTiles:
         slide = self._opener()
         try:
             handle = slide.handle
-            source = handle if _dense_pyramid(handle) else SlidePyramid(slide)
+            source = handle if _dense_pyramid(handle) else SlidePyramid(slide, self._whole_level_slot)
             self._generator = DeepZoomGenerator(source, TILE_SIZE, TILE_OVERLAP, limit_bounds=False)
             colour = source.properties.get(openslide.PROPERTY_NAME_BACKGROUND_COLOR, "ffffff")
             self._background = tuple(int(colour[i:i + 2], 16) for i in (0, 2, 4)) if len(colour) == 6 else (255,) * 3
@@ -255,6 +272,16 @@ class SlideTiles:
             raise
         self._slide, self._source = slide, source
         logger.debug("Opened %s for tiles (%s)", slide.slide_id, type(source).__name__)
+
+    def _whole_level_slot(self) -> AbstractContextManager:
+        """What a whole-level read of this slide holds: a model slot, given up when the slide stops being shown."""
+        if self._reading_slot is None:
+            return nullcontext()
+        return self._reading_slot(self._check_shown)
+
+    def _check_shown(self) -> None:
+        if self.revoked:
+            raise TileNotFound("This slide is no longer shown.")
 
     def _close(self) -> None:
         if self._slide is not None:
@@ -401,9 +428,11 @@ def _jpeg(image: Image.Image) -> bytes:
 class TileRegistry:
     """The published slides of all sessions: look-ups by token and key, at most `max_open` slides held open."""
 
-    def __init__(self, cache_bytes: int = CACHE_BYTES, max_open: int = MAX_OPEN_SLIDES) -> None:
+    def __init__(self, cache_bytes: int = CACHE_BYTES, max_open: int = MAX_OPEN_SLIDES,
+                 reading: Callable[[Callable[[], None]], AbstractContextManager] | None = None) -> None:
         self.cache = TileCache(cache_bytes)
         self.max_open = max_open
+        self._reading = reading  # `reading(cancelled)`: what a whole-level read holds (SharedModel: a model slot)
         self._by_token: dict[str, SlideTiles] = {}
         self._by_owner: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()  # owner → token
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -412,7 +441,7 @@ class TileRegistry:
     def publish(self, owner: object, opener: Callable[[], Slide],
                 alive: Callable[[], bool] = lambda: True) -> SlideTiles:
         """Publish `owner`'s slide under new secrets; the slide it showed before stops being served."""
-        tiles = SlideTiles(opener, self.cache, alive)
+        tiles = SlideTiles(opener, self.cache, alive, on_open=self._note_use, reading=self._reading)
         with self._lock:
             previous = self._by_owner.get(owner)
             self._by_owner[owner] = tiles.token

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import html
 import logging
+import math
+import re
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +39,7 @@ MAX_PATCH_SIDE = 1024  # a patch shown on click: full resolution up to this side
 MAX_OUTLINE_POINTS = 20_000
 NO_STORE = {"Cache-Control": "no-store"}
 KEEP = {"Cache-Control": "private, max-age=86400"}  # URLs hold an unguessable token: safe to keep
+_PATH_INT = re.compile(r"[0-9]{1,9}")
 
 
 def library_installed() -> bool:
@@ -107,6 +110,31 @@ def _tissue_outline(slide, config) -> list[dict]:
     return out
 
 
+MAX_REGION_CHARS = 64  # "x,y,w,h" of the largest slide is under 45 characters
+MAX_COORDINATE = 10**9  # level-0 pixels: no slide is this wide
+
+
+def page_region(value) -> Region:
+    """A region from the page or a scripted client ("x,y,w,h" or four numbers), any malformed value one sentence.
+
+    Bounded before it is parsed: a 5,000-digit string or 1e309 would otherwise escape as ValueError or
+    OverflowError (an HTTP 500) instead of a message.
+    """
+    problem = ChatEXAONEPathError(f"A region is four whole numbers x,y,w,h in level-0 pixels (e.g. "
+                                  f"4096,2048,1024,1024), got {str(value)[:40]!r}.")
+    if isinstance(value, str):
+        if len(value) > MAX_REGION_CHARS:
+            raise problem
+        return Region.parse(value)
+    try:
+        numbers = [float(v) for v in value]
+    except (TypeError, ValueError, OverflowError) as e:
+        raise problem from e
+    if len(numbers) != 4 or not all(math.isfinite(v) and abs(v) <= MAX_COORDINATE for v in numbers):
+        raise problem
+    return Region.of([round(v) for v in numbers])
+
+
 def viewer_update(registry: TileRegistry, session: "WebSession | None", **changes) -> dict | None:
     """The session's current viewer config with `changes` (region, goto); None when it shows no slide."""
     tiles = registry.published(session) if session is not None else None
@@ -175,8 +203,10 @@ def viewer_routes(registry: TileRegistry) -> list["BaseRoute"]:
 
     def answer(request, make) -> Response:
         try:
-            tiles = registry.find(request.path_params["token"], request.cookies.get(COOKIE))
-            body = make(tiles, request.path_params)
+            params = {name: _path_int(value) if name != "token" else value
+                      for name, value in request.path_params.items()}
+            tiles = registry.find(params["token"], request.cookies.get(COOKIE))
+            body = make(tiles, params)
         except TileNotFound:
             return PlainTextResponse("Not found.", 404, headers=NO_STORE)
         except TileForbidden:
@@ -199,15 +229,24 @@ def viewer_routes(registry: TileRegistry) -> list["BaseRoute"]:
             raise TileNotFound("An empty region has no picture.")
         return tiles.region(params["x"], params["y"], params["w"], params["h"], THUMBNAIL_SIDE)
 
+    # Numbers are taken as text and read by `_path_int`: Starlette's `int` converter turns a 5,000-digit
+    # level into an exception (HTTP 500) instead of a missing tile.
     prefix = "/viewer/s/{token}"
     return [
         Mount("/viewer/static", app=StaticFiles(directory=STATIC_DIR, check_dir=False), name="viewer-static"),
-        Route(prefix + "/tiles/{level:int}/{col:int}_{row:int}.jpeg",
+        Route(prefix + "/tiles/{level}/{col}_{row}.jpeg",
               lambda r: answer(r, lambda t, p: t.tile(p["level"], p["col"], p["row"]))),
         Route(prefix + "/overlay.json", lambda r: answer(r, lambda t, p: t.overlay)),
-        Route(prefix + "/patch/{index:int}.jpeg", lambda r: answer(r, patch)),
-        Route(prefix + "/region/{x:int},{y:int},{w:int},{h:int}.jpeg", lambda r: answer(r, region)),
+        Route(prefix + "/patch/{index}.jpeg", lambda r: answer(r, patch)),
+        Route(prefix + "/region/{x},{y},{w},{h}.jpeg", lambda r: answer(r, region)),
     ]
+
+
+def _path_int(text: str) -> int:
+    """A whole number from a URL: up to 9 digits (a slide is never 10^9 px wide), else no such tile (404)."""
+    if not _PATH_INT.fullmatch(text):
+        raise TileNotFound(f"{text[:20]!r} is not a tile coordinate.")
+    return int(text)
 
 
 # -- the page's component ----------------------------------------------------------------------------
@@ -267,7 +306,7 @@ class ViewerHandlers:
         """A rectangle drawn on the viewer (or its current view) becomes the next question's region."""
         data = getattr(event, "_data", None) or {}
         try:
-            region = Region.of(data.get("region"))
+            region = page_region(data.get("region"))
         except ChatEXAONEPathError:
             return gr.skip(), gr.skip()
         return str(region), viewer_update(self.engine.tiles, self._session(request), region=list(region.as_tuple()))
@@ -275,7 +314,7 @@ class ViewerHandlers:
     def region_typed(self, text: str, request: gr.Request):
         """A region typed into the box is drawn on the viewer (an unreadable one is left to the question's check)."""
         try:
-            region = Region.parse(text) if text and text.strip() else None
+            region = page_region(text) if text and text.strip() else None
         except ChatEXAONEPathError:
             return gr.skip()
         rect = None if region is None else list(region.as_tuple())

@@ -3,7 +3,8 @@
 from types import SimpleNamespace
 
 from chatexaonepath.chat.session import DEFAULT_NO_REPEAT_NGRAM_SIZE, DEFAULT_REPETITION_PENALTY
-from chatexaonepath.webapp.ui import _Handlers, build_demo
+from chatexaonepath.webapp.handlers import PageHandlers
+from chatexaonepath.webapp.ui import build_demo
 
 
 def tab(name):
@@ -17,7 +18,8 @@ def test_the_sliders_start_at_the_guards_and_a_change_reaches_that_tabs_chat_onl
                ("repetition-penalty", "no-repeat-ngram")}
     assert sliders["repetition-penalty"].value == DEFAULT_REPETITION_PENALTY
     assert sliders["no-repeat-ngram"].value == DEFAULT_NO_REPEAT_NGRAM_SIZE
-    handlers = _Handlers(engine)
+    handlers = PageHandlers(engine)
+    handlers.start(tab("a"))
     handlers.set_repetition_guards(1.0, 0, tab("a"))  # off, for this tab
     assert (engine.session("a").chat.repetition_penalty, engine.session("a").chat.no_repeat_ngram_size) == (1.0, 0)
     other = engine.session("b").chat

@@ -16,7 +16,7 @@ from chatexaonepath.webapp.cli import is_loopback, main, network_warning
 from chatexaonepath.webapp.config import GenerationSettings
 from chatexaonepath.webapp.messages import redact_paths, user_message
 from chatexaonepath.webapp.session import LoadCancelled
-from chatexaonepath.webapp.ui import _Handlers
+from chatexaonepath.webapp.handlers import PageHandlers
 from tests.webapp.conftest import gradio_upload
 
 WEBAPP = Path(__file__).resolve().parents[2] / "chatexaonepath" / "webapp"
@@ -70,10 +70,11 @@ def test_beyond_the_session_cap_new_visitors_are_told_and_others_keep_working(ma
     first.load(slides["tumor"])
     with pytest.raises(ServerBusyError, match=r"2 people are using it, its limit \(--max-sessions\); try again"):
         engine.session("c")
-    handlers = _Handlers(engine)
+    handlers = PageHandlers(engine)
+    assert "busy" in handlers.start(tab("c")) and "data-error" in handlers.start(tab("c"))  # told when the page loads
     status, *_ = list(handlers.load_example(True, 0.5, tab("c")))[-1]
-    assert "busy" in status and "data-error" in status
-    assert "busy" in list(handlers.ask("Hello?", 0.0, 8, "", tab("c")))[-1][2]
+    assert "reload the page" in status and "data-error" in status  # and nothing was made for it meanwhile
+    assert "reload the page" in list(handlers.ask("Hello?", 0.0, 8, "", tab("c")))[-1][2]
     assert first.ask("What is the diagnosis?").text is not None and engine.session("b") is second
     engine.end_session("b")
     assert engine.session("c") is not None
@@ -113,9 +114,11 @@ def test_what_the_page_limits_is_refused_by_the_server_too(make_engine, slides, 
 
 
 def test_out_of_range_numbers_from_a_scripted_client_are_one_sentence(make_engine):
-    handlers = _Handlers(make_engine())
+    handlers = PageHandlers(make_engine())
+    handlers.start(tab())
     for temperature, tokens, expected in ((5.0, 8, "Temperature must be between 0 and 2"),
-                                          (math.nan, 8, "Temperature"), (0.0, math.inf, "whole number")):
+                                          (math.nan, 8, "Temperature"), (0.0, math.inf, "Max new tokens must be"),
+                                          ("hot", 8, "Temperature must be a number"), (0.0, "9" * 5000, "Max new")):
         assert expected in list(handlers.ask("Grade?", temperature, tokens, "", tab()))[-1][2]
     status = list(handlers.load_with_mpp(50.0, True, 0.5, tab()))[-1][0]
     assert "between 0.05 and 10" in status

@@ -1,12 +1,14 @@
 """The page's handlers called directly (no browser): what each event shows, errors included."""
 
+import time
 from types import SimpleNamespace
 
 import gradio as gr
 import pytest
 import torch
 
-from chatexaonepath.webapp.ui import _Handlers, build_demo, example_questions, progress_html
+from chatexaonepath.webapp.handlers import PageHandlers
+from chatexaonepath.webapp.ui import build_demo, example_questions, progress_html
 from chatexaonepath.webapp.session import LoadProgress
 
 
@@ -16,6 +18,14 @@ def tab(name="tab"):
 
 def last(events):
     return list(events)[-1]
+
+
+def opened(engine, *names):
+    """The page's handlers, with the page of each tab `names` loaded (which starts its session)."""
+    handlers = PageHandlers(engine)
+    for name in names or ("tab",):
+        assert handlers.start(tab(name)) == ""
+    return handlers
 
 
 def test_the_page_is_built_from_the_engine_with_analytics_off(make_engine):
@@ -33,7 +43,7 @@ def test_progress_shows_counts_rate_and_estimate():
 
 def test_out_of_memory_while_loading_is_a_message_and_the_next_load_works(make_engine, monkeypatch):
     engine = make_engine()
-    handlers = _Handlers(engine)
+    handlers = opened(engine)
     session = engine.session("tab")
     real_load = session.chat.load_slide
 
@@ -49,7 +59,7 @@ def test_out_of_memory_while_loading_is_a_message_and_the_next_load_works(make_e
 
 
 def test_chat_handlers_explain_what_is_missing(make_engine):
-    handlers = _Handlers(make_engine())
+    handlers = opened(make_engine())
     settings = (0.0, 8, "")
     assert last(handlers.ask("  ", *settings, tab()))[2] == "Type a question first."
     chatbot, question, status = last(handlers.ask("What is it?", *settings, tab()))
@@ -59,7 +69,7 @@ def test_chat_handlers_explain_what_is_missing(make_engine):
 
 def test_ask_streams_then_retry_replaces_the_answer(make_engine):
     engine = make_engine()
-    handlers = _Handlers(engine)
+    handlers = opened(engine)
     last(handlers.load_example(True, 0.5, tab()))
     updates = list(handlers.ask("What is the diagnosis?", 0.0, 8, "", tab()))
     assert updates[0][0][-1] == {"role": "assistant", "content": "…"} and updates[0][1] == ""
@@ -73,7 +83,7 @@ def test_ask_streams_then_retry_replaces_the_answer(make_engine):
 @pytest.mark.parametrize("show, opacity", [(True, 0.5), (False, 0.5)])
 def test_heatmap_controls_redraw_from_the_session_view(make_engine, show, opacity):
     engine = make_engine()
-    handlers = _Handlers(engine)
+    handlers = opened(engine)
     assert handlers.recompose(show, opacity, tab()) == gr.skip()  # nothing loaded yet
     last(handlers.load_example(True, 0.5, tab()))
     image = handlers.recompose(show, opacity, tab())
@@ -82,12 +92,14 @@ def test_heatmap_controls_redraw_from_the_session_view(make_engine, show, opacit
 
 def test_leaving_mid_answer_stops_the_generation(make_engine):
     engine = make_engine(max_new_tokens=400)
-    handlers = _Handlers(engine)
+    handlers = opened(engine)
     last(handlers.load_example(True, 0.5, tab()))
     events = handlers.ask("Describe the slide in detail.", 0.0, 400, "", tab())
     next(events)  # the question is on the page, the model is already answering
     events.close()  # the tab closed
-    assert engine._model_slot.acquire(timeout=30)  # the model is free again, well before 400 tokens
-    engine._model_slot.release()
+    deadline = time.monotonic() + 30
+    while engine.gate.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.gate.active == 0  # the model is free again, well before 400 tokens
     session = engine.session("tab")
     assert session.stopped_turns == {1} and session.messages()[-1]["content"].endswith("*(stopped)*")
