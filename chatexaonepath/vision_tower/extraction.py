@@ -326,12 +326,13 @@ class _Slicer:
 
     def encode(self, encode: Callable[[torch.Tensor], torch.Tensor], patches: torch.Tensor,
                checkpoint: Callable[[], None]) -> torch.Tensor:
-        pieces = []
-        for begin in range(0, len(patches), self.size):
+        pieces, begin = [], 0
+        while begin < len(patches):  # the slice size adapts as it goes: no precomputed range
             checkpoint()
             started = time.perf_counter()
             piece = patches[begin:begin + self.size]
             pieces.append(encode(piece))
+            begin += len(piece)
             per_patch = (time.perf_counter() - started) / len(piece)
             self.size = max(1, min(self.batch_size, int(CHECKPOINT_SECONDS / max(per_patch, 1e-6))))
         return torch.cat(pieces)

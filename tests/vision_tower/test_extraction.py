@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from chatexaonepath.vision_tower.batch import extract_slides
 from chatexaonepath.vision_tower.extraction import ExtractConfig, FeatureExtractor
@@ -88,3 +89,21 @@ def test_bad_settings_are_one_sentence_errors():
             ExtractConfig(encoder="random-vit-b16", **bad)
     with pytest.raises(ChatEXAONEPathError, match="not a device"):
         FeatureExtractor(ExtractConfig(encoder="random-vit-b16", device="foo"))
+
+
+def test_with_a_checkpoint_batches_are_encoded_in_slices_that_call_it(slides, tiny_encoder, monkeypatch):
+    """A load that can be cancelled encodes in slices of about CHECKPOINT_SECONDS, each one after a checkpoint,
+    with the same features as whole batches."""
+    from chatexaonepath.vision_tower import extraction
+    from chatexaonepath.vision_tower.slide import open_slide
+
+    extractor = FeatureExtractor(ExtractConfig(encoder=tiny_encoder.name, num_workers=0, batch_size=8), tiny_encoder)
+    with open_slide(slides["tumor"]) as slide:
+        _, grid = extractor.prepare(slide)
+        whole = torch.cat([f for _, f in extractor.iter_features(slide, grid)])
+        monkeypatch.setattr(extraction, "CHECKPOINT_SECONDS", 1e-9)  # every slice a single patch
+        calls = []
+        slide.checkpoint = lambda: calls.append(1)
+        sliced = torch.cat([f for _, f in extractor.iter_features(slide, grid)])
+    assert len(calls) == 1 + (len(grid) - 8) and sliced.shape == whole.shape  # one whole slice, then one each
+    torch.testing.assert_close(sliced, whole, atol=1e-4, rtol=1e-4)
