@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(help="Seven-criteria LLM-judge evaluation of answers against reports.", no_args_is_help=True)
+app = typer.Typer(help="Evaluation: the seven-criteria LLM judge, closed-ended benchmark accuracy, baselines without "
+                       "the slide, and pathologists' grades beside the judge's.", no_args_is_help=True)
 
 Judge = Annotated[str, typer.Option("--judge", help="Judge LLM: openai:MODEL@URL (vLLM, llama.cpp…), ollama:MODEL "
                                                     "(e.g. ollama:llama3.1:70b-instruct) or local:embedded.")]
@@ -29,6 +30,16 @@ MaxRepairs = Annotated[int, typer.Option("--max-repairs", help="Re-asks after an
 Structured = Annotated[bool, typer.Option("--structured-output/--free-text", help="Send the verdict's JSON schema "
                                            "(response_format) to the judge server; servers that refuse it get free text.")]
 RetryErrors = Annotated[bool, typer.Option("--retry-errors", help="Judge again the answers whose judge reply was unusable.")]
+Baselines = Annotated[Optional[str], typer.Option("--baselines", help="Also answer without the slide: blind (no visual "
+                                                "tokens), shuffled (another test slide's), or blind,shuffled.")]
+PatientMap = Annotated[Optional[Path], typer.Option("--patient-map", help="CSV slide_id,patient_id for non-TCGA ids "
+                                                    "(TCGA ids give their patient themselves).")]
+Strict = Annotated[bool, typer.Option("--strict", help="Refuse to run when a test patient was seen in training (or the "
+                                                       "checkpoint does not record its training patients).")]
+RepetitionPenalty = Annotated[Optional[float], typer.Option("--repetition-penalty", help="Default: what the app and "
+                                                            "`chat` use (the LLM's own, else 1.15).")]
+NoRepeat = Annotated[Optional[int], typer.Option("--no-repeat-ngram-size", help="Default: what the app and `chat` use "
+                                                 "(the LLM's own, else 6).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; errors only.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")]
 
@@ -40,6 +51,19 @@ def _judge_config(votes: int, temperature: float | None, per_criterion: bool, co
     return JudgeConfig(votes=votes, temperature=temperature, per_criterion=per_criterion, concurrency=concurrency,
                        timeout=timeout, retries=retries, max_report_chars=max_report_chars, max_tokens=max_tokens,
                        max_repairs=max_repairs, structured_output=structured_output)
+
+
+def _condition_bars(progress, unit: str):
+    """A progress callback (condition, done, total) that keeps one bar per answering condition."""
+    tasks: dict[str, object] = {}
+
+    def update(condition: str, done: int, total: int) -> None:
+        if condition not in tasks:
+            tasks[condition] = progress.add_task(unit if condition == "model" else f"{unit} ({condition})",
+                                                 total=total, unit=unit)
+        progress.update(tasks[condition], completed=done, total=total)
+
+    return update
 
 
 def _print_summary(summary: dict, out: Path) -> None:
@@ -57,8 +81,12 @@ def _print_summary(summary: dict, out: Path) -> None:
                       f"{c['n_passed']} / {c['n']}", str(c["n_errors"]))
     console.print(table)
     console.print(f"{summary['n_accepted']} of {summary['n_judged']} decided answers accepted "
-                  f"(rule: {summary['acceptance_rule']}); judge errors {summary['n_judge_errors']}, "
-                  f"flagged {summary['n_flagged']}, skipped {summary['n_skipped']}. Report: {out / 'report.md'}")
+                  f"(rule: {summary['acceptance_rule']}); undecided {summary['n_undecided']}, judge errors "
+                  f"{summary['n_judge_errors']}, flagged {summary['n_flagged']}, skipped {summary['n_skipped']}. "
+                  f"Report: {out / 'report.md'}")
+    dependence = (summary.get("slide_dependence") or {}).get("overall") or {}
+    if dependence.get("difference") is not None:
+        console.print(f"Slide dependence (model − blind acceptance): {100 * dependence['difference']:+.1f} pp.")
 
 
 @app.command("run")
@@ -76,12 +104,14 @@ def run(
     criteria: Criteria = None, accept: Accept = "major", votes: Votes = 1, temperature: Temperature = None,
     per_criterion: PerCriterion = False, concurrency: Concurrency = 8, timeout: Timeout = 120.0, retries: Retries = 3,
     max_report_chars: MaxReport = 6000, judge_max_tokens: JudgeMaxTokens = 768, max_repairs: MaxRepairs = 2,
-    structured_output: Structured = True, retry_errors: RetryErrors = False, quiet: Quiet = False,
-    verbose: Verbose = False,
+    structured_output: Structured = True, retry_errors: RetryErrors = False, baselines: Baselines = None,
+    patient_map: PatientMap = None, strict: Strict = False, repetition_penalty: RepetitionPenalty = None,
+    no_repeat_ngram_size: NoRepeat = None, quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Answer every test question with a checkpoint, then judge the answers against the reports (resumable).
 
     The test features must be made like the checkpoint's training features (its feature_provenance).
+    Answers are decoded as the app and `chat` decode by default.
     """
     from ..progress import progress_bar, setup_logging
     from .answers import GenerateConfig
@@ -91,15 +121,16 @@ def run(
     config = GenerateConfig(model=str(model), data=str(data), features=str(features) if features else None,
                             reports=str(reports) if reports else None, batch_size=batch_size,
                             max_new_tokens=max_new_tokens, stain_norm=stain_norm,
-                            allow_feature_mismatch=allow_feature_mismatch)
+                            allow_feature_mismatch=allow_feature_mismatch, repetition_penalty=repetition_penalty,
+                            no_repeat_ngram_size=no_repeat_ngram_size)
     judge_config = _judge_config(votes, temperature, per_criterion, concurrency, timeout, retries, max_report_chars,
                                  judge_max_tokens, max_repairs, structured_output)
     with progress_bar(quiet) as progress:
-        answering = progress.add_task("answers", total=None, unit="answers")
+        answering = _condition_bars(progress, "answers")
         judging = progress.add_task("verdicts", total=None, unit="verdicts", start=False)
         result = run_eval(config, out, judge, criteria=criteria, rule=accept, judge_config=judge_config,
-                          retry_errors=retry_errors,
-                          answer_progress=lambda done, total: progress.update(answering, completed=done, total=total),
+                          retry_errors=retry_errors, baselines=baselines or (), patient_map=patient_map, strict=strict,
+                          answer_progress=answering,
                           judge_progress=lambda done, total: (progress.start_task(judging),
                                                               progress.update(judging, completed=done, total=total)))
     if not quiet:
@@ -141,8 +172,9 @@ def compare(
     runs: Annotated[list[Path], typer.Argument(help="Run folders (each with a summary.json).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for compare.md and compare.png.")] = Path("eval_compare"),
 ) -> None:
-    """Side-by-side acceptance and per-criterion pass rates of several runs (markdown table and chart)."""
-    from .report import write_comparison
+    """Runs side by side: acceptance (rule, undecided, criteria, slide dependence, judge–human κ) or closed-ended
+    accuracy with its baselines (markdown table and chart)."""
+    from .compare import write_comparison
 
     markdown, md, png = write_comparison(runs, out)
     typer.echo(markdown)
@@ -159,3 +191,54 @@ def show_criteria(criteria: Criteria = None) -> None:
         typer.echo(f"{c.id} [{c.severity}] {c.name}: {c.definition}")
     if loaded.precheck_criterion:
         typer.echo(f"(answers flagged by the pre-check fail: {loaded.precheck_criterion})")
+
+
+@app.command("closed")
+def closed(
+    data: Annotated[list[Path], typer.Option("--data", help="Closed-ended test file(s): WSI-Bench *_choice_test.json / "
+                                             "*_TF_question_test.json, SlideBench-VQA CSV, or LLaVA JSON/JSONL with options.")],
+    out: Out,
+    model: Annotated[Optional[Path], typer.Option("--model", help="A checkpoint that answers every question.")] = None,
+    features: Annotated[Optional[Path], typer.Option("--features", help="Folder of the test slides' features (with --model).")] = None,
+    answers: Annotated[Optional[Path], typer.Option("--answers", help="Or: another system's answers, JSONL {id, answer}.")] = None,
+    baselines: Baselines = None, patient_map: PatientMap = None, strict: Strict = False,
+    instruction: Annotated[str, typer.Option(help="Text appended to every question (e.g. \"Answer with the option's letter.\").")] = "",
+    batch_size: Annotated[int, typer.Option(help="Questions answered per generation batch.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 32,
+    stain_norm: Annotated[Optional[str], typer.Option(help="none or macenko: what the test features must have.")] = None,
+    allow_feature_mismatch: Annotated[bool, typer.Option("--allow-feature-mismatch", help="Answer about features made unlike the training ones (logged).")] = False,
+    repetition_penalty: RepetitionPenalty = None, no_repeat_ngram_size: NoRepeat = None,
+    quiet: Quiet = False, verbose: Verbose = False,
+) -> None:
+    """Closed-ended accuracy (multiple choice, yes/no) per file and category, with intervals (resumable).
+
+    With --baselines the same model answers again without the slide; the report shows slide dependence.
+    """
+    from ..progress import console, progress_bar, setup_logging
+    from .closed import ClosedConfig, run_closed
+
+    setup_logging(verbose, quiet)
+    config = ClosedConfig(data=[str(d) for d in data], model=str(model) if model else None,
+                          answers=str(answers) if answers else None, features=str(features) if features else None,
+                          baselines=baselines or [], instruction=instruction, batch_size=batch_size,
+                          max_new_tokens=max_new_tokens, stain_norm=stain_norm,
+                          allow_feature_mismatch=allow_feature_mismatch, repetition_penalty=repetition_penalty,
+                          no_repeat_ngram_size=no_repeat_ngram_size, patient_map=str(patient_map) if patient_map else None,
+                          strict=strict)
+    with progress_bar(quiet) as progress:
+        result = run_closed(config, out, progress=_condition_bars(progress, "answers"))
+    summary = result.summary
+    if not quiet:
+        overall = summary["overall"]
+        ci = overall["ci95"]
+        console.print(f"{out}: accuracy {100 * overall['accuracy']:.1f}% (95% CI {100 * ci[0]:.1f}–{100 * ci[1]:.1f}%) "
+                      f"on {overall['n']} questions; unparsed {summary['unparsed']}, skipped {summary['n_skipped']}."
+                      if overall["accuracy"] is not None else f"{out}: no question was answered.", highlight=False)
+        dependence = (summary.get("slide_dependence") or {}).get("overall") or {}
+        if dependence.get("difference") is not None:
+            console.print(f"Slide dependence (model − blind accuracy): {100 * dependence['difference']:+.1f} pp.",
+                          highlight=False)
+        console.print(f"Report: {out / 'report.md'}", highlight=False)
+    if summary["n_skipped"]:
+        raise typer.Exit(1)
+

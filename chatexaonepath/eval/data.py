@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -23,6 +24,7 @@ from ..constants import IMAGE_TOKEN
 from ..errors import ChatEXAONEPathError
 from .criteria import EvalError
 from ..fileio import atomic_write_text
+from ..patients import slide_key
 from ..raider.ingest import report_id_problem
 from .judge import JudgeItem
 
@@ -71,34 +73,59 @@ class JsonlLog:
             if not data.endswith(b"\n"):  # a record cut off mid-line: drop it, or the next one is glued to it
                 f.truncate(data.rfind(b"\n") + 1)
 
-    def append(self, record: dict) -> None:
-        """Write one record as a line and flush it to the OS (survives a killed process)."""
+    def append(self, record: dict, durable: bool = False) -> None:
+        """Write one record as one line and flush it to the OS (survives a killed process).
+
+        The line goes out in a single O_APPEND write, so writers in several processes (two reviewers'
+        servers) never interleave within a line; `durable` also fsyncs it (survives a power cut).
+        """
         if not getattr(self, "_checked", False):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._trim_partial_tail()
             self._checked = True
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def rewrite(self, records: Iterable[dict]) -> None:
         """Replace the file atomically (compaction: one record per id)."""
         atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def _read_json_or_jsonl(path: Path, what: str) -> list[dict]:
+def read_records(path: Path, what: str) -> list[dict]:
+    """The objects of a JSON list or a JSONL file; malformed input raises EvalError naming the file and line."""
     if not path.exists():
         raise EvalError(f"{what} file not found: {path}.")
-    text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EvalError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}).") from e
+    if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError as e:
+                raise EvalError(f"{path} line {number} is not valid JSON ({e.msg}).") from e
+            if not isinstance(records[-1], dict):
+                raise EvalError(f"{path} line {number} is not a JSON object.")
+    else:
+        try:
             records = json.loads(text)
-    except ValueError as e:
-        raise EvalError(f"{path} is not valid JSON or JSONL ({e}).") from e
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise EvalError(f"{path} must hold a list of JSON objects (one per line for .jsonl).")
+        except ValueError as e:
+            raise EvalError(f"{path} is not valid JSON: {e.msg} at line {getattr(e, 'lineno', '?')}, "
+                            f"column {getattr(e, 'colno', '?')}.") from e
+        bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None) \
+            if isinstance(records, list) else 0
+        if bad is not None:
+            raise EvalError(f"{path} must hold a list of JSON objects; record {bad + 1} is not one.")
     if not records:
         raise EvalError(f"{path} holds no records.")
     return records
@@ -139,6 +166,18 @@ class TestItem:
     category: str | None = None
     organ: str | None = None
 
+    @property
+    def slide(self) -> str:
+        """The slide's id (its file name without suffix): what questions are clustered by."""
+        return slide_key(self.image)
+
+    def answer_fields(self) -> dict:
+        """The fields an answer record carries about this item (docs/evaluation.md, answers.jsonl)."""
+        return {"id": self.id, "record_id": self.record_id, "image": self.image, "slide": self.slide,
+                "features": str(self.features), "question": self.question, "reference": self.reference,
+                "report": self.report, "report_id": self.report_id, "report_source": self.report_source,
+                "category": self.category, "organ": self.organ}
+
 
 def slide_stem(image: str) -> str:
     """`TCGA-XX-0001.svs` → `TCGA-XX-0001`; ids with dots that are not slide suffixes are kept whole."""
@@ -146,18 +185,25 @@ def slide_stem(image: str) -> str:
     return path.stem if path.suffix.lower() in SLIDE_SUFFIXES else path.name
 
 
-def resolve_features(image: str, features_dir: Path | None, data_dir: Path) -> Path | None:
-    """The features file of a record's `image`: a .h5/.pt path, or a slide id in the features folder."""
+def resolve_features(image: str, features_dir: Path | None, data_dir: Path,
+                     subfolders: tuple[str, ...] = ()) -> Path | None:
+    """The features file of a record's `image`: a .h5/.pt path, or a slide id in the features folder.
+
+    Shipped data names files as they were on its authors' disks (`TCGA-LUSC/<slide>.pt`); the same
+    slide extracted here may be `<slide>.h5`, flat or in that subfolder, so those are looked for too
+    (`subfolders`: other folders under the features folder to look in, e.g. SlideBench's tumour type).
+    """
     path = Path(image)
+    candidates: list[Path] = []
     if path.suffix.lower() in FEATURE_SUFFIXES:
-        candidates = [path] if path.is_absolute() else \
-            [*([features_dir / path] if features_dir else []), data_dir / path, path]
-    else:
-        if features_dir is None:
-            return None
-        names = dict.fromkeys([path.name, slide_stem(image)])
-        candidates = [features_dir / f"{name}{suffix}" for name in names for suffix in FEATURE_SUFFIXES]
-    return next((c for c in candidates if c.exists()), None)
+        candidates += [path] if path.is_absolute() else [*([features_dir / path] if features_dir else []),
+                                                         data_dir / path, path]
+    if features_dir is not None:
+        names = dict.fromkeys([path.name, slide_stem(image), slide_key(image)])
+        parent = [] if path.is_absolute() or str(path.parent) in ("", ".") else [str(path.parent)]
+        folders = [features_dir / f for f in (*subfolders, *parent)] + [features_dir]
+        candidates += [folder / f"{name}{suffix}" for folder in folders for name in names for suffix in FEATURE_SUFFIXES]
+    return next((c for c in candidates if c.is_file()), None)
 
 
 def load_test_items(data: str | Path, features_dir: str | Path | None = None,
@@ -171,7 +217,7 @@ def load_test_items(data: str | Path, features_dir: str | Path | None = None,
     if reports_dir is not None and not reports_dir.is_dir():
         raise EvalError(f"Reports folder not found: {reports_dir}.")
     items: list[TestItem] = []
-    for index, record in enumerate(_read_json_or_jsonl(data, "Test data")):
+    for index, record in enumerate(read_records(data, "Test data")):
         record_id = _field(record, "id") or f"item{index:05d}"
         image = _field(record, "image")
         if image is None:
@@ -243,7 +289,7 @@ def load_answers(path: str | Path, reports_dir: str | Path | None = None) -> lis
     if reports_dir is not None and not reports_dir.is_dir():
         raise EvalError(f"Reports folder not found: {reports_dir}.")
     items, cache = [], {}
-    for number, record in enumerate(_read_json_or_jsonl(path, "Answers"), 1):
+    for number, record in enumerate(read_records(path, "Answers"), 1):
         absent = [k for k in ("id", "question", "answer") if not isinstance(record.get(k), (str, int))]
         if absent:
             raise EvalError(f"Record {number} of {path} lacks {', '.join(absent)} (each needs id, question, answer).")
@@ -255,8 +301,9 @@ def load_answers(path: str | Path, reports_dir: str | Path | None = None) -> lis
             if report_id not in cache:
                 cache[report_id] = read_report(report_id, reports_dir)
             report = cache[report_id]
+        slide = _field(record, "slide") or _field(record, "image")
         items.append(JudgeItem(str(record["id"]), str(record["question"]).replace(IMAGE_TOKEN, "").strip(),
                                str(record["answer"]), report, report_id, _field(record, "category"),
-                               _field(record, "organ")))
+                               _field(record, "organ"), slide_key(slide) if slide else None))
     _unique([i.id for i in items], path)
     return items

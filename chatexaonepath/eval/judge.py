@@ -99,6 +99,7 @@ class JudgeItem:
     report_id: str | None = None
     category: str | None = None
     organ: str | None = None
+    slide: str | None = None  # the slide asked about: questions are clustered by it in the intervals
 
 
 class Judge:
@@ -143,6 +144,7 @@ class Judge:
             "judge_error": _error_summary(errors, len(self.criteria.criteria)),
             "error_kind": "output" if errors else None,
             "flags": flags, EVALUATOR_FIELD: judge_says, "category": item.category, "organ": item.organ,
+            "slide": item.slide,
             "report_excerpted": excerpted, "votes": self.config.votes,
             "agreement": sum(agreements) / len(agreements) if self.config.votes > 1 and agreements else None,
             "calls": sum(s[3] for s in samples), "judge": self.backend.name,
@@ -187,13 +189,15 @@ class Judge:
                 return parse_verdicts(reply, group, self.criteria.criteria), None, [c.id for c in group], attempt + 1
             except JudgeOutputError as e:
                 problem = str(e)
-                logger.info("Judge reply for %s unusable (%s); %s", item.id, problem,
-                            "re-asking" if attempt < self.config.max_repairs else "giving up")
-                messages = messages[:2] + [
-                    {"role": "assistant", "content": reply[-4000:]},
-                    {"role": "user", "content": f"Your reply could not be used: {problem}. Reply again with only the "
-                                                f"one JSON object for {', '.join(c.id for c in group)}, each with a "
-                                                f'one-sentence "reason" and a boolean "pass", and "{EVALUATOR_FIELD}".'}]
+            except Exception as e:  # noqa: BLE001 - any parser failure (RecursionError…) is an unusable reply
+                problem = f"the reply could not be parsed ({type(e).__name__})"
+            logger.info("Judge reply for %s unusable (%s); %s", item.id, problem,
+                        "re-asking" if attempt < self.config.max_repairs else "giving up")
+            messages = messages[:2] + [
+                {"role": "assistant", "content": reply[-4000:]},
+                {"role": "user", "content": f"Your reply could not be used: {problem}. Reply again with only the "
+                                            f"one JSON object for {', '.join(c.id for c in group)}, each with a "
+                                            f'one-sentence "reason" and a boolean "pass", and "{EVALUATOR_FIELD}".'}]
         return None, f"unusable judge reply after {self.config.max_repairs + 1} attempt(s): {problem}", \
             [c.id for c in group], self.config.max_repairs + 1
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -21,6 +22,9 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from .criteria import Criterion
 
 EVALUATOR_FIELD = "addresses_evaluator"
+MAX_REPLY_CHARS = 100_000  # a verdict with reasons is a few thousand characters; --judge-max-tokens bounds honest ones
+MAX_DEPTH = 16  # the verdict is 3 levels deep ({criteria: {id: {pass, reason}}}); room for a wrapper or two
+PARSE_SECONDS = 2.0
 _EVALUATOR_KEYS = {"addresses_evaluator", "addresses_the_evaluator", "evaluator_addressed", "addressed_to_evaluator"}
 
 
@@ -64,11 +68,17 @@ class CriterionVerdict(BaseModel):
 
 
 def _object_spans(text: str) -> tuple[list[tuple[int, int]], int | None]:
-    """(start, end) of every top-level {…} group, strings respected, and where an unclosed one starts."""
+    """(start, end) of every top-level {…} group, strings respected, and where an unclosed one starts.
+
+    Raises JudgeOutputError when brackets nest deeper than MAX_DEPTH or the scan outlasts PARSE_SECONDS.
+    """
     spans, i = [], 0
+    deadline = time.monotonic() + PARSE_SECONDS
     while (start := text.find("{", i)) != -1:
-        depth, j, quoted = 0, start, False
+        depth, nesting, j, quoted = 0, 0, start, False
         while j < len(text):
+            if j & 0x3FFF == 0 and time.monotonic() > deadline:
+                raise JudgeOutputError(f"the reply could not be read within {PARSE_SECONDS:g} s")
             ch = text[j]
             if quoted:
                 if ch == "\\":
@@ -77,12 +87,17 @@ def _object_spans(text: str) -> tuple[list[tuple[int, int]], int | None]:
                     quoted = False
             elif ch == '"':
                 quoted = True
-            elif ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    break
+            elif ch in "{[":
+                depth += ch == "{"
+                nesting += 1
+                if nesting > MAX_DEPTH:
+                    raise JudgeOutputError(f"the JSON nests deeper than {MAX_DEPTH} levels; a verdict is 3 levels deep")
+            elif ch in "}]":
+                nesting -= 1
+                if ch == "}":
+                    depth -= 1
+                    if depth == 0:
+                        break
             j += 1
         if j >= len(text):
             return spans, start
@@ -96,7 +111,7 @@ def _decode(body: str) -> object:
     library repairs these without also inventing content)."""
     try:
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # depth is checked before, but a parser failure is never the run's end
         pass
     fixed = body.replace("\u201c", '"').replace("\u201d", '"').replace("\u2018", "'").replace("\u2019", "'")
     fixed = re.sub(r"\bTrue\b", "true", re.sub(r"\bFalse\b", "false", re.sub(r"\bNone\b", "null", fixed)))
@@ -104,13 +119,16 @@ def _decode(body: str) -> object:
     for candidate in (fixed, re.sub(r"'([^'\n]*)'(\s*[:,}\]])", r'"\1"\2', fixed)):  # single-quoted keys/values
         try:
             return json.loads(candidate)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
     raise JudgeOutputError("the JSON object is not valid JSON")
 
 
 def final_object(reply: str) -> object:
     """The reply's one JSON object, which must end it; raises JudgeOutputError for none, several or a cut-off one."""
+    if len(reply or "") > MAX_REPLY_CHARS:
+        raise JudgeOutputError(f"the reply is {len(reply):,} characters long; a verdict needs at most "
+                               f"{MAX_REPLY_CHARS:,}")
     text = (reply or "").strip()
     if not text:
         raise JudgeOutputError("the reply was empty")

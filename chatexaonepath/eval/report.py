@@ -1,46 +1,43 @@
-"""What a run found: `summary.json`, `report.md`, the per-criterion chart, and side-by-side comparisons.
+"""What a judged run found: `summary.json`, `report.md` and the per-criterion chart.
 
-The acceptance rate counts only answers the judge decided (accepted true or false); judge errors
-are reported beside it, never folded into it. Its 95% interval is a percentile bootstrap.
-Charts are drawn on matplotlib `Figure` objects with the Agg canvas, never through pyplot, so
-nothing depends on (or changes) a global backend.
+The acceptance rate counts only answers the judge decided (accepted true or false); undecided ones
+(a judge error on a criterion the rule needs) are counted and shown in their own column, never
+folded into the rate. Its 95% interval is a percentile bootstrap that resamples *slides* (several
+questions about one slide are not independent); Wilson's interval is given beside it. Every table
+that shows acceptance names the rule it applied. Charts are drawn on matplotlib `Figure` objects
+with the Agg canvas, never through pyplot, and written atomically.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
-from .criteria import AcceptanceRule, CriteriaSet, EvalError
-from ..fileio import atomic_write_json, atomic_write_text
+from ..fileio import atomic_write_json, atomic_write_text, temp_beside
+from .criteria import AcceptanceRule, CriteriaSet
+from .stats import BOOTSTRAP_RESAMPLES, LEVEL, cluster_bootstrap, wilson_interval
 
 logger = logging.getLogger(__name__)
 
-BOOTSTRAP_RESAMPLES = 10_000
 CHART = "criteria.png"
-
-
-def bootstrap_interval(successes: int, n: int, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
-                       seed: int = 0) -> tuple[float, float] | None:
-    """Percentile-bootstrap interval of a proportion (`successes` of `n`); None when n is 0.
-
-    Resampling n answers with replacement from n of which k were accepted gives a Binomial(n, k/n)
-    count, so drawing that count directly is the exact bootstrap at a fraction of the cost.
-    """
-    if n <= 0:
-        return None
-    rates = np.random.default_rng(seed).binomial(n, successes / n, size=resamples) / n
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(rates, [tail, 100 - tail])
-    return float(low), float(high)
+RULES_SHOWN = ("all", "major")  # the paper's rule is closest to `all` (docs/evaluation.md)
 
 
 def _rate(part: int, whole: int) -> float | None:
     return part / whole if whole else None
+
+
+def acceptance(verdicts: list[dict]) -> dict:
+    """n, decided, accepted, undecided, rate and its slide-clustered interval of some verdict records."""
+    judged = [v for v in verdicts if v.get("accepted") is not None]
+    accepted = sum(1 for v in judged if v["accepted"])
+    interval = cluster_bootstrap([float(bool(v["accepted"])) for v in judged],
+                                 [v.get("slide") or v["id"] for v in judged]) if judged else None
+    return {"n": len(verdicts), "n_judged": len(judged), "n_accepted": accepted,
+            "n_undecided": len(verdicts) - len(judged), "acceptance_rate": _rate(accepted, len(judged)),
+            "acceptance_ci95": list(interval) if interval else None}
 
 
 def _breakdown(verdicts: list[dict], key: str) -> dict:
@@ -48,21 +45,27 @@ def _breakdown(verdicts: list[dict], key: str) -> dict:
     for v in verdicts:
         if v.get(key):
             groups.setdefault(str(v[key]), []).append(v)
+    return {name: acceptance(members) for name, members in sorted(groups.items())}
+
+
+def _by_rule(verdicts: list[dict], criteria: CriteriaSet) -> dict:
+    """Acceptance under `all` and `major` from the same criterion verdicts (flagged answers never accepted)."""
     out = {}
-    for name, members in sorted(groups.items()):
-        judged = [m for m in members if m.get("accepted") is not None]
-        accepted = sum(1 for m in judged if m["accepted"])
-        out[name] = {"n": len(members), "n_judged": len(judged), "n_accepted": accepted,
-                     "acceptance_rate": _rate(accepted, len(judged))}
+    for text in RULES_SHOWN:
+        rule = AcceptanceRule.parse(text, criteria)
+        decided = [False if v.get("flags") else rule.decide({k: c.get("pass") for k, c in v["criteria"].items()},
+                                                            criteria)
+                   for v in verdicts if v.get("error_kind") not in ("backend", "request")]
+        known = [d for d in decided if d is not None]
+        out[text] = {"n_judged": len(known), "n_accepted": sum(known), "acceptance_rate": _rate(sum(known), len(known))}
     return out
 
 
 def summarize(verdicts: list[dict], criteria: CriteriaSet, rule: AcceptanceRule, *, n_items: int | None = None,
-              skipped: Sequence[dict] = (), extra: dict | None = None, seed: int = 0) -> dict:
+              skipped: Sequence[dict] = (), extra: dict | None = None) -> dict:
     """summary.json's content from one verdict record per item."""
-    judged = [v for v in verdicts if v.get("accepted") is not None]
-    accepted = sum(1 for v in judged if v["accepted"])
-    interval = bootstrap_interval(accepted, len(judged), seed=seed)
+    overall = acceptance(verdicts)
+    wilson = wilson_interval(overall["n_accepted"], overall["n_judged"])
     per_criterion = {}
     for c in criteria.criteria:
         values = [v["criteria"].get(c.id, {}).get("pass") for v in verdicts]
@@ -72,16 +75,15 @@ def summarize(verdicts: list[dict], criteria: CriteriaSet, rule: AcceptanceRule,
     errors = [{"id": v["id"], "kind": v.get("error_kind"), "error": v["judge_error"]}
               for v in verdicts if v.get("judge_error")]
     return {
-        "n": len(verdicts),
+        "kind": "judge",
+        **overall,
         "n_items": len(verdicts) + len(skipped) if n_items is None else n_items,
-        "n_judged": len(judged),
-        "n_accepted": accepted,
-        "acceptance_rate": _rate(accepted, len(judged)),
-        "acceptance_ci95": list(interval) if interval else None,
-        "bootstrap": {"method": "percentile", "resamples": BOOTSTRAP_RESAMPLES, "level": 0.95, "seed": seed},
+        "acceptance_ci95_wilson": list(wilson) if wilson else None,
+        "bootstrap": {"method": "percentile bootstrap resampling slides", "resamples": BOOTSTRAP_RESAMPLES,
+                      "level": LEVEL, "seed": 0, "n_slides": len({v.get("slide") or v["id"] for v in verdicts})},
         "acceptance_rule": str(rule),
+        "acceptance_by_rule": _by_rule(verdicts, criteria),
         "n_judge_errors": len(errors),
-        "n_undecided": len(verdicts) - len(judged),
         "judge_errors": errors,
         "criteria": per_criterion,
         "per_category": _breakdown(verdicts, "category"),
@@ -99,6 +101,8 @@ def summarize(verdicts: list[dict], criteria: CriteriaSet, rule: AcceptanceRule,
 
 def _agreement(verdicts: list[dict], criteria: CriteriaSet) -> dict:
     """How often the votes agreed with their majority (1.0 = unanimous); null with one vote."""
+    import numpy as np
+
     votes = max((v.get("votes") or 1 for v in verdicts), default=1)
     per_criterion, everything = {}, []
     for c in criteria.criteria:
@@ -111,43 +115,83 @@ def _agreement(verdicts: list[dict], criteria: CriteriaSet) -> dict:
             "per_criterion": per_criterion}
 
 
-def _pct(value: float | None) -> str:
+def pct(value: float | None) -> str:
+    """A proportion as a percentage with one decimal, or – when unknown."""
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
-def _ci(summary: dict) -> str:
-    ci = summary.get("acceptance_ci95")
-    return f"{_pct(summary['acceptance_rate'])} ({_pct(ci[0])}–{_pct(ci[1])})" if ci else _pct(summary["acceptance_rate"])
+def rate_with_ci(block: dict) -> str:
+    """"62.9% (59.1%–66.5%)" from a block with acceptance_rate and acceptance_ci95."""
+    ci = block.get("acceptance_ci95")
+    rate = pct(block.get("acceptance_rate"))
+    return f"{rate} ({pct(ci[0])}–{pct(ci[1])})" if ci else rate
+
+
+def _acceptance_rows(summary: dict) -> list[str]:
+    rule = summary["acceptance_rule"]
+    lines = ["## Acceptance", "", f"| answers | n | decided | undecided (judge errors) | accepted | acceptance, rule "
+             f"`{rule}` (95% CI, slides resampled) |", "|---|---|---|---|---|---|"]
+    rows = [("model", summary)] + [(f"{name} baseline", b) for name, b in summary.get("baselines", {}).items()]
+    for name, b in rows:
+        lines.append(f"| {name} | {b['n']} | {b['n_judged']} | {b['n_undecided']} | {b['n_accepted']} | "
+                     f"{rate_with_ci(b)} |")
+    dependence = summary.get("slide_dependence", {}).get("overall")
+    if dependence and dependence.get("difference") is not None:
+        ci = dependence.get("ci95")
+        lines += ["", f"**Slide dependence (model − blind, rule `{rule}`): {100 * dependence['difference']:+.1f} pp**"
+                  + (f" (95% CI {100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}, slides resampled)" if ci else "")
+                  + f" on {dependence['n']} answers decided in both."]
+    by_rule = summary.get("acceptance_by_rule") or {}
+    if by_rule:
+        lines += ["", "| rule | accepted / decided | acceptance |", "|---|---|---|"]
+        lines += [f"| `{name}`{' (this run)' if name == rule else ''} | {r['n_accepted']} / {r['n_judged']} | "
+                  f"{pct(r['acceptance_rate'])} |" for name, r in by_rule.items()]
+    return lines + [""]
 
 
 def report_markdown(summary: dict) -> str:
-    """report.md: the headline, per-criterion table, breakdowns, agreement, errors and flags."""
+    """report.md: the headline, acceptance with undecided and baselines, per criterion, breakdowns,
+    judge–human agreement, stability, errors and flags."""
+    from .agreement import agreement_markdown
+    from .leakage import patients_markdown
+
+    rule = summary["acceptance_rule"]
+    wilson = summary.get("acceptance_ci95_wilson")
     lines = [f"# Evaluation report: {summary.get('name', 'run')}", "",
-             f"- judge: `{summary.get('judge', '?')}`, acceptance rule: `{summary['acceptance_rule']}`",
-             f"- **acceptance rate: {_ci(summary)}**"
-             f"{' (95% bootstrap interval)' if summary['acceptance_ci95'] else ''} — {summary['n_accepted']} of "
-             f"{summary['n_judged']} decided answers; {summary['n']} judged, {summary['n_judge_errors']} judge "
-             f"error(s), {summary['n_skipped']} item(s) skipped",
+             f"- judge: `{summary.get('judge', '?')}`, acceptance rule: `{rule}`",
+             f"- **acceptance rate (rule `{rule}`): {rate_with_ci(summary)}** (95% bootstrap interval, slides "
+             f"resampled; Wilson {pct(wilson[0]) + '–' + pct(wilson[1]) if wilson else '–'}) — "
+             f"{summary['n_accepted']} of {summary['n_judged']} decided answers; {summary['n_undecided']} undecided; "
+             f"{summary['n']} judged, {summary['n_judge_errors']} judge error(s), {summary['n_skipped']} item(s) skipped",
              f"- flagged (pre-check or the judge's evaluator field): {summary['n_flagged']}; reports given as "
              f"excerpts: {summary['n_report_excerpted']}",
              *([f"- judged again because their answer, question, report or judge settings changed since an earlier "
                 f"verdict: {summary['n_rejudged_changed']}"] if summary.get("n_rejudged_changed") else []),
-             "", "## Per criterion", "",
-             "| criterion | severity | pass rate | passed / judged | judge errors |", "|---|---|---|---|---|"]
+             *([f"- decoding: greedy, repetition penalty {d['repetition_penalty']}, no-repeat n-gram "
+                f"{d['no_repeat_ngram_size']} ({d['source']})"] if (d := summary.get("decoding")) else []),
+             *patients_markdown(summary.get("patients")), ""]
+    lines += _acceptance_rows(summary)
+    lines += ["## Per criterion", "", f"Acceptance rule `{rule}`: "
+              + {"major": "every major criterion must pass.", "all": "every criterion must pass."}.get(
+                  rule, f"at least {rule.partition(':')[2]} criteria must pass."), "",
+              "| criterion | severity | pass rate | passed / judged | judge errors |", "|---|---|---|---|---|"]
     for cid, c in summary["criteria"].items():
-        lines.append(f"| {c['name']} (`{cid}`) | {c['severity']} | {_pct(c['pass_rate'])} | {c['n_passed']} / {c['n']} "
+        lines.append(f"| {c['name']} (`{cid}`) | {c['severity']} | {pct(c['pass_rate'])} | {c['n_passed']} / {c['n']} "
                      f"| {c['n_errors']} |")
     lines.append(f"\n![per-criterion pass rates]({CHART})\n")
     for key, title in (("per_category", "Per category"), ("per_organ", "Per organ")):
         if summary[key]:
-            lines += [f"## {title}", "", "| | n | acceptance |", "|---|---|---|"]
-            lines += [f"| {name} | {g['n']} | {_pct(g['acceptance_rate'])} |" for name, g in summary[key].items()]
+            lines += [f"## {title}", "", f"| | n | decided | undecided | acceptance, rule `{rule}` (95% CI) |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {name} | {g['n']} | {g['n_judged']} | {g['n_undecided']} | {rate_with_ci(g)} |"
+                      for name, g in summary[key].items()]
             lines.append("")
+    lines += agreement_markdown(summary.get("human_agreement"), rule)
     agreement = summary["judge_agreement"]
     if agreement["mean"] is not None:
         lines += ["## Judge stability", "", f"{agreement['votes']} votes per verdict: mean agreement with the majority "
-                  f"{_pct(agreement['mean'])}, unanimous {_pct(agreement['unanimous_rate'])} of verdicts.", ""]
-    for key, title, fmt in (("judge_errors", "Judge errors (not counted)", lambda e: f"`{e['id']}` ({e['kind']}): {e['error']}"),
+                  f"{pct(agreement['mean'])}, unanimous {pct(agreement['unanimous_rate'])} of verdicts.", ""]
+    for key, title, fmt in (("judge_errors", "Judge errors (undecided criteria)", lambda e: f"`{e['id']}` ({e['kind']}): {e['error']}"),
                             ("flagged", "Flagged as addressing the evaluator (not accepted)", lambda f: f"`{f['id']}`: {', '.join(f['flags'])}"),
                             ("skipped", "Skipped items", lambda s: f"`{s['id']}`: {s['error']}")):
         if summary[key]:
@@ -158,13 +202,20 @@ def report_markdown(summary: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _save_figure(figure, path: Path) -> Path:
+def save_figure(figure, path: Path) -> Path:
+    """Render a matplotlib Figure to PNG atomically: a writer-unique temp file, fsynced, then renamed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(figure)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(tmp, dpi=120, bbox_inches="tight")
-    tmp.replace(path)
+    tmp = temp_beside(path, ".png")
+    try:
+        with open(tmp, "wb") as f:
+            figure.savefig(f, format="png", dpi=120, bbox_inches="tight")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -180,12 +231,12 @@ def plot_criteria(summary: dict, path: Path) -> Path:
     ax.bar_label(bars, labels=[f"{r:.0f}%" for r in rates], padding=3, fontsize=8)
     if summary["acceptance_rate"] is not None:
         ax.axvline(100 * summary["acceptance_rate"], color="#E45756", linestyle="--",
-                   label=f"accepted {_pct(summary['acceptance_rate'])}")
+                   label=f"accepted {pct(summary['acceptance_rate'])} (rule {summary['acceptance_rule']})")
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xlim(0, 110)
     ax.set_xlabel("pass rate (%)")
     ax.set_title(f"{summary.get('name', 'run')}: {summary['n_judged']} decided answers", fontsize=10)
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
 def write_outputs(out_dir: Path, summary: dict) -> None:
@@ -193,71 +244,3 @@ def write_outputs(out_dir: Path, summary: dict) -> None:
     atomic_write_json(out_dir / "summary.json", summary)
     atomic_write_text(out_dir / "report.md", report_markdown(summary))
     plot_criteria(summary, out_dir / CHART)
-
-
-# --- comparing runs -----------------------------------------------------------------------------------
-def load_summary(run_dir: str | Path) -> dict:
-    """A run folder's summary.json."""
-    path = Path(run_dir) / "summary.json"
-    if not path.exists():
-        raise EvalError(f"{run_dir} has no summary.json; run `chatexaonepath eval run` or `eval judge` there first.")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise EvalError(f"{path} is not valid JSON ({e}).") from e
-
-
-def compare_runs(run_dirs: Sequence[str | Path]) -> tuple[str, list[dict], list[str]]:
-    """(markdown table, summaries, criterion ids) comparing runs side by side."""
-    if len(run_dirs) < 1:
-        raise EvalError("Give at least one run folder to compare.")
-    summaries = [load_summary(d) for d in run_dirs]
-    names = [Path(d).name or str(d) for d in run_dirs]
-    if len(set(names)) < len(names):
-        names = [str(d) for d in run_dirs]
-    for summary, name in zip(summaries, names):
-        summary["name"] = name
-    ids: list[str] = []
-    for s in summaries:
-        ids += [cid for cid in s["criteria"] if cid not in ids]
-    header = "| run | n | acceptance (95% CI) | judge errors | " + " | ".join(ids) + " |"
-    lines = [header, "|" + "---|" * (4 + len(ids))]
-    for s in summaries:
-        cells = [_pct(s["criteria"][cid]["pass_rate"]) if cid in s["criteria"] else "–" for cid in ids]
-        lines.append(f"| {s['name']} | {s['n']} | {_ci(s)} | {s['n_judge_errors']} | " + " | ".join(cells) + " |")
-    notes = []
-    for key, what in (("criteria_fingerprint", "criteria"), ("acceptance_rule", "acceptance rules"),
-                      ("judge_model", "judges")):
-        if len({str(s.get(key)) for s in summaries}) > 1:
-            notes.append(f"- Note: these runs used different {what}; their numbers are not on the same footing.")
-    return "\n".join(lines + ([""] + notes if notes else [])) + "\n", summaries, ids
-
-
-def plot_comparison(summaries: list[dict], ids: list[str], path: Path) -> Path:
-    """Grouped bars: acceptance and each criterion's pass rate, one bar per run."""
-    from matplotlib.figure import Figure
-
-    labels = ["accepted"] + [next(s["criteria"][cid]["name"] for s in summaries if cid in s["criteria"]) for cid in ids]
-    figure = Figure(figsize=(max(7.0, 1.1 * len(labels) + 1), 4.2))
-    ax = figure.add_subplot()
-    width = 0.8 / len(summaries)
-    x = np.arange(len(labels))
-    for i, s in enumerate(summaries):
-        values = [s["acceptance_rate"]] + [s["criteria"].get(cid, {}).get("pass_rate") for cid in ids]
-        ax.bar(x + (i - (len(summaries) - 1) / 2) * width, [100 * (v or 0) for v in values], width, label=s["name"])
-    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 100)
-    ax.set_ylabel("%")
-    ax.legend(fontsize=8)
-    ax.set_title("Acceptance and per-criterion pass rates", fontsize=10)
-    return _save_figure(figure, path)
-
-
-def write_comparison(run_dirs: Sequence[str | Path], out_dir: str | Path) -> tuple[str, Path, Path]:
-    """compare.md and compare.png in `out_dir`; returns (markdown, md path, png path)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    markdown, summaries, ids = compare_runs(run_dirs)
-    md = atomic_write_text(out_dir / "compare.md", "# Run comparison\n\n" + markdown + "\n![comparison](compare.png)\n")
-    png = plot_comparison(summaries, ids, out_dir / "compare.png")
-    return markdown, md, png

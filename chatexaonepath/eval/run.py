@@ -21,12 +21,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..backends import BackendError, BackendOptions, TextBackend, build_backend
-from .criteria import AcceptanceRule, CriteriaSet, EvalError, load_criteria
+from .agreement import HUMAN_FILE, compute_agreement, latest_grades
+from .baselines import paired_difference, parse_baselines, slide_derangement
+from ..patients import load_patient_map
+from .criteria import AcceptanceRule, CriteriaSet, Criterion, EvalError, load_criteria
 from ..fileio import atomic_write_json
 from .data import JsonlLog, load_answers, load_test_items
 from .excerpts import ReportExcerpter
 from .judge import Judge, JudgeBackendFailure, JudgeConfig, JudgeItem
-from .report import summarize, write_outputs
+from .leakage import check_training_patients
+from .report import _breakdown, acceptance, summarize, write_outputs
 
 if TYPE_CHECKING:  # answers.py imports torch; `eval judge` never needs it
     from .answers import GenerateConfig
@@ -143,6 +147,10 @@ async def _judge_all(todo: list[JudgeItem], contexts: list, keys: dict[str, str]
                 # A request the server rejects (too long, malformed) fails the same way next time.
                 kind = "request" if e.request_specific else "backend"
                 record = _backend_error_record(item, judge, str(e), context.excerpted, kind)
+            except Exception as e:  # noqa: BLE001 - one item's failure (even a RecursionError) must not end the run
+                logger.exception("Judging %s failed unexpectedly; recorded as its judge error.", item.id)
+                record = _backend_error_record(item, judge, f"{type(e).__name__}: {str(e)[:300]}", context.excerpted,
+                                               "internal")
             record["input_hash"] = keys[item.id]
             verdicts.append(record)  # one writer: the event loop runs one coroutine at a time
             counter[0] += 1
@@ -162,30 +170,86 @@ def _backend_error_record(item: JudgeItem, judge: Judge, error: str, excerpted: 
     return {"id": item.id, "accepted": None,
             "criteria": {c.id: {"pass": None, "reason": f"judge error: {error}"} for c in judge.criteria.criteria},
             "judge_error": f"{kind}: {error}", "error_kind": kind, "flags": [], "category": item.category,
-            "organ": item.organ, "report_excerpted": excerpted, "votes": judge.config.votes, "agreement": None,
+            "organ": item.organ, "slide": item.slide, "report_excerpted": excerpted, "votes": judge.config.votes, "agreement": None,
             "calls": 0, "judge": judge.backend.name, "seconds": 0.0}
 
 
-def finalize(out_dir: Path, item_ids: list[str], criteria: CriteriaSet, rule: AcceptanceRule, *,
-             n_items: int | None = None, skipped: Sequence[dict] = (), extra: dict | None = None) -> dict:
-    """Compact verdicts.jsonl (one record per item, acceptance under `rule`) and write summary, report, chart."""
-    log = JsonlLog(out_dir / "verdicts.jsonl")
+def compact_verdicts(out_dir: Path, items: Sequence[JudgeItem], criteria: CriteriaSet, rule: AcceptanceRule,
+                     name: str = "verdicts.jsonl") -> list[dict]:
+    """One verdict record per item (acceptance recomputed under `rule`, the item's slide filled in); the
+    file is rewritten with them, keeping verdicts of items no longer in the set (not counted)."""
+    log = JsonlLog(out_dir / name)
     latest = log.latest()
     records = []
-    for item_id in item_ids:
-        record = latest.get(item_id)
+    for item in items:
+        record = latest.get(item.id)
         if record is None:
             continue
         if record.get("error_kind") not in ("backend", "request"):
             passes = {cid: v.get("pass") for cid, v in record["criteria"].items()}
             record["accepted"] = False if record.get("flags") else rule.decide(passes, criteria)
+        record["slide"] = record.get("slide") or item.slide  # verdicts made before slides were recorded
         records.append(record)
-    others = [r for i, r in latest.items() if i not in set(item_ids)]
-    log.rewrite(records + others)  # verdicts of items no longer in the set are kept, not counted
-    summary = summarize(records, criteria, rule, n_items=len(item_ids) if n_items is None else n_items, skipped=skipped,
+    wanted = {i.id for i in items}
+    log.rewrite(records + [r for i, r in latest.items() if i not in wanted])
+    return records
+
+
+def finalize(out_dir: Path, items: Sequence[JudgeItem], criteria: CriteriaSet, rule: AcceptanceRule, *,
+             n_items: int | None = None, skipped: Sequence[dict] = (), extra: dict | None = None,
+             baselines: dict[str, list[dict]] | None = None) -> dict:
+    """Compact verdicts.jsonl and write summary, report, chart; with baselines, their acceptance and the
+    slide dependence (model − blind); with human grades, the judge–human agreement."""
+    records = compact_verdicts(out_dir, items, criteria, rule)
+    summary = summarize(records, criteria, rule, n_items=len(items) if n_items is None else n_items, skipped=skipped,
                         extra={"name": out_dir.resolve().name, **(extra or {})})
+    if baselines:
+        summary["baselines"] = {name: {**acceptance(b), "per_category": _breakdown(b, "category")}
+                                for name, b in baselines.items()}
+        decided = {r["id"]: float(r["accepted"]) for r in records if r.get("accepted") is not None}
+        slides = {r["id"]: r.get("slide") or r["id"] for r in records}
+        for name, key in (("blind", "slide_dependence"), ("shuffled", "shuffled_gap")):
+            if name in baselines:
+                other = {r["id"]: float(r["accepted"]) for r in baselines[name] if r.get("accepted") is not None}
+                summary[key] = paired_difference(decided, other, slides, {r["id"]: r.get("category") for r in records})
+    summary["human_agreement"] = human_agreement(out_dir, records, items, criteria)
     write_outputs(out_dir, summary)
     return summary
+
+
+def human_agreement(out_dir: Path, records: list[dict], items: Sequence[JudgeItem], criteria: CriteriaSet) -> dict | None:
+    """Judge–human agreement from the run's human.jsonl (None when nobody graded)."""
+    log = JsonlLog(out_dir / HUMAN_FILE)
+    if not log.path.exists():
+        return None
+    return compute_agreement({r["id"]: r for r in records}, {i.id: i.answer for i in items}, latest_grades(log),
+                             criteria.ids)
+
+
+def refresh_report(out_dir: str | Path) -> dict:
+    """Recompute a finished judged run's human agreement and rewrite its summary, report and chart (no judge call)."""
+    from .compare import load_summary
+
+    out_dir = Path(out_dir)
+    summary = load_summary(out_dir)
+    config = json.loads((out_dir / CONFIG_FILE).read_text()) if (out_dir / CONFIG_FILE).exists() else {}
+    criteria = CriteriaSet(tuple(Criterion(**c) for c in config["criteria"]["criteria"]),
+                           config["criteria"].get("precheck_criterion")) if config.get("criteria") else load_criteria()
+    items = run_items(out_dir)
+    records = list(JsonlLog(out_dir / "verdicts.jsonl").latest().values())
+    summary["human_agreement"] = human_agreement(out_dir, records, items, criteria)
+    write_outputs(out_dir, summary)
+    return summary
+
+
+def run_items(out_dir: Path) -> list[JudgeItem]:
+    """The answers a judged run judged: its answers.jsonl (`eval run`) or the answers file it was given."""
+    if (out_dir / "answers.jsonl").exists():
+        return load_answers(out_dir / "answers.jsonl")
+    config = json.loads((out_dir / CONFIG_FILE).read_text()) if (out_dir / CONFIG_FILE).exists() else {}
+    if not config.get("answers"):
+        raise EvalError(f"{out_dir} is not a judged run folder (no answers.jsonl, no answers file in {CONFIG_FILE}).")
+    return load_answers(config["answers"], config.get("reports"))
 
 
 def _setup(out_dir: Path, judge_backend: str | TextBackend, criteria: str | Path | CriteriaSet | None,
@@ -216,10 +280,10 @@ def judge_answers_file(answers: str | Path, out_dir: str | Path, judge_backend: 
     out_dir = Path(out_dir)
     items = load_answers(answers, reports)
     judge, extra = _setup(out_dir, judge_backend, criteria, rule, judge_config)
-    _save_config(out_dir, answers=str(Path(answers).resolve()), reports=str(reports) if reports else None)
+    _save_config(out_dir, answers=str(Path(answers).resolve()), reports=str(Path(reports).resolve()) if reports else None)
     stats = judge_items(items, judge, JsonlLog(out_dir / "verdicts.jsonl"), retry_errors=retry_errors,
                         progress=progress)
-    summary = finalize(out_dir, [i.id for i in items], judge.criteria, judge.rule,
+    summary = finalize(out_dir, items, judge.criteria, judge.rule,
                        extra={**extra, "answers": str(answers), "usage": judge.backend.usage.as_dict(),
                               "n_rejudged_changed": len(stats.changed), "rejudged_changed": stats.changed})
     return RunResult(out_dir, summary)
@@ -228,32 +292,52 @@ def judge_answers_file(answers: str | Path, out_dir: str | Path, judge_backend: 
 def run_eval(generate_config: "GenerateConfig", out_dir: str | Path, judge_backend: str | TextBackend, *,
              criteria: str | Path | CriteriaSet | None = None, rule: str | AcceptanceRule = "major",
              judge_config: JudgeConfig | None = None, model=None, retry_errors: bool = False,
-             answer_progress: Progress | None = None, judge_progress: Progress | None = None) -> RunResult:
-    """`eval run`: answers with a checkpoint for every test item, then judgements (both resumable)."""
-    from .answers import generate_answers
+             answer_progress: Callable[[str, int, int], None] | None = None, judge_progress: Progress | None = None,
+             baselines: str | Sequence[str] = (), patient_map: str | Path | None = None,
+             strict: bool = False) -> RunResult:
+    """`eval run`: answers with a checkpoint for every test item, then judgements (both resumable).
+
+    `baselines` (blind, shuffled) answers and judges every item again without its slide, and the
+    summary reports their acceptance and the slide dependence. Test patients are checked against the
+    checkpoint's training patients (a warning; `strict` refuses).
+    """
+    from .answers import answer_conditions
 
     out_dir = Path(out_dir)
+    baselines = parse_baselines(baselines)
+    patient_map = load_patient_map(patient_map) if patient_map else None
     items = load_test_items(generate_config.data, generate_config.features, generate_config.reports)
+    patients = check_training_patients(generate_config.model, [i.image for i in items], patient_map, strict)
     judge, extra = _setup(out_dir, judge_backend, criteria, rule, judge_config)  # fail fast on a bad judge spec
-    answers_log = JsonlLog(out_dir / "answers.jsonl")
-    if answers_log.records():
-        _check_resume(out_dir, "generation", generate_config.as_dict(), ("model", "max_new_tokens"),
+    logs = {c: JsonlLog(out_dir / ("answers.jsonl" if c == "model" else f"answers_{c}.jsonl"))
+            for c in ["model", *baselines]}
+    if logs["model"].records():
+        _check_resume(out_dir, "generation", generate_config.as_dict(),
+                      ("model", "max_new_tokens", "repetition_penalty", "no_repeat_ngram_size"),
                       "delete answers.jsonl there to answer again")
     _save_config(out_dir, generation=generate_config.as_dict())
-    generate_answers(items, generate_config, answers_log, model=model, errors=JsonlLog(out_dir / "errors.jsonl"),
-                     progress=answer_progress)
-    answered = answers_log.latest()
+    saved = json.loads((out_dir / CONFIG_FILE).read_text()).get("decoding")
+    swap = slide_derangement([i.features for i in items], patient_map) if "shuffled" in baselines else None
+    decoded = answer_conditions(items, generate_config, logs, model, swap=swap, saved=saved,
+                                errors=JsonlLog(out_dir / "errors.jsonl"), progress=answer_progress,
+                                on_decoding=lambda d: _save_config(out_dir, decoding=d))
+    answered = logs["model"].latest()
     errors = JsonlLog(out_dir / "errors.jsonl").latest()
     skipped = [{"id": i.id, "error": errors.get(i.id, {}).get("error", "not answered")}
                for i in items if i.id not in answered]
-    wanted = {i.id for i in items}
-    judge_set = [i for i in load_answers(out_dir / "answers.jsonl") if i.id in wanted] if answered else []
-    stats = judge_items(judge_set, judge, JsonlLog(out_dir / "verdicts.jsonl"), retry_errors=retry_errors,
-                        progress=judge_progress)
+    judged, stats = {}, None
+    for condition, log in logs.items():
+        name = "verdicts.jsonl" if condition == "model" else f"verdicts_{condition}.jsonl"
+        judge_set = [i for i in load_answers(log.path) if i.id in {t.id for t in items}] if log.latest() else []
+        result = judge_items(judge_set, judge, JsonlLog(out_dir / name), retry_errors=retry_errors,
+                             progress=judge_progress)
+        stats = result if condition == "model" else stats
+        judged[condition] = judge_set if condition == "model" else \
+            compact_verdicts(out_dir, judge_set, judge.criteria, judge.rule, name)
     sources = {s: sum(1 for i in items if i.report_source == s) for s in ("record", "file", "reference")}
     extra = {**extra, "model": generate_config.model, "data": generate_config.data, "report_sources": sources,
              "usage": judge.backend.usage.as_dict(), "n_rejudged_changed": len(stats.changed),
-             "rejudged_changed": stats.changed}
-    summary = finalize(out_dir, [i.id for i in items if i.id in answered], judge.criteria, judge.rule,
-                       n_items=len(items), skipped=skipped, extra=extra)
+             "rejudged_changed": stats.changed, "decoding": decoded, "patients": patients}
+    summary = finalize(out_dir, judged["model"], judge.criteria, judge.rule, n_items=len(items), skipped=skipped,
+                       extra=extra, baselines={c: v for c, v in judged.items() if c != "model"})
     return RunResult(out_dir, summary)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from chatexaonepath.chat.modeling import ChatEXAONEPathForCausalLM
 from chatexaonepath.eval.answers import GenerateConfig, generate_answers
@@ -95,3 +96,78 @@ def test_unreadable_features_skip_their_items_and_the_rest_is_judged(workspace, 
     assert "not a readable HDF5" in result.summary["skipped"][0]["error"]
     assert result.summary["n"] == 3 and result.summary["n_items"] == 4
     assert JsonlLog(tmp_path / "run" / "errors.jsonl").records()[0]["id"] == "rec2"
+
+
+def test_answers_decode_like_the_app_and_chat_and_the_settings_are_recorded(workspace, tmp_path):
+    from chatexaonepath.chat.session import repetition_defaults
+
+    model = ChatEXAONEPathForCausalLM.from_pretrained(workspace / "ckpt")
+    seen = []
+    original = model.generate
+    model.generate = lambda input_ids, feats, **k: seen.append(k) or original(input_ids, feats, **k)
+    with FakeOpenAIServer(reply=keyword_judge) as server:
+        result = run_eval(config_for(workspace), tmp_path / "run", f"openai:test-model@{server.url}", model=model)
+    penalty, ngram = repetition_defaults(model.llm)  # what ChatSession and the app's sliders start from
+    assert (penalty, ngram) == (1.15, 6)
+    assert seen and all(k["repetition_penalty"] == penalty and k["no_repeat_ngram_size"] == ngram
+                        and k["do_sample"] is False for k in seen)
+    assert result.summary["decoding"] == {"do_sample": False, "temperature": 0.0, "max_new_tokens": 6,
+                                          "repetition_penalty": 1.15, "no_repeat_ngram_size": 6,
+                                          "source": "chat/app defaults"}
+    assert json.loads((tmp_path / "run" / "eval_config.json").read_text())["decoding"] == result.summary["decoding"]
+    assert "repetition penalty 1.15, no-repeat n-gram 6" in (tmp_path / "run" / "report.md").read_text()
+    with FakeOpenAIServer(reply=keyword_judge) as server:  # other guards on the same folder: refused
+        with pytest.raises(EvalError, match="other settings.*repetition_penalty"):
+            run_eval(config_for(workspace, repetition_penalty=1.3), tmp_path / "run", f"openai:test-model@{server.url}",
+                     model=model)
+
+
+def test_answers_made_before_decoding_was_recorded_are_not_mixed_with_new_ones(workspace, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "answers.jsonl").write_text(json.dumps({"id": "rec2", "answer": "Liver.", "question": "Which organ is this?",
+                                                   "report": "Liver."}) + "\n")
+    with FakeOpenAIServer(reply=keyword_judge) as server:
+        with pytest.raises(EvalError, match="made before evaluation decoded like the app"):
+            run_eval(config_for(workspace), out, f"openai:test-model@{server.url}")
+
+
+def test_eval_run_with_baselines_judges_them_and_reports_slide_dependence(workspace, tmp_path):
+    from .judges import asked_ids, verdict
+
+    def slide_sensitive(messages):  # accepts answers given with a slide, rejects the blind ones
+        blind = "BLIND" in block(messages, "candidate_answer")
+        return verdict(asked_ids(messages), not blind)
+
+    model = ChatEXAONEPathForCausalLM.from_pretrained(workspace / "ckpt")
+    original = model.llm.generate
+
+    def tagged(**kwargs):  # mark the blind answers (the LLM called alone, without the tower) so the judge sees them
+        out = original(**kwargs)
+        if not getattr(model, "_in_tower", False):
+            bad = model.tokenizer("BLIND", add_special_tokens=False).input_ids
+            out = torch.cat([torch.tensor([bad] * out.shape[0]), out], dim=1)
+        return out
+
+    tower = model.generate
+
+    def via_tower(*args, **kwargs):
+        model._in_tower = True
+        try:
+            return tower(*args, **kwargs)
+        finally:
+            model._in_tower = False
+
+    model.llm.generate, model.generate = tagged, via_tower
+    with FakeOpenAIServer(reply=slide_sensitive) as server:
+        result = run_eval(config_for(workspace, batch_size=4), tmp_path / "run", f"openai:test-model@{server.url}",
+                          model=model, baselines="blind,shuffled")
+    out, summary = tmp_path / "run", result.summary
+    for name in ("answers_blind.jsonl", "answers_shuffled.jsonl", "verdicts_blind.jsonl", "verdicts_shuffled.jsonl"):
+        assert len(JsonlLog(out / name).records()) == 4, name
+    assert summary["acceptance_rate"] == 1.0 and summary["baselines"]["blind"]["acceptance_rate"] == 0.0
+    assert summary["baselines"]["shuffled"]["acceptance_rate"] == 1.0
+    dependence = summary["slide_dependence"]["overall"]
+    assert dependence["difference"] == 1.0 and dependence["n"] == 4
+    report = (out / "report.md").read_text()
+    assert "| blind baseline | 4 | 4 | 0 | 0 | 0.0%" in report and "Slide dependence (model − blind, rule `major`): +100.0 pp" in report

@@ -65,3 +65,24 @@ def test_eval_run_end_to_end_with_a_tiny_model_and_the_embedded_judge(workspace,
     for v in verdicts:
         assert (v["accepted"] is None) == bool(v["judge_error"]) or v["flags"]
     assert summary["judge"] == "local:embedded" and (out / "criteria.png").exists() and (out / "report.md").exists()
+
+
+def test_closed_scoring_and_its_refusals_from_the_command_line(tmp_path):
+    from .closed_fixtures import write_wsi_bench
+
+    choice, _ = write_wsi_bench(tmp_path)
+    ids = [r["id"] for r in json.loads(choice.read_text())]
+    (tmp_path / "theirs.jsonl").write_text("".join(json.dumps({"id": i, "answer": "B"}) + "\n" for i in ids))
+    result = run_cli("closed", "--data", choice, "--answers", tmp_path / "theirs.jsonl", "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["overall"]["n"] == 10 and summary["overall"]["correct"] == 3  # "B" is right 3 times in the key
+    assert "accuracy 30.0%" in result.stdout + result.stderr
+    (tmp_path / "bad.csv").write_text("ID,Slide,Question,A,B,Answer\n1,S1,Which?,x,y,C\n")
+    cases = [(["closed", "--data", tmp_path / "bad.csv", "--answers", tmp_path / "theirs.jsonl", "--out", tmp_path / "r"],
+              "bad.csv row 2: the answer 'C' is not one of its options A, B"),
+             (["closed", "--data", choice, "--out", tmp_path / "r"], "Give either --model")]
+    for args, expected in cases:
+        result = run_cli(*args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert expected in " ".join(result.stderr.split()) and "Traceback" not in result.stderr, result.stderr
