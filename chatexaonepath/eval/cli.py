@@ -242,3 +242,30 @@ def closed(
     if summary["n_skipped"]:
         raise typer.Exit(1)
 
+
+@app.command("review")
+def review(
+    run_dir: Annotated[Path, typer.Argument(help="A judged run folder (eval run or eval judge).")],
+    reviewer: Annotated[str, typer.Option("--reviewer", help="Your name, recorded with each grade.")],
+    host: Annotated[str, typer.Option(help="Address to serve on (another than 127.0.0.1 needs --auth).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free port).")] = 7870,
+    auth: Annotated[Optional[list[str]], typer.Option(envvar="CHATEXAONEPATH_REVIEW_AUTH", help="Require a login "
+                                                      "USER:PASSWORD (repeat for more users).")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Serve a page where a pathologist grades the run's answers blind to the judge (human.jsonl; Ctrl-C to stop)."""
+    import time
+
+    from ..progress import console, setup_logging
+    from .review import ReviewSession, parse_auth, serve_review
+
+    setup_logging(verbose, False)
+    session = ReviewSession(run_dir, reviewer)
+    with serve_review(session, host, port, parse_auth(auth)) as url:
+        console.print(f"Grading {len(session.items)} answers of {run_dir} as {reviewer}: open {url} (Ctrl-C to stop).",
+                      highlight=False)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            console.print("Stopped; grades are in " + str(run_dir / "human.jsonl"), highlight=False)
