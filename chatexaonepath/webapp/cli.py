@@ -84,7 +84,11 @@ def launch_app(engine: AppEngine, *, host: str = "127.0.0.1", port: int | None =
     # Gradio keeps uploads in GRADIO_TEMP_DIR: put them inside the app's private folder (mode 0700),
     # which is deleted at shutdown. Gradio reads the variable when the page is built, so set it first.
     os.environ["GRADIO_TEMP_DIR"] = str(engine.work_dir / "gradio")
+    from starlette.middleware import Middleware
+
+    from .sign_in import SignInThrottle
     from .ui import build_demo
+    from .upload_gate import UploadGate
     from .viewer import viewer_routes
 
     demo = build_demo(engine)
@@ -95,8 +99,10 @@ def launch_app(engine: AppEngine, *, host: str = "127.0.0.1", port: int | None =
                     mcp_server=False, pwa=False, enable_monitoring=False, footer_links=["api", "settings"],
                     # Run history would keep questions and answers in the browser (and offers cloud storage).
                     run_history=False, auth_message="ChatEXAONEPath — sign in",
-                    # The slide viewer's routes (its script, tiles, overlay), ahead of Gradio's own.
-                    app_kwargs={"routes": viewer_routes(engine.tiles)})
+                    # The slide viewer's routes (its script, tiles, overlay), ahead of Gradio's own; the gate on
+                    # uploads and the brake on sign-ins, in front of Gradio's routes.
+                    app_kwargs={"routes": viewer_routes(engine.tiles),
+                                "middleware": [Middleware(UploadGate, engine=engine), Middleware(SignInThrottle)]})
     except OSError as e:  # Gradio's message names its environment variables; ours names the option
         busy = f"port {port} is in use or not allowed" if port else "no port in 7860–7959 is free"
         raise ChatEXAONEPathError(f"Could not serve on {host}: {busy}; pick another with --port.") from e

@@ -32,6 +32,7 @@ from ..vision_tower.extraction import FeatureExtractor
 from .config import AppConfig, GenerationSettings
 from .session import WebSession
 from .shared import SharedModel
+from .upload_gate import UploadLedger
 
 __all__ = ["AppConfig", "AppEngine", "GenerationSettings", "ModelCard", "NoSessionError", "describe_model"]
 
@@ -118,6 +119,7 @@ class AppEngine(SharedModel):
         self.work_dir = Path(work_dir)
         self._sessions: dict[str, WebSession] = {}
         self._expired: collections.OrderedDict[str, str | None] = collections.OrderedDict()  # id → its login
+        self.uploads = UploadLedger()  # what Gradio stored for the page, until a session claims it (upload_gate.py)
         self._example_lock = threading.Lock()
         self.example_ready = threading.Event()
         self._closing = threading.Event()
@@ -264,13 +266,15 @@ class AppEngine(SharedModel):
         return len(idle)
 
     def _reap(self) -> None:
-        # Without requests nothing calls `session()`: a timer ends idle sessions (and frees their memory).
-        interval = max(1.0, min(60.0, self.config.session_idle_minutes * 60 / 4))
+        # Without requests nothing calls `session()`: a timer ends idle sessions (and frees their memory)
+        # and removes uploads no session claimed.
+        interval = max(1.0, min(30.0, self.config.session_idle_minutes * 60 / 4))
         while not self._closing.wait(interval):
             try:
                 self.expire_idle()
+                self.uploads.sweep()
             except Exception:  # the app must keep serving; the next round tries again
-                logger.exception("Ending idle sessions failed")
+                logger.exception("Ending idle sessions or removing unclaimed uploads failed")
 
     def cancel_loads(self) -> int:
         """Cancel every load in progress (they stop at their next batch of patches); returns how many sessions."""

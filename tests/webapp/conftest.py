@@ -58,12 +58,12 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 
 @contextmanager
-def served(engine: AppEngine):
+def served(engine: AppEngine, auth=None):
     """The app for `engine` on 127.0.0.1 at a free port, yielding its URL; closed after, GRADIO_TEMP_DIR restored."""
     from chatexaonepath.webapp.cli import launch_app
 
     saved_temp = os.environ.get("GRADIO_TEMP_DIR")  # launch_app points it at the engine's work folder
-    demo, url = launch_app(engine, host="127.0.0.1", port=None, quiet=True)
+    demo, url = launch_app(engine, host="127.0.0.1", port=None, quiet=True, auth=auth)
     try:
         yield url
     finally:

@@ -46,7 +46,7 @@ def app_url(tiny_chat_model, tiny_encoder, tmp_path_factory):
     extract = ExtractConfig(encoder=tiny_encoder.name, num_workers=0, batch_size=2)
     engine = AppEngine(tiny_chat_model, FeatureExtractor(extract, tiny_encoder),
                        AppConfig(features_dir=str(root / "features"), example_size=2048, max_new_tokens=16,
-                                 max_upload_gb=UPLOAD_LIMIT_GB),
+                                 max_upload_gb=UPLOAD_LIMIT_GB, max_sessions_per_client=16),  # all on loopback
                        example_path=root / "example.tiff", work_dir=root / "work")
     llm = tiny_chat_model.llm
     plain_forward = llm.forward

@@ -52,6 +52,7 @@ def served(tiny_chat_model, tiny_encoder, tmp_path):
     extract = ExtractConfig(encoder=tiny_encoder.name, num_workers=0, batch_size=4)
     config = AppConfig(features_dir=str(tmp_path / "features"), example_size=2048, max_new_tokens=8,
                        max_upload_gb=0.05, max_session_gb=0.1, max_sessions=MAX_SESSIONS,
+                       max_sessions_per_client=MAX_SESSIONS,  # every client is on loopback
                        session_idle_minutes=IDLE_MINUTES, max_requests_per_minute=30)
     engine = AppEngine(tiny_chat_model, FeatureExtractor(extract, tiny_encoder), config,
                        example_path=tmp_path / "example.tiff", work_dir=tmp_path / "work")
@@ -63,9 +64,12 @@ def served(tiny_chat_model, tiny_encoder, tmp_path):
 
 
 def client(url):
+    """A scripted client that starts its session as the page does (`/start_session`, the page's load event)."""
     from gradio_client import Client
 
-    return Client(url, verbose=False, download_files=False)
+    scripted = Client(url, verbose=False, download_files=False)
+    scripted.predict(api_name="/start_session")
+    return scripted
 
 
 def scripted_visitor(url, files, outcomes, stop):

@@ -32,7 +32,8 @@ def app(tiny_chat_model, tiny_encoder, tmp_path_factory):
     root = tmp_path_factory.mktemp("viewer-browser")
     extract = ExtractConfig(encoder=tiny_encoder.name, num_workers=0, batch_size=4)
     engine = AppEngine(tiny_chat_model, FeatureExtractor(extract, tiny_encoder),
-                       AppConfig(features_dir=str(root / "features"), example_size=4096, max_new_tokens=6),
+                       AppConfig(features_dir=str(root / "features"), example_size=4096, max_new_tokens=6,
+                                 max_sessions_per_client=16),  # every page comes from loopback
                        example_path=root / "example.tiff", work_dir=root / "work")
     calls: list[torch.Tensor] = []
     real = tiny_chat_model.get_slide_tokens
