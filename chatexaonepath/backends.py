@@ -7,18 +7,24 @@ registry of spec strings:
                        `ollama:llama3.1:70b-instruct`
   `local:embedded`     in-process transformers (`local:ID_OR_PATH` for any causal LM)
 Nothing leaves the machine unless the user names a remote endpoint.
+
+Every request has a total deadline and a reply-size cap, enforced here for RAIDER, the judge and
+anything else: a server that drips one byte a second, or answers a 48-token request with 200 MB,
+ends the request with a `BackendError` instead of holding a worker or the memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import os
 import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Coroutine, Protocol
 
 from .errors import ChatEXAONEPathError
 
@@ -95,10 +101,27 @@ def available_backends() -> list[str]:
 
 @dataclass
 class BackendOptions:
-    """How HTTP backends treat a request: per-request timeout and the client's retries (with backoff)."""
+    """How a backend treats a request: seconds per try, the HTTP client's retries (with backoff), the largest reply.
+
+    A request ends, retries included, within `timeout` × (1 + `max_retries`) seconds whatever the server
+    does; a reply body larger than `max_reply_bytes` is refused as it arrives.
+    """
 
     timeout: float = 120.0
     max_retries: int = 2
+    # A chat completion is tens of kB (a few MB with log-probabilities); 32 MiB leaves room for any honest
+    # server, and a 200 MB reply to a 48-token question ends at the cap instead of filling memory.
+    max_reply_bytes: int = 32 << 20
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.timeout) and self.timeout > 0) or self.max_retries < 0 or self.max_reply_bytes < 1024:
+            raise BackendError(f"Backend options need a timeout > 0, retries ≥ 0 and a reply cap ≥ 1 kB; got "
+                               f"{self.timeout}, {self.max_retries}, {self.max_reply_bytes}.")
+
+    @property
+    def deadline(self) -> float:
+        """Seconds one request may take in all, its retries included."""
+        return self.timeout * (1 + self.max_retries)
 
 
 def build_backend(spec: str, options: BackendOptions | None = None) -> TextBackend:
@@ -112,20 +135,25 @@ def build_backend(spec: str, options: BackendOptions | None = None) -> TextBacke
 
 
 class OpenAICompatibleBackend:
-    """Chat completions from an OpenAI-compatible HTTP server, through the official `openai` client."""
+    """Chat completions from an OpenAI-compatible HTTP server, through the official `openai` client.
 
-    def __init__(self, model: str, base_url: str, api_key: str | None = None, timeout: float = 120.0,
-                 max_retries: int = 2) -> None:
-        from openai import OpenAI
+    The reply is read as a stream (`with_streaming_response`) so its size is checked as it arrives, and
+    the whole request, retries included, runs under `options.deadline`; the blocking `complete` runs the
+    same coroutine on an event loop of its own, so both paths end on time (a blocking read cannot be
+    interrupted, a coroutine can).
+    """
 
+    def __init__(self, model: str, base_url: str, api_key: str | None = None,
+                 options: BackendOptions | None = None) -> None:
         self.model, self.base_url = model, base_url.rstrip("/")
         self.name = f"openai:{model}@{self.base_url}"
         self.usage = Usage()
         self.max_concurrency: int | None = None
+        self.options = options or BackendOptions()
         # Local servers accept any key; the client insists on one.
         key = api_key or os.environ.get("OPENAI_API_KEY") or "not-needed-for-local-servers"
-        self._options = dict(base_url=self.base_url, api_key=key, timeout=timeout, max_retries=max_retries)
-        self._client = OpenAI(**self._options)
+        self._client_options = dict(base_url=self.base_url, api_key=key, timeout=self.options.timeout,
+                                    max_retries=self.options.max_retries)
         self._async_clients: dict[int, object] = {}
 
     def _async_client(self) -> object:
@@ -134,7 +162,7 @@ class OpenAICompatibleBackend:
 
         loop = asyncio.get_running_loop()
         if id(loop) not in self._async_clients:
-            self._async_clients = {id(loop): AsyncOpenAI(**self._options)}  # drop clients of finished loops
+            self._async_clients = {id(loop): AsyncOpenAI(**self._client_options)}  # drop clients of finished loops
         return self._async_clients[id(loop)]
 
     def _request(self, messages: Messages, gen: dict) -> dict:
@@ -146,20 +174,48 @@ class OpenAICompatibleBackend:
         return request
 
     def complete(self, messages: Messages, **gen: object) -> str:
-        """One chat completion (blocking)."""
-        try:
-            response = self._client.chat.completions.create(**self._request(messages, gen))
-        except Exception as e:  # noqa: BLE001 - mapped to one sentence per failure kind
-            raise self._explain(e) from e
-        return self._text(response)
+        """One chat completion (blocking), under the same deadline and reply cap as `acomplete`."""
+
+        async def once() -> str:
+            try:
+                return await self.acomplete(messages, **gen)
+            finally:
+                await self.aclose()
+
+        return _run_coroutine(once())
 
     async def acomplete(self, messages: Messages, **gen: object) -> str:
         """One chat completion (async, for concurrent generation)."""
+        deadline = self.options.deadline
         try:
-            response = await self._async_client().chat.completions.create(**self._request(messages, gen))
-        except Exception as e:  # noqa: BLE001
+            async with asyncio.timeout(deadline):
+                body = await self._post(self._request(messages, gen))
+        except TimeoutError as e:
+            raise BackendError(f"The LLM server at {self.base_url} did not finish its reply within {deadline:g} s "
+                               "(--timeout, per try); is it overloaded?", retryable=True) from e
+        except BackendError:
+            raise
+        except Exception as e:  # noqa: BLE001 - mapped to one sentence per failure kind
             raise self._explain(e) from e
-        return self._text(response)
+        return self._text(body)
+
+    async def _post(self, request: dict) -> bytes:
+        """The reply's body, read as it arrives and refused past `max_reply_bytes`."""
+        cap = self.options.max_reply_bytes
+        async with self._async_client().chat.completions.with_streaming_response.create(**request) as response:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > cap:
+                raise self._too_large(int(declared))
+            body = bytearray()
+            async for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > cap:
+                    raise self._too_large(len(body))
+        return bytes(body)
+
+    def _too_large(self, size: int) -> BackendError:
+        return BackendError(f"The LLM server at {self.base_url} sent a reply of more than {size:,} bytes, past the "
+                            f"{self.options.max_reply_bytes:,} accepted; it is not answering as a chat server should.")
 
     async def aclose(self) -> None:
         """Close the running loop's connections (call before the loop ends, or httpx complains at exit)."""
@@ -167,13 +223,20 @@ class OpenAICompatibleBackend:
         if client is not None:
             await client.close()
 
-    def _text(self, response: object) -> str:
-        usage = getattr(response, "usage", None)
-        if usage is not None:
-            self.usage.add(usage.prompt_tokens, usage.completion_tokens)
-        if not response.choices:
+    def _text(self, body: bytes) -> str:
+        """The first choice's text from a chat-completion body; usage counted. Parsing is bounded by the cap."""
+        try:
+            data = json.loads(body)
+            text = data["choices"][0]["message"]["content"] if data.get("choices") else None
+            usage = data.get("usage") or {}
+        except (ValueError, RecursionError, KeyError, IndexError, TypeError, AttributeError) as e:
+            raise BackendError(f"The LLM server at {self.base_url} sent a reply that is not a chat completion "
+                               f"({type(e).__name__}).") from e
+        if not data.get("choices"):
             raise BackendError(f"The LLM server at {self.base_url} returned no choices.")
-        return response.choices[0].message.content or ""
+        if isinstance(usage, dict):
+            self.usage.add(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
+        return text if isinstance(text, str) else ""
 
     def _explain(self, error: Exception) -> BackendError:
         import openai
@@ -192,7 +255,33 @@ class OpenAICompatibleBackend:
             return BackendError(f"The LLM server at {self.base_url} answered HTTP {error.status_code}: "
                                 f"{str(error.message)[:200]}.", retryable=error.status_code in (408, 429) or
                                 error.status_code >= 500)
-        return BackendError(f"The request to {self.base_url} failed: {error}.")
+        return BackendError(f"The request to {self.base_url} failed: {str(error)[:200]}.")
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and 0 <= value < 1 << 40 else 0
+
+
+def _run_coroutine(coroutine: Coroutine) -> Any:
+    """Run `coroutine` to the end from blocking code, on a loop of its own (in a helper thread if one runs here)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = asyncio.run(coroutine)
+        except BaseException as e:  # re-raised in the caller's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name="backend-request", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 @register_backend("openai")
@@ -201,13 +290,12 @@ def _openai(rest: str, options: BackendOptions) -> OpenAICompatibleBackend:
     if not at or not model or not url.startswith(("http://", "https://")):
         raise BackendError(f"openai backends are written openai:MODEL@URL (e.g. openai:llama3@http://127.0.0.1:8000/v1), "
                            f"got openai:{rest}.")
-    return OpenAICompatibleBackend(model, url, timeout=options.timeout, max_retries=options.max_retries)
+    return OpenAICompatibleBackend(model, url, options=options)
 
 
 @register_backend("ollama")
 def _ollama(model: str, options: BackendOptions) -> OpenAICompatibleBackend:
-    backend = OpenAICompatibleBackend(model, os.environ.get("OLLAMA_URL", OLLAMA_URL), timeout=options.timeout,
-                                      max_retries=options.max_retries)
+    backend = OpenAICompatibleBackend(model, os.environ.get("OLLAMA_URL", OLLAMA_URL), options=options)
     backend.name = f"ollama:{model}"
     return backend
 

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from chatexaonepath.backends import BackendError, available_backends, build_backend
+from chatexaonepath.backends import BackendError, BackendOptions, available_backends, build_backend
 from chatexaonepath.loopback import FakeOpenAIServer
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What organ?"}]
@@ -44,8 +44,7 @@ def free_port() -> int:
 def test_failures_are_one_clear_sentence(case, expected, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "wrong")
     if case == "unreachable":
-        backend = build_backend(f"openai:test-model@http://127.0.0.1:{free_port()}/v1")
-        backend._client = backend._client.with_options(max_retries=0)
+        backend = build_backend(f"openai:test-model@http://127.0.0.1:{free_port()}/v1", BackendOptions(max_retries=0))
         with pytest.raises(BackendError, match=expected) as info:
             backend.complete(MESSAGES)
     else:
@@ -163,3 +162,100 @@ def test_a_local_judge_timeout_does_not_cascade_to_the_next_answer(tmp_path):
 
     record, seconds = asyncio.run(scenario())
     assert record["error_kind"] == "output" and seconds < 2.0
+
+
+# -- hostile servers: every request has a total deadline and a reply-size cap ------------------------------
+class HostileServer:
+    """An HTTP server on 127.0.0.1 that answers every POST with `respond(handler)` (headers and body its own)."""
+
+    def __init__(self, respond):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                try:
+                    respond(self)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up: what we want
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def drip(handler, seconds=30):
+    """Valid headers, then one byte a second: each read is quick, the whole never ends."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", "100000")
+    handler.end_headers()
+    for _ in range(seconds):
+        handler.wfile.write(b" ")
+        handler.wfile.flush()
+        time.sleep(1.0)
+
+
+def huge(handler, size=200 << 20):
+    """A chunked reply of `size` bytes to a 48-token request."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+    block = b" " * (1 << 20)
+    for _ in range(size // len(block)):
+        handler.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
+    handler.wfile.write(b"0\r\n\r\n")
+
+
+def nested(handler, depth=100_000):
+    data = b"[" * depth + b"]" * depth
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_a_dripping_server_ends_at_the_deadline(blocking):
+    server = HostileServer(drip)
+    backend = build_backend(f"openai:test-model@{server.url}", BackendOptions(timeout=2.0, max_retries=0))
+    started = time.perf_counter()
+    try:
+        with pytest.raises(BackendError, match="did not finish its reply within 2 s") as info:
+            backend.complete(MESSAGES) if blocking else asyncio.run(backend.acomplete(MESSAGES))
+    finally:
+        server.close()
+    assert 1.5 < time.perf_counter() - started < 3.0 and info.value.retryable
+
+
+def test_a_huge_reply_is_refused_as_it_arrives():
+    server = HostileServer(huge)
+    backend = build_backend(f"openai:test-model@{server.url}", BackendOptions(timeout=30, max_retries=0))
+    started = time.perf_counter()
+    try:
+        with pytest.raises(BackendError, match="sent a reply of more than .* past the 33,554,432 accepted"):
+            backend.complete(MESSAGES, max_tokens=48)
+    finally:
+        server.close()
+    assert time.perf_counter() - started < 5.0
+
+
+def test_a_reply_of_deeply_nested_json_is_one_sentence():
+    server = HostileServer(lambda handler: nested(handler, 200_000))
+    backend = build_backend(f"openai:test-model@{server.url}", BackendOptions(timeout=30, max_retries=0))
+    try:
+        with pytest.raises(BackendError, match="not a chat completion"):
+            backend.complete(MESSAGES)
+    finally:
+        server.close()
