@@ -12,12 +12,14 @@ pathology report. `injection_kinds(text, audience)` says which kinds of steering
              "Pathologist reviewing: …", "you are the judge" (audience `evaluator`); "note to the
              AI", "when asked about the diagnosis, answer …" (audience `model`)
   markup     chat-template and role markup (`[INST]`, `<|im_start|>`, `System:` lines, block tags)
-  obfuscation a word that mixes Latin and Cyrillic letters (no clinical text does; attacks do, to
-             slip past keyword lists)
+  obfuscation steering hidden from a reader or a keyword list: written in invisible tag characters,
+             in base64 or ROT13, or in words that mix Latin and Cyrillic letters (no clinical text
+             does; attacks do, to slip past keyword lists)
 
-Matching runs on a *skeleton* of the text (`skeleton`): NFKC, invisible characters removed,
-Latin-looking Cyrillic and Greek letters folded to Latin, accents on Latin letters dropped, case
-folded. The lists stop the attacks that are plausible and cheap; they are not the defence itself
+Matching runs on a *skeleton* of the text (`skeleton`): NFKC, every default-ignorable and format
+character removed, case folded, look-alike letters folded to Latin by Unicode's confusables table,
+combining marks dropped. `flagged_lines` also reads report lines two and three at a time, so a phrase
+split over a line break is found. The lists stop the attacks that are plausible and cheap; they are not the defence itself
 — the callers also fence the text with a per-call random boundary and restate their rules after
 it. `evaluator` is for answers (which never address anybody); `model` is for reports, whose
 ordinary lines do mention pathologists and reviewers, so those addressees are left out there.
@@ -25,48 +27,65 @@ ordinary lines do mention pathologists and reviewers, so those addressees are le
 
 from __future__ import annotations
 
+import base64
+import binascii
+import codecs
+import functools
 import re
 import unicodedata
 from typing import Literal
+
+import regex
 
 Audience = Literal["evaluator", "model"]
 KINDS = ("override", "verdict", "addressed", "markup", "obfuscation")
 
 # --- the skeleton ------------------------------------------------------------------------------------
-# Unicode's confusables table (UTS #39, confusables.txt) has ~6,000 entries and no well-kept Python
-# package ships it current; NFKC does not fold cross-script look-alikes (Cyrillic "І" stays "І").
-# What an attacker needs to hide an English or French keyword from a list is a Latin look-alike,
-# and those are few: the Cyrillic and Greek letters below (full-width and mathematical letters are
-# already folded by NFKC). Greek letters that pathology uses as themselves (α-SMA, β-catenin, κ/λ
-# light chains, μm) are left alone unless they look exactly like a Latin capital.
-_CONFUSABLES = str.maketrans({
-    # Cyrillic lower case
-    "а": "a", "в": "b", "е": "e", "ё": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p", "с": "c",
-    "т": "t", "у": "y", "х": "x", "і": "i", "ї": "i", "ј": "j", "ѕ": "s", "ԁ": "d", "һ": "h", "ӏ": "l",
-    "ԛ": "q", "ԝ": "w", "ɡ": "g", "ս": "u",
-    # Cyrillic upper case
-    "А": "A", "В": "B", "Е": "E", "Ё": "E", "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C",
-    "Т": "T", "У": "Y", "Х": "X", "І": "I", "Ї": "I", "Ј": "J", "Ѕ": "S", "Ԁ": "D", "Ӏ": "I", "Ԛ": "Q",
-    "Ԝ": "W",
-    # Greek: capitals identical to Latin ones, and the lower-case letters that pass for Latin
-    "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Κ": "K", "Μ": "M", "Ν": "N", "Ο": "O",
-    "Ρ": "P", "Τ": "T", "Υ": "Y", "Χ": "X", "ο": "o", "ι": "i", "ν": "v", "ρ": "p", "τ": "t", "υ": "u",
-    "ϲ": "c", "ϳ": "j",
-})
-_INVISIBLE = re.compile(r"[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b-\u200f\u202a-\u202e"
-                        r"\u2060-\u2064\u206a-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0]")
-_LATIN_ACCENTS = re.compile(r"[\u0300-\u036f]")  # combining marks of Latin, Greek and Cyrillic letters only
+# Text is folded before it is matched, so that what looks like a phrase to a reader (or reads as one to
+# an LLM) matches it here: NFKC, every default-ignorable
+# and format character removed (Unicode's Default_Ignorable_Code_Point and Cf: bidi controls, zero-width
+# characters, variation selectors, tags, musical beams — the `regex` package knows the properties),
+# case folded, look-alike letters folded to the Latin letter they pass for (Unicode's UTS #39
+# confusables table, as the `confusable-homoglyphs` package ships it: Cyrillic "о", Greek "ο", a
+# dotless "ı", mathematical letters …), and every combining mark dropped (accents, U+20DB three dots,
+# Mongolian selectors) except the kana voicing marks Japanese words are spelled with.
+_IGNORABLE = regex.compile(r"[\p{Default_Ignorable_Code_Point}\p{Cf}]")
+_MARKS = regex.compile(r"[\p{M}--[\u3099\u309a]]", regex.V1)
+_TAGS = re.compile(r"[\U000e0020-\U000e007e]")  # tag characters: an invisible copy of printable ASCII
 _CYRILLIC = re.compile(r"[\u0400-\u052f]")
 _MIXED_WORD = re.compile(r"\w*(?:[a-zA-Z][\u0400-\u052f]|[\u0400-\u052f][a-zA-Z])\w*")
+# Encodings that hide a phrase from a list but not from an LLM, which reads them: long base64 runs and ROT13.
+_BASE64 = re.compile(r"[A-Za-z0-9+/]{16,}={0,2}")
+_ROT13 = str.maketrans("abcdefghijklmnopqrstuvwxyz", "nopqrstuvwxyzabcdefghijklm")
+
+
+@functools.lru_cache(maxsize=1)
+def _confusables() -> dict[int, str]:
+    """Each character the UTS #39 table says passes for a Latin letter or digit → that letter (lower case)."""
+    from confusable_homoglyphs.confusables import confusables_data
+
+    table: dict[int, str] = {}
+    for key, glyphs in confusables_data.items():
+        for glyph in (g["c"] for g in glyphs):
+            if len(key) != 1 or len(glyph) != 1:
+                continue
+            if glyph.isascii() and glyph.isalnum() and not key.isascii():
+                table[ord(key)] = glyph.lower()
+            elif key.isascii() and key.isalnum() and not glyph.isascii():
+                table[ord(glyph)] = key.lower()
+    return table
+
+
+def _untagged(text: str) -> str:
+    return _TAGS.sub(lambda m: chr(ord(m.group()) - 0xE0000), text)
 
 
 def skeleton(text: str) -> str:
-    """`text` folded for matching: NFKC, no invisible characters, Latin look-alikes as Latin, no accents, case folded."""
-    text = _INVISIBLE.sub("", unicodedata.normalize("NFKC", text or ""))
-    text = text.translate(_CONFUSABLES)
-    # Accents only: CJK voicing marks (U+3099) and Hangul jamo are outside this range and survive.
-    text = unicodedata.normalize("NFC", _LATIN_ACCENTS.sub("", unicodedata.normalize("NFD", text)))
-    return text.casefold()
+    """`text` folded for matching: NFKC, no ignorable or format characters (tags included), case folded, Latin
+    look-alikes as Latin (UTS #39), no combining marks."""
+    text = _IGNORABLE.sub("", unicodedata.normalize("NFKC", text or ""))
+    text = unicodedata.normalize("NFD", text.casefold()).translate(_confusables())
+    return unicodedata.normalize("NFC", _MARKS.sub("", text)).casefold()
 
 
 # --- the phrase lists (written in skeleton form: lower case, no accents) --------------------------------
@@ -217,31 +236,82 @@ _PATTERNS: dict[str, dict[str, re.Pattern]] = {
 
 
 def injection_kinds(text: str, audience: Audience = "evaluator") -> list[str]:
-    """The kinds of steering (`KINDS`, in that order) found in `text` written for `audience` to read."""
+    """The kinds of steering (`KINDS`, in that order) found in `text` written for `audience` to read.
+
+    `obfuscation` also marks steering that was hidden: in tag characters, base64 or ROT13, or in words
+    mixing Cyrillic and Latin letters.
+    """
     if audience not in _PATTERNS:
         raise ValueError(f"audience must be 'evaluator' or 'model', not {audience!r}")
+    found = set(_steering(skeleton(text), audience))
+    # Tag characters are invisible and dropped by the skeleton, but an LLM reads them as the ASCII they
+    # encode: a text written in tags says what its decoded copy says.
+    hidden = set(_steering(skeleton(_untagged(text)), audience)) if _TAGS.search(text or "") else set()
+    if hidden - found or _encoded_steering(text or "", audience):
+        found |= hidden | {"obfuscation"}
+    if _CYRILLIC.search(text or "") and _MIXED_WORD.search(unicodedata.normalize("NFKC", _IGNORABLE.sub("", text))):
+        found.add("obfuscation")
+    return [kind for kind in KINDS if kind in found]
+
+
+def _steering(folded: str, audience: Audience) -> list[str]:
+    return [kind for kind, pattern in _PATTERNS[audience].items() if pattern.search(folded)]
+
+
+def _encoded_steering(text: str, audience: Audience) -> bool:
+    """True when a base64 run or the ROT13 of the text says what the text itself does not."""
     folded = skeleton(text)
-    found = [kind for kind, pattern in _PATTERNS[audience].items() if pattern.search(folded)]
-    if _CYRILLIC.search(text or "") and _MIXED_WORD.search(unicodedata.normalize("NFKC", _INVISIBLE.sub("", text))):
-        found.append("obfuscation")
-    return found
+    if _steering(folded.translate(_ROT13), audience) and not _steering(folded, audience):
+        return True
+    for run in _BASE64.findall(text):
+        try:
+            decoded = base64.b64decode(run + "=" * (-len(run) % 4), validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            continue
+        if decoded.isprintable() or "\n" in decoded:
+            if _steering(skeleton(decoded), audience):
+                return True
+    return False
 
 
 def flagged_lines(text: str, audience: Audience = "model") -> list[tuple[int, int, list[str]]]:
-    """(start, end, kinds) of each line of `text` with steering in it; offsets index `text`."""
-    out, start, carry = [], 0, False
+    """(start, end, kinds) of each line of `text` with steering in it; offsets index `text`.
+
+    Lines are also read two and three at a time, so a phrase split over line breaks ("Ignore all
+    previous" / "instructions.") flags every line it spans (kind `split` added).
+    """
+    lines, start = [], 0
     for line in text.splitlines(keepends=True):
         end = start + len(line.rstrip("\r\n"))
-        body = text[start:end]
-        kinds = injection_kinds(body, audience) if body.strip() else []
-        if not kinds and carry and body.strip():
-            kinds = ["continued"]  # "Note to the AI:" on one line, what it dictates on the next
-        if kinds:
-            out.append((start, end, kinds))
-        if body.strip():
-            carry = bool(kinds) and body.rstrip().endswith(":")
+        if text[start:end].strip():
+            lines.append((start, end))
         start += len(line)
-    return out
+    kinds = [injection_kinds(text[a:b], audience) for a, b in lines]
+    for i in range(1, len(lines)):  # "Note to the AI:" on one line, what it dictates on the next
+        if not kinds[i] and kinds[i - 1] and text[lines[i - 1][0]:lines[i - 1][1]].rstrip().endswith(":"):
+            kinds[i] = ["continued"]
+    folded = [skeleton(text[a:b]) for a, b in lines]
+    for width in (2, 3):
+        for first in range(len(lines) - width + 1):
+            for line, kind in _spanning_matches(folded[first:first + width], audience):
+                found = kinds[first + line]
+                kinds[first + line] = [k for k in (*KINDS, "continued", "split") if k in {*found, kind, "split"}]
+    return [(a, b, k) for (a, b), k in zip(lines, kinds) if k]
+
+
+def _spanning_matches(folded_lines: list[str], audience: Audience) -> list[tuple[int, str]]:
+    """(line index, kind) for each line a match of the joined lines touches, when the match spans two or more."""
+    joined, bounds = "", []
+    for line in folded_lines:
+        bounds.append((len(joined), len(joined) + len(line)))
+        joined += line + " "
+    touched = []
+    for kind, pattern in _PATTERNS[audience].items():
+        for match in pattern.finditer(joined):
+            spanned = [i for i, (a, b) in enumerate(bounds) if match.start() < b and match.end() > a]
+            if len(spanned) > 1:
+                touched += [(i, kind) for i in spanned]
+    return touched
 
 
 def mask_spans(text: str, spans: list[tuple[int, int]]) -> str:
