@@ -29,8 +29,11 @@ TEXT_SUFFIXES = (".txt", ".md")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # A PDF page with less text than this in its text layer is treated as scanned and OCRed.
 MIN_TEXT_LAYER_CHARS = 40
-# Longest report id in UTF-8 bytes: `<id>.txt` and the atomic writer's `.<id>.txt.<pid>.tmp` must fit the
-# 255-byte file-name limit of ext4, XFS, APFS and NTFS.
+# The largest image OCR reads: an A4 page scanned at 600 dpi is 35 megapixels. Pillow itself only warns
+# up to 179 megapixels, and tesseract on such an image takes minutes and gigabytes.
+OCR_MAX_PIXELS = 40_000_000
+# Longest report id in UTF-8 bytes: `<id>.txt` and the atomic writer's `.<id>.txt.<pid>.<random>.tmp.txt` must
+# fit the 255-byte file-name limit of ext4, XFS, APFS and NTFS.
 MAX_ID_BYTES = 200
 
 
@@ -99,10 +102,19 @@ def remove_repeated_lines(pages: list[str], min_pages: int = 3) -> list[str]:
                       if key(line) not in repeated and not _PAGE_NUMBER.match(line.strip())) for page in pages]
 
 
-def ocr_image(image) -> str:
-    """OCR a PIL image with tesseract; a clear error when tesseract is not installed."""
+def check_ocr_size(width: int, height: int, source: str) -> None:
+    """Refuse an image larger than OCR reads, before it is decoded."""
+    if width * height > OCR_MAX_PIXELS:
+        raise ChatEXAONEPathError(
+            f"{source} holds a {width:,}×{height:,} image ({width * height / 1e6:,.0f} megapixels), more than the "
+            f"{OCR_MAX_PIXELS / 1e6:.0f} that OCR reads (a page at 600 dpi); scan it at 300 dpi.")
+
+
+def ocr_image(image, source: str = "The image") -> str:
+    """OCR a PIL image with tesseract (refused past `OCR_MAX_PIXELS`); a clear error when tesseract is missing."""
     import pytesseract
 
+    check_ocr_size(*image.size, source)
     try:
         return pytesseract.image_to_string(image.convert("L"))
     except pytesseract.TesseractNotFoundError as e:
@@ -122,10 +134,27 @@ def _pdf_pages(path: Path) -> tuple[list[str], str]:
 
             from PIL import Image
 
-            text = "\n".join(ocr_image(Image.open(BytesIO(img.data))) for img in page.images)
+            for width, height in _pdf_image_sizes(page):  # pypdf decodes an image to hand it over: check first
+                check_ocr_size(width, height, f"{path.name} (page {len(pages) + 1})")
+            text = "\n".join(ocr_image(Image.open(BytesIO(img.data)), path.name) for img in page.images)
             method = "ocr"
         pages.append(text)
     return pages, method
+
+
+def _pdf_image_sizes(page) -> list[tuple[int, int]]:
+    """(width, height) of each image a PDF page draws, from its XObject dictionaries (nothing decoded)."""
+    sizes = []
+    resources = page.get("/Resources") or {}
+    xobjects = resources.get("/XObject") or {}
+    for name in xobjects:
+        xobject = xobjects[name].get_object()
+        if xobject.get("/Subtype") == "/Image":
+            try:
+                sizes.append((int(xobject.get("/Width", 0)), int(xobject.get("/Height", 0))))
+            except (TypeError, ValueError):
+                continue
+    return sizes
 
 
 def read_report_file(path: str | Path) -> Report:
@@ -140,8 +169,8 @@ def read_report_file(path: str | Path) -> Report:
         elif suffix in IMAGE_SUFFIXES:
             from PIL import Image
 
-            with Image.open(path) as image:
-                pages, method = [ocr_image(image)], "ocr"
+            with Image.open(path) as image:  # reads the header only: the size is checked before decoding
+                pages, method = [ocr_image(image, path.name)], "ocr"
         else:
             raise ChatEXAONEPathError(f"{path} is not a report format this reads (.pdf, .txt, .md, .png, .jpg, .tif).")
     except ChatEXAONEPathError:

@@ -121,3 +121,45 @@ def test_cli_ingest_lists_unreadable_long_ids_and_flagged_lines(tmp_path):
     assert result.returncode == 0 and "Traceback" not in out and "File name too long" not in out
     assert "1 unreadable" in out and "longer than the 200" in out
     assert "1 line in 1 report addresses the model" in out and "fa-01:2" in out
+
+
+def _no_ocr(monkeypatch):
+    import pytesseract
+
+    monkeypatch.setattr(pytesseract, "image_to_string", lambda *a, **k: pytest.fail("the image was OCRed"))
+
+
+def test_an_image_report_larger_than_ocr_reads_is_refused_before_decoding(tmp_path, monkeypatch):
+    import time
+
+    from tests.vision_tower.test_slide import png_declaring
+
+    _no_ocr(monkeypatch)
+    bomb = png_declaring(tmp_path / "scan.png", 8_000, 6_000)  # 48 MP: under Pillow's own 89 MP warning
+    started = time.perf_counter()
+    with pytest.raises(ChatEXAONEPathError, match=r"8,000×6,000 image \(48 megapixels\), more than the 40 that OCR"):
+        read_report_file(bomb)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_a_pdf_page_image_larger_than_ocr_reads_is_refused_before_pypdf_decodes_it(tmp_path, monkeypatch):
+    import zlib
+
+    from pypdf import PdfWriter
+    from pypdf.generic import DictionaryObject, NameObject, NumberObject, StreamObject
+
+    _no_ocr(monkeypatch)
+    writer = PdfWriter()
+    page = writer.add_blank_page(200, 200)
+    image = StreamObject()
+    image.set_data(zlib.compress(b"\0" * 64))
+    image.update({NameObject("/Type"): NameObject("/XObject"), NameObject("/Subtype"): NameObject("/Image"),
+                  NameObject("/Width"): NumberObject(20_000), NameObject("/Height"): NumberObject(20_000),
+                  NameObject("/ColorSpace"): NameObject("/DeviceRGB"), NameObject("/BitsPerComponent"): NumberObject(8)})
+    page[NameObject("/Resources")] = DictionaryObject({NameObject("/XObject"): DictionaryObject(
+        {NameObject("/Im0"): writer._add_object(image)})})
+    path = tmp_path / "scanned.pdf"
+    with open(path, "wb") as f:
+        writer.write(f)
+    with pytest.raises(ChatEXAONEPathError, match=r"scanned.pdf \(page 1\) holds a 20,000×20,000 image"):
+        read_report_file(path)
