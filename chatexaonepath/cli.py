@@ -19,6 +19,8 @@ from .progress import console, progress_bar, setup_logging
 from .quickstart import QuickstartConfig
 from .raider.cli import app as raider_app
 from .train.cli import app as train_app
+from .vision_tower.slide import DEFAULT_MAX_LEVEL_PIXELS as MAX_LEVEL_PIXELS
+from .vision_tower.slide import DEFAULT_MAX_PIXELS as MAX_PIXELS
 from .webapp.cli import app_command
 
 app = typer.Typer(help="Chat with a multimodal LLM about whole-slide pathology images.",
@@ -57,7 +59,8 @@ def slide_extract(
     skip_errors: Annotated[bool, typer.Option("--skip-errors/--fail-fast", help="Record bad slides and go on (default), or stop at the first.")] = True,
     seed: Annotated[int, typer.Option(help="Seed for random encoders.")] = 0,
     decoder: Annotated[str, typer.Option(help="auto (DCT-scaled JPEG tiles where a slide allows, else OpenSlide), openslide or dct.")] = "auto",
-    max_pixels: Annotated[int, typer.Option(help="Most pixels decoded at once (a whole PNG/JPEG, a TIFF strip or tile); larger slides are refused.")] = 1_000_000_000,
+    max_pixels: Annotated[int, typer.Option(help="Most pixels decoded at once (a whole PNG/JPEG, a TIFF strip or tile); larger slides are refused.")] = MAX_PIXELS,
+    max_level_pixels: Annotated[int, typer.Option(help="Largest smallest-level of a slide, read whole (in strips) for the tissue map; larger slides are refused.")] = MAX_LEVEL_PIXELS,
     max_patches_per_slide: Annotated[int, typer.Option(help="Refuse slides with more tissue patches than this (counted from the grid, before any is read).")] = 200_000,
     quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
@@ -78,6 +81,7 @@ def slide_extract(
         num_workers=num_workers, precision=precision, device=device, mpp=mpp, patch_size=patch_size,
         target_mpp=target_mpp, min_tissue=min_tissue, seed=seed, tissue=TissueConfig(min_saturation=min_saturation),
         decoder=decoder, max_pixels=max_pixels, max_patches_per_slide=max_patches_per_slide,
+        max_level_pixels=max_level_pixels,
     )
     shard = Shard.from_env()
     with progress_bar(quiet or not shard.is_main) as progress:  # one rank's bars are enough on a terminal
@@ -198,23 +202,25 @@ def synth_cohort(
 @synth_app.command("lesions")
 def synth_lesions(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for slides/, masks/, reports/, the data files and labels.csv.")],
-    slides: Annotated[int, typer.Option(help="Number of slides (diagnoses in turn, organs and grades balanced).")] = 48,
+    split_sizes: Annotated[str, typer.Option(help="Slides per organ × diagnosis in the train, validation and test splits (a quarter of the diagnoses is no lesion).")] = "3,1,2",
     organs: Annotated[str, typer.Option(help="Comma-separated organs (colon, liver, lymph node).")] = "colon,liver,lymph node",
     lesions: Annotated[str, typer.Option(help="Comma-separated lesion types (adenocarcinoma, squamous cell carcinoma, melanoma).")] = "adenocarcinoma,squamous cell carcinoma,melanoma",
     size: Annotated[int, typer.Option(help="Slide width and height in level-0 pixels at 0.5 µm/px.")] = 3072,
-    normal_share: Annotated[float, typer.Option(help="Share of slides without a lesion.")] = 0.25,
-    test_lesion_area: Annotated[float, typer.Option(help="Lesion share of the tissue on every held-out lesion slide.")] = 0.02,
-    test_fraction: Annotated[float, typer.Option(help="Fraction of the slides held out for testing.")] = 0.25,
+    eval_lesion_area: Annotated[float, typer.Option(help="Lesion share of the tissue on every validation and test slide with a lesion.")] = 0.01,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     quiet: Quiet = False,
 ) -> None:
-    """Write a lesion cohort (docs/demo_model.md): organ slides with small lesions, their masks and reports, QA data."""
+    """Write a lesion cohort (docs/learning.md): organ slides with small lesions, their masks and reports, QA data."""
     from .synthetic.lesions import LesionCohortConfig, make_lesion_cohort
 
-    config = LesionCohortConfig(slides=slides, organs=_comma_list(organs), lesions=_comma_list(lesions), size=size,
-                                normal_share=normal_share, test_lesion_area=test_lesion_area,
-                                test_fraction=test_fraction, seed=seed)
-    _write_cohort(make_lesion_cohort, out, config, slides, quiet)
+    try:
+        sizes = tuple(int(n) for n in split_sizes.split(","))
+    except ValueError as e:
+        raise ChatEXAONEPathError(f"--split-sizes takes three whole numbers (train,validation,test), got "
+                                  f"{split_sizes!r}.") from e
+    config = LesionCohortConfig(per_combination=sizes, organs=_comma_list(organs), lesions=_comma_list(lesions),
+                                size=size, eval_lesion_area=eval_lesion_area, seed=seed)
+    _write_cohort(make_lesion_cohort, out, config, config.slides, quiet)
 
 
 @app.command("chat")
@@ -234,7 +240,8 @@ def chat(
     clam_heatmap: Annotated[Optional[Path], typer.Option(help="Also write CLAM's gated attention softmax(a) to this PNG (a second view).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 for greedy (reproducible) answers.")] = 0.0,
-    max_pixels: Annotated[int, typer.Option(help="Most pixels decoded at once (a whole PNG/JPEG, a TIFF strip or tile).")] = 1_000_000_000,
+    max_pixels: Annotated[int, typer.Option(help="Most pixels decoded at once (a whole PNG/JPEG, a TIFF strip or tile).")] = MAX_PIXELS,
+    max_level_pixels: Annotated[int, typer.Option(help="Largest smallest-level of a slide, read whole (in strips) for the tissue map.")] = MAX_LEVEL_PIXELS,
     max_patches_per_slide: Annotated[int, typer.Option(help="Refuse slides with more tissue patches than this.")] = 200_000,
     verbose: Verbose = False,
 ) -> None:
@@ -244,7 +251,7 @@ def chat(
     from .chat.session import ChatSession, load_chat_model
     from .vision_tower.slide import SlideLimits, open_slide
 
-    limits = SlideLimits(max_pixels=max_pixels, max_patches=max_patches_per_slide)
+    limits = SlideLimits(max_pixels=max_pixels, max_patches=max_patches_per_slide, max_level_pixels=max_level_pixels)
     scope = Region.parse(region) if region else None  # a malformed region fails before the model loads
 
     setup_logging(verbose)

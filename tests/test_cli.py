@@ -145,3 +145,30 @@ def test_slide_extract_refuses_a_slide_over_the_patch_budget_and_goes_on(slides,
     assert "--max-patches-per-slide" in error["error"] and not (out / "tumor.h5").exists()
     result = run_cli("slide", "extract", slides["tumor"], "--out", out, "--max-pixels", "5", "--quiet")
     assert result.returncode == 2 and "--max-pixels" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_slide_extract_refuses_a_flat_png_bomb_by_default_without_decoding_it(tmp_path):
+    """A 20,000² PNG at 0.25 µm/px: its default --max-pixels stays under Pillow's own bomb limit."""
+    import time
+
+    import psutil
+
+    from tests.vision_tower.test_slide import png_declaring
+
+    bomb = png_declaring(tmp_path / "export.png", 20_000, 20_000)
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "chatexaonepath.cli", "slide", "extract", str(bomb), "--out",
+                                str(tmp_path / "feats"), "--encoder", "random-vit-b16", "--mpp", "0.25", "--quiet"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200"))
+    peak = 0
+    while process.poll() is None and time.perf_counter() - started < 120:
+        try:
+            peak = max(peak, psutil.Process(process.pid).memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    _, stderr = process.communicate(timeout=60)
+    errors = (tmp_path / "feats" / "errors.jsonl").read_text()
+    assert "400 megapixels" in errors and "100 allowed (--max-pixels)" in errors and "Traceback" not in stderr
+    assert peak < 1.5e9  # the import of torch is most of it; 400 MP decoded would be 1.2 GB more
