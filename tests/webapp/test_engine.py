@@ -256,3 +256,38 @@ def test_work_folders_of_killed_apps_are_swept(tmp_path, monkeypatch):
         (folder / "pid").write_text(str(pid))
     _sweep_stale_work_dirs()
     assert not stale.exists() and alive.exists()
+
+
+def test_two_apps_starting_on_one_cache_both_write_the_example(make_engine, monkeypatch):
+    """Two first starts at once (two GPUs, or the app beside a CLI job) each write the example: neither crashes."""
+    from pathlib import Path
+
+    from chatexaonepath.vision_tower.slide import open_slide
+
+    engines, errors, barrier = [make_engine(), make_engine()], [], threading.Barrier(2)
+    assert engines[0].example_path == engines[1].example_path and not engines[0].example_path.exists()
+    renames, real_replace = threading.Barrier(2, timeout=30), Path.replace
+
+    def replace_together(self, target):  # both writers have written their temp file before either renames it
+        if self.name.endswith(".partial"):
+            renames.wait()
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace_together)
+
+    def start(engine):
+        barrier.wait()
+        try:
+            engine.example_slide()
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(engine,)) for engine in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors
+    with open_slide(engines[0].example_path) as slide:  # complete, whoever renamed last
+        assert slide.dimensions == (2048, 2048)
+    assert [p.name for p in engines[0].example_path.parent.iterdir() if p.name.startswith(".")] == []
