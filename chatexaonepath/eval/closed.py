@@ -127,10 +127,11 @@ def run_closed(config: ClosedConfig, out_dir: str | Path, *, model=None,
     else:
         _copy_answers(Path(config.answers), items, out_dir)
         extra["answers"] = config.answers
-    errors = JsonlLog(out_dir / "errors.jsonl").latest()
+    errors = JsonlLog(out_dir / "errors.jsonl").records()
     scored, skipped = {}, []
     for condition in ["model", *config.baselines]:
-        scored[condition], missing = _score(items, out_dir / answers_file(condition), errors)
+        reasons = {r["id"]: r for r in errors if r.get("condition", "model") == condition}
+        scored[condition], missing = _score(items, out_dir / answers_file(condition), reasons)
         if condition == "model":
             skipped = missing
     summary = summarize_closed(scored, n_items=len(items), skipped=skipped, not_closed=loaded.not_closed,

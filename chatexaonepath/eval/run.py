@@ -322,7 +322,7 @@ def run_eval(generate_config: "GenerateConfig", out_dir: str | Path, judge_backe
                                 errors=JsonlLog(out_dir / "errors.jsonl"), progress=answer_progress,
                                 on_decoding=lambda d: _save_config(out_dir, decoding=d))
     answered = logs["model"].latest()
-    errors = JsonlLog(out_dir / "errors.jsonl").latest()
+    errors = {r["id"]: r for r in JsonlLog(out_dir / "errors.jsonl").records() if r.get("condition", "model") == "model"}
     skipped = [{"id": i.id, "error": errors.get(i.id, {}).get("error", "not answered")}
                for i in items if i.id not in answered]
     judged, stats = {}, None

@@ -84,3 +84,18 @@ def test_reference_answers():
     assert letter_answer("E", OPTIONS) is None
     assert [yes_no_answer(x) for x in ("Yes", "No.", "yes", "True", "Yes, poor", "Maybe")] == \
         ["Yes", "No", "Yes", "Yes", None, None]
+
+
+SUBTYPES = ("With ER in most tumour nuclei, PR absent and HER2 scored (1+), which molecular subtype fits?  "
+            "A) Luminal A   B) Luminal B   C) HER2-enriched   D) Basal-like")
+
+
+def test_options_that_end_in_a_letter_are_not_markers_and_answers_naming_them_are_read():
+    stem, options = split_options(SUBTYPES)
+    assert stem.endswith("which molecular subtype fits?") and options == {
+        "A": "Luminal A", "B": "Luminal B", "C": "HER2-enriched", "D": "Basal-like"}
+    read = {answer: extract_choice(answer, options).choice
+            for answer in ("Luminal A", "The molecular subtype is Luminal B.", "A) Luminal A", "C", "basal-like",
+                           "HER2-enriched, not luminal B")}
+    assert read == {"Luminal A": "A", "The molecular subtype is Luminal B.": "B", "A) Luminal A": "A", "C": "C",
+                    "basal-like": "D", "HER2-enriched, not luminal B": "C"}
