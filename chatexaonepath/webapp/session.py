@@ -162,6 +162,9 @@ class WebSession:
         The page claims each upload as soon as it arrives, so only a scripted client's can sit unclaimed
         in the shared upload folder (the app removes those after a few minutes).
         """
+        return self._take(upload, claim=True)
+
+    def _take(self, upload: str | Path, claim: bool = False) -> Path:
         upload = Path(upload)
         with self._files:  # the disk budget is checked and the file moved as one step per session
             self._check_open()
@@ -171,8 +174,10 @@ class WebSession:
                     self._discard_upload(replaced)
             self.pending_path = self.claimed = None
             owned = self.uploads_root is not None and upload.resolve().is_relative_to(self.uploads_root.resolve())
-            self.claimed = take_upload(upload, self.folder, self.shared.config.upload_limits, owned=owned)
-            return self.claimed
+            path = take_upload(upload, self.folder, self.shared.config.upload_limits, owned=owned)
+            if claim:
+                self.claimed = path
+            return path
 
     def load_claimed(self, on_progress: Callable[[LoadProgress], None] | None = None) -> SlideView:
         """Load the upload `claim_upload` took (see `load`)."""
@@ -187,10 +192,7 @@ class WebSession:
                     on_progress: Callable[[LoadProgress], None] | None = None) -> SlideView:
         """Take an uploaded file into the private folder and load it (see `load`)."""
         self._cancel.clear()
-        path = self.claim_upload(upload)
-        with self._files:
-            self.claimed = None
-        return self._load_upload(path, mpp, on_progress)
+        return self._load_upload(self._take(upload), mpp, on_progress)
 
     def _load_upload(self, path: Path, mpp: float | None, on_progress) -> SlideView:
         try:

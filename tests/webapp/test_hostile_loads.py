@@ -101,3 +101,48 @@ def _take(gate, kind, order):
     with gate.hold(kind):
         order.append(kind)
         time.sleep(0.05)
+
+
+def test_the_viewers_whole_level_read_takes_a_model_slot_and_stops_when_the_slide_goes(make_engine, tmp_path):
+    """A flat slide's overview for the viewer reads a whole level: in turn with loads, and no longer than it is shown."""
+    from chatexaonepath.vision_tower.slide import open_slide
+    from chatexaonepath.webapp.tiles import TileNotFound
+
+    engine = make_engine()
+    flat = tiff_of_empty_strips(tmp_path / "flat.tif", 24_000, 24_000, 300)  # 576 MP: seconds to read whole
+    seen = {}
+
+    def opener():
+        slide = open_slide(flat)
+        plain = slide.read_at_downsample
+
+        def recorded(downsample):
+            gate = getattr(engine, "gate", None)  # (before the gate: no slot was taken at all)
+            seen["slots held"] = gate.active if gate is not None else 0
+            return plain(downsample)
+
+        slide.read_at_downsample = recorded
+        return slide
+
+    owner = engine.session("viewer")  # the registry holds its owner weakly
+    tiles = engine.tiles.publish(owner, opener)
+    outcome = {}
+
+    def overview():
+        try:
+            tiles.tile(8, 0, 0)  # a coarse deep-zoom level: built from the whole level held in memory
+        except TileNotFound as e:
+            outcome["error"], outcome["ended"] = e, time.perf_counter()
+
+    thread = threading.Thread(target=overview, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while "slots held" not in seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen["slots held"] == 1  # the read holds a model slot, like a load
+    time.sleep(0.3)
+    revoked = time.perf_counter()
+    tiles.revoke()  # the session showing it ended
+    thread.join(timeout=30)
+    assert isinstance(outcome.get("error"), TileNotFound) and outcome["ended"] - revoked < 1.0
+    assert engine.gate.active == 0

@@ -155,3 +155,44 @@ def test_a_slide_with_too_many_patches_is_refused_before_extraction(make_engine,
     assert session.view is None
     with engine.model_slot():  # the slot was given back
         pass
+
+
+def test_two_uploads_at_once_in_one_session_cannot_both_pass_its_disk_budget(make_engine, slides, monkeypatch):
+    """Taking an upload checks the session's disk and moves the file as one step: two at once are not both let in."""
+    import shutil as shutil_module
+    import threading
+
+    from chatexaonepath.webapp import uploads as uploads_module
+    from chatexaonepath.webapp.uploads import folder_bytes
+
+    size = slides["tumor"].stat().st_size
+    budget_gb = 1.5 * size / 1024**3  # one upload fits, two do not
+    engine = make_engine(max_upload_gb=budget_gb, max_session_gb=budget_gb)
+    session = engine.session("tab")
+    arrived, real_move = threading.Barrier(2, timeout=2), shutil_module.move
+
+    def move_once_both_checked(source, target):
+        try:
+            arrived.wait()  # without a lock both uploads have passed the budget check by now
+        except threading.BrokenBarrierError:  # with it, the other waits for this one: go on alone
+            pass
+        return real_move(source, target)
+
+    monkeypatch.setattr(uploads_module.shutil, "move", move_once_both_checked)
+    copies = [gradio_upload(engine.work_dir, slides["tumor"], name=f"case-{i}.tiff") for i in range(2)]
+    outcomes = []
+
+    def load(path):
+        try:
+            session.load_upload(path)
+            outcomes.append("loaded")
+        except BudgetExceededError:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=load, args=(path,)) for path in copies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(outcomes) == ["loaded", "refused"]
+    assert folder_bytes(session.folder) <= engine.config.max_session_bytes
