@@ -2,10 +2,10 @@
 
 The page's load event starts its session; every handler (handlers.py) finds it through
 `gr.Request.session_hash` and the login, so nothing lives in module globals and two tabs never share
-a slide or a conversation. Work that uses the model (loading a slide, answering) runs under one
-Gradio concurrency group sized like the engine's model slots; an upload is taken into the session's
-folder the moment it arrives, outside the queue; Cancel, Stop and the heatmap controls bypass the
-queue so they act at once.
+a slide or a conversation. Loads and answers wait in two Gradio queues, each as wide as the engine's
+model slots, and the engine's gate (gate.py) decides who runs on the model, answers first; an upload
+is taken into the session's folder the moment it arrives, outside the queue; Cancel, Stop and the
+heatmap controls bypass the queue so they act at once.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from .viewer import ViewerHandlers, viewer_component
 
 logger = logging.getLogger(__name__)
 
-MODEL_GROUP = "model"
+# Loads and answers queue apart, each up to `concurrency` at once: the engine's gate (gate.py) decides who
+# uses the model, answers first. One queue for both made a question wait in Gradio's queue for a whole load.
+LOAD_GROUP, ANSWER_GROUP = "loads", "answers"
 
 
 def example_questions() -> list[str]:
@@ -127,8 +129,9 @@ def build_demo(engine: AppEngine) -> gr.Blocks:
 
         handlers = PageHandlers(engine)
         viewing = ViewerHandlers(engine)
-        model_work = dict(concurrency_id=MODEL_GROUP, concurrency_limit=engine.config.concurrency,
+        model_work = dict(concurrency_id=LOAD_GROUP, concurrency_limit=engine.config.concurrency,
                           show_progress="hidden")
+        answer_work = dict(model_work, concurrency_id=ANSWER_GROUP)
         instant = dict(queue=False, show_progress="hidden")
         demo.load(handlers.start, None, status, api_name="start_session", **instant)  # the only way a session starts
         # The file box is emptied after each load (the status names the slide), ready for the next one.
@@ -156,9 +159,9 @@ def build_demo(engine: AppEngine) -> gr.Blocks:
 
         chat_inputs = [question, temperature, max_tokens, system_prompt, region]
         chat_outputs = [chatbot, question, chat_status]
-        send.click(handlers.ask, chat_inputs, chat_outputs, api_name="ask", **model_work)
-        question.submit(handlers.ask, chat_inputs, chat_outputs, api_visibility="private", **model_work)
-        retry.click(handlers.retry, chat_inputs, chat_outputs, api_name="retry", **model_work)
+        send.click(handlers.ask, chat_inputs, chat_outputs, api_name="ask", **answer_work)
+        question.submit(handlers.ask, chat_inputs, chat_outputs, api_visibility="private", **answer_work)
+        retry.click(handlers.retry, chat_inputs, chat_outputs, api_name="retry", **answer_work)
         stop.click(handlers.stop, None, None, api_name="stop", **instant)
         clear.click(handlers.clear, None, [chatbot, chat_status], api_name="clear", **instant)
         chatbot.clear(handlers.clear, None, [chatbot, chat_status], api_visibility="private", **instant)  # the chat's own bin icon

@@ -103,3 +103,14 @@ def test_leaving_mid_answer_stops_the_generation(make_engine):
     assert engine.gate.active == 0  # the model is free again, well before 400 tokens
     session = engine.session("tab")
     assert session.stopped_turns == {1} and session.messages()[-1]["content"].endswith("*(stopped)*")
+
+
+def test_questions_never_wait_in_gradios_queue_behind_a_load(make_engine):
+    """Loads and answers queue apart: one queue for both made a question wait for a whole load before the
+    engine's gate (which lets answers go first) even saw it."""
+    demo = build_demo(make_engine(concurrency=1))
+    groups = {fn.api_name: (fn.concurrency_id, fn.concurrency_limit) for fn in demo.fns.values() if fn.api_name}
+    loads = {groups[name] for name in ("load_upload", "load_example_slide", "load_with_mpp")}
+    answers = {groups[name] for name in ("ask", "retry")}
+    assert len(loads) == len(answers) == 1 and loads.isdisjoint(answers)
+    assert {limit for _, limit in loads | answers} == {1}
