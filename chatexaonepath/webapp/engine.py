@@ -14,8 +14,6 @@ closes a tab).
 from __future__ import annotations
 
 import collections
-import ctypes
-import gc
 import logging
 import os
 import shutil
@@ -30,6 +28,7 @@ from ..errors import ChatEXAONEPathError, ServerBusyError
 from ..fileio import atomic_write_with
 from ..vision_tower.extraction import FeatureExtractor
 from .config import AppConfig, GenerationSettings
+from .memory import release_memory
 from .session import WebSession
 from .shared import SharedModel
 from .upload_gate import UploadLedger
@@ -331,19 +330,6 @@ class AppEngine(SharedModel):
         thread = threading.Thread(target=self.warm_up_example, name="example-warm-up", daemon=True)
         thread.start()
         return thread
-
-
-def release_memory() -> None:
-    """Collect what ended sessions left and give the freed heap back to the OS.
-
-    glibc keeps freed memory in its per-thread arenas, so without the trim the app's footprint
-    would stay at its highest point long after the sessions that needed it are gone.
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        pass
 
 
 def _sweep_stale_work_dirs() -> None:

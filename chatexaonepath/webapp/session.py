@@ -30,6 +30,7 @@ from ..chat.session import ChatSession
 from ..errors import ChatEXAONEPathError, MissingMppError, ServerBusyError
 from ..vision_tower.slide import Slide, open_slide
 from .config import GenerationSettings
+from .memory import release_memory
 from .messages import is_out_of_memory, missing_mpp_message, user_message
 from .shared import SharedModel
 from .slide_view import SlideView, render_view
@@ -222,6 +223,12 @@ class WebSession:
         return self._load(Path(path), mpp, on_progress)
 
     def _load(self, path: Path, mpp: float | None, on_progress) -> SlideView:
+        try:
+            return self._load_locked(path, mpp, on_progress)
+        finally:
+            release_memory()  # the decoded slide and its strips are gone: give the memory back now
+
+    def _load_locked(self, path: Path, mpp: float | None, on_progress) -> SlideView:
         report = on_progress or (lambda progress: None)
         with self._busy:
             self.touch()

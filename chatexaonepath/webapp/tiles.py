@@ -35,6 +35,7 @@ from PIL import Image
 
 from ..errors import ChatEXAONEPathError, SlideError
 from ..vision_tower.slide import Slide
+from .memory import release_memory
 
 logger = logging.getLogger(__name__)
 
@@ -294,16 +295,20 @@ class SlideTiles:
         with self._state:
             if self._readers:
                 self._release_wanted = True
-            else:
-                self._close()
+                return
+            self._close()
+        release_memory()  # a PNG/JPEG held decoded for its tiles: give its memory back
 
     def revoke(self) -> None:
         """Stop serving this slide for good and forget its tiles."""
         with self._state:
             self.revoked = True
-            if not self._readers:
+            closed = not self._readers
+            if closed:
                 self._close()
         self._cache.drop(self.token)
+        if closed:
+            release_memory()
 
     @property
     def is_open(self) -> bool:
