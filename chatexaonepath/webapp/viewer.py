@@ -125,7 +125,10 @@ def page_region(value) -> Region:
     if isinstance(value, str):
         if len(value) > MAX_REGION_CHARS:
             raise problem
-        return Region.parse(value)
+        try:
+            return Region.parse(value)
+        except ChatEXAONEPathError as e:  # its message is the command line's ("--region …")
+            raise problem from e
     try:
         numbers = [float(v) for v in value]
     except (TypeError, ValueError, OverflowError) as e:
