@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from chatexaonepath.vision_tower.slide import open_slide
-from chatexaonepath.webapp import tiles as tiles_module
+from chatexaonepath.webapp import pyramid as pyramid_module
 from chatexaonepath.webapp.tiles import (SlidePyramid, TileCache, TileForbidden, TileNotFound, TileRegistry,
                                          _dense_pyramid)
 
@@ -70,8 +70,8 @@ def test_a_flat_image_never_decodes_more_than_the_read_budget_per_tile(tmp_path,
 
     path = tmp_path / "flat.png"
     Image.fromarray(render_synthetic_image("tumor", (1200, 900), mpp=0.5, seed=3)).save(path)
-    monkeypatch.setattr(tiles_module, "READ_PIXELS", 300_000)  # so the coarse levels need the held ones
-    monkeypatch.setattr(tiles_module, "HELD_LEVEL_PIXELS", 100_000)
+    monkeypatch.setattr(pyramid_module, "READ_PIXELS", 300_000)  # so the coarse levels need the held ones
+    monkeypatch.setattr(pyramid_module, "HELD_LEVEL_PIXELS", 100_000)
     slide = open_slide(path, 0.5)
     reads = []
     real = slide.read_region
