@@ -271,12 +271,12 @@ class AppEngine(SharedModel):
         while not self._closing.wait(interval):
             try:
                 self.expire_idle()
-                self.uploads.sweep()
+                self.uploads.sweep(upload_dir=self.work_dir / "gradio")
             except Exception:  # the app must keep serving; the next round tries again
                 logger.exception("Ending idle sessions or removing unclaimed uploads failed")
 
     def cancel_loads(self) -> int:
-        """Cancel every load in progress (they stop at their next batch of patches); returns how many sessions."""
+        """Cancel every load in progress (each stops at its next strip or slice of patches); returns how many sessions."""
         with self._lock:
             sessions = list(self._sessions.values())
         for session in sessions:

@@ -319,7 +319,7 @@ class WebSession:
             raise LoadCancelled("Loading was cancelled; the previous slide (if any) is still loaded.")
 
     def cancel(self) -> None:
-        """Cancel a load in progress (takes effect at the next batch of patches)."""
+        """Cancel a load in progress, waiting or running (it stops at its next strip or slice of patches)."""
         self._cancel.set()
 
     # -- chat ----------------------------------------------------------------------------------------------
@@ -444,7 +444,7 @@ class WebSession:
         self._stop.set()
         self.shared.tiles.revoke(self)  # its viewer's tiles stop being served at once
         shutil.rmtree(self.folder, ignore_errors=True)
-        # A load or answer still running stops at its next batch or token; wait briefly so its
+        # A load or answer still running stops at its next strip, slice or token; wait briefly so its
         # tensors go now rather than when the last reference is collected.
         if self._busy.acquire(timeout=5):
             try:

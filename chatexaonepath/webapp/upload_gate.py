@@ -78,8 +78,11 @@ class UploadLedger:
         with self._lock:
             self._items[item.path] = item
 
-    def sweep(self, now: float | None = None, max_age: float = UNCLAIMED_SECONDS) -> int:
-        """Delete uploads unclaimed for `max_age` seconds (claimed ones were moved away: just forgotten)."""
+    def sweep(self, now: float | None = None, max_age: float = UNCLAIMED_SECONDS, upload_dir: Path | None = None) -> int:
+        """Delete uploads unclaimed for `max_age` seconds (claimed ones were moved away: just forgotten), and in
+        `upload_dir` the temp files of uploads abandoned mid-way (untouched for as long)."""
+        if upload_dir is not None:
+            _remove_abandoned(upload_dir, max_age)
         now = time.monotonic() if now is None else now
         with self._lock:
             old = [item for item in self._items.values() if now - item.stored > max_age or not item.path.exists()]
@@ -94,6 +97,21 @@ class UploadLedger:
         if removed:
             logger.info("Removed %d upload(s) no session claimed within %.0f s", removed, max_age)
         return removed
+
+
+def _remove_abandoned(upload_dir: Path, max_age: float) -> None:
+    """Gradio writes an upload to a temp file at the top of its folder, and leaves it there when the client
+    hangs up mid-way; one not written to for `max_age` seconds is abandoned (stored uploads are in subfolders)."""
+    if not upload_dir.is_dir():
+        return
+    now = time.time()
+    for entry in upload_dir.iterdir():
+        try:
+            if entry.is_file() and not entry.is_symlink() and now - entry.stat().st_mtime > max_age:
+                entry.unlink()
+                logger.info("Removed %s, an upload abandoned mid-way", entry.name)
+        except OSError:  # gone meanwhile
+            continue
 
 
 def _remove_if_empty(folder: Path) -> None:

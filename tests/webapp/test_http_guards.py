@@ -45,7 +45,10 @@ def stored_bytes(engine):
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
 
 
-def test_uploads_without_a_page_session_are_refused_before_they_are_stored(app):
+def test_uploads_without_a_page_session_are_refused_before_they_are_stored(app, monkeypatch):
+    from chatexaonepath.webapp import upload_gate
+
+    monkeypatch.setattr(upload_gate, "START_GRACE_SECONDS", 0.2)  # how long a just-opened page may take to start
     engine, url = app
     client = signed_in(url)
     for _ in range(10):
@@ -97,3 +100,33 @@ def test_password_guessing_is_slowed_and_the_right_password_still_works(app):
 def test_huge_numbers_in_viewer_urls_are_not_found_not_server_errors(app, path):
     _, url = app
     assert signed_in(url).get(path).status_code == 404
+
+
+def test_an_upload_abandoned_mid_way_is_removed_by_the_sweep(app):
+    """Gradio leaves the temp file of an upload whose client hung up; the engine's timer removes it."""
+    import socket
+
+    engine, url = app
+    engine.start_session("page", client="127.0.0.1", user="ana")
+    try:
+        token = signed_in(url).cookies
+        host, port = url.split("//")[1].split(":")
+        boundary = "x" * 16
+        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="half.svs"\r\n'
+                f"Content-Type: application/octet-stream\r\n\r\n").encode()
+        cookies = "; ".join(f"{k}={v}" for k, v in token.items())
+        with socket.create_connection((host, int(port))) as raw:
+            raw.sendall((f"POST /gradio_api/upload HTTP/1.1\r\nHost: {host}\r\nCookie: {cookies}\r\n"
+                         f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+                         f"Content-Length: {len(head) + (4 << 20)}\r\n\r\n").encode() + head + b"\0" * (1 << 20))
+            time.sleep(1.0)  # the first MiB is written to Gradio's temp file; then the client hangs up
+        folder = engine.work_dir / "gradio"
+        deadline = time.monotonic() + 10
+        while not [p for p in folder.iterdir() if p.is_file()] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [p for p in folder.iterdir() if p.is_file()], "no temp file was left to test with"
+        time.sleep(1.1)
+        engine.uploads.sweep(max_age=1.0, upload_dir=folder)
+        assert not [p for p in folder.iterdir() if p.is_file()]
+    finally:
+        engine.end_session("page", "ana")
