@@ -90,7 +90,7 @@ class SignInThrottle:
         self.app, self.throttle = app, throttle or Throttle()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != "/login":
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].rstrip("/").endswith("/login"):
             return await self.app(scope, receive, send)
         body = b""
         while True:

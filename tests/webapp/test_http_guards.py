@@ -130,3 +130,24 @@ def test_an_upload_abandoned_mid_way_is_removed_by_the_sweep(app):
         assert not [p for p in folder.iterdir() if p.is_file()]
     finally:
         engine.end_session("page", "ana")
+
+
+def test_the_sign_in_spacing_grows_with_failures_and_a_success_clears_it():
+    from chatexaonepath.webapp.sign_in import Throttle
+
+    now = [0.0]
+    throttle = Throttle(clock=lambda: now[0])
+    keys = [("address", "10.0.0.1"), ("login", "ana")]
+    admitted = 0
+    for step in range(100):  # 10 s of a try every 0.1 s, every one a failure
+        now[0] = step * 0.1
+        if throttle.admit(keys) <= 0:
+            admitted += 1
+            throttle.outcome(keys, succeeded=False)
+    assert admitted == 20 + 6 and throttle.admit(keys) > 0  # five a second up to 20 failures, then one a second
+    now[0] += 1.0
+    assert throttle.admit(keys) <= 0  # once the guessing stops, the next try is checked
+    throttle.outcome(keys, succeeded=True)
+    now[0] += 0.01
+    assert throttle.admit(keys) <= 0  # a success clears the failures: no spacing left
+    assert throttle.admit([("address", "10.0.0.2"), ("login", "ben")]) <= 0  # others were never slowed
