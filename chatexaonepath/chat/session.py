@@ -49,6 +49,7 @@ class ChatAnswer:
     region: Region | None = None  # what the question was about (clipped to the slide); None: the whole slide
     patch_indices: np.ndarray | None = None  # the slide's patches behind a region's answer (rows of `features`)
     evidence: tuple[Evidence, ...] = ()  # the few patches that weighed most in this answer's visual tokens
+    prompt_tokens: int = 0  # the prompt's length in the LLM, the slide's visual tokens included
 
 
 @dataclass
@@ -82,6 +83,10 @@ def repetition_defaults(llm) -> tuple[float, int]:
     ngram = getattr(generation, "no_repeat_ngram_size", None)
     return (float(penalty) if penalty not in (None, 1.0) else DEFAULT_REPETITION_PENALTY,
             int(ngram) if ngram else DEFAULT_NO_REPEAT_NGRAM_SIZE)
+
+
+class ContextTooLongError(ChatEXAONEPathError):
+    """A question (with nothing else of the conversation left to drop) does not fit the LLM's context."""
 
 
 UNTRAINED_WARNING = ("The vision tower is UNTRAINED (no --model checkpoint): answers do not depend on the slide "
@@ -200,7 +205,7 @@ class ChatSession:
             if len(ids) + self.max_new_tokens <= limit:
                 return ids
             if not history:
-                raise ChatEXAONEPathError(f"The question is too long for the model's context ({len(ids)} prompt tokens "
+                raise ContextTooLongError(f"The question is too long for the model's context ({len(ids)} prompt tokens "
                                           f"+ {self.max_new_tokens} to generate > {limit}); shorten it.")
             dropped, history = history[:2], history[2:]
             logger.info("Context full: dropped the oldest exchange (%r…)", dropped[0].content[:40])
@@ -208,6 +213,8 @@ class ChatSession:
     def ask(self, question: str, on_text: Callable[[str], None] | None = None,
             region: Region | tuple[int, int, int, int] | str | None = None) -> ChatAnswer:
         """Answer `question` about the loaded slide, calling `on_text` with each piece as it is generated.
+
+        `on_text` returning False ends the answer there (a caller's stop sequence), keeping what was generated.
 
         With `region` (level-0 x, y, width, height) the answer comes from the patches in it only: the tower
         runs on their cached features (chat/regions.py); a region without tissue patches raises
@@ -256,8 +263,8 @@ class ChatSession:
                 if piece and first is None:
                     first = time.perf_counter() - started
                 pieces.append(piece)
-                if on_text is not None and piece:
-                    on_text(piece)
+                if on_text is not None and piece and on_text(piece) is False:
+                    break  # the caller has what it wants: generation stops below, the answer so far is kept
         finally:  # a failing callback (or Ctrl-C) stops generation instead of leaving it running
             stop.set()
             worker.join()
@@ -268,4 +275,4 @@ class ChatSession:
         self.slide.turns += [SlideTurn("user", question, scope.region),
                              SlideTurn("assistant", text, scope.region, evidence)]
         return ChatAnswer(text, scope.weights, scope.coords, int(result["ids"].shape[1]), time.perf_counter() - started,
-                          first, scope.clam_attention, scope.region, scope.indices, evidence)
+                          first, scope.clam_attention, scope.region, scope.indices, evidence, int(input_ids.shape[1]))

@@ -62,6 +62,13 @@ class AppConfig:
     max_question_chars: int = 2_000
     max_system_prompt_chars: int = 4_000
     max_new_tokens_limit: int = 1_024  # the most a request may ask for (the slider's end)
+    # -- the /v1 API (webapp/api/): what one key may use; its files are sessions, so the limits above hold too --
+    api_max_files_per_key: int = 4  # slides one key holds at once (each a session, counted in --max-sessions)
+    api_max_requests_per_key: int = 4  # uploads and completions of one key under way at once
+    api_max_tokens_per_minute: int = 20_000  # prompt and answer tokens of one key in any minute
+    api_max_requests_in_flight: int = 32  # all keys together: each waits for the model in a thread of its own
+    api_max_messages: int = 64  # messages in one chat completion request
+    api_max_conversation_chars: int = 32_000  # characters of all its messages together
 
     def __post_init__(self) -> None:
         if self.untrained and self.model:
@@ -86,8 +93,9 @@ class AppConfig:
         if self.example_size < 2048:  # smaller synthetic slides hold less tissue than segmentation keeps
             raise ChatEXAONEPathError(f"The example slide must be at least 2048 px wide, got {self.example_size}.")
         for name in ("max_zip_members", "max_zip_depth", "max_sessions", "max_sessions_per_client",
-                     "max_requests_per_minute",
-                     "max_question_chars", "max_system_prompt_chars"):
+                     "max_requests_per_minute", "max_question_chars", "max_system_prompt_chars",
+                     "api_max_files_per_key", "api_max_requests_per_key", "api_max_tokens_per_minute",
+                     "api_max_requests_in_flight", "api_max_messages", "api_max_conversation_chars"):
             if getattr(self, name) < 1:
                 raise ChatEXAONEPathError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
         if not self.session_idle_minutes > 0:
@@ -121,8 +129,11 @@ class GenerationSettings:
     temperature: float = 0.0
     max_new_tokens: int = 256
     system_prompt: str | None = None
+    seed: int | None = None  # sampling seed (the API's `seed`); reproducible with --concurrency 1
 
     def __post_init__(self) -> None:
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ChatEXAONEPathError(f"The seed must be a whole number from 0 to 2**63 - 1, got {self.seed}.")
         if not 0.0 <= self.temperature <= 2.0:
             raise ChatEXAONEPathError(f"Temperature must be between 0 and 2, got {self.temperature}.")
         if not 1 <= int(self.max_new_tokens) <= HARD_MAX_NEW_TOKENS:

@@ -167,11 +167,13 @@ class AppEngine(SharedModel):
             return found
         return self.start_session(session_id)
 
-    def start_session(self, session_id: str, *, client: str | None = None, user: str | None = None) -> WebSession:
+    def start_session(self, session_id: str, *, client: str | None = None, user: object = None,
+                      max_per_owner: int | None = None) -> WebSession:
         """The session of a page that just loaded, bound to its `client` address and `user` login.
 
         Raises `ServerBusyError` past `max_sessions`, or past `max_sessions_per_client` for that address or
-        login; `NoSessionError` when the id is live under another login.
+        login (`max_per_owner` instead for the login: the API's files per key); `NoSessionError` when the id
+        is live under another login.
         """
         with self._lock:
             session = self._sessions.get(session_id)
@@ -184,7 +186,7 @@ class AppEngine(SharedModel):
         with self._lock:
             if session_id in self._sessions:  # the same page's two events raced: one session
                 return self._sessions[session_id]
-            self._check_room(client, user)
+            self._check_room(client, user, max_per_owner)
             folder = self.work_dir / "sessions" / f"{len(self._sessions)}-{os.urandom(6).hex()}"
             session = WebSession(self, folder, uploads_root=self.work_dir, owner=user, client=client)
             if session_id in self._expired and self._expired[session_id] == user:
@@ -195,7 +197,7 @@ class AppEngine(SharedModel):
         session.touch()
         return session
 
-    def _check_room(self, client: str | None, user: str | None) -> None:
+    def _check_room(self, client: str | None, user: object, max_per_owner: int | None = None) -> None:
         """Refuse a new session past the server's cap, or past the per-client cap of its address or login."""
         config = self.config
         if len(self._sessions) >= config.max_sessions:
@@ -205,7 +207,8 @@ class AppEngine(SharedModel):
             if value is None:
                 continue
             held = sum(1 for s in self._sessions.values() if getattr(s, key) == value)
-            if held >= config.max_sessions_per_client:
+            cap = max_per_owner if key == "owner" and max_per_owner is not None else config.max_sessions_per_client
+            if held >= cap:
                 raise ServerBusyError(
                     f"{what.capitalize()} already has {held} sessions open, the most this server allows "
                     "(--max-sessions-per-client); close another tab, or wait for an idle one to end.")

@@ -72,6 +72,10 @@ class Reply:
     first_token_seconds: float | None
     seconds: float
     new_tokens: int = 0
+    prompt_tokens: int = 0  # the prompt's length in the LLM, the slide's visual tokens included
+    evidence: tuple = ()  # the patches that weighed most in the answer (chat/regions.py `Evidence`), heaviest first
+    region: Region | None = None  # what it was about, clipped to the slide; None: the whole slide
+    patches: int = 0  # patches its visual tokens were made from
 
 
 class WebSession:
@@ -335,31 +339,41 @@ class WebSession:
             out.append({"role": turn.role, "content": content})
         return out
 
-    def ask(self, question: str, on_text: Callable[[str], None] | None = None,
-            settings: GenerationSettings | None = None, region: Region | None = None) -> Reply:
+    def ask(self, question: str, on_text: Callable[[str], bool | None] | None = None,
+            settings: GenerationSettings | None = None, region: Region | None = None,
+            history: list[Turn] | None = None) -> Reply:
         """Answer `question` about the loaded slide (or only its `region`), streaming pieces to `on_text`;
-        `stop()` ends it early.
+        `stop()` ends it early, and so does `on_text` returning False (the answer so far is the reply).
 
-        A stopped answer stays in the conversation as far as it got (marked in `messages()`).
+        A stopped answer stays in the conversation as far as it got (marked in `messages()`). `history`
+        replaces the conversation before the question (a stateless client sends all of it each time).
         """
         self.touch()
         settings = self._checked_question(question, settings, region)
         self._stop.clear()
-        return self._ask(question, on_text, settings, region)
+        return self._ask(question, on_text, settings, region, history)
 
-    def _ask(self, question: str, on_text: Callable[[str], None] | None,
-             settings: GenerationSettings | None, region: Region | None = None) -> Reply:
+    def _ask(self, question: str, on_text: Callable[[str], bool | None] | None,
+             settings: GenerationSettings | None, region: Region | None = None,
+             history: list[Turn] | None = None) -> Reply:
         pieces: list[str] = []
 
-        def relay(piece: str) -> None:
+        def relay(piece: str) -> bool | None:
             if self._stop.is_set():
                 raise _Stopped
             pieces.append(piece)
-            if on_text is not None:
-                on_text(piece)
+            return on_text(piece) if on_text is not None else None
 
         started = time.perf_counter()
         with self._busy, self.shared.model_slot():
+            if history is not None:  # set under the session's lock: another request's history cannot slip in
+                image = self.chat.builder.image_token  # a literal placeholder in text would be read as a second image
+                self.chat.slide.turns = [SlideTurn(t.role, t.content.replace(image, "[image]"), getattr(t, "region", None))
+                                         for t in history]
+            if settings.seed is not None:
+                import torch
+
+                torch.manual_seed(settings.seed)  # the model slot is held: with --concurrency 1 nothing else draws
             self.chat.temperature, self.chat.max_new_tokens = settings.temperature, settings.max_new_tokens
             self.chat.builder.system_prompt = settings.system_prompt or None
             try:
@@ -372,7 +386,8 @@ class WebSession:
                 self.stopped_turns.add(len(self.chat.slide.turns) - 1)
                 return Reply(text, True, None, time.perf_counter() - started)
         self.touch()
-        return Reply(answer.text, False, answer.first_token_seconds, time.perf_counter() - started, answer.new_tokens)
+        return Reply(answer.text, False, answer.first_token_seconds, time.perf_counter() - started, answer.new_tokens,
+                     answer.prompt_tokens, answer.evidence, answer.region, len(answer.coords))
 
     def ask_stream(self, question: str, settings: GenerationSettings | None = None,
                    region: Region | None = None) -> Iterator[tuple[str, Reply | None]]:
