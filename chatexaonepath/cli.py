@@ -21,7 +21,7 @@ from .raider.cli import app as raider_app
 from .train.cli import app as train_app
 from .vision_tower.slide import DEFAULT_MAX_LEVEL_PIXELS as MAX_LEVEL_PIXELS
 from .vision_tower.slide import DEFAULT_MAX_PIXELS as MAX_PIXELS
-from .webapp.cli import app_command
+from .webapp.cli import app_command, serve_command
 
 app = typer.Typer(help="Chat with a multimodal LLM about whole-slide pathology images.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -34,6 +34,7 @@ app.add_typer(raider_app, name="raider")
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 app.command("app")(app_command)  # the Gradio chat app; `python app.py` runs the same
+app.command("serve")(serve_command)  # the same engine's OpenAI-compatible API without the page
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; errors only.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")]
