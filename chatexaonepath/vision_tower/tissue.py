@@ -114,11 +114,14 @@ def _threshold_saturation(image: np.ndarray, config: TissueConfig, mask_mpp: flo
     if config.fat_cell_um > 0:
         cell = _odd(config.fat_cell_um / mask_mpp)
         if cell >= 3:  # below that the median blur has not erased the membranes
-            stained = (raw > threshold).astype(np.uint8)
+            # Padded with glass: OpenCV's erosion counts the outside of the image as tissue, which glued anything
+            # within half a cell of the slide's edge to that edge.
+            stained = cv2.copyMakeBorder((raw > threshold).astype(np.uint8), cell, cell, cell, cell,
+                                         cv2.BORDER_CONSTANT, value=0)
             mesh = cv2.morphologyEx(stained, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (cell, cell)))
             # what the closing made of lone stained pixels (a coloured speck, noise) goes again
             mesh = cv2.morphologyEx(mesh, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
-            mask |= mesh
+            mask |= mesh[cell:-cell, cell:-cell]
     k = max(1, int(round(config.close_kernel_um / mask_mpp)))
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((k, k), np.uint8))
     return mask, threshold

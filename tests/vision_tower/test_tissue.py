@@ -90,6 +90,20 @@ def test_pale_stroma_and_fat_at_the_edge_of_real_he_are_tissue(tmp_path, seed):
     assert len(tissue.contours) == 1  # one fragment: no dust speck became tissue
 
 
+def test_tissue_near_the_slides_edge_is_not_glued_to_it(tmp_path):
+    """Closing fat's cells must not join tissue to the image's border (OpenCV erodes as if the outside were tissue)."""
+    from tests.vision_tower.realistic_he import edge_of_a_real_slide, save_jpeg
+
+    edge = edge_of_a_real_slide(seed=0)
+    right = int(np.nonzero(edge.tissue.any(axis=0))[0].max())
+    cut = right + 64  # 32 µm of glass beyond the tissue: less than half an adipocyte-sized closing
+    path = save_jpeg(np.ascontiguousarray(edge.image[:, :cut]), tmp_path / "near-edge.jpg")
+    with open_slide(path, 0.5) as slide:
+        tissue = segment_tissue(slide)
+    assert not tissue.mask[:, -2:].any()
+    assert tissue.mask[:, -12:-8].any()  # the tissue itself reaches that far
+
+
 def test_a_tinted_glass_is_still_glass(tmp_path):
     """A scanner whose background has a blue cast (saturation ~19, as much as the palest stroma): the cap
     follows the glass, so the glass is not tissue (pale stroma and fat may then be lost, as with Otsu alone)."""
