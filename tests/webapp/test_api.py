@@ -242,6 +242,34 @@ def test_a_slide_still_processing_is_said_so_and_a_slide_without_mpp_asks_for_it
     http.delete(f"/files/{no_mpp['id']}")
 
 
+def test_zips_are_read_as_from_the_page_and_seeds_make_sampling_repeatable(api, engine, slides, tumor_file, tmp_path):
+    import zipfile
+
+    http = client(api)
+    archive = tmp_path / "case.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(slides["tumor"], "case/tumor.tiff")
+    zipped = upload(http, archive).json()
+    assert wait_processed(http, zipped["id"])["status"] == "processed"
+    http.delete(f"/files/{zipped['id']}")
+    two = tmp_path / "two.zip"
+    with zipfile.ZipFile(two, "w") as zf:
+        zf.write(slides["tumor"], "a.tiff")
+        zf.write(slides["stroma"], "b.tiff")
+    failed = wait_processed(http, upload(http, two).json()["id"])
+    assert failed["status"] == "error" and "holds 2 slides" in failed["status_details"]  # the page's own sentence
+    assert not list((engine.work_dir / "api-uploads").iterdir())  # nothing of either upload is left there
+    error_of(http.post("/files", content=b"--b\r\nnot a form",
+                       headers={"content-type": "multipart/form-data; boundary=b"}), 400)
+
+    sampled = [http.post("/chat/completions", json=ask(tumor_file, temperature=1.5, seed=seed, max_tokens=8)).json()
+               for seed in (7, 7, 8)]
+    texts = [answer["choices"][0]["message"]["content"] for answer in sampled]
+    assert texts[0] == texts[1] != texts[2]
+    assert all(answer["usage"]["completion_tokens"] == 8 and answer["choices"][0]["finish_reason"] == "length"
+               for answer in sampled)
+
+
 def test_the_pages_own_server_serves_the_api_beside_the_unchanged_page(engine, slides):
     """`make demo`'s server: /v1 on the same port, same engine; without a key file, for this machine only."""
     from starlette.testclient import TestClient
@@ -268,6 +296,13 @@ def test_the_pages_own_server_serves_the_api_beside_the_unchanged_page(engine, s
         refused = httpx.post(url.rstrip("/") + "/gradio_api/upload", files={"files": ("a.png", b"x")})
         assert refused.status_code == 403
         http.delete(f"/files/{file_id}")
+    finally:
+        demo.close()
+    # With the page behind a login, the API still takes its own keys only (the page's login is no key).
+    demo, url = launch_app(engine, host="127.0.0.1", port=None, quiet=True, auth=[("ana", "a password")])
+    try:
+        assert httpx.get(url.rstrip("/") + "/v1/models").status_code == 200  # this machine, no key file
+        assert httpx.get(url.rstrip("/") + "/gradio_api/info").status_code in (401, 403)  # the page needs its login
     finally:
         demo.close()
     # A client on another machine, without a key file on the server: refused.

@@ -39,6 +39,15 @@ def test_the_key_file_takes_one_key_a_line_and_its_mistakes_never_quote_a_key(tm
         ApiKeys.load(tmp_path / "missing.txt")
 
 
+def test_a_key_file_others_can_read_is_warned_about(tmp_path, caplog):
+    path = key_file(tmp_path, f"{ANA}\n")
+    ApiKeys.load(path)
+    assert "chmod 600" not in caplog.text
+    path.chmod(0o644)
+    ApiKeys.load(path)
+    assert "can be read by other users" in caplog.text and ANA not in caplog.text
+
+
 def test_the_commands_refuse_a_network_address_without_keys_and_a_bad_key_file_before_loading(tmp_path):
     from chatexaonepath.cli import app
 

@@ -85,6 +85,8 @@ class Api:
 
     # -- files -------------------------------------------------------------------------------------------
     async def upload(self, request):
+        from starlette.requests import ClientDisconnect
+
         owner = self.owner(request)
         boundary = upload_boundary(request.headers, self.engine.config)  # length and form, before a byte is read
         self.budgets.enter(owner)
@@ -93,8 +95,8 @@ class Api:
             try:
                 upload = await receive_upload(request, boundary, self.files.staging / record.id, self.engine.config)
             except BaseException as e:
-                await self._in_thread(self.files.abandon, record)
-                if type(e).__name__ == "ClientDisconnect":
+                await self._in_thread(self.files.abandon, record)  # nothing of a refused upload is kept
+                if isinstance(e, ClientDisconnect):
                     raise bad_request("The upload ended before its last byte; send it again.",
                                       "incomplete_upload") from e
                 raise

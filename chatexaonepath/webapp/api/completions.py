@@ -82,7 +82,10 @@ class AnswerRun:
         self.cancelled.set()
 
     def _emit(self, kind: str, value: object = None) -> None:
-        self._loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        try:
+            self._loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the server stopped (its loop is closed): nobody is waiting for this
+            self.cancel()
 
     def _on_text(self, piece: str) -> bool | None:
         if self.cancelled.is_set():

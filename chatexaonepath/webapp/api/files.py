@@ -120,30 +120,33 @@ class FileRegistry:
             record.progress = (progress.done, progress.total) if progress.total else None
 
         started = time.perf_counter()
+        error: BaseException | None = None
         try:
             session.load_upload(upload.path, upload.mpp, on_progress)
         except BaseException as e:  # told in the file's status; the server goes on
-            if isinstance(e, MissingMppError):
-                low, high = MPP_RANGE
-                sentence = (f"{record.filename} does not record its resolution (µm per pixel); upload it again with "
-                            f"the form field mpp ({low}–{high:g}; 0.25 for a 40× scan, 0.5 for 20×).")
-            else:
-                sentence = user_message(e, "reading the slide", session.upload_folders())
-            record.fail(sentence)
-            self.engine.end_session(record.id, record.owner)  # its memory and disk go now; the record says why
-            logger.info("API: %s of %s failed: %s", record.id, record.owner, sentence)
-        else:
+            error = e
+        finally:  # the staged copy goes before the status changes: a file that says it is done left nothing behind
+            shutil.rmtree(self.staging / record.id, ignore_errors=True)
+        if error is None:
             attrs = session.chat.slide.features.attrs
             record.slide = {"name": record.filename, "patches": len(session.chat.slide.features),
                             "width": int(attrs.get("level0_width") or 0),
                             "height": int(attrs.get("level0_height") or 0),
                             "mpp": float(attrs.get("level0_mpp") or 0),
                             "patch_size": int(attrs.get("patch_size_level0") or 0)}
-            record.status, record.stage, record.progress = "processed", "ready", None
             record.message = f"Ready to be asked about ({record.slide['patches']} patches)."
+            record.status, record.stage, record.progress = "processed", "ready", None
             logger.info("API: %s ready in %.1f s", record.id, time.perf_counter() - started)
-        finally:
-            shutil.rmtree(self.staging / record.id, ignore_errors=True)
+            return
+        if isinstance(error, MissingMppError):
+            low, high = MPP_RANGE
+            sentence = (f"{record.filename} does not record its resolution (µm per pixel); upload it again with "
+                        f"the form field mpp ({low}–{high:g}; 0.25 for a 40× scan, 0.5 for 20×).")
+        else:
+            sentence = user_message(error, "reading the slide", session.upload_folders())
+        self.engine.end_session(record.id, record.owner)  # its memory and disk go now; the record says why
+        record.fail(sentence)
+        logger.info("API: %s of %s failed: %s", record.id, record.owner, sentence)
 
     # -- finding files -----------------------------------------------------------------------------------
     def get(self, owner: ApiOwner, file_id: str) -> ApiFile:

@@ -89,7 +89,12 @@ class _Form:
             "on_part_data": self._data, "on_part_end": self._end})
 
     def write(self, chunk: bytes) -> None:
-        self._parser.write(chunk)
+        from python_multipart.exceptions import FormParserError
+
+        try:
+            self._parser.write(chunk)
+        except FormParserError as e:
+            raise bad_request("The upload is not a well-formed multipart form.", "invalid_form") from e
         if self.error is not None:
             raise self.error
 
