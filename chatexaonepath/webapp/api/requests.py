@@ -203,6 +203,8 @@ def _number(value: object, name: str, low: float, high: float, whole: bool = Fal
 
 
 def _boolean(value: object, name: str) -> bool:
+    if value is None:  # OpenAI's clients may send null for "not set"
+        return False
     if not isinstance(value, bool):
         raise bad_request(f"'{name}' must be true or false.", param=name)
     return value
