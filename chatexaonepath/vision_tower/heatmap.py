@@ -4,8 +4,11 @@ Callers pass the projector's pooling weights softmax(q·k/√d + a) — what the
 from (`ChatSession`'s `LoadedSlide.attention`) — or CLAM's softmax(a) as a second view; before
 training the two are equal, after it they are not.
 
-Each patch is a square coloured by its attention with a perceptual colormap (viridis by default);
-scores are shown by rank, as CLAM does, so that a few dominant patches do not flatten the rest.
+Each patch is a square coloured by its attention with a perceptual colormap (viridis by default),
+on one of three scales: by rank, as CLAM does, so that a few dominant patches do not flatten the rest
+(but weights that are all equal still span the whole colormap); by weight from zero to the largest
+("weight": equal weights look equal, a patch twice as heavy is twice as far up the map); or linearly
+between the smallest and the largest weight.
 """
 
 from __future__ import annotations
@@ -48,8 +51,15 @@ def _patch_side(coords: np.ndarray, patch_size_level0: int | None) -> int:
     return int(steps.min())
 
 
+SCALES = ("rank", "weight", "linear")
+
+
 def attention_to_unit(attention: np.ndarray, scale: str = "rank") -> np.ndarray:
-    """Map scores to [0, 1]: by rank (percentile, robust to outliers) or linearly between min and max."""
+    """Map scores to [0, 1]: by rank (percentile, robust to outliers), by weight (score / the largest score:
+    proportional, so equal scores map to one colour), or linearly between min and max."""
+    if scale == "weight":
+        high = float(attention.max()) if len(attention) else 0.0
+        return np.clip(attention / high, 0.0, 1.0) if high > 0 else np.zeros_like(attention, dtype=np.float64)
     if scale == "rank":
         order = attention.argsort(kind="stable")
         ranks = np.empty(len(attention), np.float64)
@@ -58,7 +68,7 @@ def attention_to_unit(attention: np.ndarray, scale: str = "rank") -> np.ndarray:
     if scale == "linear":
         low, high = float(attention.min()), float(attention.max())
         return (attention - low) / (high - low) if high > low else np.zeros_like(attention, dtype=np.float64)
-    raise ValueError(f"scale must be 'rank' or 'linear', got {scale!r}")
+    raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
 
 
 def render_heatmap(
@@ -67,28 +77,38 @@ def render_heatmap(
     scale: str = "rank", max_side: int = 1024,
 ) -> Image.Image:
     """The slide thumbnail (about `max_side` px) with each patch tinted by its attention."""
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity must be in [0, 1], got {opacity}")
+    thumbnail, downsample = slide.read_at_downsample(max(1.0, max(slide.dimensions) / max_side))
+    colours, covered = heatmap_layer(thumbnail.shape[:2], downsample, coords, attention,
+                                     patch_size_level0=patch_size_level0, colormap=colormap, scale=scale)
+    blended = cv2.addWeighted(thumbnail, 1.0 - opacity, colours, opacity, 0.0)
+    return Image.fromarray(np.where(covered[..., None], blended, thumbnail))
+
+
+def heatmap_layer(
+    shape: tuple[int, int], downsample: float, coords: torch.Tensor | np.ndarray,
+    attention: torch.Tensor | np.ndarray, *, patch_size_level0: int | None = None, colormap: str = "viridis",
+    scale: str = "rank",
+) -> tuple[np.ndarray, np.ndarray]:
+    """The heatmap's colours for a thumbnail of `shape` at `downsample`× below level 0: (H, W, 3) uint8 RGB and
+    the (H, W) bool mask of the pixels inside a patch (the rest is not coloured)."""
     coords, attention = _as_numpy(coords).astype(np.int64), _as_numpy(attention).reshape(-1)
     if coords.shape != (len(attention), 2):
         raise ValueError(f"{len(attention)} attention scores for coords of shape {coords.shape}")
-    if not 0.0 <= opacity <= 1.0:
-        raise ValueError(f"opacity must be in [0, 1], got {opacity}")
     if colormap not in COLORMAPS:
         raise ValueError(f"unknown colormap {colormap!r}; choose one of {', '.join(COLORMAPS)}")
     side0 = _patch_side(coords, patch_size_level0)
-    thumbnail, downsample = slide.read_at_downsample(max(1.0, max(slide.dimensions) / max_side))
-    values = np.zeros(thumbnail.shape[:2], np.float32)
-    covered = np.zeros(thumbnail.shape[:2], np.uint8)
+    values = np.zeros(shape, np.float32)
+    covered = np.zeros(shape, bool)
     unit = attention_to_unit(attention, scale)
     for (x, y), value in zip(coords, unit):
         x0, y0 = int(x / downsample), int(y / downsample)
         x1, y1 = max(x0 + 1, int((x + side0) / downsample)), max(y0 + 1, int((y + side0) / downsample))
         values[y0:y1, x0:x1] = value
-        covered[y0:y1, x0:x1] = 1
+        covered[y0:y1, x0:x1] = True
     colours = cv2.applyColorMap(np.round(values * 255).astype(np.uint8), COLORMAPS[colormap])
-    colours = cv2.cvtColor(colours, cv2.COLOR_BGR2RGB)
-    blended = cv2.addWeighted(thumbnail, 1.0 - opacity, colours, opacity, 0.0)
-    out = np.where(covered[..., None].astype(bool), blended, thumbnail)
-    return Image.fromarray(out)
+    return cv2.cvtColor(colours, cv2.COLOR_BGR2RGB), covered
 
 
 def top_attended_patches(

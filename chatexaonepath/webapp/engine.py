@@ -95,7 +95,9 @@ def describe_model(model, extractor: FeatureExtractor, checkpoint: str | None, d
         tower = f"{checkpoint} ({'trained' if config.tower_trained else 'UNTRAINED'})"
     if not config.tower_trained:
         warnings.append("the vision tower is untrained, so answers do not depend on the slide")
-    lora = "none" if not config.lora else f"r={config.lora['r']}, alpha={config.lora['alpha']} (from {checkpoint})"
+    # The demo model is served without a --model, so `checkpoint` is None for it: name it, not "None".
+    source = "the demo model's" if demo is not None else f"from {checkpoint}" if checkpoint else "untrained"
+    lora = "none" if not config.lora else f"r={config.lora['r']}, alpha={config.lora['alpha']} ({source})"
     return ModelCard(llm, encoder_text, tower, lora, warnings)
 
 

@@ -63,8 +63,7 @@ def done_html(view: SlideView, seconds: float) -> str:
 
 
 def gallery_items(view: SlideView) -> list[tuple]:
-    return [(p.image, f"#{p.rank} · attention {p.attention:.4f} · level-0 ({p.coord[0]}, {p.coord[1]})")
-            for p in view.patches]
+    return view.gallery()  # captions in µm and shares of the attention (slide_view.py)
 
 
 def caller(request: gr.Request) -> tuple[str, str | None, str | None]:

@@ -306,7 +306,7 @@ class WebSession:
 
         def on_patches(done: int, total: int) -> None:
             if self._cancel.is_set():
-                raise LoadCancelled("Loading was cancelled; the previous slide (if any) is still loaded.")
+                raise self._cancelled()
             elapsed = time.perf_counter() - started
             rate = done / elapsed if elapsed > 0 else None
             eta = (total - done) / rate if rate else None
@@ -320,7 +320,13 @@ class WebSession:
 
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
-            raise LoadCancelled("Loading was cancelled; the previous slide (if any) is still loaded.")
+            raise self._cancelled()
+
+    def _cancelled(self) -> LoadCancelled:
+        """Cancel's message names the slide still on show, so the page never leaves the user guessing."""
+        shown = self.display_name(self.slide_path) if self.slide_path is not None and self.chat.slide else None
+        return LoadCancelled(f"Loading was cancelled; {shown} is still loaded." if shown else
+                             "Loading was cancelled; no slide is loaded.")
 
     def cancel(self) -> None:
         """Cancel a load in progress, waiting or running (it stops at its next strip or slice of patches)."""

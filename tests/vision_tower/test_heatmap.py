@@ -62,3 +62,15 @@ def test_mismatched_inputs_raise(slide_and_grid):
         render_heatmap(slide, grid.coords, np.zeros(len(grid) + 1))
     with pytest.raises(ValueError, match="colormap"):
         render_heatmap(slide, grid.coords, np.zeros(len(grid)), colormap="jet")
+
+
+def test_the_weight_scale_shows_equal_weights_as_equal():
+    """By rank, weights of 0.0197 ± 0.0001 span the whole colormap; by weight (from zero to the largest) they are
+    one colour, and a weight twice another sits twice as far up."""
+    nearly_equal = np.array([0.0196, 0.0197, 0.0198])
+    assert attention_to_unit(nearly_equal).tolist() == [0.0, 0.5, 1.0]
+    assert attention_to_unit(nearly_equal, "weight").min() > 0.98
+    np.testing.assert_allclose(attention_to_unit(np.array([0.1, 0.2, 0.4]), "weight"), [0.25, 0.5, 1.0])
+    assert attention_to_unit(np.zeros(3), "weight").tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="rank, weight, linear"):
+        attention_to_unit(nearly_equal, "percent")
