@@ -4,7 +4,9 @@ The page's viewer (static/viewer.js, on OpenSeadragon served from static/vendor/
 config through Gradio (token, key, geometry, and `region`/`goto` requests) and fetches everything
 else from the routes here, under `viewer/s/<token>/`: deep-zoom tiles, the overlay (every patch's
 level-0 square, weight and rank, the tissue outline, the gallery's patches), a patch at full
-resolution, a region's thumbnail. Each of those checks the session's key cookie (tiles.py).
+resolution, a region's thumbnail, the conversation as Markdown. Each of those checks the session's key
+cookie (tiles.py). The chat's decorations (a region question's header, an answer's evidence chips) speak
+µm and shares of the attention (wording.py), pixels and pooling weights one hover away.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import numpy as np
 
 from ..chat.regions import Region, SlideTurn, patch_side_of
 from ..errors import ChatEXAONEPathError, SlideError
+from . import wording
 from .tiles import SlideTiles, TileForbidden, TileNotFound, TileRegistry
+from .transcript import transcript_markdown
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
@@ -40,6 +44,8 @@ MAX_OUTLINE_POINTS = 20_000
 NO_STORE = {"Cache-Control": "no-store"}
 KEEP = {"Cache-Control": "private, max-age=86400"}  # URLs hold an unguessable token: safe to keep
 _PATH_INT = re.compile(r"[0-9]{1,9}")
+WHOLE_SLIDE = "the whole slide"  # what a question is about when the region box is empty
+COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 
 
 def library_installed() -> bool:
@@ -58,8 +64,11 @@ def displayed_map(loaded) -> tuple[np.ndarray, str]:
     return values, ("pooling weight" if getattr(loaded, "clam_attention", None) is not None else "attention")
 
 
-def publish(registry: TileRegistry, session: "WebSession") -> dict:
-    """Publish the session's slide for its viewer (new secrets; the previous slide stops) and return the config."""
+def publish(registry: TileRegistry, session: "WebSession", card=None) -> dict:
+    """Publish the session's slide for its viewer (new secrets; the previous slide stops) and return the config.
+
+    `card` (the engine's `ModelCard`) heads the conversation's Markdown export.
+    """
     loaded = session.chat.slide
     if loaded is None or session.slide_path is None:
         raise ChatEXAONEPathError("Load a slide first.")
@@ -81,8 +90,13 @@ def publish(registry: TileRegistry, session: "WebSession") -> dict:
         "weight": [float(f"{w:.4g}") for w in weights], "rank": ranks.tolist(), "map": name,
         "top": order[: session.shared.config.top_patches].tolist(), "tissue": outline,
     }
+    shown_name = session.display_name(session.slide_path)
     tiles.config = {"token": tiles.token, "key": tiles.key, "base": f"viewer/s/{tiles.token}/",
-                    "name": Path(session.slide_path).name, **tiles.geometry(), "region": None, "goto": None}
+                    "name": Path(shown_name).name, "mpp": float(loaded.features.attrs["level0_mpp"]),
+                    **tiles.geometry(), "region": None, "goto": None}
+    # The conversation is read when it is downloaded, so the file always holds every answer so far.
+    tiles.transcript = lambda: (transcript_markdown(s, shown_name, tiles.config, card)
+                                if (s := owner()) is not None else "")
     return dict(tiles.config)
 
 
@@ -120,8 +134,8 @@ def page_region(value) -> Region:
     Bounded before it is parsed: a 5,000-digit string or 1e309 would otherwise escape as ValueError or
     OverflowError (an HTTP 500) instead of a message.
     """
-    problem = ChatEXAONEPathError(f"A region is four whole numbers x,y,w,h in level-0 pixels (e.g. "
-                                  f"4096,2048,1024,1024), got {str(value)[:40]!r}.")
+    problem = ChatEXAONEPathError(f"A region is four whole numbers x,y,w,h in full-resolution pixels (e.g. "
+                                  f"4096,2048,1024,1024), or one drawn on the slide; got {str(value)[:40]!r}.")
     if isinstance(value, str):
         if len(value) > MAX_REGION_CHARS:
             raise problem
@@ -161,39 +175,76 @@ def top_patch_goto(registry: TileRegistry, session: "WebSession", rank_index: in
 
 
 # -- the conversation, as the page shows it --------------------------------------------------------------
+def session_mpp(session: "WebSession | None") -> float | None:
+    """The loaded slide's level-0 µm per pixel (None without a slide)."""
+    loaded = session.chat.slide if session is not None else None
+    try:
+        return float(loaded.features.attrs["level0_mpp"]) if loaded is not None else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def chat_messages(session: "WebSession", registry: TileRegistry) -> list[dict]:
-    """`session.messages()` with region turns headed by their thumbnail and coordinates, and answers followed
-    by their evidence chips."""
+    """`session.messages()` with region turns headed by their thumbnail and size, and answers followed by their
+    evidence chips — once per distinct set: an answer whose evidence an earlier answer showed says which."""
     messages = session.messages()
     tiles = registry.published(session)
+    mpp = session_mpp(session)
+    shown: dict[tuple, int] = {}  # the evidence's patches → the number of the answer that showed them
+    answers = 0
     for message, turn in zip(messages, session.turns):
+        if turn.role == "assistant":
+            answers += 1
         if not isinstance(turn, SlideTurn):
             continue
         if turn.role == "user" and turn.region is not None:
-            message["content"] = region_header(turn.region, tiles) + message["content"]
+            message["content"] = region_header(turn.region, tiles, mpp) + message["content"]
         elif turn.role == "assistant" and turn.evidence:
-            message["content"] = message["content"] + evidence_chips(turn.evidence)
+            key = tuple(e.index for e in turn.evidence)
+            if key in shown:
+                message["content"] += evidence_seen(len(key), shown[key])
+            else:
+                shown[key] = answers
+                message["content"] += evidence_chips(turn.evidence, mpp)
     return messages
 
 
-def region_header(region: Region, tiles: SlideTiles | None) -> str:
-    """What heads a question about a region: its thumbnail (when the viewer shows the slide) and coordinates."""
+def region_header(region: Region, tiles: SlideTiles | None, mpp: float | None = None) -> str:
+    """What heads a question about a region: its thumbnail (when the viewer shows the slide) and its size in µm."""
     picture = ""
     if tiles is not None:
         src = f"{tiles.config['base']}region/{region.x},{region.y},{region.width},{region.height}.jpeg"
         picture = f'<img class="cxp-region-thumb" src="{html.escape(src)}" alt="region" width="72"> '
-    chip = _chip(region, f"Region: {region.describe()}")
+        mpp = mpp or tiles.config.get("mpp")
+    label = f"Region: {wording.region_size(region, mpp)}" if mpp else f"Region: {region.describe()}"
+    title = (f"{wording.region_text(region, mpp)}; {wording.region_pixels(region)}. Show it on the slide"
+             if mpp else "Show this place on the slide")
+    chip = _chip(region, label, title)
     return f'<div class="cxp-region-turn" data-region="{region}">{picture}{chip}</div>\n\n'
 
 
-def evidence_chips(evidence) -> str:
-    """The chips under an answer: the patches that weighed most in it, each a link the viewer flies to."""
-    chips = " ".join(_chip(e.region, f"#{e.rank} ({e.x:,}, {e.y:,}) · {e.weight:.3g}") for e in evidence)
-    return f'\n\n<div class="cxp-evidence">Evidence: {chips}</div>'
+def evidence_chips(evidence, mpp: float | None = None) -> str:
+    """The chips under an answer: the patches that weighed most in it (centre in µm, share of the answer's
+    attention), each a link the viewer flies to; pixels and the pooling weight in the tooltip."""
+    chips = []
+    for e in evidence:
+        half = e.size / 2
+        place = wording.position(e.x + half, e.y + half, mpp) if mpp else f"({e.x:,}, {e.y:,}) px"
+        size = f"{wording.length(e.size * mpp)} square, " if mpp else ""
+        title = (f"A {size}centre at {place}; top-left pixel ({e.x:,}, {e.y:,}) at full resolution; pooling "
+                 f"weight {e.weight:.3g} in this answer. Show it on the slide")
+        chips.append(_chip(e.region, f"#{e.rank} · {wording.share(e.weight)} · {place}", title))
+    return f'\n\n<div class="cxp-evidence">Evidence: {" ".join(chips)}</div>'
 
 
-def _chip(region: Region, label: str) -> str:
-    return (f'<a class="cxp-chip" href="#cxp-region={region}" title="Show this place on the slide">'
+def evidence_seen(count: int, answer: int) -> str:
+    """An answer whose evidence is the same patches an earlier answer showed: said once, without chips."""
+    patches = f"{COUNT_WORDS.get(count, count)} patch{'es' if count != 1 else ''}"
+    return f'\n\n<div class="cxp-evidence cxp-evidence-seen">Evidence: the same {patches} as answer {answer}.</div>'
+
+
+def _chip(region: Region, label: str, title: str = "Show this place on the slide") -> str:
+    return (f'<a class="cxp-chip" href="#cxp-region={region}" title="{html.escape(title)}">'
             f'{html.escape(label)}</a>')
 
 
@@ -218,6 +269,10 @@ def viewer_routes(registry: TileRegistry) -> list["BaseRoute"]:
             return PlainTextResponse(str(e), 500, headers=NO_STORE)
         if isinstance(body, dict):
             return JSONResponse(body, headers=KEEP)
+        if isinstance(body, str):  # the conversation: changes with every answer, so never cached
+            filename = re.sub(r"[^\w.-]+", "_", Path(tiles.config.get("name", "slide")).stem) + "-conversation.md"
+            return Response(body, media_type="text/markdown; charset=utf-8",
+                            headers={**NO_STORE, "Content-Disposition": f'attachment; filename="{filename}"'})
         return Response(body, media_type="image/jpeg", headers=KEEP)
 
     def patch(tiles: SlideTiles, params) -> bytes:
@@ -242,6 +297,8 @@ def viewer_routes(registry: TileRegistry) -> list["BaseRoute"]:
         Route(prefix + "/overlay.json", lambda r: answer(r, lambda t, p: t.overlay)),
         Route(prefix + "/patch/{index}.jpeg", lambda r: answer(r, patch)),
         Route(prefix + "/region/{x},{y},{w},{h}.jpeg", lambda r: answer(r, region)),
+        Route(prefix + "/conversation.md", lambda r: answer(r, lambda t, p: t.transcript()
+                                                            if getattr(t, "transcript", None) else "")),
     ]
 
 
@@ -252,85 +309,11 @@ def _path_int(text: str) -> int:
     return int(text)
 
 
-# -- the page's component ----------------------------------------------------------------------------
-VIEWER_HEAD = ('<link rel="stylesheet" href="viewer/static/viewer.css">'
-               '<script src="viewer/static/vendor/openseadragon/openseadragon.min.js"></script>'
-               '<script src="viewer/static/viewer.js"></script>')
-VIEWER_TEMPLATE = """
-<div class="cxp-viewer">
-  <div class="cxp-toolbar">
-    <label><input type="checkbox" class="cxp-heat" checked> Attention overlay</label>
-    <label><input type="checkbox" class="cxp-outline" checked> Tissue outline</label>
-    <label>Opacity <input type="range" class="cxp-opacity" min="0" max="1" step="0.05" value="0.45"></label>
-    <span class="cxp-legend"><span class="cxp-legend-label">low</span><span class="cxp-legend-bar"></span><span
-      class="cxp-legend-label">high</span> <span class="cxp-legend-name">rank of the weight</span></span>
-    <button type="button" class="cxp-draw">Draw a region</button>
-    <button type="button" class="cxp-view">Ask about the current view</button>
-  </div>
-  <div class="cxp-stage">
-    <div class="cxp-osd"></div><div class="cxp-empty">Load a slide to pan and zoom it here.</div>
-  </div>
-  <div class="cxp-inspect" hidden></div>
-</div>
-"""
-VIEWER_JS = "window.CXPViewer ? window.CXPViewer.mount(element, props, trigger, watch) : " \
-            "(element.querySelector('.cxp-empty').textContent = 'The slide viewer is not installed (run make setup).')"
+def __getattr__(name: str):
+    """The viewer's page component and its events live in viewer_page.py (which imports this module); the old
+    names still resolve here for callers that imported them from viewer.py."""
+    if name in ("ViewerHandlers", "viewer_component", "VIEWER_TEMPLATE", "VIEWER_HEAD", "VIEWER_JS"):
+        from . import viewer_page
 
-
-def viewer_component():
-    """The viewer's place in the page: a gr.HTML whose value is the published config (None: no slide yet)."""
-    return gr.HTML(None, html_template=VIEWER_TEMPLATE, js_on_load=VIEWER_JS, head=VIEWER_HEAD, elem_id="viewer",
-                   apply_default_css=False, padding=False)
-
-
-class ViewerHandlers:
-    """The page's viewer events: publishing a loaded slide, regions drawn or typed, flights to the gallery's patches."""
-
-    def __init__(self, engine) -> None:
-        self.engine = engine
-
-    def _session(self, request: gr.Request) -> "WebSession | None":
-        return self.engine.find_session(request.session_hash)
-
-    def show(self, request: gr.Request) -> tuple:
-        """After a load: the new slide's config (new secrets), the same one when the slide did not change."""
-        session = self._session(request)
-        if session is None or session.chat.slide is None:
-            return None, ""
-        if self.engine.tiles.published(session) is not None:
-            return gr.skip(), gr.skip()  # the load failed or was cancelled: the slide on show stays
-        try:
-            return publish(self.engine.tiles, session), ""
-        except ChatEXAONEPathError as e:
-            logger.warning("The viewer could not show the slide: %s", e)
-            return None, ""
-
-    def region_drawn(self, request: gr.Request, event: gr.EventData) -> tuple:
-        """A rectangle drawn on the viewer (or its current view) becomes the next question's region."""
-        data = getattr(event, "_data", None) or {}
-        try:
-            region = page_region(data.get("region"))
-        except ChatEXAONEPathError:
-            return gr.skip(), gr.skip()
-        return str(region), viewer_update(self.engine.tiles, self._session(request), region=list(region.as_tuple()))
-
-    def region_typed(self, text: str, request: gr.Request):
-        """A region typed into the box is drawn on the viewer (an unreadable one is left to the question's check)."""
-        try:
-            region = page_region(text) if text and text.strip() else None
-        except ChatEXAONEPathError:
-            return gr.skip()
-        rect = None if region is None else list(region.as_tuple())
-        return viewer_update(self.engine.tiles, self._session(request), region=rect) or gr.skip()
-
-    def whole_slide(self, request: gr.Request) -> tuple:
-        """Back to questions about the whole slide."""
-        return "", viewer_update(self.engine.tiles, self._session(request), region=None) or gr.skip()
-
-    def goto_patch(self, request: gr.Request, event: gr.SelectData):
-        """A gallery patch clicked: the viewer flies to it."""
-        session = self._session(request)
-        index = getattr(event, "index", None)
-        found = session is not None and isinstance(index, int)
-        target = top_patch_goto(self.engine.tiles, session, index) if found else None
-        return gr.skip() if target is None else viewer_update(self.engine.tiles, session, goto=target)
+        return getattr(viewer_page, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

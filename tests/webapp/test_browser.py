@@ -108,13 +108,17 @@ def test_upload_shows_progress_then_the_heatmap_and_answers_stream(app_url, brow
     stages = page.evaluate("window.__stages")
     assert "reading" in stages and ("features" in stages or "aggregating" in stages), stages
     assert "patches" in page.inner_text("#status")
-    view = page.locator("#slide-view img")
+    page.click("#patches-tab-button")
+    page.wait_for_function("document.querySelectorAll('#patches img').length === 8")
+    page.click("#thumbnail-tab-button")
+    view = page.wait_for_selector("#slide-view img")
     with_heatmap = view.get_attribute("src")
-    assert with_heatmap and page.locator("#patches img").count() == 8
-    page.click("#heatmap-toggle input")
+    assert with_heatmap
+    page.click("#viewer .cxp-heat")  # the viewer's toolbar is the page's one overlay control
     # Unchecked: the thumbnail with only the tissue outline, a different image.
     page.wait_for_function("src => document.querySelector('#slide-view img').getAttribute('src') !== src",
                            arg=with_heatmap)
+    page.click("#chat-tab-button")
     answer = ask(page, "What is the diagnosis?")
     partials = page.evaluate("window.__answers")
     assert answer and len([p for p in partials if p != "…"]) >= 2, partials  # pieces arrived one by one

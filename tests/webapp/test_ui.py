@@ -1,6 +1,7 @@
 """The page's handlers called directly (no browser): what each event shows, errors included."""
 
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
@@ -114,3 +115,95 @@ def test_questions_never_wait_in_gradios_queue_behind_a_load(make_engine):
     answers = {groups[name] for name in ("ask", "retry")}
     assert len(loads) == len(answers) == 1 and loads.isdisjoint(answers)
     assert {limit for _, limit in loads | answers} == {1}
+
+
+# -- the page's words and states (issue 30) ------------------------------------------------------------------
+def test_numbers_are_said_plainly():
+    from chatexaonepath.webapp import wording
+
+    assert [wording.length(v) for v in (8.46, 128, 1250.4, 2500)] == ["8.5 µm", "128 µm", "1,250 µm", "2.50 mm"]
+    assert [wording.area(v) for v in (3700, 37_000, 2.5e7)] == ["3,700 µm²", "0.037 mm²", "25.0 mm²"]
+    assert [wording.share(v) for v in (0.123, 0.0197, 0.00052, 6.415e-7)] == ["12 %", "2.0 %", "0.05 %", "< 0.01 %"]
+    html_text = wording.plain_html("the vision tower is untrained")
+    assert ">slide reader</span>" in html_text and 'title="vision tower:' in html_text
+
+
+def test_the_model_card_names_the_demo_models_adapter_not_none(tiny_encoder):
+    """The demo model is served without --model: its LoRA row said "(from None)"."""
+    from chatexaonepath.webapp.engine import describe_model
+
+    model = SimpleNamespace(config=SimpleNamespace(llm_name_or_path="embedded", tower_trained=True,
+                                                   lora={"r": 64, "alpha": 16}))
+    extractor = SimpleNamespace(encoder=tiny_encoder)
+    demo = SimpleNamespace(describe=lambda: "a demo", warning=lambda: "not a medical device")
+    assert dict(describe_model(model, extractor, None, demo).rows())["LoRA"] == "r=64, alpha=16 (the demo model's)"
+    assert "None" not in str(describe_model(model, extractor, None).rows())
+
+
+def test_the_page_says_what_the_slide_is_in_plain_words_and_microns(make_engine):
+    from chatexaonepath.webapp.ui import model_card_html
+
+    engine = make_engine()
+    handlers = opened(engine)
+    status, image, gallery, *_ = last(handlers.load_example(True, 0.3, tab()))
+    for word in ("generic-tiff", "level-0", "2,048×2,048 px"):
+        assert word not in status
+    assert "0.51 × 0.51 mm at 0.25 µm/px (about 40×, TIFF)" in status  # the 2048² example
+    assert all(" µm, y " in caption and "%" in caption for _, caption in gallery)
+    card = model_card_html(engine)
+    llm_folder = engine.model.config.llm_name_or_path  # the tiny LLM's folder on the server
+    assert "Slide reader" in card and llm_folder not in card and Path(llm_folder).name in card
+
+
+def test_evidence_is_shown_once_per_distinct_set_and_in_microns(make_engine):
+    from chatexaonepath.webapp.viewer import chat_messages
+
+    engine = make_engine()
+    handlers = opened(engine)
+    last(handlers.load_example(True, 0.3, tab()))
+    last(handlers.ask("What is the diagnosis?", 0.0, 4, "", tab()))
+    last(handlers.ask("And the grade?", 0.0, 4, "", tab()))
+    last(handlers.ask("Here?", 0.0, 4, "", tab(), "0,0,1024,1024"))
+    answers = [m["content"] for m in chat_messages(engine.session("tab"), engine.tiles) if m["role"] == "assistant"]
+    assert answers[0].count('class="cxp-chip"') == 3 and " µm, y " in answers[0] and "pooling weight" not in \
+        answers[0].split("title=")[0]
+    assert 'class="cxp-chip"' not in answers[1] and "the same three patches as answer 1" in answers[1]
+    assert 'class="cxp-chip"' in answers[2]  # a region's answer: other patches, shown
+
+
+def test_the_conversation_export_holds_questions_answers_and_evidence(make_engine):
+    from chatexaonepath.webapp.transcript import transcript_markdown
+
+    engine = make_engine()
+    handlers = opened(engine)
+    last(handlers.load_example(True, 0.3, tab()))
+    last(handlers.ask("What is the diagnosis?", 0.0, 4, "", tab(), "0,0,1024,1024"))
+    session = engine.session("tab")
+    text = transcript_markdown(session, "example.tiff", {"mpp": 0.25, "width": 2048, "height": 2048}, engine.card)
+    assert text.startswith("# Conversation about example.tiff")
+    assert "## 1. Question about a region of 256 µm × 256 µm (0.066 mm²) at x 0 µm, y 0 µm" in text
+    assert "> What is the diagnosis?" in text and text.count("| x ") == len(session.turns[-1].evidence)
+    assert "not a medical device" in text.lower() and str(engine.work_dir) not in text
+
+
+def test_cancel_and_stop_are_enabled_only_around_their_work(make_engine):
+    """Each load and answer is chained between two instant events: one enables Cancel (Stop), one disables it."""
+    demo = build_demo(make_engine())
+    blocks = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+    assert blocks["cancel"].interactive is False and blocks["stop"].interactive is False
+    fns = {fn._id: fn for fn in demo.fns.values()}
+
+    def next_of(fn):
+        return [f for f in fns.values() if f.trigger_after == fn._id]
+
+    for api_name, button, on, off in (("load_example_slide", "cancel", "loading", "loaded"),
+                                      ("ask", "stop", "answering", "answered"),
+                                      ("retry", "stop", "answering", "answered")):
+        work = next(f for f in fns.values() if f.api_name == api_name)
+        before = fns[work.trigger_after]
+        assert before.fn.__name__ == on and before.outputs[0] is blocks[button] and before.fn()["interactive"]
+        after, chain = None, [work]
+        while chain and after is None:  # a load goes on to show the slide, then says it is done
+            chain = [f for c in chain for f in next_of(c)]
+            after = next((f for f in chain if f.fn is not None and f.fn.__name__ == off), None)
+        assert after is not None and after.outputs[0] is blocks[button] and not after.trigger_only_on_success

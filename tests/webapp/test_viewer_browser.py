@@ -17,6 +17,7 @@ from chatexaonepath.chat.regions import Region, patches_in_region
 from chatexaonepath.vision_tower.extraction import ExtractConfig, FeatureExtractor
 from chatexaonepath.webapp.engine import AppConfig, AppEngine
 from chatexaonepath.webapp.viewer import library_installed
+from chatexaonepath.webapp.wording import region_size
 from tests.webapp.conftest import CHROMIUM, served
 from tests.webapp.test_browser import ask, open_app, wait_ready
 
@@ -195,10 +196,12 @@ def test_clicking_shows_the_patch_at_full_resolution_and_the_gallery_flies_there
     page.wait_for_function("document.querySelector('#viewer .cxp-inspect img')?.naturalWidth > 0", timeout=10_000)
     assert page.evaluate("document.querySelector('#viewer .cxp-inspect img').naturalWidth") == side
     assert f"ranked 1 of {len(data['x'])}" in page.inner_text("#viewer .cxp-inspect")
+    page.click("#patches-tab-button")
     page.locator("#patches img").nth(2).click()  # the third most-weighted patch
     third = data["top"][2]
     page.wait_for_function(f"{V}.root.dataset.highlight === '{data['x'][third]},{data['y'][third]},{side},{side}'",
                            timeout=10_000)
+    assert page.evaluate(f"{V}.inspect.dataset.index") == str(third)  # the panel follows the flight
     settle(page)
     centre = page.evaluate(f"(() => {{ const c = {V}.image().viewportToImageCoordinates({V}.viewer.viewport.getCenter(true));"
                            " return [c.x, c.y]; })()")
@@ -216,8 +219,9 @@ def test_a_drawn_region_is_asked_about_with_exactly_its_patches_and_its_chips_fl
     x0, y0 = box[0] + box[2] * 0.35, box[1] + box[3] * 0.3
     page.mouse.move(x0, y0)
     page.mouse.down()
-    page.mouse.move(x0 + 80, y0 + 60, steps=4)
-    page.mouse.move(x0 + 170, y0 + 150, steps=4)
+    dx, dy = box[2] * 0.22, box[3] * 0.25  # a quarter of the view: several patches, not all
+    page.mouse.move(x0 + dx / 2, y0 + dy / 2, steps=4)
+    page.mouse.move(x0 + dx, y0 + dy, steps=4)
     page.mouse.up()
     page.wait_for_function("document.querySelector('#region textarea, #region input').value.length > 0",
                            timeout=10_000)
@@ -237,11 +241,11 @@ def test_a_drawn_region_is_asked_about_with_exactly_its_patches_and_its_chips_fl
     assert len(calls) == 1  # the tower ran once, on exactly the region's cached features
     torch.testing.assert_close(calls[0], loaded.features.features[torch.as_tensor(expected)].float())
     user = page.locator('#chat [data-testid="user"]').last
-    assert f"Region: x {region.x:,}" in user.inner_text()
+    assert f"Region: {region_size(region, 0.25)}" in user.inner_text()  # its size in µm (the example: 0.25 µm/px)
     page.wait_for_function("document.querySelector('#chat [data-testid=\"user\"] img.cxp-region-thumb')"
                            "?.naturalWidth > 0", timeout=10_000)  # the thumbnail came from the session's route
     chips = page.locator('#chat [data-testid="bot"] .cxp-evidence a')
-    assert chips.count() == 3
+    assert chips.count() == 3 and len(expected) >= 3
     target = Region.parse(chips.first.get_attribute("href").split("=", 1)[1])
     assert int(np.flatnonzero((coords[:, 0] == target.x) & (coords[:, 1] == target.y))[0]) in expected
     chips.first.scroll_into_view_if_needed()

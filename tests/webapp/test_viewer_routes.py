@@ -93,3 +93,15 @@ def test_the_viewer_and_its_library_are_served_by_the_app_itself(served):
     library = client.get("/viewer/static/vendor/openseadragon/openseadragon.min.js")
     assert library.status_code == 200 and "OpenSeadragon" in library.text[:5000]
     assert client.get("/viewer/static/vendor/openseadragon/LICENSE.txt").status_code == 200
+
+
+def test_the_conversation_downloads_to_its_owner_only_and_is_never_cached(served):
+    client, _, _, tiles = served
+    tiles.config = {"name": "case 7.svs"}
+    tiles.transcript = lambda: "# Conversation about case 7.svs\n"
+    response = client.get(url(tiles, "conversation.md"), headers=keyed(tiles.key))
+    assert response.status_code == 200 and response.text.startswith("# Conversation about case 7.svs")
+    assert response.headers["content-type"].startswith("text/markdown")
+    assert response.headers["cache-control"] == "no-store"  # it changes with every answer
+    assert response.headers["content-disposition"] == 'attachment; filename="case_7-conversation.md"'
+    assert client.get(url(tiles, "conversation.md")).status_code == 403
