@@ -1,7 +1,7 @@
 """The page's screenshots in docs/images, taken in Debian's Chromium at a laptop's 1366×768 and at 2560×1440.
 
-Makes app.png (1366×768: the example slide loaded and asked about, the chat beside the viewer), app-2560.png
-(the same at 2560×1440), app-loading.png (a load in progress), viewer.png (zoomed to the cells, turned 90°, a
+Makes page-1366.png (1366×768: the example slide loaded and asked about, the chat beside the viewer),
+page-2560.png (the same at 2560×1440), page-loading.png (a load in progress), viewer.png (zoomed to the cells, turned 90°, a
 measured line and the scale bar), viewer-overlay.png (the attention by weight with a patch in the panel),
 viewer-region.png (a drawn region asked about, the answer's evidence chips) and viewer-export.png (what Save
 view writes). The model is the embedded LLM around an untrained tower and a random ViT-B/16: the pictures
@@ -28,7 +28,7 @@ from chatexaonepath.webapp.engine import AppConfig, AppEngine
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 V = "window.CXPViewer.viewers[0]"
-SIZES = {"app.png": (1366, 768), "app-2560.png": (2560, 1440)}
+SIZES = {"page-1366.png": (1366, 768), "page-2560.png": (2560, 1440)}  # (bench/app_latency.py writes app*.png)
 
 
 def settle(page, wait_ms: int = 1500) -> None:
@@ -101,7 +101,7 @@ def main() -> None:
                     load_example(page)
                     ask(page, "What is the diagnosis?", 1)
                     page.screenshot(path=str(args.out / name))
-                    if name == "app.png":
+                    if name == "page-1366.png":
                         viewer_shots(page, args.out)
                     page.context.close()
                 browser.close()
@@ -113,11 +113,11 @@ def main() -> None:
 
 def loading(browser, url: str, out: Path) -> None:
     """A load in progress (the first load of the example extracts its features, so the stages show)."""
-    page = open_page(browser, url, SIZES["app.png"])
+    page = open_page(browser, url, SIZES["page-1366.png"])
     page.click("#example")
     page.wait_for_selector('#status [data-stage="features"]', timeout=600_000)
     page.wait_for_timeout(2500)
-    page.screenshot(path=str(out / "app-loading.png"))
+    page.screenshot(path=str(out / "page-loading.png"))
     page.wait_for_selector("#status [data-ready]", timeout=900_000)
     page.context.close()
 

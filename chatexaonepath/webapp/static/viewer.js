@@ -508,8 +508,9 @@
       img.src = `${this.base}patch/${index}.jpeg`;
       img.alt = "the patch at full resolution";
       const centre = `x ${grouped((o.x[index] + o.side / 2) * mpp)} µm, y ${grouped((o.y[index] + o.side / 2) * mpp)} µm`;
-      this.showPanel([img], `Patch ranked ${o.rank[index]} of ${o.n} by attention: ${fmtShare(o.weight[index])} of the ` +
-        `model's attention. ${fmtLength(o.side * mpp)} square, centre at ${centre}.`,
+      // The slide's own map (an answer's chip gives the share in that answer, a region's own attention).
+      this.showPanel([img], `Patch ranked ${o.rank[index]} of ${o.n} on the whole slide: ${fmtShare(o.weight[index])} ` +
+        `of the slide's attention. ${fmtLength(o.side * mpp)} square, centre at ${centre}.`,
         `${o.map} ${o.weight[index].toPrecision(4)}; top-left pixel (${grouped(o.x[index])}, ${grouped(o.y[index])}), ` +
         `${o.side} × ${o.side} pixels at full resolution`);
       this.draw();
