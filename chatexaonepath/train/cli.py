@@ -18,7 +18,9 @@ Data = Annotated[list[Path], typer.Option("--data", help="LLaVA JSON/JSONL train
 Features = Annotated[Optional[Path], typer.Option("--features", help="Folder of <slide_id>.h5/.pt features that 'image' ids name.")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoint-N/ while training, the final model itself at the end.")]
 ValData = Annotated[Optional[list[Path]], typer.Option("--val-data", help="Explicit validation data (instead of a split).")]
-ValFraction = Annotated[float, typer.Option(help="Fraction of SLIDES held out for eval loss each epoch (0: none).")]
+ValFraction = Annotated[float, typer.Option(help="Fraction of SLIDES held out for validation each epoch (0: none).")]
+Patience = Annotated[int, typer.Option(help="With validation: stop after N validations without a better score (0: never).")]
+ValidateEvery = Annotated[int, typer.Option(help="Validate (and keep a checkpoint) every N epochs.")]
 MaxPatches = Annotated[Optional[int], typer.Option(help="Randomly subsample larger bags to N patches while training.")]
 MaxLength = Annotated[Optional[int], typer.Option(help="Cut longer samples at the end (default: the LLM's context).")]
 SkipMissing = Annotated[bool, typer.Option("--skip-missing", help="Leave out records whose features are missing (counted).")]
@@ -66,7 +68,9 @@ def _progress_callback(progress):
             if logs and "loss" in logs:
                 progress.update(self.task, description=f"training (loss {logs['loss']:.3f})")
             if logs and "eval_loss" in logs:
-                progress.console.print(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+                match = logs.get("eval_exact_match")
+                extra = f", exact match {match:.2f}" if match is not None and match == match else ""
+                progress.console.print(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}{extra}")
 
     return RichProgress()
 
@@ -90,7 +94,9 @@ def _run(phase_kwargs: dict, data_kwargs: dict, resume: bool, quiet: bool, verbo
     rows = [("steps", str(result.global_step)),
             ("train loss", f"{result.train_loss:.4f}" if result.train_loss is not None else "–"),
             ("eval loss per epoch", ", ".join(f"{x:.4f}" for x in result.eval_losses) or "no validation"),
-            ("best eval loss", f"{result.best_eval_loss:.4f}" if result.best_eval_loss is not None else "–"),
+            ("exact match per epoch", ", ".join(f"{h['eval_exact_match']:.2f}" for h in result.selection.get("history", [])
+                                                if h.get("eval_exact_match") == h.get("eval_exact_match")) or "–"),
+            ("kept", _kept(result.selection)),
             ("records train / validation", f"{result.train_records} / {result.val_records}"),
             ("skipped (missing features)", str(result.skipped_missing)),
             ("cut to --max-length", str(result.truncated)),
@@ -103,6 +109,17 @@ def _run(phase_kwargs: dict, data_kwargs: dict, resume: bool, quiet: bool, verbo
                       f"--features {data.features_dir or 'DIR'} --out runs/p2")
     else:
         console.print(f"chat with it: chatexaonepath chat SLIDE --model {result.out}")
+
+
+def _kept(selection: dict) -> str:
+    """The checkpoint validation chose, in a few words."""
+    chosen = selection.get("chosen")
+    if not chosen:
+        return "the last (no validation)"
+    match = chosen.get("eval_exact_match")
+    figures = f"exact match {match:.2f}, " if match == match and match is not None else ""
+    stop = f"; stopped early at epoch {selection['stopped_early_at_epoch']:.0f}" if selection.get("stopped_early_at_epoch") else ""
+    return f"epoch {chosen['epoch']:g} ({figures}eval loss {chosen['eval_loss']:.4f}){stop}"
 
 
 def _data_kwargs(data, features, val_data, val_fraction, max_patches, max_length, skip_missing, seed) -> dict:
@@ -123,8 +140,9 @@ def phase1(
     warmup_ratio: Warmup = 0.03, scheduler: Scheduler = "cosine", weight_decay: WeightDecay = 0.0,
     gradient_checkpointing: GradCkpt = False, precision: Precision = "auto", device: Device = "auto",
     save_steps: SaveSteps = 0, save_total_limit: SaveLimit = 2, logging_steps: LogSteps = 10,
-    report_to: ReportTo = "auto", num_workers: Workers = 0, seed: Seed = 0, resume: Resume = False,
-    quiet: Quiet = False, verbose: Verbose = False,
+    report_to: ReportTo = "auto", num_workers: Workers = 0, seed: Seed = 0, patience: Patience = 3,
+    validate_every: ValidateEvery = 1,
+    resume: Resume = False, quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Phase 1, alignment: the LLM frozen, aggregator + projector learn from caption data."""
     _run(dict(phase=1, out=str(out), llm=llm, num_visual_tokens=visual_tokens, phase1_system_prompt=with_system_prompt,
@@ -132,7 +150,8 @@ def phase1(
               gradient_accumulation=grad_accum, warmup_ratio=warmup_ratio, scheduler=scheduler,
               weight_decay=weight_decay, gradient_checkpointing=gradient_checkpointing, precision=precision,
               device=device, save_steps=save_steps, save_total_limit=save_total_limit, logging_steps=logging_steps,
-              report_to=report_to, num_workers=num_workers, seed=seed),
+              report_to=report_to, num_workers=num_workers, seed=seed, patience=patience,
+              validate_every=validate_every),
          _data_kwargs(data, features, val_data, val_fraction, max_patches, max_length, skip_missing, seed),
          resume, quiet, verbose)
 
@@ -152,8 +171,9 @@ def phase2(
     warmup_ratio: Warmup = 0.03, scheduler: Scheduler = "cosine", weight_decay: WeightDecay = 0.0,
     gradient_checkpointing: GradCkpt = False, precision: Precision = "auto", device: Device = "auto",
     save_steps: SaveSteps = 0, save_total_limit: SaveLimit = 2, logging_steps: LogSteps = 10,
-    report_to: ReportTo = "auto", num_workers: Workers = 0, seed: Seed = 0, resume: Resume = False,
-    quiet: Quiet = False, verbose: Verbose = False,
+    report_to: ReportTo = "auto", num_workers: Workers = 0, seed: Seed = 0, patience: Patience = 3,
+    validate_every: ValidateEvery = 1,
+    resume: Resume = False, quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Phase 2, instruction tuning: LoRA on the LLM + the tower, from phase 1's checkpoint."""
     _run(dict(phase=2, out=str(out), init=str(init), lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -162,6 +182,7 @@ def phase2(
               gradient_accumulation=grad_accum, warmup_ratio=warmup_ratio, scheduler=scheduler,
               weight_decay=weight_decay, gradient_checkpointing=gradient_checkpointing, precision=precision,
               device=device, save_steps=save_steps, save_total_limit=save_total_limit, logging_steps=logging_steps,
-              report_to=report_to, num_workers=num_workers, seed=seed),
+              report_to=report_to, num_workers=num_workers, seed=seed, patience=patience,
+              validate_every=validate_every),
          _data_kwargs(data, features, val_data, val_fraction, max_patches, max_length, skip_missing, seed),
          resume, quiet, verbose)

@@ -31,6 +31,7 @@ from .data import (
     features_dim, features_provenance, load_records, split_by_slide,
 )
 from .trainer import TRAINING_ARGS, EpochCallback, LogCallback, TowerTrainer, finalize
+from .validation import SELECTION_METRIC, SelectionCallback, short_answers
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class PhaseConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (the LLM's dtype; autocast for the tower on GPU)
     device: str = "auto"  # auto | cpu (forces CPU on a GPU machine)
     save_steps: int = 0  # 0: a checkpoint per epoch; N: every N steps (and at each epoch end with validation)
+    validate_every: int = 1  # epochs between validations (each decodes the short validation answers)
+    patience: int = 3  # with validation: stop after this many validations without a better score (0: never)
     save_total_limit: int = 2
     logging_steps: int = 10
     report_to: str = "auto"  # auto (TensorBoard when installed), none, tensorboard, wandb, or a comma list
@@ -85,6 +88,10 @@ class PhaseConfig:
         for name in ("batch_size", "gradient_accumulation", "num_visual_tokens", "lora_r"):
             if getattr(self, name) < 1:
                 raise ChatEXAONEPathError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.validate_every < 1:
+            raise ChatEXAONEPathError(f"--validate-every must be at least 1 epoch, got {self.validate_every}.")
+        if self.patience < 0:
+            raise ChatEXAONEPathError(f"--patience must be 0 (never stop early) or more, got {self.patience}.")
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_LR[self.phase]
         self.lora_targets = list(self.lora_targets)
@@ -97,13 +104,14 @@ class TrainResult:
     out: Path
     global_step: int
     train_loss: float | None
-    best_eval_loss: float | None
+    best_eval_loss: float | None  # the validation loss of the checkpoint kept (None without validation)
     eval_losses: list[float]
     train_records: int
     val_records: int
     skipped_missing: int
     truncated: int
     seconds: float
+    selection: dict = field(default_factory=dict)  # how the checkpoint was chosen (validation.py), {} without
 
 
 # -- small named steps -----------------------------------------------------------------------------------
@@ -221,9 +229,10 @@ def training_arguments(config: PhaseConfig, device: torch.device, has_validation
         lr_scheduler_type=config.scheduler, warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm, save_strategy=strategy, save_steps=config.save_steps or 500,
         eval_strategy=strategy if has_validation else "no", eval_steps=config.save_steps or None,
-        # The best checkpoint is tracked (and kept from rotation) by eval loss; finalize() copies its files
-        # into --out, which works alike for DDP, FSDP and DeepSpeed (Trainer's load_best_model_at_end does not).
-        metric_for_best_model="eval_loss" if has_validation else None, greater_is_better=False,
+        # The best checkpoint is tracked (and kept from rotation) by the selection score (validation.py: exact
+        # match on short answers, ties broken by the loss; else the loss); finalize() copies its files into
+        # --out, which works alike for DDP, FSDP and DeepSpeed (Trainer's load_best_model_at_end does not).
+        metric_for_best_model=SELECTION_METRIC if has_validation else None, greater_is_better=True,
         save_total_limit=config.save_total_limit, logging_steps=config.logging_steps, logging_first_step=True,
         report_to=report_targets(config.report_to), disable_tqdm=True, prediction_loss_only=True,
         remove_unused_columns=False, dataloader_num_workers=config.num_workers, seed=config.seed,
@@ -312,22 +321,27 @@ def train_phase(config: PhaseConfig, data: DataConfig, *, resume: bool = False,
     val_set = SlideConversationDataset(val_records, builder, max_length=max_length) if val_records else None
     args = training_arguments(config, device, val_set is not None)
     run_info["trainer_args"] = json.loads(args.to_json_string())
+    selection = SelectionCallback(config.patience)
     trainer = TowerTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
         data_collator=SlideCollator(model.tokenizer.pad_token_id),
-        callbacks=[EpochCallback(train_set, val_set is not None), LogCallback(), *(callbacks or [])],
-        run_info=run_info, tower_learning_rate=config.tower_learning_rate)
+        callbacks=[EpochCallback(train_set, val_set is not None, config.validate_every), LogCallback(), selection,
+                   *(callbacks or [])],
+        run_info=run_info, tower_learning_rate=config.tower_learning_rate,
+        short_answers=short_answers(val_records, builder) if val_records else None)
     output = trainer.train(resume_from_checkpoint=True if resume and _has_checkpoint(config.out) else None)
     history = trainer.state.log_history
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    chosen = selection.summary(trainer.state.best_model_checkpoint) if val_set is not None else {}
+    best_loss = (chosen.get("chosen") or {}).get("eval_loss")
     trainer.run_info["result"] = {
         "global_step": trainer.state.global_step, "train_loss": output.training_loss,
-        "best_eval_loss": trainer.state.best_metric, "best_checkpoint": trainer.state.best_model_checkpoint,
-        "eval_losses": eval_losses, "truncated": train_set.truncated}
+        "best_eval_loss": best_loss, "best_checkpoint": trainer.state.best_model_checkpoint,
+        "eval_losses": eval_losses, "truncated": train_set.truncated, "selection": chosen}
     finalize(trainer, Path(config.out))
-    return TrainResult(Path(config.out), trainer.state.global_step, output.training_loss, trainer.state.best_metric,
+    return TrainResult(Path(config.out), trainer.state.global_step, output.training_loss, best_loss,
                        eval_losses, len(train_set), len(val_set or []), len(loaded.missing), train_set.truncated,
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, chosen)
 
 
 def _has_checkpoint(out: str) -> bool:

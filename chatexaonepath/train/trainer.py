@@ -20,6 +20,7 @@ from ..chat.modeling import ADAPTER_DIR, TOWER_WEIGHTS, ChatEXAONEPathForCausalL
 from ..errors import ChatEXAONEPathError
 from ..fileio import atomic_write_text
 from .data import SlideConversationDataset
+from .validation import SELECTION_METRIC, ShortAnswer, exact_match, selection_score
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +67,11 @@ class TowerTrainer(Trainer):
     the LoRA adapter and the run's description are written.
     """
 
-    def __init__(self, *args, run_info: dict, tower_learning_rate: float | None = None, **kwargs) -> None:
+    def __init__(self, *args, run_info: dict, tower_learning_rate: float | None = None,
+                 short_answers: list[ShortAnswer] | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.run_info, self.tower_learning_rate = run_info, tower_learning_rate
+        self.short_answers = short_answers or []
         self.model.config.__dict__.pop("use_cache", None)  # the Trainer sets it for HF models; ours passes it per call
         self.remove_callback(PrinterCallback)  # library code logs (LogCallback), it does not print
 
@@ -76,6 +79,19 @@ class TowerTrainer(Trainer):
         # No KV cache while training: it would only hold memory; logits only where the loss needs them.
         inputs = {**inputs, "use_cache": False, "supervised_logits_only": True}
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """The loss, plus exact match on the short validation answers and the selection score (validation.py)."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        metrics = {k.removeprefix(f"{metric_key_prefix}_"): v for k, v in output.metrics.items()}
+        if self.short_answers:
+            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            metrics["exact_match"] = exact_match(model, model.tokenizer, self.short_answers)
+        output.metrics[f"{metric_key_prefix}_exact_match"] = metrics.get("exact_match", float("nan"))
+        output.metrics[f"{metric_key_prefix}_{SELECTION_METRIC}"] = selection_score(
+            {f"eval_{k}": v for k, v in metrics.items()})
+        return output
 
     def create_optimizer(self, model=None):
         """AdamW over the trainable parameters, with the tower's own learning rate when one is set."""
@@ -107,17 +123,19 @@ class TowerTrainer(Trainer):
 
 
 class EpochCallback(TrainerCallback):
-    """Tells the training set the epoch (patch subsampling is seeded by it) and validates at each epoch end."""
+    """Tells the training set the epoch (patch subsampling is seeded by it) and validates every `every` epochs
+    (and after the last), whatever the checkpoint schedule says in between."""
 
-    def __init__(self, dataset: SlideConversationDataset, validate_each_epoch: bool) -> None:
-        self.dataset, self.validate_each_epoch = dataset, validate_each_epoch
+    def __init__(self, dataset: SlideConversationDataset, validate: bool, every: int = 1) -> None:
+        self.dataset, self.validate, self.every = dataset, validate, max(1, every)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.dataset.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-6)))
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.validate_each_epoch:  # with --save-steps the schedule is by steps; an epoch still ends in eval
-            control.should_evaluate = control.should_save = True
+        if self.validate:
+            due = round(state.epoch or 0.0) % self.every == 0 or state.global_step >= state.max_steps
+            control.should_evaluate = control.should_save = due
         return control
 
 
@@ -143,7 +161,7 @@ def finalize(trainer: TowerTrainer, out: Path) -> None:
         trainer.save_model(str(tmp))  # every rank: FSDP and ZeRO-3 gather the weights collectively
     if trainer.args.should_save:
         if best is not None:
-            logger.info("Best checkpoint: %s (eval loss %.4f)", best, trainer.state.best_metric)
+            logger.info("Best checkpoint: %s (validation score %.4f)", best, trainer.state.best_metric)
             tmp.mkdir()
             for name in json.loads((Path(best) / TRAINING_ARGS).read_text())["files"]:
                 copy = shutil.copytree if (Path(best) / name).is_dir() else shutil.copy2

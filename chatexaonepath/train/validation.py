@@ -1,0 +1,127 @@
+"""Validation while training: exact-match accuracy on short answers, the selection score, early stopping.
+
+Every epoch a phase with a validation set computes the loss on it (the Trainer's evaluation) and, when
+the validation data has short-answer replies (at most `SHORT_ANSWER_WORDS` words: diagnosis, organ,
+grade…), the exact-match accuracy of greedy answers decoded as chat decodes them (its repetition
+guards included), each reply asked with the conversation before it. The checkpoint kept is the one with
+the best *selection score*: exact match when there are short answers (ties broken by the lower loss),
+else the loss alone. After `patience` evaluations without a better score, training stops. The choice
+and its history go into `training_args.json` (`selection`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from ..chat.conversation import PromptBuilder, Turn, turns_from_llava
+from ..chat.session import repetition_defaults
+from ..vision_tower.features import read_features
+from .data import Record
+
+logger = logging.getLogger(__name__)
+
+SHORT_ANSWER_WORDS = 12
+SELECTION_METRIC = "score"  # the Trainer reports it as eval_score
+# The loss only breaks ties between equal exact-match accuracies: scaled far below one answer's worth.
+LOSS_TIEBREAK = 1e-4
+
+
+@dataclass
+class ShortAnswer:
+    """One assistant reply to predict: the prompt before it (with the generation prompt) and the reference."""
+
+    features_path: Path
+    prompt_ids: list[int]
+    reference: str
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, punctuation and extra spaces removed: 'Adenocarcinoma.' and 'adenocarcinoma' are equal."""
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def short_answers(records: list[Record], builder: PromptBuilder, max_words: int = SHORT_ANSWER_WORDS) -> list[ShortAnswer]:
+    """Every reply of at most `max_words` words in `records`, with the conversation that leads to it."""
+    items = []
+    for record in records:
+        turns = turns_from_llava(record.conversations)
+        for i, turn in enumerate(turns):
+            if turn.role != "assistant" or len(turn.content.split()) > max_words:
+                continue
+            prompt = builder.build([Turn(t.role, t.content) for t in turns[:i]], add_generation_prompt=True)
+            items.append(ShortAnswer(record.features_path, prompt.input_ids, turn.content))
+    return items
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, items: list[ShortAnswer], max_new_tokens: int = 32) -> float:
+    """Share of `items` whose greedy answer (chat's repetition guards) equals the reference, normalised."""
+    if not items:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    penalty, ngram = repetition_defaults(model.llm)
+    bags: dict[Path, torch.Tensor] = {}
+    right = 0
+    try:
+        for item in items:
+            if item.features_path not in bags:
+                bags[item.features_path] = read_features(item.features_path).features.float()
+            ids = torch.tensor([item.prompt_ids])
+            output = model.generate(ids, [bags[item.features_path]], max_new_tokens=max_new_tokens, do_sample=False,
+                                    repetition_penalty=penalty, no_repeat_ngram_size=ngram,
+                                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            answer = tokenizer.decode(output[0], skip_special_tokens=True)
+            right += normalise_answer(answer) == normalise_answer(item.reference)
+    finally:
+        model.train(was_training)
+    return right / len(items)
+
+
+def selection_score(metrics: dict[str, float]) -> float:
+    """Exact match (ties broken by the lower loss) when measured, else the negative loss: higher is better."""
+    loss = metrics.get("eval_loss", float("inf"))
+    match = metrics.get("eval_exact_match")
+    if match is None or match != match:  # NaN: no short answers to check
+        return -loss
+    return match - LOSS_TIEBREAK * min(loss, 100.0)
+
+
+class SelectionCallback(TrainerCallback):
+    """Records every validation's figures and stops training after `patience` of them bring no better score."""
+
+    def __init__(self, patience: int = 0) -> None:
+        self.patience = patience
+        self.history: list[dict] = []
+        self.best: float | None = None
+        self.stale = 0
+        self.stopped_early_at: float | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not metrics or "eval_score" not in metrics:
+            return control
+        self.history.append({"epoch": round(state.epoch or 0.0, 3), "step": state.global_step,
+                             **{k: metrics[k] for k in ("eval_loss", "eval_exact_match", "eval_score") if k in metrics}})
+        if self.best is None or metrics["eval_score"] > self.best:
+            self.best, self.stale = metrics["eval_score"], 0
+        else:
+            self.stale += 1
+            if self.patience and self.stale >= self.patience:
+                logger.info("No better validation score in %d evaluations: stopping early at epoch %.2f.",
+                            self.stale, state.epoch or 0.0)
+                self.stopped_early_at = state.epoch
+                control.should_training_stop = True
+        return control
+
+    def summary(self, best_checkpoint: str | None) -> dict:
+        """What training_args.json records about the choice of checkpoint."""
+        chosen = max(self.history, key=lambda h: h["eval_score"]) if self.history else None
+        return {"metric": "exact match on short validation answers (ties: lower loss), else validation loss",
+                "patience": self.patience, "history": self.history, "chosen": chosen,
+                "best_checkpoint": best_checkpoint, "stopped_early_at_epoch": self.stopped_early_at}

@@ -1,0 +1,97 @@
+"""Validation while training: short answers are scored by exact match, the best validation decides which
+checkpoint is kept, training stops after a patience, and training_args.json says how the choice was made."""
+
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from chatexaonepath.errors import ChatEXAONEPathError
+from chatexaonepath.train.data import load_records
+from chatexaonepath.train.phases import PhaseConfig, prompt_builder, train_phase
+from chatexaonepath.train.validation import (
+    SelectionCallback, normalise_answer, selection_score, short_answers,
+)
+from tests.train.conftest import phase_configs, record, write_json
+
+
+def test_answers_are_compared_without_case_punctuation_or_spacing():
+    assert normalise_answer("Adenocarcinoma.") == normalise_answer("  adenocarcinoma ") == "adenocarcinoma"
+    assert normalise_answer("High grade.") != normalise_answer("Low grade.")
+
+
+def test_the_selection_score_is_exact_match_first_and_loss_only_between_equals():
+    assert selection_score({"eval_loss": 2.0, "eval_exact_match": 0.75}) > selection_score(
+        {"eval_loss": 0.1, "eval_exact_match": 0.5})
+    assert selection_score({"eval_loss": 0.5, "eval_exact_match": 0.5}) > selection_score(
+        {"eval_loss": 0.9, "eval_exact_match": 0.5})
+    assert selection_score({"eval_loss": 0.5, "eval_exact_match": float("nan")}) == -0.5  # no short answers
+
+
+def test_only_short_replies_are_checked_each_with_the_conversation_before_it(dataset_dir, phase1_out):
+    from chatexaonepath.chat.modeling import ChatEXAONEPathForCausalLM
+
+    builder = prompt_builder(ChatEXAONEPathForCausalLM.from_pretrained(phase1_out))
+    long_reply = " ".join(["word"] * 30)
+    path = write_json(dataset_dir.parent / "short.json", [record("a", "s0", "<image>\nWhat is it?", "Alpha.",
+                                                                 "Tell me more.", long_reply, "Sure?", "Yes.")])
+    items = short_answers(load_records([str(path)], str(dataset_dir / "features")).records, builder)
+    assert [item.reference for item in items] == ["Alpha.", "Yes."]
+    assert len(items[1].prompt_ids) > len(items[0].prompt_ids)  # the later answer sees the earlier turns
+
+
+def _callback_after(scores: list[float], patience: int) -> tuple[SelectionCallback, int]:
+    callback = SelectionCallback(patience)
+
+    class State:
+        epoch, global_step = 0.0, 0
+
+    class Control:
+        should_training_stop = False
+
+    control = Control()
+    for i, score in enumerate(scores, 1):
+        State.epoch, State.global_step = float(i), i
+        callback.on_evaluate(None, State, control, metrics={"eval_loss": 1.0, "eval_score": score})
+        if control.should_training_stop:
+            return callback, i
+    return callback, len(scores)
+
+
+def test_training_stops_after_the_patience_and_the_best_validation_is_the_choice():
+    callback, stopped = _callback_after([0.2, 0.5, 0.4, 0.5, 0.3, 0.9], patience=3)
+    assert stopped == 5 and callback.stopped_early_at == 5.0  # 0.4, 0.5 (not better), 0.3: three in a row
+    assert callback.summary("checkpoint-2")["chosen"]["epoch"] == 2.0
+    callback, stopped = _callback_after([0.2, 0.1, 0.1, 0.1], patience=0)
+    assert stopped == 4 and callback.stopped_early_at is None
+
+
+class Spoil(TrainerCallback):
+    """Wrecks the tower after the first epoch, before it is validated: the first epoch must be the one kept."""
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if state.epoch > 1.5:
+            with torch.no_grad():
+                for param in model.tower.parameters():
+                    param.normal_(0, 3.0)
+
+
+def test_a_phase_records_its_validation_and_stops_when_validation_stops_improving(dataset_dir, tiny_llm, tmp_path):
+    out = tmp_path / "p1"
+    result = train_phase(*phase_configs(1, out, dataset_dir / "captions.json", dataset_dir / "features",
+                                        llm=str(tiny_llm), epochs=6, patience=2, save_total_limit=1),
+                         callbacks=[Spoil()])
+    history = result.selection["history"]
+    assert len(history) == 3 and result.selection["stopped_early_at_epoch"] == 3.0  # epochs 2 and 3 no better
+    assert all(0.0 <= h["eval_exact_match"] <= 1.0 for h in history)
+    saved = json.loads((out / "training_args.json").read_text())["result"]["selection"]
+    assert saved["chosen"]["epoch"] == 1.0 and saved["patience"] == 2 and saved["best_checkpoint"].endswith(
+        f"checkpoint-{result.global_step // 3}")
+
+
+def test_validation_every_few_epochs_and_its_bad_settings():
+    with pytest.raises(ChatEXAONEPathError, match="--patience"):
+        PhaseConfig(phase=1, out="x", patience=-1)
+    with pytest.raises(ChatEXAONEPathError, match="--validate-every"):
+        PhaseConfig(phase=1, out="x", validate_every=0)
