@@ -200,6 +200,14 @@ def synth_cohort(
     _write_cohort(make_cohort, out, config, slides, quiet)
 
 
+def _split_sizes(text: str) -> tuple[int, ...]:
+    """--split-sizes "3,1,2" → (3, 1, 2): slides per organ × diagnosis in train, validation, test."""
+    try:
+        return tuple(int(n) for n in text.split(","))
+    except ValueError as e:
+        raise ChatEXAONEPathError(f"--split-sizes takes three whole numbers (train,validation,test), got {text!r}.") from e
+
+
 @synth_app.command("lesions")
 def synth_lesions(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for slides/, masks/, reports/, the data files and labels.csv.")],
@@ -214,12 +222,7 @@ def synth_lesions(
     """Write a lesion cohort (docs/learning.md): organ slides with small lesions, their masks and reports, QA data."""
     from .synthetic.lesions import LesionCohortConfig, make_lesion_cohort
 
-    try:
-        sizes = tuple(int(n) for n in split_sizes.split(","))
-    except ValueError as e:
-        raise ChatEXAONEPathError(f"--split-sizes takes three whole numbers (train,validation,test), got "
-                                  f"{split_sizes!r}.") from e
-    config = LesionCohortConfig(per_combination=sizes, organs=_comma_list(organs), lesions=_comma_list(lesions),
+    config = LesionCohortConfig(per_combination=_split_sizes(split_sizes), organs=_comma_list(organs), lesions=_comma_list(lesions),
                                 size=size, eval_lesion_area=eval_lesion_area, seed=seed)
     _write_cohort(make_lesion_cohort, out, config, config.slides, quiet)
 
@@ -334,7 +337,7 @@ def demo(
 @app.command("quickstart")
 def quickstart(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for every stage's outputs (a rerun resumes).")] = Path("quickstart"),
-    slides: Annotated[int, typer.Option(help="Synthetic lesion slides in the cohort (a quarter held out).")] = QuickstartConfig.slides,
+    split_sizes: Annotated[str, typer.Option(help="Synthetic slides per organ × diagnosis in the train, validation and test splits.")] = ",".join(map(str, QuickstartConfig.split_sizes)),
     encoder: Annotated[Optional[str], typer.Option(help="Patch encoder (default: exaonepath if its weights are found, else random-vit-b16).")] = None,
     raider_llm: Annotated[str, typer.Option(help="LLM backend RAIDER asks (see `raider generate --help`).")] = "local:embedded",
     judge: Annotated[Optional[str], typer.Option(help="LLM backend of the seven-criteria judge, e.g. openai:MODEL@URL (default: the judge is skipped; the embedded 135M LLM cannot write verdicts).")] = None,
@@ -345,8 +348,8 @@ def quickstart(
     from .quickstart import Quickstart, QuickstartConfig
 
     setup_logging(verbose, quiet)
-    config = QuickstartConfig(slides=slides, encoder=encoder, raider_llm=raider_llm, judge=judge,
-                              judge_items=judge_items)
+    config = QuickstartConfig(split_sizes=_split_sizes(split_sizes), encoder=encoder, raider_llm=raider_llm,
+                              judge=judge, judge_items=judge_items)
     with progress_bar(quiet) as progress:
         tasks: dict[str, int] = {}
 

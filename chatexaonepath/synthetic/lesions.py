@@ -1,22 +1,26 @@
 """The lesion cohort: normal tissue of an organ carrying a small lesion, a report each, QA data, masks.
 
-The harder proof that training learns (bench/learn_lesions.py) and the demo model's training data
-(synthetic/demo_model.py). Each slide shows one organ's normal tissue (colon, liver, lymph node),
-and most carry one lesion (adenocarcinoma, squamous cell carcinoma, melanoma; low or high grade) in one
-or two foci covering 1–5 % of the tissue; the held-out slides carry exactly `test_fraction_area` (2 %).
-Layout of `DIR`:
+The proof that training learns (bench/learn_lesions.py) and the demo model's training data
+(synthetic/demo_model.py). Each slide shows one organ's normal tissue (colon, liver, lymph node); three
+in four carry one lesion (adenocarcinoma, squamous cell carcinoma, melanoma; low or high grade) told apart
+by its morphology in the organ's own palette (synthetic/lesion_slides.py: colour statistics cannot
+find it). Three splits, each holding every organ × diagnosis combination with the grades balanced within
+each lesion type: `train` (lesions cover 0.5–3 % of the tissue, in one or two foci), `val` and `test`
+(exactly 1 %, one focus). Settings are chosen on `val`; `test` is only scored. Layout of `DIR`:
 
-    slides/<slide_id>.tiff   pyramidal synthetic slides (synthetic/lesion_slides.py)
+    slides/<slide_id>.tiff   pyramidal synthetic slides, each with its own stain and scanner look
     masks/<slide_id>.png     the lesion mask at 1/8 of level 0: the lesion's share of each pixel (0–255)
     reports/<slide_id>.txt   one short report per slide (organ, diagnosis, grade, margins), for RAIDER
-    labels.csv               slide_id, organ, diagnosis, grade, margins, lesion_fraction, split
-    captions.json            phase-1 data (training slides): "Describe this slide." → the findings
-    instruct.json            phase-2 data (training slides): diagnosis, organ, grade, margins questions
-    test.json                held-out slides: the diagnosis, organ and grade questions
+    labels.csv               slide_id, organ, diagnosis, grade, margins, lesion_fraction, foci, pigment, split
+    captions.json            phase-1 data (training slides): "Describe this slide." → organ, finding, grade, margins
+    instruct.json            phase-2 data (training slides): diagnosis, organ, grade and margins questions
+    val_captions.json        the same two for the validation slides (training validates on them)
+    val_instruct.json
+    test.json                held-out slides: one conversation per question, first phrasing
     cohort.json              the LesionCohortConfig that made it
 
-Slide ids (`les-0007`) reveal nothing. Files are written atomically; a rerun keeps the slides already
-written, so an interrupted run resumes.
+Slide ids (`les-0007`) are in a seeded random order: they reveal nothing. Files are written atomically; a
+rerun keeps the slides already written, so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -34,13 +38,14 @@ import numpy as np
 
 from ..assets import usable_cores
 from ..errors import ChatEXAONEPathError
-from ..fileio import atomic_write_json, atomic_write_text
+from ..fileio import atomic_write_json, atomic_write_text, atomic_write_with
 from .lesion_slides import GRADES, LESION_TYPES, ORGANS, LesionSpec, make_lesion_slide
 from .tissue_cohort import llava_record
 
 logger = logging.getLogger(__name__)
 
 NO_LESION = "none"
+SPLITS = ("train", "val", "test")
 QUESTIONS = {  # the held-out slides are asked the first phrasing; training uses them all
     "diagnosis": ("What is the diagnosis?", "What lesion does this slide show?", "What is the final diagnosis?"),
     "organ": ("Which organ is this tissue from?", "What organ does this section come from?"),
@@ -50,13 +55,13 @@ QUESTIONS = {  # the held-out slides are asked the first phrasing; training uses
 CAPTION_PROMPT = "Describe this slide."
 CATEGORY_ORDERS = (("diagnosis", "organ", "grade", "margins"), ("diagnosis", "grade", "margins", "organ"),
                    ("organ", "margins", "diagnosis", "grade"), ("grade", "margins", "organ", "diagnosis"))
-SCORED = ("diagnosis", "organ", "grade")  # what bench/learn_lesions.py reports per question
+SCORED = ("diagnosis", "organ", "grade", "margins")  # what bench/learn_lesions.py reports per question
 DIAGNOSIS_ANSWERS = {"adenocarcinoma": "Adenocarcinoma.", "squamous cell carcinoma": "Squamous cell carcinoma.",
                      "melanoma": "Melanoma.", NO_LESION: "No lesion; normal tissue."}
 FINDINGS = {
-    "adenocarcinoma": "crowded, irregular malignant glands with dark nuclei",
-    "squamous cell carcinoma": "keratinising sheets of atypical squamous cells with keratin pearls",
-    "melanoma": "sheets of atypical cells with brown melanin pigment",
+    "adenocarcinoma": "crowded, irregular malignant glands lined by stratified atypical nuclei",
+    "squamous cell carcinoma": "nests of atypical squamous cells with keratin pearls and intercellular bridges",
+    "melanoma": "sheets of atypical epithelioid cells with large nuclei and prominent nucleoli",
 }
 ORGAN_FINDINGS = {"colon": "colonic mucosa with regular crypts", "liver": "liver with plates of hepatocytes",
                   "lymph node": "lymph node with sheets of small lymphocytes and germinal centres"}
@@ -66,42 +71,50 @@ ORGAN_FINDINGS = {"colon": "colonic mucosa with regular crypts", "liver": "liver
 class LesionCohortConfig:
     """What `synth lesions` draws; saved as cohort.json."""
 
-    slides: int = 48
+    # Slides per organ × diagnosis combination in each split (train, val, test): with three organs and four
+    # diagnoses (three lesion types and none), (3, 1, 2) is 36 / 12 / 24 slides, a quarter of each without a lesion.
+    per_combination: tuple[int, int, int] = (3, 1, 2)
     organs: list[str] = field(default_factory=lambda: list(ORGANS))
     lesions: list[str] = field(default_factory=lambda: list(LESION_TYPES))
-    normal_share: float = 0.25  # slides without a lesion (they teach what "no lesion" looks like)
     size: int = 3072  # level-0 side at `mpp` (3072 px at 0.5 µm/px: about 90 tissue patches of 256²)
     mpp: float = 0.5
-    lesion_area: tuple[float, float] = (0.01, 0.05)  # of the tissue, training slides
-    test_lesion_area: float = 0.02  # of the tissue, every held-out slide with a lesion
-    test_fraction: float = 0.25
+    lesion_area: tuple[float, float] = (0.005, 0.03)  # of the tissue, training slides
+    eval_lesion_area: float = 0.01  # of the tissue, every validation and test slide with a lesion
+    pigment_share: float = 1 / 3  # melanomas with melanin (never the only cue: the others have none)
+    stain_variation: float = 1.0  # how far each slide's stain and scanner stray from the reference (0: none)
     seed: int = 0
 
     def __post_init__(self) -> None:
         self.lesion_area = tuple(self.lesion_area)
+        self.per_combination = tuple(int(n) for n in self.per_combination)
         for name, values, known in (("organ", self.organs, ORGANS), ("lesion", self.lesions, LESION_TYPES)):
             unknown = [v for v in values if v not in known]
             if unknown or not values:
                 raise ChatEXAONEPathError(f"Unknown or no {name} {unknown[:1]}; choose from {', '.join(known)}.")
-        if not 0.0 <= self.normal_share < 1.0:
-            raise ChatEXAONEPathError(f"--normal-share must be in [0, 1), got {self.normal_share}.")
+        if len(self.per_combination) != 3 or min(self.per_combination) < 1:
+            raise ChatEXAONEPathError(f"Every split needs at least one slide per organ and diagnosis; got "
+                                      f"{self.per_combination} (train, validation, test).")
         low, high = self.lesion_area
-        if not 0.0 < low <= high < 0.5 or not 0.0 < self.test_lesion_area < 0.5:
+        if not 0.0 < low <= high < 0.5 or not 0.0 < self.eval_lesion_area < 0.5:
             raise ChatEXAONEPathError(f"Lesion areas must be fractions of the tissue in (0, 0.5), low ≤ high; got "
-                                      f"{self.lesion_area} and {self.test_lesion_area}.")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ChatEXAONEPathError(f"--test-fraction must be between 0 and 1, got {self.test_fraction}.")
+                                      f"{self.lesion_area} and {self.eval_lesion_area}.")
+        if self.stain_variation < 0:
+            raise ChatEXAONEPathError(f"--stain-variation must be 0 or more, got {self.stain_variation}.")
+        if not 0.0 <= self.pigment_share <= 1.0:
+            raise ChatEXAONEPathError(f"--pigment-share must be in [0, 1], got {self.pigment_share}.")
         if self.size * self.mpp < 1024:
             raise ChatEXAONEPathError(f"Slides of {self.size} px at {self.mpp} µm/px are too small for small lesions "
                                       f"among enough patches; use --size {int(1024 / self.mpp)} or more.")
-        if self.slides < 2 * len(self.diagnoses):
-            raise ChatEXAONEPathError(f"--slides {self.slides} is too few; give at least {2 * len(self.diagnoses)} "
-                                      "(two per diagnosis: train and test).")
 
     @property
     def diagnoses(self) -> list[str]:
-        """The diagnosis classes: each lesion type, and no lesion when normal slides are drawn."""
-        return [*self.lesions, *([NO_LESION] if self.normal_share > 0 else [])]
+        """The diagnosis classes: each lesion type, and no lesion."""
+        return [*self.lesions, NO_LESION]
+
+    @property
+    def slides(self) -> int:
+        """How many slides the cohort has."""
+        return sum(self.per_combination) * len(self.organs) * len(self.diagnoses)
 
 
 @dataclass
@@ -117,39 +130,44 @@ class LesionSlide:
     foci: int
     split: str
     seed: int
+    pigment: bool = False
 
     @property
     def spec(self) -> LesionSpec:
         if self.diagnosis == NO_LESION:
             return LesionSpec(self.organ)
         return LesionSpec(self.organ, self.diagnosis, self.grade, self.lesion_fraction, self.foci,
-                          self.margins == "involved")
+                          self.margins == "involved", self.pigment)
 
 
 def plan_lesion_cohort(config: LesionCohortConfig) -> list[LesionSlide]:
-    """Who gets what: diagnoses in turn (normal slides at `normal_share`), organs and grades balanced within each."""
+    """Who gets what: every organ × diagnosis in every split, grades and margins alternating so that each
+    lesion type's grades are balanced within a split (as far as its count allows), ids in a seeded order."""
     rng = np.random.default_rng(config.seed)
-    n_normal = round(config.normal_share * config.slides)
-    kinds = [NO_LESION] * n_normal + [config.lesions[i % len(config.lesions)] for i in range(config.slides - n_normal)]
-    order = rng.permutation(config.slides)  # interleave, so a prefix of the plan is a balanced small cohort
-    slides, seen = [], {}
-    for i, index in enumerate(sorted(range(config.slides), key=lambda j: order[j])):
-        diagnosis = kinds[index]
-        k = seen[diagnosis] = seen.get(diagnosis, -1) + 1
-        organ = config.organs[k % len(config.organs)]
-        lesion = diagnosis != NO_LESION
-        grade = GRADES[(k % len(config.organs) + k // len(config.organs)) % 2] if lesion else None  # every (organ, grade) in 6
-        slides.append(LesionSlide(
-            f"les-{i:04d}", organ, diagnosis, grade, ("involved" if rng.random() < 0.5 else "clear") if lesion else None,
-            float(rng.uniform(*config.lesion_area)) if lesion else 0.0, int(rng.integers(1, 3)) if lesion else 0,
-            "train", config.seed * 100_003 + i))
-    for diagnosis in config.diagnoses:  # the last slides of each diagnosis are held out
-        members = [s for s in slides if s.diagnosis == diagnosis]
-        held_out = min(len(members) - 1, max(1, round(config.test_fraction * len(members))))
-        for slide in members[len(members) - held_out:]:
-            slide.split = "test"
-            if slide.diagnosis != NO_LESION:
-                slide.lesion_fraction, slide.foci = config.test_lesion_area, 1
+    planned, melanomas = [], 0
+    for split, count in zip(SPLITS, config.per_combination):
+        for o, organ in enumerate(config.organs):
+            for d, diagnosis in enumerate(config.diagnoses):
+                for k in range(count):
+                    lesion = diagnosis != NO_LESION
+                    grade = GRADES[(k + o + d) % 2] if lesion else None
+                    margins = ("involved" if (k + o + d // 2) % 2 else "clear") if lesion else None
+                    if split == "train" and lesion:
+                        fraction = float(rng.uniform(*config.lesion_area))
+                        foci = 2 if fraction >= 0.015 and rng.random() < 0.5 else 1
+                    else:
+                        fraction, foci = (config.eval_lesion_area, 1) if lesion else (0.0, 0)
+                    pigment = False
+                    if diagnosis == "melanoma":  # every third melanoma (of a pigment share of 1/3) has melanin
+                        melanomas += 1
+                        pigment = (melanomas * config.pigment_share) % 1.0 < config.pigment_share - 1e-9
+                    planned.append((organ, diagnosis, grade, margins, fraction, foci, split, pigment))
+    order = rng.permutation(len(planned))
+    slides = []
+    for i, index in enumerate(order):
+        organ, diagnosis, grade, margins, fraction, foci, split, pigment = planned[index]
+        slides.append(LesionSlide(f"les-{i:04d}", organ, diagnosis, grade, margins, fraction, foci, split,
+                                  config.seed * 100_003 + i, pigment))
     return slides
 
 
@@ -167,15 +185,10 @@ def answers_for(slide: LesionSlide) -> dict[str, str]:
 
 
 def caption(slide: LesionSlide) -> str:
-    """The phase-1 caption: the finding only (lesion, grade, margins), not the organ.
-
-    With one visual token pooled by attention, learning the organ first (the easy, slide-wide signal)
-    pulls the attention off the lesion and it does not come back; phase 1 therefore teaches the tower to
-    find the lesion, and phase 2 adds the organ (docs/demo_model.md).
-    """
+    """The phase-1 caption: what the slide shows — organ, finding, grade, margins — in a fixed short form."""
     if slide.diagnosis == NO_LESION:
-        return "No lesion; normal tissue."
-    return f"{slide.diagnosis.capitalize()}, {slide.grade} grade; margins {slide.margins}."
+        return f"{slide.organ.capitalize()}; no lesion, normal tissue."
+    return f"{slide.organ.capitalize()}; {slide.diagnosis}, {slide.grade} grade; margins {slide.margins}."
 
 
 def report_text(slide: LesionSlide) -> str:
@@ -185,7 +198,7 @@ def report_text(slide: LesionSlide) -> str:
         diagnosis, micro = f"{slide.organ.capitalize()}: no lesion identified; normal tissue.", ""
     else:
         diagnosis = f"{slide.organ.capitalize()}: {slide.diagnosis}, {slide.grade} grade."
-        micro = (f" A focus of {FINDINGS[slide.diagnosis]} occupies about {slide.lesion_fraction:.0%} of the "
+        micro = (f" A focus of {FINDINGS[slide.diagnosis]} occupies about {slide.lesion_fraction:.1%} of the "
                  f"tissue{' in two foci' if slide.foci == 2 else ''}.")
     return (f"SYNTHETIC PATHOLOGY REPORT (generated, not a patient record)\nSlide: {slide.slide_id}\n\n"
             f"SPECIMEN: {slide.organ.capitalize()}.\n\nFINAL DIAGNOSIS:\n{diagnosis}\n\n"
@@ -193,28 +206,40 @@ def report_text(slide: LesionSlide) -> str:
             f"MICROSCOPIC DESCRIPTION:\nSections show {ORGAN_FINDINGS[slide.organ]}.{micro}\n")
 
 
+def _training_records(slide: LesionSlide) -> tuple[dict, list[dict]]:
+    """A slide's caption record and its two QA conversations (each asking every category)."""
+    answers = answers_for(slide)
+    caption_record = llava_record(f"{slide.slide_id}-cap", slide.slide_id, [(CAPTION_PROMPT, caption(slide))])
+    # Two conversations per slide, each asking every category: one sequence carries the system prompt
+    # once for four answers (training time is per token), and each category comes first in one of them.
+    qa = []
+    for k, order in enumerate((CATEGORY_ORDERS[slide.seed % 2], CATEGORY_ORDERS[2 + slide.seed % 2])):
+        turns = [(QUESTIONS[c][(slide.seed + k) % len(QUESTIONS[c])], answers[c]) for c in order]
+        qa.append(llava_record(f"{slide.slide_id}-qa{k}", slide.slide_id, turns))
+    return caption_record, qa
+
+
 def lesion_records(slides: list[LesionSlide]) -> dict[str, list[dict]]:
-    """captions.json, instruct.json and test.json as lists of LLaVA records."""
-    captions, instruct, test = [], [], []
+    """captions.json, instruct.json, val_captions.json, val_instruct.json and test.json as LLaVA records."""
+    files: dict[str, list[dict]] = {"captions.json": [], "instruct.json": [], "val_captions.json": [],
+                                    "val_instruct.json": [], "test.json": []}
     for slide in slides:
-        answers = answers_for(slide)
         if slide.split == "test":
+            answers = answers_for(slide)
             for category in SCORED:
-                if category == "grade" and slide.diagnosis == NO_LESION:
+                if category in ("grade", "margins") and slide.diagnosis == NO_LESION:
                     continue
-                test.append(llava_record(f"{slide.slide_id}-{category}", slide.slide_id,
-                                    [(QUESTIONS[category][0], answers[category])]))
+                files["test.json"].append(llava_record(f"{slide.slide_id}-{category}", slide.slide_id,
+                                                       [(QUESTIONS[category][0], answers[category])]))
             continue
-        captions.append(llava_record(f"{slide.slide_id}-cap", slide.slide_id, [(CAPTION_PROMPT, caption(slide))]))
-        # Two conversations per slide, each asking every category: one sequence carries the system prompt
-        # once for four answers (training time is per token), and each category comes first in one of them.
-        for k, order in enumerate((CATEGORY_ORDERS[slide.seed % 2], CATEGORY_ORDERS[2 + slide.seed % 2])):
-            turns = [(QUESTIONS[c][(slide.seed + k) % len(QUESTIONS[c])], answers[c]) for c in order]
-            instruct.append(llava_record(f"{slide.slide_id}-qa{k}", slide.slide_id, turns))
-    return {"captions.json": captions, "instruct.json": instruct, "test.json": test}
+        prefix = "val_" if slide.split == "val" else ""
+        caption_record, qa = _training_records(slide)
+        files[f"{prefix}captions.json"].append(caption_record)
+        files[f"{prefix}instruct.json"] += qa
+    return files
 
 
-LABEL_FIELDS = ("slide_id", "organ", "diagnosis", "grade", "margins", "lesion_fraction", "foci", "split")
+LABEL_FIELDS = ("slide_id", "organ", "diagnosis", "grade", "margins", "lesion_fraction", "foci", "pigment", "split")
 
 
 def _write_labels(path: Path, slides: list[LesionSlide]) -> None:
@@ -223,7 +248,7 @@ def _write_labels(path: Path, slides: list[LesionSlide]) -> None:
     writer.writerow(LABEL_FIELDS)
     for s in slides:
         writer.writerow([s.slide_id, s.organ, s.diagnosis, s.grade or "", s.margins or "", f"{s.lesion_fraction:.4f}",
-                         s.foci, s.split])
+                         s.foci, "yes" if s.pigment else "", s.split])
     atomic_write_text(path, table.getvalue())
 
 
@@ -236,10 +261,11 @@ def read_lesion_labels(path: str | Path) -> dict[str, dict[str, str]]:
 def _write_mask(path: Path, mask: np.ndarray) -> None:
     import cv2
 
-    tmp = path.with_name(f".{path.stem}.partial.png")
-    if not cv2.imwrite(str(tmp), mask):
-        raise ChatEXAONEPathError(f"Could not write the lesion mask {path}.")
-    tmp.replace(path)
+    def write(tmp: Path) -> None:
+        if not cv2.imwrite(str(tmp), mask):
+            raise ChatEXAONEPathError(f"Could not write the lesion mask {path.name}.")
+
+    atomic_write_with(path, write)  # a temp name unique per writer: two builds may share a cohort folder
 
 
 def read_lesion_mask(path: str | Path) -> np.ndarray:
@@ -258,7 +284,8 @@ def _slide_paths(out: Path, slide: LesionSlide) -> tuple[Path, Path]:
 
 def _paint(out: Path, slide: LesionSlide, config: LesionCohortConfig) -> None:
     path, mask_path = _slide_paths(out, slide)
-    _, mask = make_lesion_slide(path, slide.spec, (config.size, config.size), config.mpp, slide.seed)
+    _, mask = make_lesion_slide(path, slide.spec, (config.size, config.size), config.mpp, slide.seed,
+                                stain_variation=config.stain_variation)
     _write_mask(mask_path, mask)  # last: a slide with its mask is complete
 
 
@@ -304,4 +331,5 @@ def make_lesion_cohort(out: str | Path, config: LesionCohortConfig,
     atomic_write_json(previous, settings)
     logger.info("Lesion cohort in %s: %d slides (%d held out)", out, len(slides), sum(s.split == "test" for s in slides))
     return {name: out / name for name in ("slides", "masks", "reports", "labels.csv", "captions.json",
-                                          "instruct.json", "test.json", "cohort.json")}
+                                          "instruct.json", "val_captions.json", "val_instruct.json", "test.json",
+                                          "cohort.json")}

@@ -3,9 +3,10 @@
 Answers are the chat answers (greedy, through `ChatSession`, as `chatexaonepath chat` and the app
 give them). The localisation score uses the very weights the app paints as the heatmap
 (`ChatSession.use_features(...).attention`: the projector's pooling weights), scored per slide as a
-ROC AUC against the lesion mask and averaged over the held-out slides that have a lesion: patches at
-least MIN_COVERAGE lesion against patches without any, the slivers the lesion only grazes left out of
-both sides; and, stricter, with every overlapping patch positive (`localisation_auc_any`).
+ROC AUC against the lesion mask and averaged over the held-out slides that have a lesion. Strictly
+(`localisation_auc`, the headline): every patch the lesion overlaps at all is positive. Leniently
+(`localisation_auc_lenient`): patches at least MIN_COVERAGE lesion against patches without any, the
+slivers the lesion only grazes left out of both sides.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ NAMES = {
                   "melanoma": ("melanoma",), NO_LESION: ("no lesion", "normal")},
     "organ": {"colon": ("colon",), "liver": ("liver",), "lymph node": ("lymph",)},
     "grade": {"low": ("low",), "high": ("high",)},
+    "margins": {"involved": ("involved", "positive"), "clear": ("clear", "free", "negative")},
 }
 
 
@@ -86,9 +88,9 @@ class LesionScore:
     """Accuracy per question category and localisation AUC on one split of the cohort."""
 
     accuracy: dict[str, float]  # category → fraction right
-    localisation_auc: float  # mean per-slide AUC, patches ≥ MIN_COVERAGE lesion vs patches without lesion
-    localisation_auc_any: float  # the same with every overlapping patch positive, slivers included
-    per_slide_auc: dict[str, float] = field(default_factory=dict)  # the first kind, per slide with a lesion
+    localisation_auc: float  # strict: mean per-slide AUC, every patch overlapping the lesion positive
+    localisation_auc_lenient: float  # patches ≥ MIN_COVERAGE lesion vs patches without lesion, slivers left out
+    per_slide_auc: dict[str, float] = field(default_factory=dict)  # the strict kind, per slide with a lesion
     answers: list[dict] = field(default_factory=list)  # {"slide", "category", "truth", "answer", "correct"}
 
     def accuracy_where(self, category: str, **conditions) -> float:
@@ -134,15 +136,15 @@ def score_lesion_cohort(model, view: CohortView, categories: tuple[str, ...] = S
     slide's weights laid over this slide's patch grid (the two grids share the level-0 lattice).
     """
     session = session_for(model, max_new_tokens)
-    answers, aucs, aucs_any = [], {}, {}
+    answers, aucs, aucs_lenient = [], {}, {}
     for done, sid in enumerate(view.ids, 1):
         row, source = view.rows[sid], (answer_from or {}).get(sid, sid)
         features = view.features[source]
         weights = displayed_weights(session, features)
         if row["diagnosis"] != NO_LESION:
             scores, coverage = _on_grid(weights, features, view.features[sid], view.coverage[sid])
-            aucs[sid] = localisation_auc(scores, coverage)
-            aucs_any[sid] = localisation_auc(scores, coverage, min_coverage=0.0)
+            aucs[sid] = localisation_auc(scores, coverage, min_coverage=0.0)
+            aucs_lenient[sid] = localisation_auc(scores, coverage)
         for category in categories:
             truth = truth_of(row, category)
             if truth is None:
@@ -155,7 +157,7 @@ def score_lesion_cohort(model, view: CohortView, categories: tuple[str, ...] = S
             on_slide(done, len(view.ids))
     accuracy = {c: sum(a["correct"] for a in answers if a["category"] == c) /
                 max(1, sum(a["category"] == c for a in answers)) for c in categories}
-    return LesionScore(accuracy, _mean(aucs.values()), _mean(aucs_any.values()), aucs, answers)
+    return LesionScore(accuracy, _mean(aucs.values()), _mean(aucs_lenient.values()), aucs, answers)
 
 
 def untrained_localisation(model, view: CohortView, seeds) -> list[float]:

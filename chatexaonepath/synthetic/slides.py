@@ -15,6 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..fileio import atomic_write_with
+
 logger = logging.getLogger(__name__)
 
 # Colours in RGB. Eosin is pink, haematoxylin dark blue-purple, background the bright glass.
@@ -153,19 +155,20 @@ def write_pyramidal_tiff(
         size = (prev.shape[1] // downsample, prev.shape[0] // downsample)
         levels.append(cv2.resize(prev, size, interpolation=cv2.INTER_AREA))
     pixels_per_cm = 1e4 / mpp
-    tmp = path.with_name(f".{path.name}.partial")
     options = dict(tile=(tile, tile), photometric="rgb", compression=compression)
     if compression == "jpeg":
         options["compressionargs"] = {"level": quality}
-    with tifffile.TiffWriter(tmp, bigtiff=image.nbytes > 2**31) as tif:
-        for i, level in enumerate(levels):
-            scale = downsample**i
-            tif.write(
-                level, resolution=(pixels_per_cm / scale, pixels_per_cm / scale),
-                resolutionunit="CENTIMETER", subfiletype=0 if i == 0 else 1, **options,
-            )
-    tmp.replace(path)
-    return path
+
+    def write(tmp: Path) -> None:
+        with tifffile.TiffWriter(tmp, bigtiff=image.nbytes > 2**31) as tif:
+            for i, level in enumerate(levels):
+                scale = downsample**i
+                tif.write(
+                    level, resolution=(pixels_per_cm / scale, pixels_per_cm / scale),
+                    resolutionunit="CENTIMETER", subfiletype=0 if i == 0 else 1, **options,
+                )
+
+    return atomic_write_with(path, write)  # two processes may paint the same file
 
 
 def make_synthetic_slide(
@@ -201,18 +204,26 @@ def write_aperio_svs(
     `Aperio …|AppMag = …|MPP = …` description. `repeat=(rx, ry)` lays the image out rx × ry times,
     encoding each distinct tile once: a large 40× slide in seconds, for benchmarks.
     """
-    import tifffile
-
     path, (rx, ry) = Path(path), repeat
     block = image
     if rx < 1 or ry < 1 or (repeat != (1, 1) and (block.shape[0] % tile or block.shape[1] % tile)):
         raise ValueError(f"repeat {repeat} needs positive counts and an image whose sides are multiples of {tile}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
     width0, height0 = block.shape[1] * rx, block.shape[0] * ry
     magnification = 40 if mpp < 0.375 else 20
     description = (f"Aperio Image Library v12.0.15 \r\n{width0}x{height0} [0,0 {width0}x{height0}] ({tile}x{tile}) "
                    f"JPEG/RGB Q={quality}|AppMag = {magnification}|MPP = {mpp:.4f}|Filename = synthetic")
+
+    def write(tmp: Path) -> None:
+        _write_aperio_levels(tmp, block, rx, ry, tile, downsample, min_level_size, quality, mpp, description)
+
+    return atomic_write_with(path, write)  # two processes may paint the same file
+
+
+def _write_aperio_levels(tmp: Path, block: np.ndarray, rx: int, ry: int, tile: int, downsample: int,
+                         min_level_size: int, quality: int, mpp: float, description: str) -> None:
+    import tifffile
+
     tables: bytes | None = None
     with tifffile.TiffWriter(tmp, bigtiff=block.nbytes * rx * ry > 2**31) as tif:
         for level in range(64):
@@ -235,8 +246,6 @@ def write_aperio_svs(
                       compression="jpeg", compressionargs={"outcolorspace": "RGB"}, jpegtables=tables,
                       subfiletype=0 if level == 0 else 1, description=description if level == 0 else None,
                       metadata=None, resolution=(1e4 / mpp / downsample**level,) * 2, resolutionunit="CENTIMETER")
-    tmp.replace(path)
-    return path
 
 
 def _abbreviated_jpeg_tiles(image: np.ndarray, tile: int, quality: int) -> tuple[list[bytes], bytes]:

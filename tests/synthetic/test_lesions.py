@@ -12,11 +12,12 @@ from chatexaonepath.synthetic.scores import (
     CohortView, answer_correct, derangement, localisation_auc, named, roc_auc,
 )
 from chatexaonepath.synthetic.lesions import (
-    NO_LESION, QUESTIONS, LesionCohortConfig, make_lesion_cohort, plan_lesion_cohort,
+    NO_LESION, QUESTIONS, SPLITS, LesionCohortConfig, make_lesion_cohort, plan_lesion_cohort,
     read_lesion_labels, read_lesion_mask,
 )
 from chatexaonepath.synthetic.lesion_slides import (
-    MASK_DOWNSAMPLE, LesionSpec, downsample_mask, patch_lesion_coverage, render_lesion_image,
+    MASK_DOWNSAMPLE, NORMAL, PALETTES, Canvas, LesionSpec, ScannerLook, _paint_lesion, downsample_mask,
+    patch_lesion_coverage, render_lesion_image,
 )
 
 
@@ -31,10 +32,47 @@ def test_the_lesion_covers_the_asked_share_of_the_tissue_and_only_where_its_marg
     import cv2
 
     count = cv2.connectedComponents(lesion.astype(np.uint8))[0] - 1
-    assert count == spec.foci
+    assert count >= spec.foci  # a ragged, infiltrative edge may leave a few islands beside each focus
     edge = tissue & ~cv2.erode(tissue.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
     assert (lesion & edge).any() == spec.margin_involved
-    assert abs(image[lesion].mean(0) - image[tissue & ~lesion].mean(0)).max() > 20  # the lesion looks different
+
+
+def _nucleus_sizes(canvas) -> np.ndarray:
+    """Areas (µm²) of the haematoxylin-dense blobs of a painted canvas: its nuclei."""
+    import cv2
+
+    count, _, stats, _ = cv2.connectedComponentsWithStats((canvas.h > 0.5).astype(np.uint8))
+    areas = stats[1:, cv2.CC_STAT_AREA] / canvas.px**2
+    return areas[areas >= 10]  # not the bridges' dots, debris or mitotic clumps
+
+
+@pytest.mark.parametrize("organ", ["colon", "liver", "lymph node"])
+@pytest.mark.parametrize("lesion", ["adenocarcinoma", "squamous cell carcinoma", "melanoma"])
+def test_a_lesion_has_its_tissue_s_colour_statistics_but_larger_cells(organ, lesion):
+    import cv2
+
+    image, tissue, mask = render_lesion_image(LesionSpec(organ, lesion, "high", 0.08), (2048, 2048), seed=5)
+    # The six colour numbers (mean and spread per channel) of the tissue around it, to within the scanner's noise…
+    ys, xs = np.nonzero(mask)
+    window = np.zeros_like(mask)
+    window[max(0, ys.min() - 120): ys.max() + 121, max(0, xs.min() - 120): xs.max() + 121] = True  # 60 µm around
+    around, inside = tissue & ~mask & window, mask
+    assert np.abs(image[inside].mean(0) - image[around].mean(0)).max() < 4
+    assert np.abs(image[inside].std(0) - image[around].std(0)).max() < 4
+    # …while its cells are drawn larger than the organ's own.
+    rng, region = np.random.default_rng(0), np.ones((600, 600), bool)
+    normal, drawn = Canvas(region.shape, 0.5), Canvas(region.shape, 0.5)
+    NORMAL[organ](normal, rng, region, PALETTES[organ])
+    _paint_lesion(drawn, rng, region, LesionSpec(organ, lesion, "high", 0.08), PALETTES[organ])
+    assert np.median(_nucleus_sizes(drawn)) > 2 * np.median(_nucleus_sizes(normal))
+
+
+def test_every_slide_has_its_own_stain_and_scanner_look():
+    looks = [ScannerLook.draw(np.random.default_rng(seed)) for seed in range(6)]
+    assert len({tuple(np.round(look.h_od, 3)) for look in looks}) == 6
+    assert len({look.jpeg_quality for look in looks}) > 2 and len({(look.h_strength, look.e_strength) for look in looks}) == 6
+    normal = [render_lesion_image(LesionSpec("liver"), (1024, 1024), seed=seed)[0] for seed in (1, 2)]
+    assert np.abs(normal[0].reshape(-1, 3).mean(0) - normal[1].reshape(-1, 3).mean(0)).max() > 3
 
 
 def test_a_normal_slide_has_no_lesion():
@@ -47,6 +85,8 @@ def test_unknown_organs_lesions_and_grades_are_refused():
         LesionSpec("brain")
     with pytest.raises(ValueError, match="grade"):
         LesionSpec("colon", "melanoma", "medium")
+    with pytest.raises(ValueError, match="pigment"):
+        LesionSpec("colon", "adenocarcinoma", "low", pigment=True)
 
 
 def test_patch_coverage_comes_from_the_mask_at_its_scale():
@@ -61,53 +101,75 @@ def test_patch_coverage_comes_from_the_mask_at_its_scale():
     assert patch_lesion_coverage(np.array([[320, 80]]), 128, small)[0] == pytest.approx(80 / 128)
 
 
-def test_the_plan_balances_diagnoses_organs_and_grades_and_holds_out_two_percent_lesions():
-    config = LesionCohortConfig(slides=48, seed=2)
+def test_every_split_holds_every_organ_and_diagnosis_with_the_grades_balanced():
+    config = LesionCohortConfig(per_combination=(3, 1, 2), seed=2)
     slides = plan_lesion_cohort(config)
-    assert len({s.slide_id for s in slides}) == 48
-    counts = {d: sum(s.diagnosis == d for s in slides) for d in config.diagnoses}
-    assert counts[NO_LESION] == 12 and all(counts[d] == 12 for d in config.lesions)
+    assert len(slides) == config.slides == 72 and len({s.slide_id for s in slides}) == 72
+    for split, count in zip(SPLITS, config.per_combination):
+        members = [s for s in slides if s.split == split]
+        assert {(s.organ, s.diagnosis) for s in members} == {(o, d) for o in config.organs for d in config.diagnoses}
+        assert all(sum(s.organ == o and s.diagnosis == d for s in members) == count
+                   for o in config.organs for d in config.diagnoses)
+        assert sum(s.diagnosis == NO_LESION for s in members) == len(members) // 4
+        for lesion in config.lesions:
+            grades = [s.grade for s in members if s.diagnosis == lesion]
+            assert abs(grades.count("low") - grades.count("high")) <= 1, (split, lesion, grades)
+            margins = [s.margins for s in members if s.diagnosis == lesion]
+            assert abs(margins.count("involved") - margins.count("clear")) <= 1, (split, lesion, margins)
     lesions = [s for s in slides if s.diagnosis != NO_LESION]
-    assert {(s.organ, s.grade) for s in lesions} == {(o, g) for o in config.organs for g in ("low", "high")}
-    test = [s for s in slides if s.split == "test"]
-    assert {s.diagnosis for s in test} == set(config.diagnoses)
-    assert all(s.lesion_fraction == 0.02 and s.foci == 1 for s in test if s.diagnosis != NO_LESION)
-    assert all(0.01 <= s.lesion_fraction <= 0.05 for s in lesions)
+    assert all(s.lesion_fraction == 0.01 and s.foci == 1 for s in lesions if s.split != "train")
+    assert all(0.005 <= s.lesion_fraction <= 0.03 for s in lesions)
     assert all(s.grade is None and s.margins is None for s in slides if s.diagnosis == NO_LESION)
+    melanomas = [s for s in slides if s.diagnosis == "melanoma"]
+    assert 0 < sum(s.pigment for s in melanomas) < len(melanomas) and not any(s.pigment for s in slides
+                                                                               if s.diagnosis != "melanoma")
+    ids = [s.slide_id for s in slides]  # in a seeded random order: neighbours do not share a split or diagnosis
+    assert [s.split for s in sorted(slides, key=lambda s: s.slide_id)][:12] != ["train"] * 12
 
 
 def test_bad_settings_are_one_sentence_errors():
-    with pytest.raises(ChatEXAONEPathError, match="too few"):
-        LesionCohortConfig(slides=5)
+    with pytest.raises(ChatEXAONEPathError, match="at least one slide"):
+        LesionCohortConfig(per_combination=(3, 0, 2))
     with pytest.raises(ChatEXAONEPathError, match="Unknown"):
         LesionCohortConfig(organs=["brain"])
     with pytest.raises(ChatEXAONEPathError, match="too small"):
         LesionCohortConfig(size=1024)
 
 
+SMALL = dict(per_combination=(1, 1, 1), organs=["colon"], lesions=["adenocarcinoma", "melanoma"], size=2048,
+             lesion_area=(0.01, 0.02), eval_lesion_area=0.01, seed=1)
+
+
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("lesions")
-    make_lesion_cohort(out, LesionCohortConfig(slides=8, size=2048, seed=1))
+    make_lesion_cohort(out, LesionCohortConfig(**SMALL))
     return out
 
 
 def test_the_cohort_writes_slides_masks_reports_and_data_that_name_the_truth(cohort):
     labels = read_lesion_labels(cohort / "labels.csv")
-    assert len(labels) == 8
-    test = {sid for sid, row in labels.items() if row["split"] == "test"}
-    for name in ("captions.json", "instruct.json"):
+    assert len(labels) == 9
+    split = {sid: row["split"] for sid, row in labels.items()}
+    for name, wanted in (("captions.json", "train"), ("instruct.json", "train"), ("val_captions.json", "val"),
+                         ("val_instruct.json", "val"), ("test.json", "test")):
         records = json.loads((cohort / name).read_text())
-        assert records and not {r["image"] for r in records} & test
+        assert records and {split[r["image"]] for r in records} == {wanted}, name
+    for record in json.loads((cohort / "captions.json").read_text()):
+        row = labels[record["image"]]
+        caption = record["conversations"][1]["value"]  # what the slide shows: organ, finding, grade, margins
+        assert caption.startswith(row["organ"].capitalize()) and answer_correct(caption, row["diagnosis"], "diagnosis")
+        if row["grade"]:
+            assert row["grade"] in caption and row["margins"] in caption
     for record in json.loads((cohort / "instruct.json").read_text()):
         row = labels[record["image"]]
         turns = record["conversations"]
         for question, answer in zip(turns[::2], turns[1::2]):
             category = next(c for c, phrasings in QUESTIONS.items() if question["value"].split("\n")[-1] in phrasings)
-            if category in ("diagnosis", "organ") or (category == "grade" and row["grade"]):
+            if category in ("diagnosis", "organ") or (category in ("grade", "margins") and row["grade"]):
                 assert answer_correct(answer["value"], row[category], category), (row, answer)
     held_out = json.loads((cohort / "test.json").read_text())
-    assert {r["image"] for r in held_out} == test
+    assert {r["image"] for r in held_out} == {sid for sid, row in labels.items() if row["split"] == "test"}
     for sid, row in labels.items():
         report = (cohort / "reports" / f"{sid}.txt").read_text()
         assert row["organ"].capitalize() in report and (row["diagnosis"] in report or row["diagnosis"] == NO_LESION)
@@ -120,21 +182,21 @@ def test_the_cohort_data_is_valid_training_data_and_a_rerun_keeps_the_slides(coh
 
     for slide in (cohort / "slides").glob("*.tiff"):
         write_features(tmp_path / f"{slide.stem}.h5", np.zeros((2, 4), np.float32), np.zeros((2, 2), np.int64), {})
-    for name in ("captions.json", "instruct.json", "test.json"):
+    for name in ("captions.json", "instruct.json", "val_captions.json", "val_instruct.json", "test.json"):
         assert load_records([str(cohort / name)], str(tmp_path)).records
     before = {p.name: p.stat().st_mtime_ns for p in (cohort / "slides").iterdir()}
-    make_lesion_cohort(cohort, LesionCohortConfig(slides=8, size=2048, seed=1))
+    make_lesion_cohort(cohort, LesionCohortConfig(**SMALL))
     assert {p.name: p.stat().st_mtime_ns for p in (cohort / "slides").iterdir()} == before
     with pytest.raises(ChatEXAONEPathError, match="other settings"):
-        make_lesion_cohort(cohort, LesionCohortConfig(slides=8, size=2048, seed=2))
+        make_lesion_cohort(cohort, LesionCohortConfig(**SMALL | {"seed": 2}))
 
 
 def test_slides_painted_side_by_side_are_the_slides_painted_one_by_one(cohort, tmp_path):
     import tifffile
 
-    config, seen = LesionCohortConfig(slides=8, size=2048, seed=1), []
+    config, seen = LesionCohortConfig(**SMALL), []
     make_lesion_cohort(tmp_path, config, progress=lambda done, total: seen.append((done, total)), threads=1)
-    assert seen == [(i, 8) for i in range(9)]
+    assert seen == [(i, 9) for i in range(10)]
     for slide in sorted((cohort / "slides").glob("*.tiff")):
         assert np.array_equal(tifffile.imread(slide), tifffile.imread(tmp_path / "slides" / slide.name)), slide.name
         assert np.array_equal(read_lesion_mask(cohort / "masks" / f"{slide.stem}.png"),
@@ -143,7 +205,7 @@ def test_slides_painted_side_by_side_are_the_slides_painted_one_by_one(cohort, t
     kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "slides").iterdir() if p.name != "les-0003.tiff"}
     seen.clear()
     make_lesion_cohort(tmp_path, config, progress=lambda done, total: seen.append((done, total)), threads=2)
-    assert seen == [(7, 8), (8, 8)] and (tmp_path / "masks" / "les-0003.png").is_file()
+    assert seen == [(8, 9), (9, 9)] and (tmp_path / "masks" / "les-0003.png").is_file()
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "slides").iterdir() if p.name != "les-0003.tiff"} == kept
 
 
@@ -159,7 +221,7 @@ def test_a_slide_that_fails_to_paint_stops_the_cohort_and_keeps_the_others(tmp_p
 
     monkeypatch.setattr(lesions, "_paint", failing)
     with pytest.raises(OSError, match="disk full"):
-        make_lesion_cohort(tmp_path, LesionCohortConfig(slides=8, size=2048, seed=1), threads=1)
+        make_lesion_cohort(tmp_path, LesionCohortConfig(**SMALL), threads=1)
     painted = {p.stem for p in (tmp_path / "masks").glob("*.png")}  # the one slide already being painted may finish
     assert {"les-0000", "les-0001"} <= painted <= {"les-0000", "les-0001", "les-0003"}
     assert not (tmp_path / "cohort.json").exists()  # so the next run paints the rest
@@ -184,6 +246,8 @@ def test_answers_are_right_when_they_name_the_truth_and_nothing_else():
     assert not answer_correct("Adenocarcinoma or melanoma.", "melanoma", "diagnosis")
     assert answer_correct("Lymph node.", "lymph node", "organ") and not answer_correct("Colonic", "colon", "organ")
     assert answer_correct("High grade.", "high", "grade") and not answer_correct("Low to high.", "high", "grade")
+    assert answer_correct("Involved; the lesion reaches the margin.", "involved", "margins")
+    assert answer_correct("Clear; the lesion does not reach the margin.", "clear", "margins")
 
 
 def test_roc_auc_counts_ties_half_and_needs_both_classes():
@@ -196,8 +260,8 @@ def test_roc_auc_counts_ties_half_and_needs_both_classes():
 def test_localisation_auc_leaves_out_patches_the_lesion_only_grazes():
     weights = np.array([0.5, 0.3, 0.01, 0.1, 0.09])
     coverage = np.array([0.9, 0.4, 0.02, 0.0, 0.0])  # the grazed patch (2 %) gets no more weight than clean ones
-    assert localisation_auc(weights, coverage) == 1.0
-    assert localisation_auc(weights, coverage, min_coverage=0.0) == pytest.approx(4 / 6)
+    assert localisation_auc(weights, coverage) == 1.0  # lenient
+    assert localisation_auc(weights, coverage, min_coverage=0.0) == pytest.approx(4 / 6)  # strict
 
 
 def test_the_shuffled_control_gives_every_slide_another_one():

@@ -49,11 +49,15 @@ def test_synth_cohort_writes_the_documented_layout(tmp_path):
     assert bad.returncode == 2 and "Unknown tissue class 'bone'" in bad.stderr
 
 
-def test_synth_lesions_writes_slides_masks_and_reports(tmp_path):
-    done = run_cli("synth", "lesions", "--out", tmp_path / "c", "--slides", "8", "--size", "2048", "-q")
+def test_synth_lesions_writes_the_three_splits_and_refuses_bad_sizes_in_a_sentence(tmp_path):
+    done = run_cli("synth", "lesions", "--out", tmp_path / "c", "--split-sizes", "1,1,1", "--organs", "colon",
+                   "--lesions", "melanoma", "--size", "2048", "-q")
     assert done.returncode == 0, done.stderr[-2000:]
-    for name in ("slides", "masks", "reports", "labels.csv", "captions.json", "instruct.json", "test.json"):
+    for name in ("slides", "masks", "reports", "labels.csv", "captions.json", "instruct.json", "val_captions.json",
+                 "val_instruct.json", "test.json"):
         assert (tmp_path / "c" / name).exists(), name
-    assert len(list((tmp_path / "c" / "masks").glob("*.png"))) == 8
+    assert len(list((tmp_path / "c" / "masks").glob("*.png"))) == 6  # melanoma or none, in three splits
     bad = run_cli("synth", "lesions", "--out", tmp_path / "d", "--organs", "colon,brain")
     assert bad.returncode == 2 and "brain" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_cli("synth", "lesions", "--out", tmp_path / "e", "--split-sizes", "3,x,2")
+    assert bad.returncode == 2 and "--split-sizes" in bad.stderr and "Traceback" not in bad.stderr
