@@ -21,6 +21,7 @@ ValData = Annotated[Optional[list[Path]], typer.Option("--val-data", help="Expli
 ValFraction = Annotated[float, typer.Option(help="Fraction of SLIDES held out for validation each epoch (0: none).")]
 Patience = Annotated[int, typer.Option(help="With validation: stop after N validations without a better score (0: never).")]
 ValidateEvery = Annotated[int, typer.Option(help="Validate (and keep a checkpoint) every N epochs.")]
+SelectBy = Annotated[str, typer.Option(help="The checkpoint kept: auto (loss in phase 1, exact match of short answers in phase 2), loss, exact_match.")]
 MaxPatches = Annotated[Optional[int], typer.Option(help="Randomly subsample larger bags to N patches while training.")]
 MaxLength = Annotated[Optional[int], typer.Option(help="Cut longer samples at the end (default: the LLM's context).")]
 SkipMissing = Annotated[bool, typer.Option("--skip-missing", help="Leave out records whose features are missing (counted).")]
@@ -141,7 +142,7 @@ def phase1(
     gradient_checkpointing: GradCkpt = False, precision: Precision = "auto", device: Device = "auto",
     save_steps: SaveSteps = 0, save_total_limit: SaveLimit = 2, logging_steps: LogSteps = 10,
     report_to: ReportTo = "auto", num_workers: Workers = 0, seed: Seed = 0, patience: Patience = 3,
-    validate_every: ValidateEvery = 1,
+    validate_every: ValidateEvery = 1, select_by: SelectBy = "auto",
     resume: Resume = False, quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Phase 1, alignment: the LLM frozen, aggregator + projector learn from caption data."""
@@ -151,7 +152,7 @@ def phase1(
               weight_decay=weight_decay, gradient_checkpointing=gradient_checkpointing, precision=precision,
               device=device, save_steps=save_steps, save_total_limit=save_total_limit, logging_steps=logging_steps,
               report_to=report_to, num_workers=num_workers, seed=seed, patience=patience,
-              validate_every=validate_every),
+              validate_every=validate_every, select_by=select_by),
          _data_kwargs(data, features, val_data, val_fraction, max_patches, max_length, skip_missing, seed),
          resume, quiet, verbose)
 
@@ -172,7 +173,7 @@ def phase2(
     gradient_checkpointing: GradCkpt = False, precision: Precision = "auto", device: Device = "auto",
     save_steps: SaveSteps = 0, save_total_limit: SaveLimit = 2, logging_steps: LogSteps = 10,
     report_to: ReportTo = "auto", num_workers: Workers = 0, seed: Seed = 0, patience: Patience = 3,
-    validate_every: ValidateEvery = 1,
+    validate_every: ValidateEvery = 1, select_by: SelectBy = "auto",
     resume: Resume = False, quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Phase 2, instruction tuning: LoRA on the LLM + the tower, from phase 1's checkpoint."""
@@ -183,6 +184,6 @@ def phase2(
               weight_decay=weight_decay, gradient_checkpointing=gradient_checkpointing, precision=precision,
               device=device, save_steps=save_steps, save_total_limit=save_total_limit, logging_steps=logging_steps,
               report_to=report_to, num_workers=num_workers, seed=seed, patience=patience,
-              validate_every=validate_every),
+              validate_every=validate_every, select_by=select_by),
          _data_kwargs(data, features, val_data, val_fraction, max_patches, max_length, skip_missing, seed),
          resume, quiet, verbose)

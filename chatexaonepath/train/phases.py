@@ -31,7 +31,7 @@ from .data import (
     features_dim, features_provenance, load_records, split_by_slide,
 )
 from .trainer import TRAINING_ARGS, EpochCallback, LogCallback, TowerTrainer, finalize
-from .validation import SELECTION_METRIC, SelectionCallback, short_answers
+from .validation import SELECT_BY, SELECTION_METRIC, SelectionCallback, resolve_select_by, short_answers
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class PhaseConfig:
     save_steps: int = 0  # 0: a checkpoint per epoch; N: every N steps (and at each epoch end with validation)
     validate_every: int = 1  # epochs between validations (each decodes the short validation answers)
     patience: int = 3  # with validation: stop after this many validations without a better score (0: never)
+    select_by: str = "auto"  # the checkpoint kept: auto (loss in phase 1, exact match in phase 2), loss, exact_match
     save_total_limit: int = 2
     logging_steps: int = 10
     report_to: str = "auto"  # auto (TensorBoard when installed), none, tensorboard, wandb, or a comma list
@@ -88,6 +89,8 @@ class PhaseConfig:
         for name in ("batch_size", "gradient_accumulation", "num_visual_tokens", "lora_r"):
             if getattr(self, name) < 1:
                 raise ChatEXAONEPathError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.select_by not in SELECT_BY:
+            raise ChatEXAONEPathError(f"--select-by must be one of {', '.join(SELECT_BY)}, got {self.select_by!r}.")
         if self.validate_every < 1:
             raise ChatEXAONEPathError(f"--validate-every must be at least 1 epoch, got {self.validate_every}.")
         if self.patience < 0:
@@ -321,14 +324,16 @@ def train_phase(config: PhaseConfig, data: DataConfig, *, resume: bool = False,
     val_set = SlideConversationDataset(val_records, builder, max_length=max_length) if val_records else None
     args = training_arguments(config, device, val_set is not None)
     run_info["trainer_args"] = json.loads(args.to_json_string())
-    selection = SelectionCallback(config.patience)
+    select_by = resolve_select_by(config.select_by, config.phase)
+    selection = SelectionCallback(config.patience, select_by)
     trainer = TowerTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
         data_collator=SlideCollator(model.tokenizer.pad_token_id),
         callbacks=[EpochCallback(train_set, val_set is not None, config.validate_every), LogCallback(), selection,
                    *(callbacks or [])],
         run_info=run_info, tower_learning_rate=config.tower_learning_rate,
-        short_answers=short_answers(val_records, builder) if val_records else None)
+        short_answers=short_answers(val_records, builder) if val_records and select_by != "loss" else None,
+        select_by=select_by)
     output = trainer.train(resume_from_checkpoint=True if resume and _has_checkpoint(config.out) else None)
     history = trainer.state.log_history
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]

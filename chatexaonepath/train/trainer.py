@@ -68,10 +68,10 @@ class TowerTrainer(Trainer):
     """
 
     def __init__(self, *args, run_info: dict, tower_learning_rate: float | None = None,
-                 short_answers: list[ShortAnswer] | None = None, **kwargs) -> None:
+                 short_answers: list[ShortAnswer] | None = None, select_by: str = "exact_match", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.run_info, self.tower_learning_rate = run_info, tower_learning_rate
-        self.short_answers = short_answers or []
+        self.short_answers, self.select_by = short_answers or [], select_by
         self.model.config.__dict__.pop("use_cache", None)  # the Trainer sets it for HF models; ours passes it per call
         self.remove_callback(PrinterCallback)  # library code logs (LogCallback), it does not print
 
@@ -90,7 +90,7 @@ class TowerTrainer(Trainer):
             metrics["exact_match"] = exact_match(model, model.tokenizer, self.short_answers)
         output.metrics[f"{metric_key_prefix}_exact_match"] = metrics.get("exact_match", float("nan"))
         output.metrics[f"{metric_key_prefix}_{SELECTION_METRIC}"] = selection_score(
-            {f"eval_{k}": v for k, v in metrics.items()})
+            {f"eval_{k}": v for k, v in metrics.items()}, self.select_by)
         return output
 
     def create_optimizer(self, model=None):

@@ -4,8 +4,8 @@ Every epoch a phase with a validation set computes the loss on it (the Trainer's
 the validation data has short-answer replies (at most `SHORT_ANSWER_WORDS` words: diagnosis, organ,
 grade…), the exact-match accuracy of greedy answers decoded as chat decodes them (its repetition
 guards included), each reply asked with the conversation before it. The checkpoint kept is the one with
-the best *selection score*: exact match when there are short answers (ties broken by the lower loss),
-else the loss alone. After `patience` evaluations without a better score, training stops. The choice
+the best *selection score* (`select_by`): by default the loss in phase 1 and, in phase 2, exact match when
+there are short answers (ties broken by the lower loss), else the loss. After `patience` evaluations without a better score, training stops. The choice
 and its history go into `training_args.json` (`selection`).
 """
 
@@ -84,11 +84,23 @@ def exact_match(model, tokenizer, items: list[ShortAnswer], max_new_tokens: int 
     return right / len(items)
 
 
-def selection_score(metrics: dict[str, float]) -> float:
-    """Exact match (ties broken by the lower loss) when measured, else the negative loss: higher is better."""
+SELECT_BY = ("auto", "loss", "exact_match")
+
+
+def resolve_select_by(select_by: str, phase: int) -> str:
+    """`auto`: the loss in phase 1 (a whole caption rarely matches word for word early on, so exact match is
+    too sparse a signal there), exact match in phase 2 (short answers: what the model is asked)."""
+    if select_by not in SELECT_BY:
+        raise ValueError(f"select_by must be one of {', '.join(SELECT_BY)}, got {select_by!r}")
+    return ("loss" if phase == 1 else "exact_match") if select_by == "auto" else select_by
+
+
+def selection_score(metrics: dict[str, float], select_by: str = "exact_match") -> float:
+    """Higher is better. `exact_match`: exact match, ties broken by the lower loss (the loss alone when there
+    are no short answers); `loss`: the negative loss."""
     loss = metrics.get("eval_loss", float("inf"))
     match = metrics.get("eval_exact_match")
-    if match is None or match != match:  # NaN: no short answers to check
+    if select_by == "loss" or match is None or match != match:  # NaN: no short answers to check
         return -loss
     return match - LOSS_TIEBREAK * min(loss, 100.0)
 
@@ -96,8 +108,10 @@ def selection_score(metrics: dict[str, float]) -> float:
 class SelectionCallback(TrainerCallback):
     """Records every validation's figures and stops training after `patience` of them bring no better score."""
 
-    def __init__(self, patience: int = 0) -> None:
+    def __init__(self, patience: int = 0, select_by: str = "exact_match") -> None:
         self.patience = patience
+        self.metric = ("validation loss" if select_by == "loss" else
+                       "exact match on short validation answers (ties: lower loss), else validation loss")
         self.history: list[dict] = []
         self.best: float | None = None
         self.stale = 0
@@ -122,6 +136,6 @@ class SelectionCallback(TrainerCallback):
     def summary(self, best_checkpoint: str | None) -> dict:
         """What training_args.json records about the choice of checkpoint."""
         chosen = max(self.history, key=lambda h: h["eval_score"]) if self.history else None
-        return {"metric": "exact match on short validation answers (ties: lower loss), else validation loss",
+        return {"metric": self.metric,
                 "patience": self.patience, "history": self.history, "chosen": chosen,
                 "best_checkpoint": best_checkpoint, "stopped_early_at_epoch": self.stopped_early_at}

@@ -11,7 +11,7 @@ from chatexaonepath.errors import ChatEXAONEPathError
 from chatexaonepath.train.data import load_records
 from chatexaonepath.train.phases import PhaseConfig, prompt_builder, train_phase
 from chatexaonepath.train.validation import (
-    SelectionCallback, normalise_answer, selection_score, short_answers,
+    SelectionCallback, normalise_answer, resolve_select_by, selection_score, short_answers,
 )
 from tests.train.conftest import phase_configs, record, write_json
 
@@ -80,7 +80,8 @@ class Spoil(TrainerCallback):
 def test_a_phase_records_its_validation_and_stops_when_validation_stops_improving(dataset_dir, tiny_llm, tmp_path):
     out = tmp_path / "p1"
     result = train_phase(*phase_configs(1, out, dataset_dir / "captions.json", dataset_dir / "features",
-                                        llm=str(tiny_llm), epochs=6, patience=2, save_total_limit=1),
+                                        llm=str(tiny_llm), epochs=6, patience=2, save_total_limit=1,
+                                        select_by="exact_match"),
                          callbacks=[Spoil()])
     history = result.selection["history"]
     assert len(history) == 3 and result.selection["stopped_early_at_epoch"] == 3.0  # epochs 2 and 3 no better
@@ -90,8 +91,16 @@ def test_a_phase_records_its_validation_and_stops_when_validation_stops_improvin
         f"checkpoint-{result.global_step // 3}")
 
 
+def test_phase_one_selects_by_loss_and_phase_two_by_exact_match_unless_told():
+    assert resolve_select_by("auto", 1) == "loss" and resolve_select_by("auto", 2) == "exact_match"
+    assert resolve_select_by("loss", 2) == "loss"
+    assert selection_score({"eval_loss": 0.5, "eval_exact_match": 0.9}, "loss") == -0.5
+
+
 def test_validation_every_few_epochs_and_its_bad_settings():
     with pytest.raises(ChatEXAONEPathError, match="--patience"):
         PhaseConfig(phase=1, out="x", patience=-1)
     with pytest.raises(ChatEXAONEPathError, match="--validate-every"):
         PhaseConfig(phase=1, out="x", validate_every=0)
+    with pytest.raises(ChatEXAONEPathError, match="--select-by"):
+        PhaseConfig(phase=1, out="x", select_by="accuracy")
