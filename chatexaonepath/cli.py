@@ -277,6 +277,8 @@ def chat(
                   f"{'' if question else ' Type a question; Ctrl-D to quit.'}")
     if loaded.feature_warning and not mismatch:
         console.print(f"[bold yellow]Warning:[/] {loaded.feature_warning}", highlight=False)
+    if loaded.typicality_warning:
+        console.print(f"[bold yellow]Warning:[/] {loaded.typicality_warning}", highlight=False)
     maps = [(path, weights, name) for path, weights, name in (
         (heatmap, loaded.attention, "pooling-weight heatmap"), (clam_heatmap, loaded.clam_attention, "CLAM heatmap"))
         if path is not None]

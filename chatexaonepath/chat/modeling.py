@@ -24,6 +24,7 @@ from transformers.utils import ModelOutput
 from ..vision_tower.aggregator import AggregatorConfig, AggregatorOutput, GatedAttentionAggregator, pad_bags
 from ..vision_tower.projector import AttentionPoolProjector, ProjectorConfig, ProjectorOutput
 from .conversation import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from .typicality import Typicality
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ class ChatEXAONEPathForCausalLM(nn.Module):
         self._prefix_cache: OrderedDict[tuple, object] = OrderedDict()
         self._prefix_cache_ok: bool | None = None  # None until checked against the full forward once
         self.tower = SlideEncoder(config)
+        self.typicality: Typicality | None = None  # how unlike its training slides a slide is (typicality.py)
         self._lora_merged = False
 
     # -- construction --------------------------------------------------------------------------------
@@ -462,4 +464,5 @@ class ChatEXAONEPathForCausalLM(nn.Module):
         for name in ("feature_mean", "feature_std"):  # checkpoints written before feature standardisation existed
             tower_state.setdefault(name, getattr(model.tower, name))
         model.tower.load_state_dict(tower_state, strict=True)
+        model.typicality = Typicality.load(directory)  # None for checkpoints trained before it existed
         return model.to(model.device).eval()

@@ -29,6 +29,7 @@ from ..vision_tower.features import SlideFeatures, read_features, settings_match
 from ..vision_tower.slide import Slide, open_slide
 from .conversation import IMAGE_TOKEN, PromptBuilder, Turn
 from .modeling import ChatEXAONEPathConfig, ChatEXAONEPathForCausalLM
+from .typicality import SlideTypicality
 from .provenance import check_features, provenance_of, serving_extractor, warn_if_unrecorded
 from .regions import Evidence, Region, SlideTurn, question_scope, run_tower
 
@@ -64,6 +65,12 @@ class LoadedSlide:
     turns: list[Turn] = field(default_factory=list)
     clam_attention: torch.Tensor | None = None  # (N,) CLAM's softmax(a): equal to `attention` only untrained
     feature_warning: str | None = None  # set when features unlike the training ones were allowed
+    typicality: SlideTypicality | None = None  # how like the training slides it is (None: the model cannot say)
+
+    @property
+    def typicality_warning(self) -> str | None:
+        """One sentence when the slide is unlike the model's training slides, else None."""
+        return self.typicality.warning if self.typicality is not None else None
 
 
 # Small LLMs fall into loops ("… involves multiple stages and multiple tests …", 256 tokens of it); these
@@ -183,9 +190,15 @@ class ChatSession:
                                  f"{path.name}'s features have", allow=self.allow_feature_mismatch)
         with torch.no_grad():
             tower = self.model.get_slide_tokens([features.features.float()])
+        typicality = None
+        if getattr(self.model, "typicality", None) is not None:
+            typicality = self.model.typicality.assess(features.features, self.model.tower.feature_mean.cpu(),
+                                                      self.model.tower.feature_std.cpu())
+            if not typicality.typical:
+                logger.warning("%s: typicality %.2f (> 1: unlike the training slides).", path.name, typicality.score)
         self.slide = LoadedSlide(path, features, tower.visual_tokens, tower.pooling_weights[0].float().cpu(),
                                  extracted, clam_attention=tower.clam_attention[0].float().cpu(),
-                                 feature_warning=warning)
+                                 feature_warning=warning, typicality=typicality)
         return self.slide
 
     def reset(self) -> None:

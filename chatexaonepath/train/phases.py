@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from transformers import TrainerCallback, TrainingArguments
 from ..chat.conversation import DEFAULT_SYSTEM_PROMPT, PromptBuilder
 from ..chat.modeling import LORA_TARGETS, TOWER_WEIGHTS, ChatEXAONEPathConfig, ChatEXAONEPathForCausalLM
 from ..chat.provenance import check_features
+from ..chat.typicality import Typicality, slide_measures
+from ..vision_tower.features import read_features
 from ..errors import ChatEXAONEPathError
 from .data import (
     DataConfig, DataError, LoadedRecords, SlideCollator, SlideConversationDataset, data_summary, feature_statistics,
@@ -344,9 +347,24 @@ def train_phase(config: PhaseConfig, data: DataConfig, *, resume: bool = False,
         "best_eval_loss": best_loss, "best_checkpoint": trainer.state.best_model_checkpoint,
         "eval_losses": eval_losses, "truncated": train_set.truncated, "selection": chosen}
     finalize(trainer, Path(config.out))
+    if trainer.args.should_save:
+        calibrate_typicality(model, train_records + val_records, seed=config.seed).save(config.out)
     return TrainResult(Path(config.out), trainer.state.global_step, output.training_loss, best_loss,
                        eval_losses, len(train_set), len(val_set or []), len(loaded.missing), train_set.truncated,
                        time.perf_counter() - started, chosen)
+
+
+def calibrate_typicality(model, records: list, *, max_slides: int = 512, seed: int = 0) -> Typicality:
+    """The thresholds past which a slide is unlike this run's training and validation slides.
+
+    Measured with the tower's own feature statistics, on every slide (a seeded sample past `max_slides`:
+    reading every bag of a large cohort could take hours).
+    """
+    paths = sorted({r.features_path for r in records})
+    if len(paths) > max_slides:
+        paths = sorted(random.Random(seed).sample(paths, max_slides))
+    mean, std = model.tower.feature_mean.float().cpu(), model.tower.feature_std.float().cpu()
+    return Typicality.calibrate([slide_measures(read_features(p).features, mean, std) for p in paths])
 
 
 def _has_checkpoint(out: str) -> bool:
