@@ -18,7 +18,10 @@ from ..errors import ChatEXAONEPathError
 logger = logging.getLogger(__name__)
 
 # What must agree between the training features and the features a model is served.
-PROVENANCE_KEYS = ("encoder", "encoder_weights_sha256", "stain_norm", "stain_target_sha256", "patch_size", "target_mpp")
+# `precision` is the encoder's (fp32, bf16, fp16): bf16 features differ from fp32 ones by about 1 % per value, enough
+# to move a small tower's answers, so a model is served features of the precision it learned from.
+PROVENANCE_KEYS = ("encoder", "encoder_weights_sha256", "stain_norm", "stain_target_sha256", "patch_size", "target_mpp",
+                   "precision")
 # Recorded for messages and defaults, never compared (the target's hash is what counts).
 INFO_KEYS = ("encoder_weights", "stain_target")
 ALLOW_HINT = "pass --allow-feature-mismatch to use them anyway"
@@ -118,7 +121,7 @@ def extractor_provenance(extractor) -> dict:
                           "encoder_weights": encoder.weights_source, "stain_norm": config.stain_norm,
                           "stain_target_sha256": extractor.stain_target_sha256,
                           "stain_target": config.stain_target or "none", "patch_size": config.patch_size,
-                          "target_mpp": config.target_mpp})
+                          "target_mpp": config.target_mpp, "precision": extractor.precision})
 
 
 def _recorded_stain_target(provenance: dict, allow: bool) -> str | None:
@@ -157,7 +160,7 @@ def serving_extractor(model_config, *, encoder: str | None = None, encoder_weigh
     stain_norm = stain_norm or provenance.get("stain_norm") or "none"
     if stain_target is None and stain_norm == "macenko":
         stain_target = _recorded_stain_target(provenance, allow_feature_mismatch)
-    for key in ("patch_size", "target_mpp"):
+    for key in ("patch_size", "target_mpp", "precision"):
         if provenance.get(key) is not None:
             extract_settings.setdefault(key, provenance[key])
     try:

@@ -150,3 +150,16 @@ def test_the_app_refuses_a_mismatch_or_shows_it_in_its_banner(model, tiny_regist
         assert session.chat.allow_feature_mismatch
     finally:
         engine.close()
+
+
+def test_a_model_is_served_features_of_the_precision_it_learned_from(tiny_registered):
+    """bf16 and fp32 features differ enough to move a small tower: serving follows the checkpoint's precision."""
+    trained = FeatureExtractor(ExtractConfig(encoder=tiny_registered.name, precision="bf16"), tiny_registered)
+    config = SimpleNamespace(feature_provenance=extractor_provenance(trained))
+    assert config.feature_provenance["precision"] == "bf16"
+    extractor, warning = serving_extractor(config, num_workers=0)
+    assert warning is None and extractor.precision == "bf16"
+    with pytest.raises(FeatureMismatchError, match="precision=bf16.*this extraction uses precision=fp32"):
+        serving_extractor(config, precision="fp32")
+    old = SimpleNamespace(feature_provenance={k: v for k, v in config.feature_provenance.items() if k != "precision"})
+    assert serving_extractor(old, precision="fp32")[1] is None  # checkpoints that did not record it: unchecked
