@@ -64,6 +64,49 @@ def turns_from_llava(conversations: list[dict]) -> list[Turn]:
     return turns
 
 
+MAX_CASE_SLIDES = 8  # a case: the slides of one patient's specimen asked about together
+
+
+def slide_label(position: int, name: str) -> str:
+    """The text that names a case's slide to the LLM just before its visual tokens: `Slide 2 (b.svs):`.
+
+    `position` counts from 1; the name is kept to one short line.
+    """
+    name = " ".join(str(name).replace(IMAGE_TOKEN, "[image]").split())[:80] or "unnamed"
+    return f"Slide {position} ({name}):"
+
+
+def label_case(turns: list[Turn], names: list[str], image_token: str = IMAGE_TOKEN) -> list[Turn]:
+    """`turns` with one placeholder per slide of the case, each after its slide's label (`slide_label`).
+
+    One slide: the turns unchanged (a single slide's prompt has no label, as single-slide models were trained).
+    Several: either one placeholder per slide (in order) or one for the whole case (SlideChat's layout), which
+    becomes every slide's label and placeholder, one line each. Any other count raises one sentence.
+    """
+    if not names:
+        raise ChatEXAONEPathError("A conversation about slides needs at least one slide.")
+    if len(names) > MAX_CASE_SLIDES:
+        raise ChatEXAONEPathError(f"A case has at most {MAX_CASE_SLIDES} slides, got {len(names)}.")
+    found = sum(turn.content.count(image_token) for turn in turns)
+    if found not in (1, len(names)):
+        raise ChatEXAONEPathError(f"The conversation has {found} {image_token} placeholders for a case of "
+                                  f"{len(names)} slide(s); use one per slide, or one for the whole case.")
+    if len(names) == 1:
+        return list(turns)
+    blocks = [f"{slide_label(i, name)} {image_token}" for i, name in enumerate(names, start=1)]
+    if found == 1:
+        blocks = ["\n".join(blocks)]
+    labelled, taken = [], 0
+    for turn in turns:
+        parts = turn.content.split(image_token)
+        text = parts[0]
+        for part in parts[1:]:
+            text += blocks[taken] + part
+            taken += 1
+        labelled.append(type(turn)(**{**turn.__dict__, "content": text}))
+    return labelled
+
+
 # LLaMA-2's turn markers are plain text to its tokenizer, so its special tokens alone do not cover them.
 _LLAMA2_MARKERS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
 

@@ -183,16 +183,31 @@ class ChatEXAONEPathForCausalLM(nn.Module):
         return self.tower(slide_features.to(self.device), None if mask is None else mask.to(self.device))
 
     def merge_visual_tokens(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor,
-                            labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token embeddings with each sample's K placeholders replaced by its slide's K visual tokens."""
+                            labels: torch.Tensor | None = None,
+                            slides_per_sample: torch.Tensor | list[int] | None = None,
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token embeddings with each sample's placeholders replaced by its slides' visual tokens, in order.
+
+        `visual_tokens` is (S, K, d): the slides of the whole batch, sample by sample. `slides_per_sample`
+        says how many of them each sample (a case) has; None means one each. Every sample needs exactly
+        (its slides × K) placeholder ids; a mismatch raises with both numbers.
+        """
         is_image = input_ids == self.config.image_token_index  # (B, L)
-        batch, k = visual_tokens.shape[:2]
+        slides, k = visual_tokens.shape[:2]
+        batch = input_ids.shape[0]
         per_sample = is_image.sum(1)
-        if input_ids.shape[0] != batch or (per_sample != k).any():
-            raise ValueError(f"image placeholders per sample {per_sample.tolist()} do not match {batch} slide(s) "
-                             f"× {k} visual tokens; every sample needs exactly {k} placeholder ids")
+        if slides_per_sample is None:
+            if batch != slides or (per_sample != k).any():
+                raise ValueError(f"image placeholders per sample {per_sample.tolist()} do not match {slides} slide(s) "
+                                 f"× {k} visual tokens; every sample needs exactly {k} placeholder ids")
+        else:
+            counts = torch.as_tensor(slides_per_sample, device=input_ids.device).reshape(-1)
+            if counts.numel() != batch or int(counts.sum()) != slides or (per_sample != counts * k).any():
+                raise ValueError(f"image placeholders per sample {per_sample.tolist()} do not match "
+                                 f"{counts.tolist()} slide(s) per sample ({slides} given) × {k} visual tokens; every "
+                                 f"sample needs {k} placeholder ids per slide")
         embeddings = self.llm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # (B, L, d)
-        tokens = visual_tokens.to(embeddings.dtype).reshape(-1, embeddings.shape[-1])  # (B*K, d), row-major
+        tokens = visual_tokens.to(embeddings.dtype).reshape(-1, embeddings.shape[-1])  # (S*K, d), row-major
         embeddings = embeddings.masked_scatter(is_image.unsqueeze(-1).expand_as(embeddings), tokens)
         if labels is not None:
             labels = labels.masked_fill(is_image, IGNORE_INDEX)
@@ -201,8 +216,11 @@ class ChatEXAONEPathForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 slide_features: list[torch.Tensor] | torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 slide_mask: torch.Tensor | None = None, supervised_logits_only: bool = False,
-                **llm_kwargs) -> ChatEXAONEPathOutput:
+                slides_per_sample: torch.Tensor | list[int] | None = None, **llm_kwargs) -> ChatEXAONEPathOutput:
         """LLM loss/logits with visual tokens spliced in; labels at image positions become IGNORE_INDEX.
+
+        `slide_features` holds the batch's slides in order; with `slides_per_sample` a sample is a case of
+        several of them (each pooled on its own), else each sample has one. The tower's outputs are per slide.
 
         `supervised_logits_only` (training): the vocabulary projection runs only at the positions some
         sample in the batch is scored on, so `logits` is (B, P, V) there; the loss is the same.
@@ -216,7 +234,7 @@ class ChatEXAONEPathForCausalLM(nn.Module):
             embeddings = self.llm.get_input_embeddings()(input_ids)
         else:
             slide = self.get_slide_tokens(slide_features, slide_mask)
-            embeddings, labels = self.merge_visual_tokens(input_ids, slide.visual_tokens, labels)
+            embeddings, labels = self.merge_visual_tokens(input_ids, slide.visual_tokens, labels, slides_per_sample)
         attention_mask = None if attention_mask is None else attention_mask.to(self.device)
         if supervised_logits_only and labels is not None and self._keeps_logits:
             out = self._supervised_forward(embeddings, attention_mask, labels, input_ids=input_ids, **llm_kwargs)
@@ -360,11 +378,15 @@ class ChatEXAONEPathForCausalLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, slide_features: list[torch.Tensor] | torch.Tensor,
-                 attention_mask: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
-        """Generated token ids (new tokens only) for prompts that contain the image placeholders."""
+                 attention_mask: torch.Tensor | None = None, slides_per_sample: torch.Tensor | list[int] | None = None,
+                 **generate_kwargs) -> torch.Tensor:
+        """Generated token ids (new tokens only) for prompts that contain the image placeholders.
+
+        With `slides_per_sample`, each prompt is about a case of that many of the slides, in order.
+        """
         input_ids = input_ids.to(self.device)
         tokens = self.get_slide_tokens(slide_features).visual_tokens
-        embeddings, _ = self.merge_visual_tokens(input_ids, tokens)
+        embeddings, _ = self.merge_visual_tokens(input_ids, tokens, slides_per_sample=slides_per_sample)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if (attention_mask[:, -1] == 0).any():

@@ -12,7 +12,7 @@ forward pass that made the visual tokens the answer was generated from.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -115,6 +115,7 @@ class Evidence:
     y: int
     size: int  # side of the patch in level-0 pixels
     weight: float  # its pooling weight in the forward pass behind the answer
+    slide: int = 0  # which slide of the case it is on (0-based; 0 for a single slide)
 
     @property
     def region(self) -> Region:
@@ -136,6 +137,24 @@ def top_evidence(weights: torch.Tensor | np.ndarray, coords: torch.Tensor | np.n
     order = np.argsort(-weights, kind="stable")[:k]
     return tuple(Evidence(rank, int(i if indices is None else indices[i]), int(coords[i][0]), int(coords[i][1]),
                           int(patch_side), float(weights[i])) for rank, i in enumerate(order, start=1))
+
+
+def case_evidence(scopes: list["QuestionScope"], k: int = EVIDENCE_COUNT) -> tuple[Evidence, ...]:
+    """The `k` heaviest patches over every slide of a case (each slide's weights sum to 1), each naming its slide."""
+    found = [replace(e, slide=i) for i, scope in enumerate(scopes) for e in scope.evidence]
+    found.sort(key=lambda e: -e.weight)
+    return tuple(replace(e, rank=rank) for rank, e in enumerate(found[:k], start=1))
+
+
+def parse_case_region(text: str, slides: int = 1) -> tuple[int, Region]:
+    """`"x,y,w,h"` (the first slide) or `"N:x,y,w,h"` (slide N of the case, from 1) → (0-based slide index, Region)."""
+    slide, _, rest = str(text or "").partition(":")
+    if not rest:
+        return 0, Region.parse(slide)
+    if not slide.strip().isdigit() or not 1 <= int(slide) <= slides:
+        raise ChatEXAONEPathError(f"A region names its slide by number from 1 to {slides} before a colon (e.g. "
+                                  f"--region 2:4096,2048,1024,1024), got {str(text)[:60]!r}.")
+    return int(slide) - 1, Region.parse(rest)
 
 
 @dataclass
@@ -198,3 +217,4 @@ class SlideTurn(Turn):
 
     region: Region | None = None
     evidence: tuple[Evidence, ...] = ()
+    slide: int = 0  # the slide of the case a region belongs to (0-based)

@@ -1,4 +1,4 @@
-"""A chat about one slide: load it once (features cached on disk), then ask, with streamed answers.
+"""A chat about one slide or a case of several: load them once (features cached on disk), then ask, streamed.
 
 Features are cached by slide fingerprint and extraction settings, so asking about the same slide
 again — in this process or a later one — never re-extracts; the slide's visual tokens are kept in
@@ -6,6 +6,10 @@ memory, so a follow-up question costs only generation. Features made differently
 training features are refused (chat/provenance.py). The attention a slide is shown with is the
 projector's pooling weights — what the visual tokens were actually made from — with CLAM's
 attention kept as a second view.
+
+A case is 1–8 slides of one patient asked about together: each is pooled by the tower on its own and
+its visual tokens follow a label naming it (`Slide 2 (b.svs):`, conversation.label_case), so answers can
+say which slide they mean. The conversation lives on the case's first slide (`session.slide.turns`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import threading
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -27,11 +31,11 @@ from ..errors import ChatEXAONEPathError
 from ..vision_tower.extraction import ExtractConfig, FeatureExtractor
 from ..vision_tower.features import SlideFeatures, read_features, settings_match
 from ..vision_tower.slide import Slide, open_slide
-from .conversation import IMAGE_TOKEN, PromptBuilder, Turn
+from .conversation import IMAGE_TOKEN, MAX_CASE_SLIDES, PromptBuilder, Turn, label_case
 from .modeling import ChatEXAONEPathConfig, ChatEXAONEPathForCausalLM
 from .typicality import SlideTypicality
 from .provenance import check_features, provenance_of, serving_extractor, warn_if_unrecorded
-from .regions import Evidence, Region, SlideTurn, question_scope, run_tower
+from .regions import Evidence, Region, SlideTurn, case_evidence, question_scope, run_tower
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +55,8 @@ class ChatAnswer:
     patch_indices: np.ndarray | None = None  # the slide's patches behind a region's answer (rows of `features`)
     evidence: tuple[Evidence, ...] = ()  # the few patches that weighed most in this answer's visual tokens
     prompt_tokens: int = 0  # the prompt's length in the LLM, the slide's visual tokens included
+    slide_index: int = 0  # which slide of the case `attention`, `coords` and a region belong to (0-based)
+    slides: int = 1  # how many slides the answer saw (the case)
 
 
 @dataclass
@@ -71,6 +77,11 @@ class LoadedSlide:
     def typicality_warning(self) -> str | None:
         """One sentence when the slide is unlike the model's training slides, else None."""
         return self.typicality.warning if self.typicality is not None else None
+
+    @property
+    def name(self) -> str:
+        """The slide's file name, as its label names it to the LLM."""
+        return self.path.name
 
 
 # Small LLMs fall into loops ("… involves multiple stages and multiple tests …", 256 tokens of it); these
@@ -140,7 +151,16 @@ class ChatSession:
                                      image_token=config.image_token,
                                      system_prompt=config.system_prompt if system_prompt is None else system_prompt,
                                      style=config.prompt_style)
-        self.slide: LoadedSlide | None = None
+        self.slides: list[LoadedSlide] = []  # the case: one slide, or up to MAX_CASE_SLIDES
+
+    @property
+    def slide(self) -> LoadedSlide | None:
+        """The case's first slide (the only one of a single-slide chat); its `turns` are the conversation."""
+        return self.slides[0] if self.slides else None
+
+    @slide.setter
+    def slide(self, loaded: LoadedSlide | None) -> None:
+        self.slides = [] if loaded is None else [loaded]
 
     @property
     def extractor(self) -> FeatureExtractor:
@@ -160,11 +180,14 @@ class ChatSession:
 
     # -- slides ----------------------------------------------------------------------------------------
     def load_slide(self, path: str | Path | Slide, mpp: float | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> LoadedSlide:
+                   progress: Callable[[int, int], None] | None = None, *, add: bool = False) -> LoadedSlide:
         """Extract (or reuse cached) features of a slide and start a new conversation about it.
 
-        `path` may be a `Slide` the caller has open (and closes), so it is not opened again.
+        `path` may be a `Slide` the caller has open (and closes), so it is not opened again. With `add` the
+        slide joins the current case instead (the conversation goes on).
         """
+        if add:
+            self._check_room()
         if isinstance(path, Slide):
             opened, path = nullcontext(path), path.path
         else:
@@ -177,14 +200,34 @@ class ChatSession:
             extracted = not settings_match(target, settings)
             if extracted:
                 self.extractor.extract(slide, cache, progress)
-        return self.use_features(read_features(target), path, extracted)
+        return self.use_features(read_features(target), path, extracted, add=add)
+
+    def load_case(self, paths: list[str | Path], mpp: float | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> list[LoadedSlide]:
+        """Load the slides of one case (1–8) and start a new conversation about them together."""
+        self._check_case_size(len(paths))
+        for i, path in enumerate(paths):
+            self.load_slide(path, mpp, progress, add=i > 0)
+        return list(self.slides)
+
+    def _check_case_size(self, count: int) -> None:
+        if not 1 <= count <= MAX_CASE_SLIDES:
+            raise ChatEXAONEPathError(f"A case has 1 to {MAX_CASE_SLIDES} slides, got {count}.")
+
+    def _check_room(self) -> None:
+        if len(self.slides) >= MAX_CASE_SLIDES:
+            raise ChatEXAONEPathError(f"This case already has {MAX_CASE_SLIDES} slides, the most one conversation "
+                                      "takes; start a new case for more.")
 
     def use_features(self, features: SlideFeatures, path: str | Path | None = None,
-                     extracted: bool = False) -> LoadedSlide:
+                     extracted: bool = False, *, add: bool = False) -> LoadedSlide:
         """Start a conversation about a slide whose features are at hand; refuses features unlike the training ones.
 
-        With `allow_feature_mismatch` such features are used and `LoadedSlide.feature_warning` says why not to.
+        With `add` the slide joins the current case (at most 8 slides) and the conversation goes on. With
+        `allow_feature_mismatch` unlike features are used and `LoadedSlide.feature_warning` says why not to.
         """
+        if add and self.slides:
+            self._check_room()
         path = Path(path if path is not None else features.path or "features")
         warning = check_features(self.model.config.feature_provenance, provenance_of(features.attrs),
                                  f"{path.name}'s features have", allow=self.allow_feature_mismatch)
@@ -196,13 +239,17 @@ class ChatSession:
                                                       self.model.tower.feature_std.cpu())
             if not typicality.typical:
                 logger.warning("%s: typicality %.2f (> 1: unlike the training slides).", path.name, typicality.score)
-        self.slide = LoadedSlide(path, features, tower.visual_tokens, tower.pooling_weights[0].float().cpu(),
-                                 extracted, clam_attention=tower.clam_attention[0].float().cpu(),
-                                 feature_warning=warning, typicality=typicality)
-        return self.slide
+        loaded = LoadedSlide(path, features, tower.visual_tokens, tower.pooling_weights[0].float().cpu(),
+                             extracted, clam_attention=tower.clam_attention[0].float().cpu(),
+                             feature_warning=warning, typicality=typicality)
+        if add and self.slides:
+            self.slides.append(loaded)
+        else:
+            self.slides = [loaded]
+        return loaded
 
     def reset(self) -> None:
-        """Forget the conversation, keep the slide."""
+        """Forget the conversation, keep the slides."""
         if self.slide is not None:
             self.slide.turns.clear()
 
@@ -214,6 +261,7 @@ class ChatSession:
         while True:
             turns = history + [Turn("user", question)]
             turns[0] = Turn("user", f"{IMAGE_TOKEN}\n{turns[0].content}")  # the image rides on the first kept turn
+            turns = label_case(turns, [s.name for s in self.slides], self.builder.image_token)  # a case: each labelled
             ids = self.builder.build(turns, add_generation_prompt=True).input_ids
             if len(ids) + self.max_new_tokens <= limit:
                 return ids
@@ -224,7 +272,7 @@ class ChatSession:
             logger.info("Context full: dropped the oldest exchange (%r…)", dropped[0].content[:40])
 
     def ask(self, question: str, on_text: Callable[[str], None] | None = None,
-            region: Region | tuple[int, int, int, int] | str | None = None) -> ChatAnswer:
+            region: Region | tuple[int, int, int, int] | str | None = None, slide: int = 0) -> ChatAnswer:
         """Answer `question` about the loaded slide, calling `on_text` with each piece as it is generated.
 
         `on_text` returning False ends the answer there (a caller's stop sequence), keeping what was generated.
@@ -232,6 +280,7 @@ class ChatSession:
         With `region` (level-0 x, y, width, height) the answer comes from the patches in it only: the tower
         runs on their cached features (chat/regions.py); a region without tissue patches raises
         `EmptyRegionError`. Region and whole-slide questions can alternate; each turn records its scope.
+        In a case the region belongs to slide `slide` (0-based); the other slides are seen whole.
         """
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -241,7 +290,11 @@ class ChatSession:
         question = question.strip().replace(self.builder.image_token, "[image]")
         if not question:
             raise ChatEXAONEPathError("The question is empty.")
-        scope = question_scope(self.slide, region)  # checked before anything runs
+        if not 0 <= slide < len(self.slides):
+            raise ChatEXAONEPathError(f"This case has {len(self.slides)} slide(s); there is no slide {slide + 1}.")
+        scopes = [question_scope(loaded, region if i == slide else None)  # checked before anything runs
+                  for i, loaded in enumerate(self.slides)]
+        scope = scopes[slide]
         input_ids = torch.tensor([self._prompt_ids(question)], device=self.model.device)
         streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=False, skip_special_tokens=True)
         sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
@@ -255,8 +308,9 @@ class ChatSession:
         def generate() -> None:
             try:
                 with torch.no_grad():  # no_grad is per thread: it must be set here
-                    tokens = run_tower(scope, self.slide, self.model).visual_tokens  # a region: its patches only
-                    embeds, _ = self.model.merge_visual_tokens(input_ids, tokens)
+                    tokens = torch.cat([run_tower(s, loaded, self.model).visual_tokens  # a region: its patches only
+                                        for s, loaded in zip(scopes, self.slides)])  # (S, K, d)
+                    embeds, _ = self.model.merge_visual_tokens(input_ids, tokens, slides_per_sample=[len(scopes)])
                     result["ids"] = self.model.llm.generate(
                         inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), streamer=streamer,
                         max_new_tokens=self.max_new_tokens, pad_token_id=self.model.tokenizer.pad_token_id,
@@ -284,8 +338,12 @@ class ChatSession:
         if "error" in result:
             raise result["error"]
         text = "".join(pieces).strip().replace(self.builder.image_token, "[image]")
-        evidence = scope.evidence
-        self.slide.turns += [SlideTurn("user", question, scope.region),
-                             SlideTurn("assistant", text, scope.region, evidence)]
+        if len(scopes) > 1 and scope.region is None:
+            evidence = case_evidence(scopes)  # the heaviest patches of the whole case, each naming its slide
+        else:
+            evidence = tuple(replace(e, slide=slide) for e in scope.evidence)
+        self.slide.turns += [SlideTurn("user", question, scope.region, slide=slide),
+                             SlideTurn("assistant", text, scope.region, evidence, slide=slide)]
         return ChatAnswer(text, scope.weights, scope.coords, int(result["ids"].shape[1]), time.perf_counter() - started,
-                          first, scope.clam_attention, scope.region, scope.indices, evidence, int(input_ids.shape[1]))
+                          first, scope.clam_attention, scope.region, scope.indices, evidence, int(input_ids.shape[1]),
+                          slide, len(scopes))
