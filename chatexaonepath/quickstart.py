@@ -22,7 +22,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,6 +77,7 @@ class QuickstartConfig:
     phase2_epochs: float = DemoBuildConfig.phase2_epochs
     judge_items: int = 6  # held-out answers the judge reads
     seed: int = 0
+    cohort: dict = field(default_factory=dict)  # further LesionCohortConfig settings (organs, lesions…), as the demo's
 
 
 def _done(directory: Path) -> bool:
@@ -84,7 +85,10 @@ def _done(directory: Path) -> bool:
 
 
 def _trained_on(directory: Path, data: list[Path]) -> bool:
-    """True when the run in `directory` (finished, else its last checkpoint) was on exactly these data files."""
+    """True when the run in `directory` (finished, else its last checkpoint) was on exactly these data files.
+
+    `data` is every file the run read, its validation files included (they are in the run's data_sha256).
+    """
     from transformers.trainer_utils import get_last_checkpoint
 
     from .train.data import data_files_sha256
@@ -132,7 +136,7 @@ class Quickstart:
         from .synthetic.lesions import LesionCohortConfig, make_lesion_cohort
 
         config = LesionCohortConfig(per_combination=tuple(self.config.split_sizes), size=self.config.size,
-                                    seed=self.config.seed)
+                                    seed=self.config.seed, **self.config.cohort)
         make_lesion_cohort(self.cohort, config, progress=lambda done, total: self.on_progress("cohort", done, total))
         return {"slides": config.slides, "diagnoses": config.diagnoses}
 
@@ -211,8 +215,9 @@ class Quickstart:
         val_data = [self.cohort / ("val_captions.json" if phase == 1 else "val_instruct.json")]
         out = Path(config.out)
         data = [p for p in data if json.loads(p.read_text())]
-        # Phase 2 starts from phase 1, so a phase 1 trained anew makes any phase 2 stale too.
-        current = _trained_on(out, data) and not (phase == 2 and self._retrained)
+        # A run's data_sha256 covers its validation files too. Phase 2 starts from phase 1, so a phase 1
+        # trained anew makes any phase 2 stale too.
+        current = _trained_on(out, [*data, *val_data]) and not (phase == 2 and self._retrained)
         if current and _done(out):
             return {"skipped": "already trained"}
         if out.exists() and not current:

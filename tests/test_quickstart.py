@@ -29,7 +29,9 @@ def test_quickstart_runs_every_stage_and_a_rerun_resumes(tmp_path, tiny_encoder,
     llm = make_tiny_llm(tmp_path / "llm")
     with FakeOpenAIServer(reply=reply) as server:
         backend = f"openai:test-model@{server.url}"
-        config = QuickstartConfig(slides=8, size=2048, encoder=tiny_encoder.name, llm=str(llm), raider_llm=backend,
+        # 8 slides as before: one organ, one lesion type and none; 1 train, 1 validation, 2 test per combination.
+        config = QuickstartConfig(split_sizes=(1, 1, 2), cohort={"organs": ["colon"], "lesions": ["adenocarcinoma"]},
+                                  size=2048, encoder=tiny_encoder.name, llm=str(llm), raider_llm=backend,
                                   judge=backend, phase1_epochs=1, phase2_epochs=1, judge_items=2)
         stages = []
         results = Quickstart(tmp_path / "qs", config,
