@@ -2,19 +2,28 @@
 
 `ensure_demo_model()` returns a ready demo model from the user cache, building it first when the
 cache has none for this code and data version: lesion cohort (synthetic/lesions.py) → features with the
-patch encoder the app serves → phase 1 → phase 2 → a check on the held-out slides (diagnosis
-accuracy, localisation AUC of the heatmap), written to `demo.json` beside the checkpoint. The
-app's example slide is one of those held-out slides with a lesion. `bench/learn_lesions.py` runs the
-same `build_demo_model` with a larger cohort and reports the figures with their controls.
+patch encoder the app serves → phase 1 → phase 2 → a validation check → a check on the held-out slides
+(per-question accuracy with its interval and how many distinct answers each question got, the description's
+facts, localisation AUC of the heatmap), written to `demo.json` beside the checkpoint.
+
+The validation check decides whether a build learned: diagnosis accuracy on the validation slides of at least
+0.8, and no question answered the same way for 80 % or more of them (a collapse to one answer). A build that
+fails it trains again with the next seed (same cohort, same features), at most `retries` times; one that still
+fails is kept, marked failed in demo.json, and served with a red banner. The example slide is fixed before
+any scoring: the held-out lesion slide with the largest lesion (ties by id), whatever the model answers there.
+`bench/learn_lesions.py` runs the same `build_demo_model` with a larger cohort and reports the figures with
+their controls.
 
     <cache>/demo-model/<key>/build.json the settings, written first
                              cohort/   the lesion cohort (slides, masks, reports, data)
                              features/ their features
                              p1/ model/ the phase-1 and phase-2 checkpoints (`--model …/model` works too)
+                             retry-1/ retry-2/ the same for the next seeds, when a build failed its check
                              demo.json what it is, the figures measured, the example slide; written last
 
-The key hashes the package version, the source of the modules that draw the cohort and run this
-build, the build settings and the patch encoder's weights: a change to any of them builds anew.
+The key hashes the package version, the source of the modules that draw the cohort, extract its features
+and run this build, the build settings, the features' and training's precision and the patch encoder's
+weights: a change to any of them builds anew.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEMO_FORMAT = 1  # bump when the build changes in a way the hashed sources do not show
+DEMO_FORMAT = 2  # bump when the build changes in a way the hashed sources do not show
 CARD_FILE = "demo.json"
 BUILD_FILE = "build.json"  # the settings of a build, written when it starts
 # What the demo model is, in the words the banner and the model card use.
@@ -75,6 +84,11 @@ class DemoBuildConfig:
     validate_every: int = 2  # epochs between validations (each one decodes the validation answers)
     patience: int = 4  # validations without a better score before a phase stops early (0: never)
     check: bool = True  # score the held-out slides into demo.json
+    # The validation check a build must pass (diagnosis accuracy on the validation slides, and the largest share
+    # of them any one answer may take); a failed build trains again with the next seed, at most `retries` times.
+    pass_diagnosis: float = 0.8
+    max_answer_share: float = 0.8
+    retries: int = 2
     seed: int = 0
     cohort: dict = field(default_factory=dict)  # further LesionCohortConfig settings
 
@@ -88,7 +102,21 @@ class DemoModel:
 
     @property
     def model_dir(self) -> Path:
-        return self.folder / "model"
+        return self.folder / self.card.get("model", "model")
+
+    @property
+    def failed(self) -> bool:
+        """True when no seed passed the validation check: its answers do not reflect the slide."""
+        return not (self.card.get("validation") or {}).get("passed", True)
+
+    def failure(self) -> str | None:
+        """The red banner's sentence for a build that failed its check, else None."""
+        if not self.failed:
+            return None
+        tries = len(self.card.get("attempts") or []) or 1
+        return (f"This demo build failed its own check ({tries} seed{'s' if tries > 1 else ''} tried): its answers "
+                f"do not reflect the slide. Rebuild it (README: if the demo build fails its check) or load a "
+                f"trained model with --model")
 
     @property
     def example_slide(self) -> Path:
@@ -112,13 +140,22 @@ class DemoModel:
         c, check = self.card, self.card.get("check") or {}
         figures = ""
         if check:
-            figures = (f"; on {check['held_out_slides']} held-out slides: diagnosis accuracy "
-                       f"{check['accuracy']['diagnosis']:.2f}, heatmap localisation AUC {check['localisation_auc']:.2f} (strict)")
+            parts = []
+            for category, q in check.get("questions", {}).items():
+                low, high = q["interval"]
+                parts.append(f"{category} {q['correct']}/{q['asked']} ({q['accuracy']:.2f}, 95 % CI {low:.2f}–"
+                             f"{high:.2f}; {q['distinct_answers']} distinct answer{'s' if q['distinct_answers'] != 1 else ''})")
+            figures = (f"; on the {check['held_out_slides']} held-out test slides: " + ", ".join(parts) +
+                       f"; heatmap localisation AUC {check['localisation_auc']:.2f} (strict)")
+        precision = c.get("precision") or {}
+        ran = f"; features {precision['features']}, training {precision['training']}" if precision else ""
         return (f"{DEMO_DESCRIPTION} — {c['train_slides']} training slides of {', '.join(c['organs'])} with "
-                f"{', '.join(c['lesions'])} (low/high grade) or no lesion{figures}")
+                f"{', '.join(c['lesions'])} (low/high grade) or no lesion{figures}{ran}")
 
 
 _SOURCES = ("demo_model.py", "lesions.py", "scores.py", "lesion_slides.py", "slides.py")
+# What turns a slide into features: a change to the tissue mask or the patch grid gives other features.
+_EXTRACTION_SOURCES = ("tissue.py", "patching.py", "extraction.py", "encoder.py", "stain.py")
 
 
 def demo_key(config: DemoBuildConfig, encoder_sha256: str, precision: str = "fp32/fp32") -> str:
@@ -132,8 +169,9 @@ def demo_key(config: DemoBuildConfig, encoder_sha256: str, precision: str = "fp3
     digest = hashlib.sha256(f"{__version__}|{DEMO_FORMAT}|{encoder_sha256}|{precision}|".encode())
     digest.update(json.dumps(asdict(config), sort_keys=True).encode())
     package = Path(__file__).parent
-    for name in _SOURCES:
-        digest.update(name.encode() + b"\0" + (package / name).read_bytes())
+    tower = package.parent / "vision_tower"
+    for path in [*(package / name for name in _SOURCES), *(tower / name for name in _EXTRACTION_SOURCES)]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -185,8 +223,16 @@ def ensure_demo_model(config: DemoBuildConfig | None = None, *, root: str | Path
 
 STAGE_TEXT = {"cohort": "drawing the synthetic lesion slides", "features": "extracting patch features",
               "phase 1": "training phase 1 (the tower)", "phase 2": "training phase 2 (LoRA and the tower)",
-              "check": "scoring the held-out slides"}
-STAGE_UNITS = {"cohort": "slides", "features": "slides", "phase 1": "steps", "phase 2": "steps", "check": "slides"}
+              "validation": "checking the validation slides", "check": "scoring the held-out slides"}
+STAGE_UNITS = {"cohort": "slides", "features": "slides", "phase 1": "steps", "phase 2": "steps",
+               "validation": "slides", "check": "slides"}
+
+
+def stage_text(stage: str) -> str:
+    """The progress line of a stage; a retry's stages say which seed they train and why."""
+    base, _, seed = stage.partition(" · seed ")
+    text = STAGE_TEXT.get(base, base)
+    return f"{text} — again with seed {seed}: the last seed failed the validation check" if seed else text
 
 
 def expected_build_time() -> str:
@@ -222,8 +268,8 @@ def build_progress(quiet: bool = False) -> Iterator[ProgressFn]:
             bar = state["bar"]
             if stage != state["stage"]:
                 state["stage"] = stage
-                state["task"] = bar.add_task(STAGE_TEXT.get(stage, stage), total=total,
-                                             unit=STAGE_UNITS.get(stage, "it"))
+                state["task"] = bar.add_task(stage_text(stage), total=total,
+                                             unit=STAGE_UNITS.get(stage.partition(" · ")[0], "it"))
             bar.update(state["task"], completed=done or 0, total=total)
 
         yield on_progress
@@ -288,10 +334,26 @@ def build_demo_model(folder: str | Path, config: DemoBuildConfig, *, progress: P
     cohort = cohort_config(config)
     timed("cohort", lambda: _make_cohort(folder / "cohort", cohort, report))
     patches = timed("features", lambda: _extract(folder, extractor, report))
-    p1 = timed("phase 1", lambda: _train(folder, config, 1, report))
-    p2 = timed("phase 2", lambda: _train(folder, config, 2, report))
-    check = timed("check", lambda: _check(folder, report)) if config.check else None
-    card = _card(folder, config, cohort, extractor, patches, p1, p2, check, timings)
+    example = _pick_example(folder)  # before any scoring: the rule must not see the model's answers
+    attempts = []
+    for attempt in range(1 + config.retries):
+        seed = config.seed + attempt
+        run = folder if attempt == 0 else folder / f"retry-{attempt}"
+        tag = "" if attempt == 0 else f" · seed {seed}"
+        if attempt:
+            logger.warning("The demo build with seed %d failed its validation check; training again with seed %d.",
+                           seed - 1, seed)
+        seeded = DemoBuildConfig(**{**asdict(config), "seed": seed})
+        p1 = timed(f"phase 1{tag}", lambda: _train(folder, run, seeded, 1, report, tag))
+        p2 = timed(f"phase 2{tag}", lambda: _train(folder, run, seeded, 2, report, tag))
+        validation = timed(f"validation{tag}", lambda: _validate(folder, run, config, report, tag))
+        attempts.append({"seed": seed, "model": str((run / "model").relative_to(folder)), "phase1": p1,
+                         "phase2": p2, "validation": validation})
+        if validation["passed"]:
+            break
+    chosen = attempts[-1]
+    check = timed("check", lambda: _check(folder, folder / chosen["model"], report)) if config.check else None
+    card = _card(folder, config, cohort, extractor, patches, attempts, check, timings, example)
     atomic_write_json(folder / CARD_FILE, card)
     logger.info("Demo model built in %s (%.0f s)", folder, sum(timings.values()))
     return DemoModel(folder, json.loads((folder / CARD_FILE).read_text()))  # as a later start reads it
@@ -365,61 +427,127 @@ def step_progress(stage: str, report: ProgressFn):
     return Progress()
 
 
+SCORED_QUESTIONS = ("diagnosis", "organ", "grade", "margins")  # lesions.SCORED, without importing it at start-up
 PHASE_DATA = {1: ("captions.json", "val_captions.json"), 2: ("instruct.json", "val_instruct.json")}
 
 
-def _train(folder: Path, config: DemoBuildConfig, phase: int, report: ProgressFn) -> dict:
+def _train(folder: Path, run: Path, config: DemoBuildConfig, phase: int, report: ProgressFn, tag: str = "") -> dict:
     from ..train.phases import train_phase
 
-    out = folder / ("p1" if phase == 1 else "model")
+    out = run / ("p1" if phase == 1 else "model")
     if (out / "config.json").is_file() and (out / "training_args.json").is_file():
         return json.loads((out / "training_args.json").read_text()).get("result", {})
     train_file, val_file = (folder / "cohort" / name for name in PHASE_DATA[phase])
-    phase_config = recipe_phase_config(config, phase, out, folder / "p1")
+    phase_config = recipe_phase_config(config, phase, out, run / "p1")
     data = recipe_data_config(config, phase, [train_file], folder / "features", [val_file])
-    result = train_phase(phase_config, data, resume=out.is_dir(), callbacks=[step_progress(f"phase {phase}", report)])
+    result = train_phase(phase_config, data, resume=out.is_dir(),
+                         callbacks=[step_progress(f"phase {phase}{tag}", report)])
     return {"steps": result.global_step, "train_loss": result.train_loss, "records": result.train_records,
             "selection": result.selection}
 
 
-def _check(folder: Path, report: ProgressFn) -> dict:
+def answer_spread(answers: list[dict]) -> dict[str, dict]:
+    """Per question: how many slides were asked, how many distinct answers they got, the commonest's share."""
+    from collections import Counter
+
+    spread = {}
+    for category in dict.fromkeys(a["category"] for a in answers):
+        given = Counter(" ".join(a["answer"].lower().split()) for a in answers if a["category"] == category)
+        asked = sum(given.values())
+        spread[category] = {"asked": asked, "distinct_answers": len(given),
+                            "top_share": max(given.values()) / asked if asked else 0.0}
+    return spread
+
+
+def validation_verdict(accuracy: dict[str, float], spread: dict[str, dict], config: DemoBuildConfig) -> list[str]:
+    """Why a build fails its validation check, one reason per failed rule; empty when it passes."""
+    reasons = []
+    if accuracy.get("diagnosis", 0.0) < config.pass_diagnosis:
+        reasons.append(f"diagnosis accuracy {accuracy.get('diagnosis', 0.0):.2f} < {config.pass_diagnosis:.2f}")
+    for category, s in spread.items():
+        if s["asked"] > 1 and s["top_share"] >= config.max_answer_share:
+            reasons.append(f"one answer to {s['top_share']:.0%} of the {category} questions")
+    return reasons
+
+
+def _validate(folder: Path, run: Path, config: DemoBuildConfig, report: ProgressFn, tag: str = "") -> dict:
+    """Score the validation slides (the test slides stay unseen) and say whether the build learned."""
     from ..chat.modeling import ChatEXAONEPathForCausalLM
     from .scores import CohortView, score_lesion_cohort
 
-    model = ChatEXAONEPathForCausalLM.from_pretrained(folder / "model")
+    stage = f"validation{tag}"
+    model = ChatEXAONEPathForCausalLM.from_pretrained(run / "model")
+    view = CohortView.load(folder / "cohort", folder / "features", split="val")
+    report(stage, 0, len(view.ids))
+    score = score_lesion_cohort(model, view, on_slide=lambda done, total: report(stage, done, total))
+    spread = answer_spread(score.answers)
+    reasons = validation_verdict(score.accuracy, spread, config)
+    if reasons:
+        logger.warning("Validation check failed: %s.", "; ".join(reasons))
+    return {"slides": len(view.ids), "accuracy": score.accuracy, "answers": spread, "passed": not reasons,
+            "reasons": reasons}
+
+
+def _check(folder: Path, model_dir: Path, report: ProgressFn) -> dict:
+    from ..chat.modeling import ChatEXAONEPathForCausalLM
+    from ..eval.stats import wilson_interval
+    from .scores import DESCRIPTION, CohortView, score_lesion_cohort
+
+    model = ChatEXAONEPathForCausalLM.from_pretrained(model_dir)
     view = CohortView.load(folder / "cohort", folder / "features")
     report("check", 0, len(view.ids))
-    score = score_lesion_cohort(model, view, on_slide=lambda done, total: report("check", done, total))
-    return {"held_out_slides": len(view.ids), "accuracy": score.accuracy, "localisation_auc": score.localisation_auc,
-            "localisation_auc_lenient": score.localisation_auc_lenient, "per_slide_auc": score.per_slide_auc,
-            "answers": score.answers}
+    score = score_lesion_cohort(model, view, categories=(*SCORED_QUESTIONS, DESCRIPTION),
+                                on_slide=lambda done, total: report("check", done, total))
+    spread = answer_spread(score.answers)
+    questions = {}
+    for category, s in spread.items():
+        correct = sum(a["correct"] for a in score.answers if a["category"] == category)
+        questions[category] = {"asked": s["asked"], "correct": correct, "accuracy": correct / s["asked"],
+                               "interval": list(wilson_interval(correct, s["asked"])),
+                               "distinct_answers": s["distinct_answers"], "top_share": s["top_share"]}
+    facts = [f for a in score.answers if a["category"] == DESCRIPTION for f in a["facts"].values()]
+    return {"held_out_slides": len(view.ids), "accuracy": score.accuracy, "questions": questions,
+            "description_facts": sum(facts) / len(facts) if facts else None,
+            "localisation_auc": score.localisation_auc, "localisation_auc_lenient": score.localisation_auc_lenient,
+            "per_slide_auc": score.per_slide_auc, "answers": score.answers}
 
 
-def _pick_example(folder: Path, check: dict | None) -> dict:
-    """The example slide: the held-out lesion slide the check scored best (right diagnosis, highest AUC)."""
+def _pick_example(folder: Path) -> dict:
+    """The example slide, by a rule that never sees the model: the held-out lesion slide whose lesion is largest
+    (ties by id). Picking the slide a check scored best would hide a model that gives every slide one answer."""
     from .lesions import NO_LESION, read_lesion_labels
 
     rows = read_lesion_labels(folder / "cohort" / "labels.csv")
     candidates = sorted(sid for sid, row in rows.items() if row["split"] == "test" and row["diagnosis"] != NO_LESION)
     if not candidates:
         raise ChatEXAONEPathError("The demo cohort has no held-out slide with a lesion; give it more slides.")
-    chosen = candidates[0]
-    if check:
-        right = {a["slide"] for a in check["answers"] if a["correct"]}
-        auc = check["per_slide_auc"]
-        chosen = max(candidates, key=lambda sid: (sid in right, auc.get(sid, 0.0), sid))
+    chosen = min(candidates, key=lambda sid: (-float(rows[sid]["lesion_fraction"]), sid))
     row = rows[chosen]
     return {"slide": chosen, "organ": row["organ"], "diagnosis": row["diagnosis"], "grade": row["grade"],
             "lesion_fraction": float(row["lesion_fraction"])}
 
 
-def _card(folder, config, cohort, extractor, patches, p1, p2, check, timings) -> dict:
+def _card(folder, config, cohort, extractor, patches, attempts, check, timings, example) -> dict:
     from .lesions import read_lesion_labels
 
     rows = read_lesion_labels(folder / "cohort" / "labels.csv")
+    chosen = attempts[-1]
+    training = _training_precision(folder / chosen["model"])
     return {"what": DEMO_DESCRIPTION, "format": DEMO_FORMAT, "build": asdict(config), "cohort": asdict(cohort),
             "organs": list(cohort.organs), "lesions": list(cohort.lesions),
             "train_slides": sum(r["split"] == "train" for r in rows.values()),
             "test_slides": sum(r["split"] == "test" for r in rows.values()), "patches": patches,
             "encoder": extractor.encoder.name, "encoder_weights": extractor.encoder.weights_source,
-            "phase1": p1, "phase2": p2, "check": check, "example": _pick_example(folder, check), "seconds": timings}
+            "precision": {"features": extractor.precision, "training": training},
+            "model": chosen["model"], "seed": chosen["seed"], "attempts": attempts,
+            "validation": chosen["validation"], "phase1": chosen["phase1"], "phase2": chosen["phase2"],
+            "check": check, "example": example, "seconds": timings}
+
+
+def _training_precision(model_dir: Path) -> str | None:
+    """The precision a checkpoint trained in, as its training_args.json records it."""
+    try:
+        args = json.loads((model_dir / "training_args.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return args.get("precision") or (args.get("phase_config") or {}).get("precision")

@@ -53,6 +53,15 @@ QUESTIONS = {  # the held-out slides are asked the first phrasing; training uses
     "margins": ("Are the margins involved?", "Does the lesion reach the margin?"),
 }
 CAPTION_PROMPT = "Describe this slide."
+# Phase 2 also teaches a short description (organ, finding, grade, margins in two to three sentences) and an
+# honest answer to what the slide cannot tell: without them the model answers any other question with one of
+# its four attributes, picked as if it knew.
+DESCRIBE_QUESTIONS = ("Describe the slide.", "Describe what you see on this slide.", "What does this slide show?",
+                      "Give a short description of the slide.")
+OTHER_QUESTIONS = ("How old is the patient?", "What treatment would you recommend?", "What is the mitotic count?",
+                   "Is the tumour HER2 positive?", "What is the prognosis?", "Was the specimen a biopsy or a resection?")
+OUT_OF_SCOPE = ("I cannot tell that from this slide; I can only name its organ, its lesion, the lesion's grade "
+                "and whether it reaches the margin.")
 CATEGORY_ORDERS = (("diagnosis", "organ", "grade", "margins"), ("diagnosis", "grade", "margins", "organ"),
                    ("organ", "margins", "diagnosis", "grade"), ("grade", "margins", "organ", "diagnosis"))
 SCORED = ("diagnosis", "organ", "grade", "margins")  # what bench/learn_lesions.py reports per question
@@ -191,6 +200,17 @@ def caption(slide: LesionSlide) -> str:
     return f"{slide.organ.capitalize()}; {slide.diagnosis}, {slide.grade} grade; margins {slide.margins}."
 
 
+def description(slide: LesionSlide) -> str:
+    """The phase-2 answer to "Describe the slide.": organ, finding, grade and margins in plain sentences."""
+    organ = f"This is a section of {slide.organ}."
+    if slide.diagnosis == NO_LESION:
+        return f"{organ} There is no lesion; the tissue is normal."
+    article = "an" if slide.diagnosis[0] in "aeiou" else "a"
+    margins = ("The margins are involved; the lesion reaches the margin." if slide.margins == "involved" else
+               "The margins are clear; the lesion does not reach the margin.")
+    return f"{organ} It shows {article} {slide.diagnosis} of {slide.grade} grade. {margins}"
+
+
 def report_text(slide: LesionSlide) -> str:
     """A short synthetic pathology report: specimen, final diagnosis, grade, margins, microscopy."""
     answers = answers_for(slide)
@@ -207,7 +227,8 @@ def report_text(slide: LesionSlide) -> str:
 
 
 def _training_records(slide: LesionSlide) -> tuple[dict, list[dict]]:
-    """A slide's caption record and its two QA conversations (each asking every category)."""
+    """A slide's caption record and its three QA conversations (two asking every category, one for its
+    description and a question it cannot answer)."""
     answers = answers_for(slide)
     caption_record = llava_record(f"{slide.slide_id}-cap", slide.slide_id, [(CAPTION_PROMPT, caption(slide))])
     # Two conversations per slide, each asking every category: one sequence carries the system prompt
@@ -216,6 +237,9 @@ def _training_records(slide: LesionSlide) -> tuple[dict, list[dict]]:
     for k, order in enumerate((CATEGORY_ORDERS[slide.seed % 2], CATEGORY_ORDERS[2 + slide.seed % 2])):
         turns = [(QUESTIONS[c][(slide.seed + k) % len(QUESTIONS[c])], answers[c]) for c in order]
         qa.append(llava_record(f"{slide.slide_id}-qa{k}", slide.slide_id, turns))
+    qa.append(llava_record(f"{slide.slide_id}-qa2", slide.slide_id, [
+        (DESCRIBE_QUESTIONS[slide.seed % len(DESCRIBE_QUESTIONS)], description(slide)),
+        (OTHER_QUESTIONS[slide.seed % len(OTHER_QUESTIONS)], OUT_OF_SCOPE)]))
     return caption_record, qa
 
 
@@ -231,6 +255,8 @@ def lesion_records(slides: list[LesionSlide]) -> dict[str, list[dict]]:
                     continue
                 files["test.json"].append(llava_record(f"{slide.slide_id}-{category}", slide.slide_id,
                                                        [(QUESTIONS[category][0], answers[category])]))
+            files["test.json"].append(llava_record(f"{slide.slide_id}-description", slide.slide_id,
+                                                   [(DESCRIBE_QUESTIONS[0], description(slide))]))
             continue
         prefix = "val_" if slide.split == "val" else ""
         caption_record, qa = _training_records(slide)

@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import ChatEXAONEPathError
 from ..vision_tower.features import SlideFeatures, read_features
 from .lesion_slides import patch_lesion_coverage
-from .lesions import NO_LESION, QUESTIONS, SCORED, read_lesion_labels, read_lesion_mask
+from .lesions import DESCRIBE_QUESTIONS, NO_LESION, QUESTIONS, SCORED, read_lesion_labels, read_lesion_mask
 
 # Patches the lesion covers less than this are slivers at its border: their look hardly changes, no model can
 # single them out, and with "any overlap" they cap the AUC near 0.85 (docs/demo_model.md).
@@ -52,6 +52,15 @@ def truth_of(row: dict[str, str], category: str) -> str | None:
 def answer_correct(answer: str, truth: str, category: str) -> bool:
     """Right when the answer names the true class and no other one."""
     return named(answer, category) == {truth}
+
+
+DESCRIPTION = "description"  # the phase-2 description, scored fact by fact
+DESCRIPTION_TOKENS = 64  # a three-sentence description; the short answers need 24
+
+
+def description_facts(answer: str, row: dict[str, str]) -> dict[str, bool]:
+    """Per fact a slide has (organ, diagnosis, and grade and margins where there is a lesion): named right?"""
+    return {c: answer_correct(answer, truth, c) for c in SCORED if (truth := truth_of(row, c)) is not None}
 
 
 def session_for(model, max_new_tokens: int = 24):
@@ -146,6 +155,9 @@ def score_lesion_cohort(model, view: CohortView, categories: tuple[str, ...] = S
             aucs[sid] = localisation_auc(scores, coverage, min_coverage=0.0)
             aucs_lenient[sid] = localisation_auc(scores, coverage)
         for category in categories:
+            if category == DESCRIPTION:
+                answers.append(_describe(session, features, row, sid, max(max_new_tokens, DESCRIPTION_TOKENS)))
+                continue
             truth = truth_of(row, category)
             if truth is None:
                 continue
@@ -158,6 +170,18 @@ def score_lesion_cohort(model, view: CohortView, categories: tuple[str, ...] = S
     accuracy = {c: sum(a["correct"] for a in answers if a["category"] == c) /
                 max(1, sum(a["category"] == c for a in answers)) for c in categories}
     return LesionScore(accuracy, _mean(aucs.values()), _mean(aucs_lenient.values()), aucs, answers)
+
+
+def _describe(session, features: SlideFeatures, row: dict[str, str], sid: str, max_new_tokens: int) -> dict:
+    """The description asked of one slide, right when it names every fact the slide has and nothing else."""
+    short, session.max_new_tokens = session.max_new_tokens, max_new_tokens
+    try:
+        answer = ask(session, features, DESCRIBE_QUESTIONS[0])
+    finally:
+        session.max_new_tokens = short
+    facts = description_facts(answer, row)
+    return {"slide": sid, "category": DESCRIPTION, "truth": "; ".join(f"{c}: {truth_of(row, c)}" for c in facts),
+            "answer": answer, "correct": all(facts.values()), "facts": facts, "lesion": row["diagnosis"] != NO_LESION}
 
 
 def untrained_localisation(model, view: CohortView, seeds) -> list[float]:

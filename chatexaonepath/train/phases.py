@@ -29,9 +29,10 @@ from ..chat.provenance import check_features
 from ..chat.typicality import Typicality, slide_measures
 from ..vision_tower.features import read_features
 from ..errors import ChatEXAONEPathError
+from ..patients import patients_of, record_train_patients, seen_in_training, split_by_patient
 from .data import (
     DataConfig, DataError, LoadedRecords, SlideCollator, SlideConversationDataset, data_summary, feature_statistics,
-    features_dim, features_provenance, load_records, split_by_slide,
+    features_dim, features_provenance, load_records,
 )
 from .trainer import TRAINING_ARGS, EpochCallback, LogCallback, TowerTrainer, finalize
 from .validation import SELECT_BY, SELECTION_METRIC, SelectionCallback, resolve_select_by, short_answers
@@ -276,7 +277,7 @@ def check_output_dir(config: PhaseConfig, resume: bool, run_info: dict) -> None:
 
 
 def prepare_data(config: PhaseConfig, data: DataConfig) -> tuple[LoadedRecords, list, list]:
-    """Records, then the (train, validation) split by slide, or the explicit validation files."""
+    """Records, then the (train, validation) split by patient, or the explicit validation files."""
     loaded = load_records(data.data, data.features_dir, skip_missing=data.skip_missing)
     if data.val_data:
         val_loaded = load_records(data.val_data, data.features_dir, skip_missing=data.skip_missing)
@@ -287,8 +288,50 @@ def prepare_data(config: PhaseConfig, data: DataConfig) -> tuple[LoadedRecords, 
             raise DataError(f"{len(shared)} slide(s) are in both the training and the validation data "
                             f"(e.g. {next(iter(shared)).name}); a slide must be on one side only.")
     else:
-        train, val = split_by_slide(loaded.records, data.val_fraction, data.seed)
+        train, val = split_by_patients(loaded.records, data.val_fraction, data.seed)
     return loaded, train, val
+
+
+def split_by_patients(records: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation): a seeded choice of about `val_fraction` of the patients, whole.
+
+    A patient is the TCGA barcode's first 12 characters, else the slide (patients.py): two slides of one
+    TCGA patient share one report, so a split by slide file would put that report on both sides.
+    """
+    if val_fraction <= 0:
+        return records, []
+    if len(patients_of(r.features_path for r in records)) < 2:
+        logger.warning("Only one patient in the data: training without a validation split.")
+        return records, []
+    train, val = split_by_patient(records, val_fraction, seed, slide_of=lambda r: r.features_path)
+    return train, val
+
+
+def train_patients(config: PhaseConfig, train_records: list) -> list[str] | dict | None:
+    """The `train_patients` record of training_args.json (docs/formats.md): salted hashes of the patients
+    this phase trains on and, in phase 2, those its --init checkpoint records, under that record's salt.
+
+    None when --init records none: a record of phase 2's patients alone would pass evaluation's leakage
+    check while missing phase 1's.
+    """
+    patients = patients_of(r.features_path for r in train_records)
+    if config.phase == 1:
+        return record_train_patients(patients)
+    path = Path(config.init) / TRAINING_ARGS
+    try:
+        earlier = json.loads(path.read_text()).get("train_patients") if path.is_file() else None
+    except (ValueError, AttributeError) as e:
+        raise ChatEXAONEPathError(f"{path} is not a JSON object ({e}); pass the --out folder of a finished "
+                                  "phase 1.") from e
+    if earlier is None:
+        logger.warning("%s records no train_patients, so this checkpoint records none either: evaluation cannot "
+                       "check its test patients against training.", path)
+        return None
+    seen_in_training([], earlier, str(path))  # a malformed record raises here, not in evaluation
+    if isinstance(earlier, list):
+        return record_train_patients([*earlier, *patients])
+    record = record_train_patients(patients, salt=earlier["salt"])
+    return {**record, "hashes": sorted(set(earlier["hashes"]) | set(record["hashes"]))}
 
 
 def versions() -> dict:
@@ -312,8 +355,12 @@ def train_phase(config: PhaseConfig, data: DataConfig, *, resume: bool = False,
     provenance = features_provenance(train_records + val_records)
     run_info = {"phase": config.phase, "phase_config": asdict(config), "data": data_summary(data, train_records,
                 val_records, loaded) | {"feature_provenance": provenance}, "versions": versions()}
+    recorded = train_patients(config, train_records)
+    if recorded is not None:
+        run_info["train_patients"] = recorded
     check_output_dir(config, resume, run_info)
     device = training_device(config)
+    run_info["precision"] = resolve_precision(config, device)  # what "auto" became here (the demo card shows it)
     set_seed(config.seed)  # the tower's (and LoRA's) initial weights
     model = build_model(config, train_records, device, provenance)
     run_info["parameters"] = freeze_for_phase(model, config.phase)
@@ -335,7 +382,9 @@ def train_phase(config: PhaseConfig, data: DataConfig, *, resume: bool = False,
         callbacks=[EpochCallback(train_set, val_set is not None, config.validate_every), LogCallback(), selection,
                    *(callbacks or [])],
         run_info=run_info, tower_learning_rate=config.tower_learning_rate,
-        short_answers=short_answers(val_records, builder) if val_records and select_by != "loss" else None,
+        # exact match generates with one slide's bag: case records are validated by their loss only
+        short_answers=short_answers([r for r in val_records if len(r.features_paths) == 1], builder)
+        if val_records and select_by != "loss" else None,
         select_by=select_by)
     output = trainer.train(resume_from_checkpoint=True if resume and _has_checkpoint(config.out) else None)
     history = trainer.state.log_history

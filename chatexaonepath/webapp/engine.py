@@ -59,6 +59,7 @@ class ModelCard:
     tower: str
     lora: str
     warnings: list[str]
+    failure: str | None = None  # a demo build that failed its own check: its answers do not reflect the slide
 
     @property
     def is_demo(self) -> bool:
@@ -66,6 +67,8 @@ class ModelCard:
 
     def banner(self) -> str | None:
         """The honest banner shown above everything else, or None for a fully trained model."""
+        if self.failure:
+            return f"{self.failure}: " + "; ".join(self.warnings) + "."
         if not self.warnings:
             return None
         return "Demo weights — answers are not diagnostic: " + "; ".join(self.warnings) + "."
@@ -98,7 +101,7 @@ def describe_model(model, extractor: FeatureExtractor, checkpoint: str | None, d
     # The demo model is served without a --model, so `checkpoint` is None for it: name it, not "None".
     source = "the demo model's" if demo is not None else f"from {checkpoint}" if checkpoint else "untrained"
     lora = "none" if not config.lora else f"r={config.lora['r']}, alpha={config.lora['alpha']} ({source})"
-    return ModelCard(llm, encoder_text, tower, lora, warnings)
+    return ModelCard(llm, encoder_text, tower, lora, warnings, demo.failure() if demo is not None else None)
 
 
 class AppEngine(SharedModel):

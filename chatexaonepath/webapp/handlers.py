@@ -59,6 +59,10 @@ def error_html(message: str) -> str:
 
 def done_html(view: SlideView, seconds: float) -> str:
     body = f"✓ {html.escape(view.summary)} Ready in {seconds:.1f} s — ask away."
+    if view.unlike:  # over the chat, where the answers will appear
+        return box(f'<span data-ready="{html.escape(view.name)}">{body}</span><br>'
+                   f'<span class="cxp-untypical" data-untypical="1">⚠ {html.escape(view.unlike)}</span>',
+                   "#b45309", "#fef3c7")
     return box(f'<span data-ready="{html.escape(view.name)}">{body}</span>', "#15803d", "#dcfce7")
 
 

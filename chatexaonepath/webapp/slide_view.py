@@ -33,6 +33,7 @@ class SlideView:
     mpp: float = 0.0  # level-0 µm per pixel
     patch_side: int = 0  # level-0 pixels
     heat_by: dict[str, np.ndarray] = field(default_factory=dict)  # scale → its (H, W, 3) tint; `heat` is the first
+    unlike: str | None = None  # the typicality warning when the slide is unlike the model's training slides
 
     def compose(self, show_heatmap: bool = True, opacity: float = 0.3, scale: str = HEAT_SCALES[0]) -> np.ndarray:
         """The thumbnail, with the heatmap (on `scale`) blended over the patches when `show_heatmap`."""
@@ -65,7 +66,7 @@ def render_view(slide: Slide, loaded, tissue: TissueConfig, top_patches: int) ->
     patches = top_attended_patches(slide, coords, attention, k=min(top_patches, len(features)),
                                    patch_size_level0=side0, size=side0 or 256)
     return SlideView(slide.slide_id, summary(slide, features), outline, heat[HEAT_SCALES[0]], covered, patches,
-                     float(slide.mpp), side0 or 0, heat)
+                     float(slide.mpp), side0 or 0, heat, getattr(loaded, "typicality_warning", None))
 
 
 def summary(slide: Slide, features) -> str:

@@ -71,8 +71,10 @@ def banner_html(engine: AppEngine) -> str:
         return ""
     tail = "" if "not a medical device" in text.lower() else " Not a medical device."  # said once, not twice
     head, _, rest = text.partition(": ")
-    return (f'<div id="banner" class="cxp-banner" role="alert" tabindex="0" title="{html.escape(text + tail)}">'
-            f"<b>⚠ {html.escape(head)}</b>{': ' if rest else ''}{plain_html(rest)}{html.escape(tail)}</div>")
+    failed = " cxp-banner-failed" if engine.card.failure else ""  # red: this build's answers ignore the slide
+    return (f'<div id="banner" class="cxp-banner{failed}" role="alert" tabindex="0" title="{html.escape(text + tail)}">'
+            f"<b>{'⛔' if failed else '⚠'} {html.escape(head)}</b>{': ' if rest else ''}{plain_html(rest)}"
+            f"{html.escape(tail)}</div>")
 
 
 def header_html(engine: AppEngine) -> str:

@@ -192,9 +192,13 @@ def chat_messages(session: "WebSession", registry: TileRegistry) -> list[dict]:
     mpp = session_mpp(session)
     shown: dict[tuple, int] = {}  # the evidence's patches → the number of the answer that showed them
     answers = 0
+    loaded = session.chat.slide
+    unlike = loaded.typicality_warning if loaded is not None else None
     for message, turn in zip(messages, session.turns):
         if turn.role == "assistant":
             answers += 1
+            if unlike:  # beside every answer: a reader may scroll past the note over the chat
+                message["content"] += f'\n\n<span class="cxp-untypical" data-untypical="1">⚠ {html.escape(unlike)}</span>'
         if not isinstance(turn, SlideTurn):
             continue
         if turn.role == "user" and turn.region is not None:
