@@ -18,7 +18,7 @@ Data = Annotated[list[Path], typer.Option("--data", help="LLaVA JSON/JSONL train
 Features = Annotated[Optional[Path], typer.Option("--features", help="Folder of <slide_id>.h5/.pt features that 'image' ids name.")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoint-N/ while training, the final model itself at the end.")]
 ValData = Annotated[Optional[list[Path]], typer.Option("--val-data", help="Explicit validation data (instead of a split).")]
-ValFraction = Annotated[float, typer.Option(help="Fraction of SLIDES held out for validation each epoch (0: none).")]
+ValFraction = Annotated[float, typer.Option(help="Fraction of PATIENTS (TCGA barcode, else slide) held out for validation each epoch (0: none).")]
 Patience = Annotated[int, typer.Option(help="With validation: stop after N validations without a better score (0: never).")]
 ValidateEvery = Annotated[int, typer.Option(help="Validate (and keep a checkpoint) every N epochs.")]
 SelectBy = Annotated[str, typer.Option(help="The checkpoint kept: auto (loss in phase 1, exact match of short answers in phase 2), loss, exact_match.")]
