@@ -2,9 +2,12 @@
 
 Records (`{"id", "image", "conversations"}`, a JSON list or JSONL) are checked up front, so a
 malformed one fails before any training with one sentence naming it. `image` is a slide id looked
-up in the features folder, or a path to `.h5`/`.pt` features. Conversations are tokenised by the
-same `PromptBuilder` that chat uses at inference, so labels cover exactly the assistant replies.
-The validation split is by slide: all questions about one slide land on the same side.
+up in the features folder, or a path to `.h5`/`.pt`/SlideChat `.csv` features — or a list of them, a
+case of 1–8 slides (one `<image>` for the whole list, as SlideChat ships it, or one per slide), whose
+features must all be made the same way. Conversations are tokenised by the same `PromptBuilder` that
+chat uses at inference, with each slide of a case labelled as chat labels it (conversation.label_case),
+so labels cover exactly the assistant replies. The validation split is by slide: all questions about
+one slide, and every case that shares a slide with them, land on the same side.
 """
 
 from __future__ import annotations
@@ -21,14 +24,14 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from ..chat.conversation import IGNORE_INDEX, IMAGE_TOKEN, PromptBuilder, turns_from_llava
-from ..chat.provenance import PROVENANCE_KEYS, describe, file_provenance
+from ..chat.conversation import IGNORE_INDEX, IMAGE_TOKEN, MAX_CASE_SLIDES, PromptBuilder, label_case, turns_from_llava
+from ..chat.provenance import PROVENANCE_KEYS, describe, file_provenance, provenance_of
 from ..errors import ChatEXAONEPathError
-from ..vision_tower.features import read_features
+from ..vision_tower.features import SLIDECHAT_ATTRS, read_features
 
 logger = logging.getLogger(__name__)
 
-FEATURE_SUFFIXES = (".h5", ".hdf5", ".pt")
+FEATURE_SUFFIXES = (".h5", ".hdf5", ".pt", ".csv")
 # Slide-file suffixes some datasets leave on `image` ("TCGA-…-01Z-00-DX1.svs"): the features are named by stem.
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".dcm", ".png", ".jpg")
 
@@ -63,12 +66,18 @@ class DataConfig:
 
 @dataclass
 class Record:
-    """One validated conversation about one slide."""
+    """One validated conversation about one slide, or about a case of several."""
 
     record_id: str
-    features_path: Path  # resolved features file; its identity is the slide's identity
+    features_paths: tuple[Path, ...]  # resolved features files, one per slide; a file's identity is its slide's
     conversations: list[dict]
     source: str  # "file.json #12", for error messages
+    slide_names: tuple[str, ...] = ()  # how the labels of a case name its slides (the names `image` gives)
+
+    @property
+    def features_path(self) -> Path:
+        """The (first) slide's features: the one slide of a single-slide record."""
+        return self.features_paths[0]
 
 
 # -- reading and checking records -----------------------------------------------------------------------
@@ -103,8 +112,7 @@ def check_record(record: object, where: str, image_token: str = IMAGE_TOKEN) -> 
     if not isinstance(record, dict):
         raise DataError(f"Record {where} is not a JSON object with id, image and conversations.")
     name = f"{record['id']!r} ({where})" if "id" in record else where
-    if not isinstance(record.get("image"), str) or not record["image"].strip():
-        raise DataError(f"Record {name} has no 'image' (a slide id or a features path); every sample needs a slide.")
+    images = record_images(record, name)
     try:
         turns = turns_from_llava(record.get("conversations"))
     except ChatEXAONEPathError as e:
@@ -114,15 +122,30 @@ def check_record(record: object, where: str, image_token: str = IMAGE_TOKEN) -> 
     counts = [turn.content.count(image_token) for turn in turns]
     if sum(counts) == 0:
         raise DataError(f"Record {name} has no {image_token} placeholder; put it in the first human message.")
-    if sum(counts) > 1:
+    if sum(counts) > 1 and len(images) == 1:
         raise DataError(f"Record {name} has {sum(counts)} {image_token} placeholders; a conversation is about "
                         "exactly one slide, so keep one.")
+    if sum(counts) not in (1, len(images)):
+        raise DataError(f"Record {name} has {sum(counts)} {image_token} placeholders for a case of {len(images)} "
+                        f"slides; use one per slide, or one for the whole case.")
     if any(c and turn.role != "user" for c, turn in zip(counts, turns)):
         raise DataError(f"Record {name} has {image_token} in a reply; it belongs in a human message.")
     for i, turn in enumerate(turns):
         if turn.role == "assistant" and not turn.content.strip():
             raise DataError(f"Record {name} has an empty reply (message {i}); remove the record or fill the reply.")
     return str(record.get("id", where))
+
+
+def record_images(record: dict, name: str) -> list[str]:
+    """The slides a record's `image` names: one string, or a list of 1–8 (a case); else one sentence naming it."""
+    image = record.get("image")
+    images = image if isinstance(image, list) else [image]
+    if not images or not all(isinstance(i, str) and i.strip() for i in images):
+        raise DataError(f"Record {name} has no 'image' (a slide id or a features path, or a list of them for a case); "
+                        "every sample needs a slide.")
+    if len(images) > MAX_CASE_SLIDES:
+        raise DataError(f"Record {name} lists {len(images)} slides; a case has at most {MAX_CASE_SLIDES}.")
+    return [i.strip() for i in images]
 
 
 def resolve_features(image: str, features_dir: Path | None, data_dir: Path) -> Path | None:
@@ -161,11 +184,16 @@ def load_records(paths: list[str], features_dir: str | None, *, skip_missing: bo
     for path in paths:
         for where, raw in read_records(path):
             record_id = check_record(raw, where, image_token)
-            resolved = resolve_features(raw["image"].strip(), folder, Path(path).parent)
-            if resolved is None:
+            images = record_images(raw, where)
+            resolved = [resolve_features(image, folder, Path(path).parent) for image in images]
+            if any(r is None for r in resolved):
                 missing.append(record_id)
                 continue
-            records.append(Record(record_id, resolved, raw["conversations"], where))
+            if len(resolved) > 1:
+                features_provenance([Record(record_id, tuple(resolved), [], where)],
+                                    what=f"The slides of case {record_id!r} ({where})")
+            records.append(Record(record_id, tuple(resolved), raw["conversations"], where,
+                                  tuple(Path(i).name for i in images)))
     if missing and not skip_missing:
         hint = "" if folder else " (no --features folder was given)"
         raise DataError(f"Features are missing for {len(missing)} record(s), first: {', '.join(missing[:5])}{hint}; "
@@ -179,19 +207,45 @@ def load_records(paths: list[str], features_dir: str | None, *, skip_missing: bo
 
 
 # -- the split ------------------------------------------------------------------------------------------
+def slide_groups(records: list[Record]) -> dict[str, str]:
+    """Each slide → its group: slides that share a case are one group (so they land on one side of a split)."""
+    parent: dict[str, str] = {}
+
+    def root(slide: str) -> str:
+        while parent.setdefault(slide, slide) != slide:
+            parent[slide] = parent[parent[slide]]
+            slide = parent[slide]
+        return slide
+
+    for record in records:
+        first = root(str(record.features_paths[0]))
+        for path in record.features_paths[1:]:
+            other = root(str(path))
+            if other != first:
+                parent[max(first, other)] = min(first, other)
+                first = min(first, other)
+    return {slide: root(slide) for slide in parent}
+
+
 def split_by_slide(records: list[Record], val_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """(train, validation): a seeded choice of whole slides, so no slide is on both sides."""
-    slides = sorted({str(r.features_path) for r in records})
+    """(train, validation): a seeded choice of whole slides (with the cases they share), so no slide is on both sides."""
+    groups = slide_groups(records)
+    slides = sorted(set(groups.values()))
     if val_fraction <= 0:
         return records, []
     if len(slides) < 2:
-        logger.warning("Only one slide in the data: training without a validation split.")
+        logger.warning("Only one slide (or case) in the data: training without a validation split.")
         return records, []
     count = min(len(slides) - 1, max(1, round(val_fraction * len(slides))))
     val_slides = set(random.Random(seed).sample(slides, count))
-    train = [r for r in records if str(r.features_path) not in val_slides]
-    val = [r for r in records if str(r.features_path) in val_slides]
+    train = [r for r in records if groups[str(r.features_path)] not in val_slides]
+    val = [r for r in records if groups[str(r.features_path)] in val_slides]
     return train, val
+
+
+def slide_paths(records: list[Record]) -> list[Path]:
+    """Every slide's features file the records use, each once, sorted."""
+    return sorted({path for r in records for path in r.features_paths})
 
 
 # -- fingerprints saved with each checkpoint ------------------------------------------------------------------
@@ -207,26 +261,34 @@ def file_sha256(path: str | Path) -> str:
 def features_fingerprint(records: list[Record]) -> str:
     """A cheap digest of the feature files used: names and sizes (hashing terabytes of bags would cost hours)."""
     digest = hashlib.sha256()
-    for path in sorted({r.features_path for r in records}):
+    for path in slide_paths(records):
         digest.update(f"{path.name}:{path.stat().st_size}\n".encode())
     return digest.hexdigest()
 
 
-def features_provenance(records: list[Record]) -> dict:
+def path_provenance(path: Path) -> dict:
+    """How one features file was made: its attributes (`.h5`), `external: slidechat-csv` (`.csv`), else unknown."""
+    if path.suffix.lower() == ".csv":
+        return provenance_of(SLIDECHAT_ATTRS)
+    return file_provenance(path)
+
+
+def features_provenance(records: list[Record], what: str = "The training features") -> dict:
     """How the features of `records` were made (chat/provenance.py): one way for all, else a DataError naming two.
 
     The checkpoint records it, so chat and evaluation can refuse features made differently; a model trained
-    on a mix of encoders or stain settings would have no one kind of features to be served.
+    on a mix of encoders or stain settings would have no one kind of features to be served. Every slide of a
+    case counts (`what` names them in the error).
     """
     first_path, first = None, None
-    for path in sorted({r.features_path for r in records}):
-        provenance = file_provenance(path)
+    for path in slide_paths(records):
+        provenance = path_provenance(path)
         if first is None:
             first_path, first = path, provenance
             continue
-        differing = [key for key in PROVENANCE_KEYS if provenance[key] != first[key]]
+        differing = [key for key in PROVENANCE_KEYS if provenance.get(key) != first.get(key)]
         if differing:
-            raise DataError(f"The training features were not all made the same way: {first_path.name} has "
+            raise DataError(f"{what} were not all made the same way: {first_path.name} has "
                             f"{describe(first, differing)} but {path.name} has {describe(provenance, differing)}; "
                             "extract every slide with the same encoder and settings.")
     return first or {}
@@ -239,7 +301,7 @@ class Sample:
 
     input_ids: list[int]
     labels: list[int]
-    features_path: Path
+    features_paths: tuple[Path, ...]
 
 
 class SlideConversationDataset(torch.utils.data.Dataset):
@@ -256,7 +318,9 @@ class SlideConversationDataset(torch.utils.data.Dataset):
 
     def _tokenise(self, record: Record, max_length: int | None) -> Sample:
         try:
-            built = self.builder.build(turns_from_llava(record.conversations))
+            turns = turns_from_llava(record.conversations)
+            names = list(record.slide_names) or [p.name for p in record.features_paths]
+            built = self.builder.build(label_case(turns, names, self.builder.image_token))
         except ChatEXAONEPathError as e:
             raise DataError(f"Record {record.record_id!r} ({record.source}): {e}") from e
         ids, labels = built.input_ids, built.labels
@@ -267,7 +331,7 @@ class SlideConversationDataset(torch.utils.data.Dataset):
                                 f"reply within --max-length {max_length}; raise --max-length or shorten it.")
             ids, labels = ids[:max_length], labels[:max_length]
             self.truncated += 1
-        return Sample(ids, labels, record.features_path)
+        return Sample(ids, labels, record.features_paths)
 
     def set_epoch(self, epoch: int) -> None:
         """Patch subsampling depends on (seed, epoch, index), so a resumed run draws the same patches."""
@@ -287,13 +351,19 @@ class SlideConversationDataset(torch.utils.data.Dataset):
         return bag
 
     def __getitem__(self, index: int) -> dict:
+        """Ids, labels and `slide_features`: the slide's bag (N, D), or for a case the list of its slides' bags."""
         sample = self.samples[index]
-        bag = self._bag(sample.features_path)  # (N, D)
-        if self.max_patches is not None and bag.shape[0] > self.max_patches:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            keep = np.sort(rng.choice(bag.shape[0], self.max_patches, replace=False))
-            bag = bag[torch.from_numpy(keep)]
-        return {"input_ids": sample.input_ids, "labels": sample.labels, "slide_features": bag}
+        bags = []
+        for slide, path in enumerate(sample.features_paths):
+            bag = self._bag(path)  # (N, D)
+            if self.max_patches is not None and bag.shape[0] > self.max_patches:
+                rng = np.random.default_rng([self.seed, self.epoch, index, slide] if slide else
+                                            [self.seed, self.epoch, index])
+                keep = np.sort(rng.choice(bag.shape[0], self.max_patches, replace=False))
+                bag = bag[torch.from_numpy(keep)]
+            bags.append(bag)
+        return {"input_ids": sample.input_ids, "labels": sample.labels,
+                "slide_features": bags[0] if len(bags) == 1 else bags}
 
     def lengths(self) -> list[int]:
         """Token count of every sample."""
@@ -302,7 +372,11 @@ class SlideConversationDataset(torch.utils.data.Dataset):
 
 @dataclass
 class SlideCollator:
-    """Right-pads text (labels with IGNORE_INDEX) and stacks feature bags with a patch mask."""
+    """Right-pads text (labels with IGNORE_INDEX) and stacks feature bags with a patch mask.
+
+    The bags of every slide of every sample are stacked in order; when a sample is a case, `slides_per_sample`
+    says how many of them are its.
+    """
 
     pad_token_id: int
 
@@ -316,20 +390,25 @@ class SlideCollator:
             input_ids[i, :n] = torch.tensor(item["input_ids"])
             labels[i, :n] = torch.tensor(item["labels"])
             attention_mask[i, :n] = 1
-        patches = max(item["slide_features"].shape[0] for item in items)
-        dim = items[0]["slide_features"].shape[1]
-        features = torch.zeros((len(items), patches, dim), dtype=torch.float32)  # (B, N_max, D)
-        mask = torch.zeros((len(items), patches), dtype=torch.bool)  # (B, N_max)
-        for i, item in enumerate(items):
-            n = item["slide_features"].shape[0]
-            features[i, :n] = item["slide_features"].float()
-            mask[i, :n] = True
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                "slide_features": features, "slide_mask": mask}
+        per_sample = [item["slide_features"] if isinstance(item["slide_features"], (list, tuple))
+                      else [item["slide_features"]] for item in items]
+        bags = [bag for sample in per_sample for bag in sample]
+        patches = max(bag.shape[0] for bag in bags)
+        dim = bags[0].shape[1]
+        features = torch.zeros((len(bags), patches, dim), dtype=torch.float32)  # (S, N_max, D)
+        mask = torch.zeros((len(bags), patches), dtype=torch.bool)  # (S, N_max)
+        for i, bag in enumerate(bags):
+            features[i, :bag.shape[0]] = bag.float()
+            mask[i, :bag.shape[0]] = True
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                 "slide_features": features, "slide_mask": mask}
+        if len(bags) != len(items):  # some sample is a case of several slides
+            batch["slides_per_sample"] = torch.tensor([len(sample) for sample in per_sample])
+        return batch
 
 
 def features_dim(records: list[Record]) -> int:
-    """The feature width of the bags (read from the first record's file)."""
+    """The feature width of the bags (read from the first record's first slide)."""
     return int(read_features(records[0].features_path).features.shape[1])
 
 
@@ -339,7 +418,7 @@ def feature_statistics(records: list[Record], *, max_slides: int = 256, max_patc
 
     The sample bounds the start-up cost on large cohorts (reading every bag could take hours).
     """
-    paths = sorted({r.features_path for r in records})
+    paths = slide_paths(records)
     if len(paths) > max_slides:
         paths = sorted(random.Random(seed).sample(paths, max_slides))
     total = total_sq = None
@@ -365,8 +444,9 @@ def data_summary(config: DataConfig, train: list[Record], val: list[Record], loa
         "config": asdict(config), "files_sha256": files,
         "features_fingerprint": features_fingerprint(train + val),
         "train_records": len(train), "val_records": len(val),
-        "train_slides": len({r.features_path for r in train}), "val_slides": len({r.features_path for r in val}),
-        "val_slide_files": sorted({r.features_path.name for r in val}),
+        "train_slides": len(slide_paths(train)), "val_slides": len(slide_paths(val)),
+        "val_slide_files": sorted({p.name for p in slide_paths(val)}),
+        "case_records": sum(len(r.features_paths) > 1 for r in train + val),
         "skipped_missing": len(loaded.missing), "skipped_missing_ids": loaded.missing[:100],
         "data_sha256": combined_sha256(files.values()),
     }

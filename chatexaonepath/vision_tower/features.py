@@ -2,13 +2,15 @@
 
 Layout (docs/formats.md): dataset `features` (N×D float16), dataset `coords` (N×2 int64, level-0
 top-left x, y), and attributes describing how they were made. A file that exists is complete.
-`read_features` also reads the `.pt` tensors that WSI-Bench and SlideChat ship.
+`read_features` also reads the `.pt` tensors that WSI-Bench ships and SlideChat's `.csv` feature files
+(`read_slidechat_csv`: per-patch CONCH features, their provenance recorded as `external: slidechat-csv`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,8 +93,10 @@ def read_features(path: str | Path) -> SlideFeatures:
         raise FeaturesError(f"Features file not found: {path}.")
     if path.suffix == ".pt":
         return _read_pt(path)
+    if path.suffix.lower() == ".csv":
+        return read_slidechat_csv(path)
     if path.suffix not in (".h5", ".hdf5"):
-        raise FeaturesError(f"{path} is neither a .h5 nor a .pt features file.")
+        raise FeaturesError(f"{path} is neither a .h5, a .pt nor a SlideChat .csv features file.")
     import h5py
 
     try:
@@ -130,6 +134,77 @@ def _read_pt(path: Path) -> SlideFeatures:
     if isinstance(coords, np.ndarray):
         coords = torch.from_numpy(coords)
     return _validated(path, obj, coords, {})
+
+
+SLIDECHAT_CSV = "slidechat-csv"
+# What a SlideChat .csv says about how it was made: nothing but its format, so it is recorded as external.
+SLIDECHAT_ATTRS = {"encoder": f"external: {SLIDECHAT_CSV}", "feature_format": SLIDECHAT_CSV}
+_GRID_NAME = re.compile(r"(\d+)_(\d+)(?:\.[A-Za-z]+)?$")
+
+
+def read_slidechat_csv(path: str | Path) -> SlideFeatures:
+    """A SlideChat (DSMIL-style) features `.csv`: a header `0,1,…,D-1` of feature columns, one patch per row.
+
+    Extra columns may follow: a patch path whose file name is its grid position `col_row.jpeg` (`img_path`, as
+    SlideChat's extraction writes) gives the coords in grid units (`coords_unit: grid`); numeric `x`,`y` columns
+    give level-0 pixels. Anything else malformed raises one sentence naming the file and the row.
+    """
+    import csv
+
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError) as e:
+        raise FeaturesError(f"{path} is not a readable CSV features file: {e}.") from e
+    if len(rows) < 2:
+        raise FeaturesError(f"{path} has no patches: a SlideChat features CSV is a header row and one row per patch.")
+    header = [name.strip() for name in rows[0]]
+    width = 0
+    while width < len(header) and header[width] == str(width):
+        width += 1
+    if width == 0:
+        raise FeaturesError(f"{path} does not start with the feature columns 0,1,2,… that SlideChat's features CSVs "
+                            f"have (its header starts {','.join(header[:3])[:60]!r}).")
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise FeaturesError(f"{path} line {number} has {len(row)} fields where the header has {len(header)}.")
+    try:
+        features = np.asarray([row[:width] for row in rows[1:]], dtype=np.float32)  # (N, D)
+    except ValueError:
+        bad = next(n for n, row in enumerate(rows[1:], start=2) if not _numeric(row[:width]))
+        raise FeaturesError(f"{path} line {bad} has a feature value that is not a number.") from None
+    coords, attrs = _csv_coords(path, header, rows[1:]), dict(SLIDECHAT_ATTRS)
+    if coords is not None and header.count("x") == 0:
+        attrs["coords_unit"] = "grid"
+    return _validated(path, torch.from_numpy(features), None if coords is None else torch.from_numpy(coords), attrs)
+
+
+def _numeric(values: list[str]) -> bool:
+    try:
+        [float(v) for v in values]
+    except ValueError:
+        return False
+    return True
+
+
+def _csv_coords(path: Path, header: list[str], rows: list[list[str]]) -> np.ndarray | None:
+    """(N, 2) coords from `x`,`y` columns or from patch names `col_row.jpeg`; None when the file has neither."""
+    if "x" in header and "y" in header:
+        x, y = header.index("x"), header.index("y")
+        try:
+            return np.asarray([[float(row[x]), float(row[y])] for row in rows]).astype(np.int64)
+        except ValueError:
+            raise FeaturesError(f"{path} has an x or y value that is not a number.") from None
+    column = next((header.index(n) for n in ("img_path", "path", "filename", "patch") if n in header), None)
+    if column is None:
+        return None
+    found = [_GRID_NAME.search(Path(row[column].strip()).name) for row in rows]
+    if not all(found):
+        bad = next(n for n, match in enumerate(found, start=2) if match is None)
+        raise FeaturesError(f"{path} line {bad}: the patch name in {header[column]!r} is not 'col_row.jpeg', so its "
+                            "position is unknown.")
+    return np.asarray([[int(m.group(1)), int(m.group(2))] for m in found], dtype=np.int64)
 
 
 def _validated(path: Path, features: torch.Tensor, coords: torch.Tensor | None, attrs: dict) -> SlideFeatures:
