@@ -8,13 +8,16 @@ by id or path, never copied.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
 import logging
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -99,6 +102,15 @@ class SlideTokens:
     def clam_attention(self) -> torch.Tensor:
         """(B, N) CLAM's gated attention softmax(a): what the tokens were pooled with only before training."""
         return self.aggregated.attention
+
+
+@contextlib.contextmanager
+def quiet_peft_deprecation() -> Iterator[None]:
+    """PEFT reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a FutureWarning
+    meant for PEFT's developers that users would see at every start. Only that warning is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 class SlideEncoder(nn.Module):
@@ -401,8 +413,9 @@ class ChatEXAONEPathForCausalLM(nn.Module):
         from peft import LoraConfig, get_peft_model
 
         lora = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": list(target_modules)}
-        self.llm = get_peft_model(self.llm, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                                       target_modules=list(target_modules), task_type="CAUSAL_LM"))
+        with quiet_peft_deprecation():
+            self.llm = get_peft_model(self.llm, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                           target_modules=list(target_modules), task_type="CAUSAL_LM"))
         self.config.lora = lora
 
     def merge_lora(self) -> None:
@@ -474,13 +487,16 @@ class ChatEXAONEPathForCausalLM(nn.Module):
         if (directory / "tokenizer_config.json").exists():  # the tokenizer the model was trained with
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(directory)
+            # With the LLM's config: read from `directory`, transformers would take our config.json for the
+            # tokenizer's model and warn that "chatexaonepath" is not a model type it knows.
+            tokenizer = AutoTokenizer.from_pretrained(directory, config=llm.config)
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
         if (directory / ADAPTER_DIR / "adapter_config.json").exists():
             from peft import PeftModel
 
-            llm = PeftModel.from_pretrained(llm, directory / ADAPTER_DIR, is_trainable=trainable)
+            with quiet_peft_deprecation():
+                llm = PeftModel.from_pretrained(llm, directory / ADAPTER_DIR, is_trainable=trainable)
         model = cls(config, llm, tokenizer)
         tower_state = load_file(str(directory / TOWER_WEIGHTS))
         for name in ("feature_mean", "feature_std"):  # checkpoints written before feature standardisation existed
