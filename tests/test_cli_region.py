@@ -13,9 +13,11 @@ def run_chat(*args, cache) -> subprocess.CompletedProcess:
                           text=True, env=env, timeout=600)
 
 
-def test_a_malformed_region_is_one_sentence_and_exit_2(slides, tmp_path):
-    result = run_chat(slides["tumor"], "--region", "10,20,30", "--question", "Hi?", cache=tmp_path)
-    assert result.returncode == 2 and "four whole numbers x,y,w,h" in result.stderr
+@pytest.mark.parametrize("region, words", [("10,20,30", "four whole numbers x,y,w,h"),
+                                           ("1,2,3," + "9" * 5000, "level-0 pixels of at most")])
+def test_a_malformed_region_is_one_sentence_and_exit_2(slides, tmp_path, region, words):
+    result = run_chat(slides["tumor"], "--region", region, "--question", "Hi?", cache=tmp_path)
+    assert result.returncode == 2 and words in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -22,6 +22,14 @@ from .conversation import Turn
 
 EVIDENCE_COUNT = 3  # chips under an answer: a few places, not a second heatmap
 _REGION = re.compile(r"^\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*$")
+# Level-0 pixels: far past any slide (the largest are ~10^6 px a side), and small enough that a region's sums
+# fit numpy's int64. Bounding the digits before int() also keeps Python's 4,300-digit limit from raising.
+MAX_REGION_VALUE = 2**31 - 1
+_MAX_DIGITS = len(str(MAX_REGION_VALUE))
+_CASE_SLIDE = re.compile(r"\s*([0-9]{1,3})\s*")
+# Not echoing the value: str() of an int past 4,300 digits raises.
+_TOO_LARGE = (f"A region's x, y, width and height are level-0 pixels of at most {MAX_REGION_VALUE:,}; one of them is "
+              "larger.")
 
 
 class EmptyRegionError(ChatEXAONEPathError):
@@ -38,6 +46,8 @@ class Region:
     height: int
 
     def __post_init__(self) -> None:
+        if max(abs(self.x), abs(self.y), self.width, self.height) > MAX_REGION_VALUE:
+            raise ChatEXAONEPathError(_TOO_LARGE)
         if self.width < 1 or self.height < 1:
             raise ChatEXAONEPathError(f"A region needs a width and height of at least 1 pixel, got "
                                       f"{self.width}×{self.height}.")
@@ -49,6 +59,8 @@ class Region:
         if match is None:
             raise ChatEXAONEPathError(f"A region is four whole numbers x,y,w,h in level-0 pixels (e.g. "
                                       f"--region 4096,2048,1024,1024), got {str(text)[:60]!r}.")
+        if any(len(value.lstrip("-")) > _MAX_DIGITS for value in match.groups()):
+            raise ChatEXAONEPathError(_TOO_LARGE)
         return cls(*(int(value) for value in match.groups()))
 
     @classmethod
@@ -60,8 +72,9 @@ class Region:
             return cls.parse(value)
         try:
             x, y, width, height = (int(v) for v in value)
-        except (TypeError, ValueError) as e:
-            raise ChatEXAONEPathError(f"A region is (x, y, width, height) in level-0 pixels, got {value!r}.") from e
+        except (TypeError, ValueError, OverflowError) as e:  # OverflowError: int(float("inf"))
+            raise ChatEXAONEPathError(f"A region is (x, y, width, height) in level-0 pixels, got "
+                                      f"{_shown(value)}.") from e
         return cls(x, y, width, height)
 
     def clipped(self, width: int, height: int) -> "Region | None":
@@ -79,6 +92,14 @@ class Region:
     def describe(self) -> str:
         """For people: "x 4,096, y 2,048, 1,024 × 1,024 px (level 0)"."""
         return f"x {self.x:,}, y {self.y:,}, {self.width:,} × {self.height:,} px (level 0)"
+
+
+def _shown(value: object) -> str:
+    """The start of a value's repr for a message; a repr that itself fails (a 5,000-digit int) is its type."""
+    try:
+        return repr(value)[:60]
+    except ValueError:
+        return f"a {type(value).__name__} too large to show"
 
 
 def patch_side_of(features) -> int:
@@ -151,7 +172,8 @@ def parse_case_region(text: str, slides: int = 1) -> tuple[int, Region]:
     slide, _, rest = str(text or "").partition(":")
     if not rest:
         return 0, Region.parse(slide)
-    if not slide.strip().isdigit() or not 1 <= int(slide) <= slides:
+    number = _CASE_SLIDE.fullmatch(slide)  # not str.isdigit(): it takes "²", which int() refuses
+    if number is None or not 1 <= int(number.group(1)) <= slides:
         raise ChatEXAONEPathError(f"A region names its slide by number from 1 to {slides} before a colon (e.g. "
                                   f"--region 2:4096,2048,1024,1024), got {str(text)[:60]!r}.")
     return int(slide) - 1, Region.parse(rest)

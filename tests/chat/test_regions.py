@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from chatexaonepath.chat.modeling import ChatEXAONEPathConfig, ChatEXAONEPathForCausalLM
-from chatexaonepath.chat.regions import EmptyRegionError, Region, SlideTurn, patches_in_region, top_evidence
+from chatexaonepath.chat.regions import (
+    EmptyRegionError, Region, SlideTurn, parse_case_region, patches_in_region, top_evidence,
+)
 from chatexaonepath.chat.session import ChatSession
 from chatexaonepath.errors import ChatEXAONEPathError
 from chatexaonepath.vision_tower.extraction import ExtractConfig, FeatureExtractor
@@ -35,6 +37,23 @@ def test_regions_parse_from_text_and_refuse_anything_else():
         Region(0, 0, 0, 5)
     assert Region(-50, 10, 100, 100).clipped(60, 60) == Region(0, 10, 50, 50)
     assert Region(100, 100, 10, 10).clipped(60, 60) is None
+
+
+@pytest.mark.parametrize("text", ["1,2,3," + "9" * 5000, "9" * 5000 + ",0,1,1", "-" + "9" * 30 + ",0,5,5",
+                                  "0,0,2147483648,1", "9" * 5000 + ":1,2,3,4", "²:1,2,3,4", "9" * 5000])
+def test_huge_or_odd_numbers_in_a_region_are_one_sentence(text):
+    # Past 4,300 digits int() raises ValueError, and "²".isdigit() is True though int() refuses it.
+    with pytest.raises(ChatEXAONEPathError) as caught:
+        parse_case_region(text, slides=2)
+    message = str(caught.value)
+    assert "\n" not in message and len(message) < 200 and message.startswith("A region") and message.endswith(".")
+
+
+def test_region_values_are_bounded_whatever_builds_them():
+    assert parse_case_region("2:0,0,2147483647,1", slides=2) == (1, Region(0, 0, 2147483647, 1))
+    for value in ((0, 0, 10**5000, 1), (float("inf"), 0, 1, 1), ("x", 10**5000, 1, 1)):
+        with pytest.raises(ChatEXAONEPathError, match="A region"):
+            Region.of(value)
 
 
 def test_a_patch_is_in_a_region_when_its_centre_is_and_small_regions_take_what_they_overlap():
