@@ -229,7 +229,7 @@ def synth_lesions(
 
 @app.command("chat")
 def chat(
-    slide: Annotated[Path, typer.Argument(help="The slide to talk about.")],
+    slides: Annotated[list[Path], typer.Argument(help="The slide to talk about, or the 2-8 slides of one case (asked about together).")],
     model: Annotated[Optional[Path], typer.Option("--model", help="A trained ChatEXAONEPath checkpoint folder.")] = None,
     llm: Annotated[str, typer.Option(help="LLM when no --model is given: a HF id, a path, or 'embedded'.")] = "embedded",
     encoder: Annotated[Optional[str], typer.Option(help="Patch encoder (default: the one the --model was trained on; without one exaonepath if found, else random-vit-b16).")] = None,
@@ -239,7 +239,7 @@ def chat(
     allow_feature_mismatch: Annotated[bool, typer.Option("--allow-feature-mismatch", help="Use features made differently from the model's training features, with a warning.")] = False,
     mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px for slides whose metadata lacks it.")] = None,
     question: Annotated[Optional[str], typer.Option("--question", help="Ask one question, print the answer, exit.")] = None,
-    region: Annotated[Optional[str], typer.Option(help="Ask about this part of the slide only: level-0 x,y,w,h (e.g. 4096,2048,1024,1024); the model sees the patches inside it.")] = None,
+    region: Annotated[Optional[str], typer.Option(help="Ask about this part of a slide only: level-0 x,y,w,h (e.g. 4096,2048,1024,1024), of the first slide, or N:x,y,w,h of slide N of a case; the model sees the patches inside it (and the case's other slides whole).")] = None,
     heatmap: Annotated[Optional[Path], typer.Option(help="Write the heatmap of the weights the visual tokens were pooled with to this PNG.")] = None,
     clam_heatmap: Annotated[Optional[Path], typer.Option(help="Also write CLAM's gated attention softmax(a) to this PNG (a second view).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 256,
@@ -249,14 +249,18 @@ def chat(
     max_patches_per_slide: Annotated[int, typer.Option(help="Refuse slides with more tissue patches than this.")] = 200_000,
     verbose: Verbose = False,
 ) -> None:
-    """Chat about a slide in the terminal (streamed, multi-turn), or ask one --question."""
+    """Chat about a slide, or a case of several, in the terminal (streamed, multi-turn), or ask one --question."""
+    from .chat.conversation import MAX_CASE_SLIDES
     from .chat.provenance import serving_extractor
-    from .chat.regions import Region
+    from .chat.regions import parse_case_region
     from .chat.session import ChatSession, load_chat_model
     from .vision_tower.slide import SlideLimits, open_slide
 
     limits = SlideLimits(max_pixels=max_pixels, max_patches=max_patches_per_slide, max_level_pixels=max_level_pixels)
-    scope = Region.parse(region) if region else None  # a malformed region fails before the model loads
+    if len(slides) > MAX_CASE_SLIDES:
+        raise ChatEXAONEPathError(f"A case has at most {MAX_CASE_SLIDES} slides, got {len(slides)}.")
+    # a malformed region (or one naming no slide of the case) fails before the model loads
+    slide_index, scope = parse_case_region(region, len(slides)) if region else (0, None)
 
     setup_logging(verbose)
     chat_model = load_chat_model(model, llm)
@@ -268,28 +272,23 @@ def chat(
         console.print(f"[bold yellow]Warning:[/] {mismatch}", highlight=False)
     session = ChatSession(chat_model, extractor.config, extractor=extractor, max_new_tokens=max_new_tokens,
                           temperature=temperature, allow_feature_mismatch=allow_feature_mismatch)
-    with open_slide(slide, mpp, limits=limits) as opened, progress_bar() as progress:
-        task = progress.add_task("features", total=None, unit="patches")
-        loaded = session.load_slide(opened, mpp, lambda done, total: progress.update(task, completed=done, total=total))
-        progress.update(task, visible=loaded.extracted)
-    console.print(f"[bold]{slide.name}[/]: {len(loaded.features)} patches"
-                  f"{' (features from cache)' if not loaded.extracted else ''}."
-                  f"{'' if question else ' Type a question; Ctrl-D to quit.'}")
-    if loaded.feature_warning and not mismatch:
-        console.print(f"[bold yellow]Warning:[/] {loaded.feature_warning}", highlight=False)
-    if loaded.typicality_warning:
-        console.print(f"[bold yellow]Warning:[/] {loaded.typicality_warning}", highlight=False)
-    maps = [(path, weights, name) for path, weights, name in (
-        (heatmap, loaded.attention, "pooling-weight heatmap"), (clam_heatmap, loaded.clam_attention, "CLAM heatmap"))
-        if path is not None]
-    if maps:
-        from .vision_tower.heatmap import render_heatmap
-
-        with open_slide(slide, mpp, limits=limits) as s:
-            for path, weights, name in maps:
-                render_heatmap(s, loaded.features.coords, weights,
-                               patch_size_level0=loaded.features.attrs.get("patch_size_level0")).save(path)
-                console.print(f"{name}: {path}")
+    case = len(slides) > 1
+    for number, slide in enumerate(slides, start=1):
+        with open_slide(slide, mpp, limits=limits) as opened, progress_bar() as progress:
+            task = progress.add_task("features", total=None, unit="patches")
+            loaded = session.load_slide(opened, mpp, lambda done, total: progress.update(task, completed=done,
+                                                                                        total=total), add=number > 1)
+            progress.update(task, visible=loaded.extracted)
+        console.print(f"{f'Slide {number} ' if case else ''}[bold]{slide.name}[/]: {len(loaded.features)} patches"
+                      f"{' (features from cache)' if not loaded.extracted else ''}.", highlight=False)
+        if loaded.feature_warning and not mismatch:
+            console.print(f"[bold yellow]Warning:[/] {loaded.feature_warning}", highlight=False)
+        if loaded.typicality_warning:  # per slide: one unusual slide of a case is worth knowing about
+            console.print(f"[bold yellow]Warning:[/] {f'slide {number}: ' if case else ''}"
+                          f"{loaded.typicality_warning}", highlight=False)
+        _write_heatmaps(slide, loaded, mpp, limits, number if case else None, heatmap, clam_heatmap)
+    if not question:
+        console.print(f"{f'A case of {len(slides)} slides. ' if case else ''}Type a question; Ctrl-D to quit.")
     questions = [question] if question else None
     while True:
         if questions is not None:
@@ -306,7 +305,7 @@ def chat(
         sys.stdout.write("model> " if questions is None else "")
         try:
             answer = session.ask(text, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
-                                 region=scope)
+                                 region=scope, slide=slide_index)
         except ChatEXAONEPathError as e:
             if questions is not None:
                 raise
@@ -314,8 +313,30 @@ def chat(
             continue
         sys.stdout.write("\n")
         about = f"region {answer.region} ({len(answer.coords)} patches)" if answer.region else "the whole slide"
-        chips = ", ".join(f"#{e.rank} ({e.x},{e.y}) {e.weight:.3g}" for e in answer.evidence)
+        if case:
+            about = f"{about} of slide {answer.slide_index + 1}" if answer.region else f"the whole case ({len(slides)} slides)"
+        chips = ", ".join(f"#{e.rank} {f'slide {e.slide + 1} ' if case else ''}({e.x},{e.y}) {e.weight:.3g}"
+                          for e in answer.evidence)
         console.print(f"[dim]about {about}; evidence (level-0 x,y, weight): {chips}[/]", highlight=False)
+
+
+def _write_heatmaps(slide: Path, loaded, mpp: float | None, limits, number: int | None,
+                    heatmap: Path | None, clam_heatmap: Path | None) -> None:
+    """The chat command's heatmap PNGs of one slide; in a case each slide's file name gets `-N` before its suffix."""
+    from .vision_tower.slide import open_slide
+
+    maps = [(path if number is None else path.with_name(f"{path.stem}-{number}{path.suffix}"), weights, name)
+            for path, weights, name in ((heatmap, loaded.attention, "pooling-weight heatmap"),
+                                        (clam_heatmap, loaded.clam_attention, "CLAM heatmap")) if path is not None]
+    if not maps:
+        return
+    from .vision_tower.heatmap import render_heatmap
+
+    with open_slide(slide, mpp, limits=limits) as s:
+        for path, weights, name in maps:
+            render_heatmap(s, loaded.features.coords, weights,
+                           patch_size_level0=loaded.features.attrs.get("patch_size_level0")).save(path)
+            console.print(f"{name}: {path}")
 
 
 @app.command("demo")
