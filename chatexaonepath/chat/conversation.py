@@ -19,10 +19,10 @@ import bisect
 import re
 from dataclasses import dataclass, field
 
-from ..constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from ..constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, MAX_CASE_SLIDES
 from ..errors import ChatEXAONEPathError
 
-__all__ = ["IGNORE_INDEX", "IMAGE_TOKEN", "IMAGE_TOKEN_INDEX"]  # re-exported: the builder's callers use them
+__all__ = ["IGNORE_INDEX", "IMAGE_TOKEN", "IMAGE_TOKEN_INDEX", "MAX_CASE_SLIDES"]  # re-exported: the builder's callers use them
 DEFAULT_SYSTEM_PROMPT = (
     "You are ChatEXAONEPath, an assistant for pathologists. You are shown a whole-slide image of an "
     "H&E-stained tissue section. Answer questions about it concisely in professional pathology language. "
@@ -62,9 +62,6 @@ def turns_from_llava(conversations: list[dict]) -> list[Turn]:
         if turn.role != expected:
             raise ChatEXAONEPathError(f"Message {i} is from the {turn.role}; conversations must alternate, user first.")
     return turns
-
-
-MAX_CASE_SLIDES = 8  # a case: the slides of one patient's specimen asked about together
 
 
 def slide_label(position: int, name: str) -> str:

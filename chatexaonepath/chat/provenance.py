@@ -53,10 +53,13 @@ def provenance_of(attrs: dict) -> dict:
 
 
 def file_provenance(path: str | Path) -> dict:
-    """The provenance of a features file (all None for `.pt` files, which carry no attributes)."""
-    from ..vision_tower.features import read_attrs
+    """The provenance of a features file: its attributes (`.h5`), `encoder=external: slidechat-csv` for SlideChat's
+    `.csv` files (which record nothing else), all None for `.pt` files (which carry no attributes)."""
+    from ..vision_tower.features import SLIDECHAT_ATTRS, read_attrs
 
     path = Path(path)
+    if path.suffix.lower() == ".csv":
+        return provenance_of(SLIDECHAT_ATTRS)
     return provenance_of(read_attrs(path) if path.suffix in (".h5", ".hdf5") else {})
 
 

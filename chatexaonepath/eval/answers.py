@@ -27,10 +27,11 @@ from typing import Callable, Protocol
 
 import torch
 
-from ..chat.conversation import IMAGE_TOKEN, PromptBuilder, Turn
+from ..chat.conversation import IMAGE_TOKEN, PromptBuilder, Turn, label_case
 from ..chat.provenance import check_features, file_provenance, is_known
 from ..errors import ChatEXAONEPathError
 from ..vision_tower.features import read_features
+from .baselines import item_slides, item_source
 from .data import JsonlLog
 from .criteria import EvalError
 
@@ -122,12 +123,15 @@ class _FeatureCache:
 def _prompt_ids(builder: PromptBuilder, item: AnswerItem, limit: int, max_new_tokens: int, blind: bool) -> list[int]:
     turns = [Turn(t.role, t.content) for t in item.turns]
     count = sum(t.content.count(IMAGE_TOKEN) for t in turns)
+    names = list(getattr(item, "case_names", ()) or ())
     if blind:  # the same conversation with its slide removed: the LLM alone
         turns = [Turn(t.role, t.content.replace(f"{IMAGE_TOKEN}\n", "").replace(IMAGE_TOKEN, "")) for t in turns]
-    elif count == 0:  # the slide rides on the first turn, as in a chat session
+    elif count == 0:  # the slide (or the case) rides on the first turn, as in a chat session
         turns[0] = Turn("user", f"{IMAGE_TOKEN}\n{turns[0].content}")
-    elif count > 1:
+    elif count > 1 and not names:
         raise ChatEXAONEPathError(f"the conversation holds {count} {IMAGE_TOKEN} placeholders; one slide needs one")
+    if names and not blind:  # a case: each slide labelled before its tokens, as chat and training label them
+        turns = label_case(turns, names, builder.image_token)
     ids = builder.build(turns, add_generation_prompt=True).input_ids
     if len(ids) + max_new_tokens > limit:
         raise ChatEXAONEPathError(f"the prompt ({len(ids)} tokens) + {max_new_tokens} new tokens exceeds the "
@@ -148,7 +152,7 @@ def check_test_features(items: list[AnswerItem], config: GenerateConfig, provena
         warnings.append(check_features(expected, {**expected, "stain_norm": config.stain_norm}, "--stain-norm asks for",
                                        allow=allow))
         expected["stain_norm"] = config.stain_norm
-    for path in sorted({item.features for item in items if item.features is not None}) if is_known(expected) else []:
+    for path in sorted({p for item in items for p in item_slides(item)}) if is_known(expected) else []:
         try:
             made = file_provenance(path)
         except ChatEXAONEPathError:  # unreadable: its items are skipped (and listed) when their features are read
@@ -192,9 +196,12 @@ def generate_answers(items: list[AnswerItem], config: GenerateConfig, answers: J
     for start in range(0, len(prompts), config.batch_size):
         batch = []
         for item, ids in prompts[start : start + config.batch_size]:
-            source = None if condition == "blind" else swap[item.features] if condition == "shuffled" else item.features
+            own = item_source(item)  # a slide's features, or a case's tuple of them
+            source = None if condition == "blind" else swap[own] if condition == "shuffled" else own
             try:
-                batch.append((item, ids, source, None if source is None else cache.get(source)))
+                bags = None if source is None else [cache.get(p) for p in source] if isinstance(source, tuple) \
+                    else cache.get(source)
+                batch.append((item, ids, source, bags))
             except ChatEXAONEPathError as e:  # an unreadable features file skips its items, not the run
                 skipped.append({"id": item.id, "stage": "generate", "error": str(e)})
         if batch:
@@ -259,15 +266,18 @@ def _generate_batch(model, batch: list[tuple], settings: dict) -> list[dict]:
         if batch[0][3] is None:  # blind: the LLM alone, fed embeddings as with a slide, so the guards act alike
             embeddings = model.llm.get_input_embeddings()(input_ids.to(model.device))
             out = model.llm.generate(inputs_embeds=embeddings, attention_mask=attention.to(model.device), **generation)
-        else:
-            out = model.generate(input_ids, [features for _, _, _, features in batch], attention_mask=attention,
-                                 **generation)
+        else:  # a case contributes every slide's bag, in order, and says how many
+            bags = [b for _, _, _, f in batch for b in (f if isinstance(f, list) else [f])]
+            per_sample = [len(f) if isinstance(f, list) else 1 for _, _, _, f in batch]
+            out = model.generate(input_ids, bags, attention_mask=attention, **generation,
+                                 **({"slides_per_sample": per_sample} if len(bags) != len(batch) else {}))
     seconds = (time.perf_counter() - started) / len(batch)
     records = []
     for (item, _, source, _), row in zip(batch, out):
         text = tokenizer.decode(row, skip_special_tokens=True).strip().replace(IMAGE_TOKEN, "[image]")
         ends = (row == tokenizer.eos_token_id).nonzero()
         new_tokens = int(ends[0]) + 1 if len(ends) else len(row)
-        records.append({**item.answer_fields(), "answer": text, "features_used": None if source is None else str(source),
+        used = None if source is None else [str(p) for p in source] if isinstance(source, tuple) else str(source)
+        records.append({**item.answer_fields(), "answer": text, "features_used": used,
                         "new_tokens": new_tokens, "seconds": round(seconds, 3)})
     return records

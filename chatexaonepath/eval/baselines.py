@@ -47,6 +47,37 @@ def slide_derangement(features: Sequence[Path], patient_map: Mapping[str, str] |
     return {slide: slides[(i + shift) % len(slides)] for i, slide in enumerate(slides)}
 
 
+def item_slides(item) -> tuple[Path, ...]:
+    """The features of every slide an item asks about: its case's (`case_features`), else its one slide's."""
+    return tuple(getattr(item, "case_features", ()) or ()) or ((item.features,) if item.features is not None else ())
+
+
+def item_source(item) -> Path | tuple[Path, ...] | None:
+    """What an item's answer is made from: its slide's features, or for a case the tuple of its slides'."""
+    slides = item_slides(item)
+    return slides if len(slides) > 1 else (slides[0] if slides else None)
+
+
+def case_derangement(items: Sequence, patient_map: Mapping[str, str] | None = None) -> dict:
+    """Each item's source (`item_source`) → another one's, for the `shuffled` baseline: whole cases are swapped.
+
+    Single slides are deranged as `slide_derangement` does; a case is replaced by another case of as many
+    slides (its prompt names that many), ordered and rotated the same way by its first slide's patient.
+    """
+    sources = {item_source(item) for item in items if item_source(item) is not None}
+    singles = [s for s in sources if isinstance(s, Path)]
+    swap: dict = slide_derangement(singles, patient_map) if singles else {}
+    for size in sorted({len(s) for s in sources if isinstance(s, tuple)}):
+        cases = [s for s in sources if isinstance(s, tuple) and len(s) == size]
+        if len(cases) < 2:
+            raise EvalError(f"The shuffled baseline swaps whole cases, and this test set has only one case of {size} "
+                            "slides; drop 'shuffled' from --baselines or add cases of that size.")
+        firsts = slide_derangement([c[0] for c in cases], patient_map)
+        by_first = {c[0]: c for c in cases}
+        swap.update({case: by_first[firsts[case[0]]] for case in cases})
+    return swap
+
+
 def paired_difference(with_slide: Mapping[str, float], without: Mapping[str, float], slides: Mapping[str, str],
                       groups: Mapping[str, str | None] | None = None) -> dict:
     """mean(with) − mean(without) over the items scored in both, overall and per group, each with a

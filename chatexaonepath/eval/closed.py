@@ -18,7 +18,7 @@ from typing import Callable
 
 from ..fileio import atomic_write_json
 from ..patients import load_patient_map
-from .baselines import parse_baselines, slide_derangement
+from .baselines import case_derangement, parse_baselines
 from .choices import extract_choice
 from .closed_data import ClosedItem, load_closed_items
 from .closed_report import summarize_closed, write_closed_outputs
@@ -145,7 +145,7 @@ def _answer_with_model(config: ClosedConfig, items: list[ClosedItem], out_dir: P
     """Generate every missing answer of every condition; returns the decoding settings used."""
     from .answers import answer_conditions
 
-    swap = slide_derangement([i.features for i in items], patient_map) if "shuffled" in config.baselines else None
+    swap = case_derangement(items, patient_map) if "shuffled" in config.baselines else None
     logs = {c: JsonlLog(out_dir / answers_file(c)) for c in ["model", *config.baselines]}
     return answer_conditions(
         items, config.generation(), logs, model, swap=swap, saved=_saved_config(out_dir).get("decoding"),

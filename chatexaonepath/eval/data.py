@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..chat.conversation import Turn, turns_from_llava
-from ..constants import IMAGE_TOKEN
+from ..constants import IMAGE_TOKEN, MAX_CASE_SLIDES
 from ..errors import ChatEXAONEPathError
 from .criteria import EvalError
 from ..fileio import atomic_write_text
@@ -165,6 +165,8 @@ class TestItem:
     report_source: str  # record | file | reference
     category: str | None = None
     organ: str | None = None
+    case_features: tuple[Path, ...] = ()  # a case: every slide's features, in order (`features` is the first's)
+    case_names: tuple[str, ...] = ()  # how the case's labels name its slides
 
     @property
     def slide(self) -> str:
@@ -176,7 +178,8 @@ class TestItem:
         return {"id": self.id, "record_id": self.record_id, "image": self.image, "slide": self.slide,
                 "features": str(self.features), "question": self.question, "reference": self.reference,
                 "report": self.report, "report_id": self.report_id, "report_source": self.report_source,
-                "category": self.category, "organ": self.organ}
+                "category": self.category, "organ": self.organ,
+                **({"case": [str(p) for p in self.case_features]} if self.case_features else {})}
 
 
 def slide_stem(image: str) -> str:
@@ -219,9 +222,8 @@ def load_test_items(data: str | Path, features_dir: str | Path | None = None,
     items: list[TestItem] = []
     for index, record in enumerate(read_records(data, "Test data")):
         record_id = _field(record, "id") or f"item{index:05d}"
-        image = _field(record, "image")
-        if image is None:
-            raise EvalError(f"Record {record_id} of {data} has no 'image' (a slide id or a features path).")
+        images = _images(record, record_id, data)
+        image = images[0]
         try:
             turns = turns_from_llava(record.get("conversations"))
         except ChatEXAONEPathError as e:
@@ -230,14 +232,18 @@ def load_test_items(data: str | Path, features_dir: str | Path | None = None,
         if not pairs:
             raise EvalError(f"Record {record_id} of {data} has no gpt reply to use as a reference answer.")
         report, report_id, source = _record_report(record, image, reports_dir, pairs)
+        resolved = [resolve_features(i, features_dir, data.parent) for i in images]
+        case = tuple(resolved) if len(images) > 1 and all(resolved) else ()
+        names = tuple(Path(i).name for i in images) if len(images) > 1 else ()
         for n, (human, gpt) in enumerate(pairs):
             message = record["conversations"][2 * n]
             items.append(TestItem(
                 id=record_id if len(pairs) == 1 else f"{record_id}#{n + 1}", record_id=record_id, image=image,
-                features=resolve_features(image, features_dir, data.parent), turns=turns[: 2 * n + 1],
+                features=resolved[0] if all(resolved) else None, turns=turns[: 2 * n + 1],
                 question=human.content.replace(IMAGE_TOKEN, "").strip(), reference=gpt.content.strip(),
                 report=report, report_id=report_id, report_source=source,
-                category=message.get("category") or _field(record, "category"), organ=_field(record, "organ")))
+                category=message.get("category") or _field(record, "category"), organ=_field(record, "organ"),
+                case_features=case, case_names=names))
     _unique([i.id for i in items], data)
     missing = [i for i in items if i.features is None]
     if missing:
@@ -249,6 +255,19 @@ def load_test_items(data: str | Path, features_dir: str | Path | None = None,
         logger.warning("%d test item(s) have no report (no 'report', 'report_id' or REPORTS/<slide id>.txt): "
                        "they are judged against their record's reference answers.", sources["reference"])
     return items
+
+
+def _images(record: dict, record_id: str, data: Path) -> list[str]:
+    """A record's slides: `image` as one id or path, or a list of 1–8 of them (a case)."""
+    image = record.get("image")
+    images = [str(i).strip() for i in image] if isinstance(image, list) else [_field(record, "image")]
+    if not images or not all(images):
+        raise EvalError(f"Record {record_id} of {data} has no 'image' (a slide id or a features path, or a list of "
+                        "them for a case).")
+    if len(images) > MAX_CASE_SLIDES:
+        raise EvalError(f"Record {record_id} of {data} lists {len(images)} slides; a case has at most "
+                        f"{MAX_CASE_SLIDES}.")
+    return images
 
 
 def _record_report(record: dict, image: str, reports_dir: Path | None, pairs: list) -> tuple[str, str | None, str]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..backends import BackendError, BackendOptions, TextBackend, build_backend
 from .agreement import HUMAN_FILE, compute_agreement, latest_grades
-from .baselines import paired_difference, parse_baselines, slide_derangement
+from .baselines import case_derangement, paired_difference, parse_baselines
 from ..patients import load_patient_map
 from .criteria import AcceptanceRule, CriteriaSet, Criterion, EvalError, load_criteria
 from ..fileio import atomic_write_json
@@ -317,7 +317,7 @@ def run_eval(generate_config: "GenerateConfig", out_dir: str | Path, judge_backe
                       "delete answers.jsonl there to answer again")
     _save_config(out_dir, generation=generate_config.as_dict())
     saved = json.loads((out_dir / CONFIG_FILE).read_text()).get("decoding")
-    swap = slide_derangement([i.features for i in items], patient_map) if "shuffled" in baselines else None
+    swap = case_derangement(items, patient_map) if "shuffled" in baselines else None
     decoded = answer_conditions(items, generate_config, logs, model, swap=swap, saved=saved,
                                 errors=JsonlLog(out_dir / "errors.jsonl"), progress=answer_progress,
                                 on_decoding=lambda d: _save_config(out_dir, decoding=d))

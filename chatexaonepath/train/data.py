@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from ..chat.conversation import IGNORE_INDEX, IMAGE_TOKEN, MAX_CASE_SLIDES, PromptBuilder, label_case, turns_from_llava
-from ..chat.provenance import PROVENANCE_KEYS, describe, file_provenance, provenance_of
+from ..chat.provenance import PROVENANCE_KEYS, describe, file_provenance
 from ..errors import ChatEXAONEPathError
-from ..vision_tower.features import SLIDECHAT_ATTRS, read_features
+from ..vision_tower.features import read_features
 
 logger = logging.getLogger(__name__)
 
@@ -266,13 +266,6 @@ def features_fingerprint(records: list[Record]) -> str:
     return digest.hexdigest()
 
 
-def path_provenance(path: Path) -> dict:
-    """How one features file was made: its attributes (`.h5`), `external: slidechat-csv` (`.csv`), else unknown."""
-    if path.suffix.lower() == ".csv":
-        return provenance_of(SLIDECHAT_ATTRS)
-    return file_provenance(path)
-
-
 def features_provenance(records: list[Record], what: str = "The training features") -> dict:
     """How the features of `records` were made (chat/provenance.py): one way for all, else a DataError naming two.
 
@@ -282,7 +275,7 @@ def features_provenance(records: list[Record], what: str = "The training feature
     """
     first_path, first = None, None
     for path in slide_paths(records):
-        provenance = path_provenance(path)
+        provenance = file_provenance(path)
         if first is None:
             first_path, first = path, provenance
             continue
