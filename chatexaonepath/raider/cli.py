@@ -126,6 +126,7 @@ def generate(
     phrasings: Annotated[int, typer.Option(help="Phrasings asked per category and report (0: all).")] = 1,
     captions: Annotated[bool, typer.Option("--captions/--no-captions", help="Also write phase-1 captions.")] = True,
     multi_turn: Annotated[bool, typer.Option("--multi-turn", help="One multi-turn conversation per slide.")] = False,
+    cases: Annotated[bool, typer.Option("--cases", help="A report mapped to several slides (ingest --slides) gives case records listing them (one <image> for the list) instead of one record per slide.")] = False,
     keep_not_mentioned: Annotated[bool, typer.Option("--keep-not-mentioned", help="Keep 'not mentioned in the report' answers in the data.")] = False,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N reports (for a trial run).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Forget earlier answers in the log and start over.")] = False,
@@ -161,7 +162,7 @@ def generate(
             on_record=lambda record: progress.advance(task))
     records = current_records(log, chunk_index.report_versions(), report_ids)
     categories = list(dict.fromkeys(q.category for q in question_bank))
-    summary = write_outputs(paths, records, slide_map, RecordOptions(multi_turn, keep_not_mentioned), categories, {
+    summary = write_outputs(paths, records, slide_map, RecordOptions(multi_turn, keep_not_mentioned, cases), categories, {
         "backend": backend.name, "config": asdict(config), "asked_this_run": stats.asked,
         "already_done": stats.skipped, "seconds_this_run": round(stats.seconds, 1), "tokens_this_run": stats.usage,
         "reports_without_slides": sorted(set(indexed) - set(slide_map)) if slide_map is not None else [],

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ..constants import IMAGE_TOKEN
+from ..constants import IMAGE_TOKEN, MAX_CASE_SLIDES
 from ..fileio import atomic_write_json, atomic_write_jsonl
 from .generate import CAPTION, CAPTION_INSTRUCTIONS, PROMPT_VERSION
 
@@ -23,6 +23,7 @@ class RecordOptions:
 
     multi_turn: bool = False  # one conversation per slide instead of one record per question
     keep_not_mentioned: bool = False  # "not mentioned in the report" says nothing a slide shows
+    cases: bool = False  # a report mapped to several slides gives case records (`image`: the list) instead of per-slide
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,15 @@ def _slides(report_id: str, slide_map: dict[str, list[str]] | None) -> list[str]
     return [report_id] if slide_map is None else slide_map.get(report_id, [])
 
 
+def _subjects(report_id: str, slide_map: dict[str, list[str]] | None, cases: bool) -> list[tuple[str, str | list[str]]]:
+    """What a report's records are about, as (id prefix, `image`): each of its slides, or with `cases` the
+    whole case when it covers several (1–8, sorted; `image` the list, one `<image>` for it, as SlideChat ships)."""
+    slides = sorted(_slides(report_id, slide_map))
+    if cases and 1 < len(slides) <= MAX_CASE_SLIDES:
+        return [(f"{report_id}:case", slides)]
+    return [(slide, slide) for slide in slides]
+
+
 def instruction_records(records: Iterable[dict], slide_map: dict[str, list[str]] | None = None,
                         options: RecordOptions | None = None, category_order: list[str] | None = None) -> list[dict]:
     """LLaVA records (`<image>\\n` + question → answer) for every accepted answer, per mapped slide."""
@@ -68,37 +78,40 @@ def instruction_records(records: Iterable[dict], slide_map: dict[str, list[str]]
     answers = sorted((r for r in records if r["category"] != CAPTION and r["status"] in keep),
                      key=lambda r: (r["report_id"], rank.get(r["category"], len(rank)), r["category"], r["question"]))
     per_slide: dict[str, list[dict]] = {}
+    images: dict[str, str | list[str]] = {}
     for record in answers:
-        for slide in _slides(record["report_id"], slide_map):
+        for slide, image in _subjects(record["report_id"], slide_map, options.cases):
             per_slide.setdefault(slide, []).append(record)
+            images[slide] = image
     out = []
     for slide in sorted(per_slide):
-        group = per_slide[slide]
+        group, image = per_slide[slide], images[slide]
         if options.multi_turn:
             conversations = []
             for i, record in enumerate(group):
                 prefix = f"{IMAGE_TOKEN}\n" if i == 0 else ""
                 conversations += [{"from": "human", "value": prefix + record["question"]},
                                   {"from": "gpt", "value": record["answer"]}]
-            out.append({"id": f"{slide}:raider", "image": slide, "conversations": conversations,
+            out.append({"id": f"{slide}:raider", "image": image, "conversations": conversations,
                         "categories": [r["category"] for r in group],
                         "provenance": [_provenance(r) for r in group]})
         else:
-            out += [{"id": f"{slide}:{r['category']}:{_short_hash(r['question'])}", "image": slide,
+            out += [{"id": f"{slide}:{r['category']}:{_short_hash(r['question'])}", "image": image,
                      "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{r['question']}"},
                                        {"from": "gpt", "value": r["answer"]}],
                      "category": r["category"], "provenance": _provenance(r)} for r in group]
     return out
 
 
-def caption_records(records: Iterable[dict], slide_map: dict[str, list[str]] | None = None) -> list[dict]:
-    """Phase-1 records: a caption instruction → the report's one-sentence summary, per mapped slide."""
+def caption_records(records: Iterable[dict], slide_map: dict[str, list[str]] | None = None,
+                    cases: bool = False) -> list[dict]:
+    """Phase-1 records: a caption instruction → the report's one-sentence summary, per mapped slide (or case)."""
     out = []
     for record in sorted((r for r in records if r["category"] == CAPTION and r["status"] == "ok"),
                          key=lambda r: r["report_id"]):
-        for slide in _slides(record["report_id"], slide_map):
+        for slide, image in _subjects(record["report_id"], slide_map, cases):
             instruction = CAPTION_INSTRUCTIONS[int(_short_hash(slide), 16) % len(CAPTION_INSTRUCTIONS)]
-            out.append({"id": f"{slide}:caption", "image": slide,
+            out.append({"id": f"{slide}:caption", "image": image,
                         "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{instruction}"},
                                           {"from": "gpt", "value": record["answer"]}],
                         "category": CAPTION, "provenance": _provenance(record)})
@@ -136,7 +149,7 @@ def write_outputs(paths: OutputPaths, records: list[dict], slide_map: dict[str, 
                   options: RecordOptions, category_order: list[str], extra_summary: dict | None = None) -> dict:
     """Assemble and atomically write instructions, captions, rejects and the summary; returns the summary."""
     instructions = instruction_records(records, slide_map, options, category_order)
-    captions = caption_records(records, slide_map)
+    captions = caption_records(records, slide_map, options.cases)
     for path, data in ((paths.instructions, instructions), (paths.captions, captions)):
         if path.suffix == ".jsonl":
             atomic_write_jsonl(path, data)
