@@ -125,6 +125,7 @@ def launch_app(engine: AppEngine, *, host: str = "127.0.0.1", port: int | None =
 def app_command(
     model: Annotated[Optional[Path], typer.Option("--model", help="A trained ChatEXAONEPath checkpoint folder (default: the demo model, trained on synthetic slides on the first run and cached).")] = None,
     untrained: Annotated[bool, typer.Option("--untrained", help="Without --model: serve an untrained tower around --llm instead of the demo model.")] = False,
+    demo_seed: Annotated[int, typer.Option("--demo-seed", min=0, help="Without --model: the demo build's first seed. A build whose check failed at every seed it tried is served with a red banner; another first seed builds another one (README).")] = 0,
     llm: Annotated[str, typer.Option(help="LLM when no --model is given: a HF id, a path, or 'embedded' (SmolLM2-135M).")] = "embedded",
     encoder: Annotated[Optional[str], typer.Option(help="Patch encoder (default: the one the --model was trained on; without one exaonepath if its weights are found, else random-vit-b16).")] = None,
     encoder_weights: Annotated[Optional[str], typer.Option(help="EXAONEPath weights file, folder or hub id.")] = None,

@@ -32,6 +32,7 @@ class AppConfig:
 
     model: str | None = None  # a trained checkpoint folder; None: the demo model (synthetic/demo_model.py), or see `untrained`
     untrained: bool = False  # without `model`: an untrained tower around `llm` instead of the demo model
+    demo_seed: int = 0  # the demo build's first seed (its cohort and training); another seed is another build
     llm: str = "embedded"  # LLM when no checkpoint is given: HF id, path or "embedded"
     encoder: str | None = None  # None: exaonepath when its weights are found, else random-vit-b16
     encoder_weights: str | None = None

@@ -145,7 +145,8 @@ class AppEngine(SharedModel):
         if checkpoint is None and not config.untrained:
             from ..synthetic.demo_model import DemoBuildConfig, ensure_demo_model
 
-            demo = ensure_demo_model(demo_build or DemoBuildConfig(llm=config.llm, encoder=config.encoder),
+            demo = ensure_demo_model(demo_build or DemoBuildConfig(llm=config.llm, encoder=config.encoder,
+                                                                   seed=config.demo_seed),
                                      progress=on_demo_progress)
             checkpoint = str(demo.model_dir)
         model = load_chat_model(checkpoint, config.llm)

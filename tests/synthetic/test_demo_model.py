@@ -220,7 +220,7 @@ def test_the_app_serves_the_demo_without_a_model_and_not_with_untrained(monkeypa
 
     demo = fake_demo
     calls = []
-    monkeypatch.setattr(demo_module, "ensure_demo_model", lambda *a, **k: calls.append("demo") or demo)
+    monkeypatch.setattr(demo_module, "ensure_demo_model", lambda config, **k: calls.append(f"demo {config.seed}") or demo)
 
     class Stop(Exception):
         pass
@@ -232,7 +232,11 @@ def test_the_app_serves_the_demo_without_a_model_and_not_with_untrained(monkeypa
     monkeypatch.setattr(chat_session, "load_chat_model", fake_load)
     with pytest.raises(Stop):
         AppEngine.load(AppConfig())
-    assert calls == ["demo", str(demo.model_dir)]
+    assert calls == ["demo 0", str(demo.model_dir)]
+    calls.clear()
+    with pytest.raises(Stop):  # a red banner's way out: another first seed is another build
+        AppEngine.load(AppConfig(demo_seed=3))
+    assert calls == ["demo 3", str(demo.model_dir)]
     calls.clear()
     with pytest.raises(Stop):
         AppEngine.load(AppConfig(untrained=True))
