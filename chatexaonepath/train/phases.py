@@ -409,7 +409,7 @@ def calibrate_typicality(model, records: list, *, max_slides: int = 512, seed: i
     Measured with the tower's own feature statistics, on every slide (a seeded sample past `max_slides`:
     reading every bag of a large cohort could take hours).
     """
-    paths = sorted({r.features_path for r in records})
+    paths = sorted({p for r in records for p in getattr(r, "features_paths", (r.features_path,))})  # every slide of a case
     if len(paths) > max_slides:
         paths = sorted(random.Random(seed).sample(paths, max_slides))
     mean, std = model.tower.feature_mean.float().cpu(), model.tower.feature_std.float().cpu()

@@ -68,3 +68,22 @@ def test_a_damaged_file_is_refused_in_one_sentence(tmp_path):
     with pytest.raises(ValueError, match="not positive numbers"):
         Typicality.load(tmp_path)
     assert Typicality.load(tmp_path / "absent") is None
+
+
+def test_every_slide_of_a_case_calibrates(tmp_path):
+    """A case's second and third slides are training slides too: a threshold set on first slides alone flags them."""
+    from types import SimpleNamespace
+
+    from chatexaonepath.train.phases import calibrate_typicality
+    from chatexaonepath.vision_tower.features import write_features
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, shift in enumerate((0.0, 0.0, 3.0)):  # the case's last slide sits further out than the others
+        x = rng.normal(size=(12, DIM)).astype(np.float32) + shift
+        paths.append(write_features(tmp_path / f"s{i}.h5", x, np.zeros((12, 2), np.int64), {"encoder": "fake"}))
+    model = SimpleNamespace(tower=SimpleNamespace(feature_mean=torch.zeros(DIM), feature_std=torch.ones(DIM)))
+    case = SimpleNamespace(features_path=paths[0], features_paths=tuple(paths))
+    typicality = calibrate_typicality(model, [case])
+    assert typicality.calibration["slides"] == 3
+    assert typicality.assess(read_features(paths[2]).features, torch.zeros(DIM), torch.ones(DIM)).typical
