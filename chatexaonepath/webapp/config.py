@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..constants import MAX_CASE_SLIDES
 from ..errors import ChatEXAONEPathError
 from ..vision_tower.slide import DEFAULT_MAX_PIXELS, SlideLimits
 
@@ -54,7 +55,10 @@ class AppConfig:
     max_level_pixels: int = 2_000_000_000  # area of a slide's smallest level, which the tissue map reads whole
     max_zip_members: int = 2_000  # a MIRAX or DICOM slide has tens to hundreds of files
     max_zip_depth: int = 8  # folder levels inside a zip
-    max_session_gb: float = 8.0  # disk per session: the slide shown plus the one being uploaded
+    max_session_gb: float = 8.0  # disk per session: every slide of its case plus the one being uploaded
+    # -- what one case may cost (a case: the slides of one conversation, chat/session.py) ----------------
+    max_case_slides: int = MAX_CASE_SLIDES  # slides in one conversation (the model takes at most MAX_CASE_SLIDES)
+    max_case_patches: int = 400_000  # tissue patches of every slide of a case together: its visual tokens' cost
     # -- sessions and requests -----------------------------------------------------------------------
     max_sessions: int = 16  # live browser sessions; beyond it new visitors are told to come back
     max_sessions_per_client: int = 4  # live sessions of one address, and of one login with --auth
@@ -99,6 +103,11 @@ class AppConfig:
                      "api_max_requests_in_flight", "api_max_messages", "api_max_conversation_chars"):
             if getattr(self, name) < 1:
                 raise ChatEXAONEPathError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if not 1 <= self.max_case_slides <= MAX_CASE_SLIDES:
+            raise ChatEXAONEPathError(f"--max-case-slides must be between 1 and {MAX_CASE_SLIDES}, got "
+                                      f"{self.max_case_slides}.")
+        if self.max_case_patches < 1:
+            raise ChatEXAONEPathError(f"--max-case-patches must be at least 1, got {self.max_case_patches}.")
         if not self.session_idle_minutes > 0:
             raise ChatEXAONEPathError(f"--session-idle-minutes must be more than 0, got {self.session_idle_minutes}.")
         self.slide_limits  # noqa: B018 - validates --max-pixels and --max-patches-per-slide now, not at the first upload

@@ -1,4 +1,4 @@
-"""One browser session of the app: its slide, its conversation, its private upload folder.
+"""One browser session of the app: its case (one slide or several), its conversation, its private upload folder.
 
 Loading reports progress by stage (reading, tissue, patches k/N with rate and estimate,
 aggregation, drawing) and can be cancelled; answers stream piece by piece and can be stopped.
@@ -8,11 +8,18 @@ A session needs only `SharedModel` (shared.py), never the engine that keeps the 
 Every request is checked here against the app's limits, whatever the page allowed: question and
 system-prompt length, answer tokens, and a per-session rate of model work. A slide is opened once
 per load and read only under the model slot, so at most `concurrency` slides are decoded at a time.
+
+A case is built by loading slides in adding mode (`set_adding`): each joins the conversation instead of
+replacing it, within the case budgets (`max_case_slides`, `max_case_patches`, and `max_session_gb` for
+every slide's upload together), checked before the work starts; a refused or failed add leaves the case
+as it was. Loading without adding mode replaces the whole case. The page shows one slide of the case at
+a time (`shown`); a region belongs to one slide (`ask(..., slide=i)`).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import queue
 import shutil
@@ -27,8 +34,9 @@ import numpy as np
 from ..chat.conversation import Turn
 from ..chat.regions import Region, SlideTurn, question_scope
 from ..chat.session import ChatSession
-from ..errors import ChatEXAONEPathError, MissingMppError, ServerBusyError
+from ..errors import BudgetExceededError, ChatEXAONEPathError, MissingMppError, ServerBusyError
 from ..vision_tower.slide import Slide, open_slide
+from .case import CaseSlide, thumbnail_url
 from .config import GenerationSettings
 from .memory import release_memory
 from .messages import is_out_of_memory, missing_mpp_message, user_message
@@ -76,6 +84,7 @@ class Reply:
     evidence: tuple = ()  # the patches that weighed most in the answer (chat/regions.py `Evidence`), heaviest first
     region: Region | None = None  # what it was about, clipped to the slide; None: the whole slide
     patches: int = 0  # patches its visual tokens were made from
+    slide: int = 0  # the slide of the case a region (and `patches`) belongs to, 0-based
 
 
 class WebSession:
@@ -91,8 +100,10 @@ class WebSession:
         self.chat = ChatSession(shared.model, shared.extractor.config, features_dir=shared.features_dir,
                                 extractor=shared.extractor, max_new_tokens=config.max_new_tokens,
                                 temperature=config.temperature, allow_feature_mismatch=config.allow_feature_mismatch)
-        self.view: SlideView | None = None
-        self.slide_path: Path | None = None
+        self.case: list[CaseSlide] = []  # the ready slides, in the conversation's order (chat.slides)
+        self.shown = 0  # which slide of the case the page shows
+        self.adding = False  # the next load joins the case instead of replacing it
+        self.pending_slide: CaseSlide | None = None  # a slide loading, or the last that failed (the strip shows it)
         self.pending_path: Path | None = None  # an upload waiting for its µm/px
         self.stopped_turns: set[int] = set()  # indices of assistant turns cut short by Stop
         self.last_active = time.monotonic()  # the engine ends sessions idle for too long
@@ -104,6 +115,65 @@ class WebSession:
         self._stop = threading.Event()
         self._recent_work: collections.deque[float] = collections.deque()
         self.closed = False
+
+    # -- the case -------------------------------------------------------------------------------------------
+    @property
+    def view(self) -> SlideView | None:
+        """What the page shows of the slide on show (None: no slide)."""
+        return self.case[self.shown].view if self.case else None
+
+    @property
+    def slide_path(self) -> Path | None:
+        """The file of the slide on show (None: no slide)."""
+        return self.case[self.shown].path if self.case else None
+
+    @property
+    def shown_slide(self):
+        """The `LoadedSlide` on show (None: no slide)."""
+        return self.chat.slides[self.shown] if self.case and self.shown < len(self.chat.slides) else None
+
+    def strip(self) -> list[CaseSlide]:
+        """The case as the strip lists it: the ready slides, then one being added (loading or failed); a slide
+        loading to replace the case is listed alone (the case it replaces goes when it is ready)."""
+        pending = self.pending_slide
+        if pending is None:
+            return list(self.case)
+        if pending.joins:
+            return [*self.case, pending]
+        return [pending] if pending.status == "loading" else list(self.case)
+
+    def show_slide(self, index: int) -> CaseSlide:
+        """Put slide `index` (0-based) of the case on show."""
+        if not isinstance(index, int) or not 0 <= index < len(self.case):
+            shown = index + 1 if isinstance(index, int) else str(index)[:20]  # slides are numbered from 1 on the page
+            raise ChatEXAONEPathError(f"This case has {len(self.case)} slide(s); there is no slide {shown}.")
+        self.shown = index
+        self.touch()
+        return self.case[index]
+
+    def set_adding(self, on: bool) -> None:
+        """Make the next load add a slide to the case (`on`) or replace the case; refused when the case is full."""
+        if on:
+            if not self.case:
+                raise ChatEXAONEPathError("Load a slide first; then slides can be added to its case.")
+            self._check_case_room()
+        self.adding = bool(on)
+
+    def _check_case_room(self) -> None:
+        """Refuse one more slide when the case has `max_case_slides` or its patches are all spent."""
+        config = self.shared.config
+        if len(self.case) >= config.max_case_slides:
+            raise BudgetExceededError(f"This case already has {len(self.case)} slides, the most this server allows "
+                                      f"in one conversation (--max-case-slides); load a slide without adding to "
+                                      "start a new case.")
+        if self.case_patches() >= config.max_case_patches:
+            raise BudgetExceededError(f"This case already has {self.case_patches():,} tissue patches, the most this "
+                                      "server allows in one conversation (--max-case-patches); load a slide "
+                                      "without adding to start a new case.")
+
+    def case_patches(self) -> int:
+        """Tissue patches of every slide of the case together."""
+        return sum(len(loaded.features) for loaded in self.chat.slides)
 
     # -- activity and limits -------------------------------------------------------------------------------
     def touch(self) -> None:
@@ -145,7 +215,7 @@ class WebSession:
         return [*found, *(p.resolve() for p in found)]
 
     def _checked_question(self, question: str, settings: GenerationSettings | None,
-                          region: Region | None = None) -> GenerationSettings:
+                          region: Region | None = None, slide: int = 0) -> GenerationSettings:
         """Refuse a question, settings or region past the app's limits, and count it against the rate."""
         config = self.shared.config
         settings = settings or self.shared.default_settings
@@ -155,8 +225,12 @@ class WebSession:
         settings.check(config)
         if self.chat.slide is None:
             raise ChatEXAONEPathError(self.notice or "Load a slide before asking about it.")
-        if region is not None:
-            question_scope(self.chat.slide, region)  # a region outside the slide or without tissue: one sentence
+        if not isinstance(slide, int) or not 0 <= slide < len(self.chat.slides):
+            shown = slide + 1 if isinstance(slide, int) else str(slide)[:20]
+            raise ChatEXAONEPathError(f"This case has {len(self.chat.slides)} slide(s); there is no slide {shown} "
+                                      "to ask about.")
+        if region is not None:  # a region outside its slide or without tissue: one sentence
+            question_scope(self.chat.slides[slide], region)
         self._admit()
         return settings
 
@@ -173,12 +247,19 @@ class WebSession:
         upload = Path(upload)
         with self._files:  # the disk budget is checked and the file moved as one step per session
             self._check_open()
+            owned = self.uploads_root is not None and upload.resolve().is_relative_to(self.uploads_root.resolve())
+            if self.adding and self.case:
+                try:
+                    self._check_case_room()  # before the upload is moved in: a refused add stores nothing
+                except ChatEXAONEPathError:
+                    if owned:
+                        upload.unlink(missing_ok=True)
+                    raise
             self.folder.mkdir(parents=True, exist_ok=True)
             for replaced in (self.pending_path, self.claimed):  # a new upload replaces one not loaded yet
                 if replaced is not None:
                     self._discard_upload(replaced)
             self.pending_path = self.claimed = None
-            owned = self.uploads_root is not None and upload.resolve().is_relative_to(self.uploads_root.resolve())
             path = take_upload(upload, self.folder, self.shared.config.upload_limits, owned=owned)
             if claim:
                 self.claimed = path
@@ -236,41 +317,96 @@ class WebSession:
         report = on_progress or (lambda progress: None)
         with self._busy:
             self.touch()
-            self._admit()
-            report(LoadProgress("reading", f"Reading {self.display_name(path)} …"))
-            slide = self._open(path, mpp)  # a corrupt file, a missing µm/px or a budget fails here, early
-            with slide:
-                self._check_cancel()
-                fingerprint = slide.fingerprint()
-                # One message whatever is waited for: saying another request prepares this very slide
-                # would tell a user that somebody else loaded it.
-                waiting = LoadProgress("waiting", "Waiting for the model (another request is running) …")
-                with self.shared.slide_lock(fingerprint, lambda: report(waiting), self._check_cancel), \
-                        self.shared.model_slot(lambda: report(waiting), kind="load", cancelled=self._check_cancel) \
-                        as slot:
-                    slide.checkpoint = slot.make_way  # at each strip and slice: Cancel, and questions first
-                    report(LoadProgress("tissue", "Finding tissue and laying the patch grid …"))
-                    previous_slide = self.chat.slide
-                    loaded = self.chat.load_slide(slide, mpp, self._patch_progress(report))
-                    report(LoadProgress("drawing", "Drawing the attention heatmap and the most-attended patches …"))
-                    try:  # still under the model slot: drawing reads the slide, so decoding stays one at a time
-                        self.view = render_view(slide, loaded, self.shared.extractor.config.tissue,
-                                                self.shared.config.top_patches)
-                    except BaseException:
-                        self.chat.slide = previous_slide  # the slide and the conversation go back together
-                        raise
-            previous, self.slide_path = self.slide_path, path
-            if previous is not None and previous != path:
-                self._discard_upload(previous)  # its features are cached; the file is not needed again
-            self.stopped_turns.clear()
-            self.notice = None
-            self.touch()
-            return self.view
+            add = self.adding and bool(self.case)
+            entry = CaseSlide(path, self.display_name(path), joins=add)
+            self.pending_slide = entry
+            try:
+                view = self._load_entry(entry, mpp, report, add)
+            except BaseException as e:
+                entry.status, entry.message = "failed", user_message(e, "loading the slide", self.upload_folders())
+                raise
+            self.pending_slide = None
+            return view
 
-    def _open(self, path: Path, mpp: float | None) -> Slide:
-        """Open a slide with the app's budgets, its files confined to its own upload folder."""
+    def _load_entry(self, entry: CaseSlide, mpp: float | None, report: Callable[[LoadProgress], None],
+                    add: bool) -> SlideView:
+        """Load `entry`'s slide into the case (`add`) or as a new case; on any failure the case stays as it was."""
+        if add:
+            self._check_case_room()
+        self._admit()
+        path = entry.path
+        report(LoadProgress("reading", f"Reading {entry.name} …"))
+        slide = self._open(path, mpp, self._patch_room() if add else None)  # budgets fail here, early
+        with slide:
+            self._check_cancel()
+            fingerprint = slide.fingerprint()
+            # One message whatever is waited for: saying another request prepares this very slide
+            # would tell a user that somebody else loaded it.
+            waiting = LoadProgress("waiting", "Waiting for the model (another request is running) …")
+            with self.shared.slide_lock(fingerprint, lambda: report(waiting), self._check_cancel), \
+                    self.shared.model_slot(lambda: report(waiting), kind="load", cancelled=self._check_cancel) \
+                    as slot:
+                slide.checkpoint = slot.make_way  # at each strip and slice: Cancel, and questions first
+                report(LoadProgress("tissue", "Finding tissue and laying the patch grid …"))
+                previous = list(self.chat.slides)
+                try:
+                    loaded = self._extract(slide, mpp, report, add)
+                    if add:
+                        self._check_case_patches(entry.name)  # cached features skip the grid's budget
+                    report(LoadProgress("drawing", "Drawing the attention heatmap and the most-attended patches …"))
+                    # Still under the model slot: drawing reads the slide, so decoding stays one at a time.
+                    entry.view = render_view(slide, loaded, self.shared.extractor.config.tissue,
+                                             self.shared.config.top_patches)
+                except BaseException:
+                    self.chat.slides = previous  # the case and the conversation go back together
+                    raise
+        entry.status, entry.thumbnail = "ready", thumbnail_url(entry.view.outline)
+        if add:
+            self.case.append(entry)
+        else:
+            replaced, self.case = self.case, [entry]
+            for old in replaced:
+                if old.path != entry.path:
+                    self._discard_upload(old.path)  # its features are cached; the file is not needed again
+            self.stopped_turns.clear()
+        self.shown, self.adding = len(self.case) - 1, False
+        self.notice = None
+        self.touch()
+        return entry.view
+
+    def _extract(self, slide: Slide, mpp: float | None, report: Callable[[LoadProgress], None], add: bool):
+        """The chat's load of an open slide; an added slide past what the case has left is refused as the case's."""
         try:
-            slide = open_slide(path, mpp, limits=self.shared.config.slide_limits, root=self._upload_folder(path))
+            return self.chat.load_slide(slide, mpp, self._patch_progress(report), add=add)
+        except BudgetExceededError as e:
+            config = self.shared.config
+            if not add or self._patch_room() >= config.max_patches_per_slide:
+                raise  # the per-slide budget's own sentence
+            raise BudgetExceededError(f"{self.display_name(slide.path)} has more tissue patches than this case has "
+                                      f"left ({self._patch_room():,} of {config.max_case_patches:,}, "
+                                      "--max-case-patches); load it without adding to start a new case.") from e
+
+    def _patch_room(self) -> int:
+        """The patches an added slide may have: the per-slide budget, or what the case has left if less."""
+        config = self.shared.config
+        return min(config.max_patches_per_slide, config.max_case_patches - self.case_patches())
+
+    def _check_case_patches(self, name: str) -> None:
+        config = self.shared.config
+        total = self.case_patches()
+        if total > config.max_case_patches:
+            raise BudgetExceededError(f"{name} would take this case to {total:,} tissue patches, past the "
+                                      f"{config.max_case_patches:,} this server allows in one conversation "
+                                      "(--max-case-patches); load it without adding to start a new case.")
+
+    def _open(self, path: Path, mpp: float | None, max_patches: int | None = None) -> Slide:
+        """Open a slide with the app's budgets (`max_patches`: fewer patches, what an added slide's case has left),
+        its files confined to its own upload folder."""
+        limits = self.shared.config.slide_limits
+        if max_patches is not None and max_patches < limits.max_patches:
+            limits = dataclasses.replace(limits, max_patches=max(1, max_patches))
+        try:
+            slide = open_slide(path, mpp, limits=limits, root=self._upload_folder(path))
         except MissingMppError as e:
             self.pending_path = path
             raise MissingMppError(missing_mpp_message(self.display_name(path))) from e
@@ -280,7 +416,11 @@ class WebSession:
 
     def open_shown_slide(self) -> Slide:
         """Open the slide on show again for its viewer's tiles, with the load's µm/px, budgets and confinement."""
-        loaded, path = self.chat.slide, self.slide_path
+        loaded, path = self.shown_slide, self.slide_path
+        return self.open_case_slide(loaded, path)
+
+    def open_case_slide(self, loaded, path: Path | None) -> Slide:
+        """Open one slide of the case again (its viewer's tiles), with its load's µm/px, budgets and confinement."""
         if loaded is None or path is None:
             raise ChatEXAONEPathError("No slide is loaded.")
         return open_slide(path, float(loaded.features.attrs["level0_mpp"]), limits=self.shared.config.slide_limits,
@@ -347,21 +487,22 @@ class WebSession:
 
     def ask(self, question: str, on_text: Callable[[str], bool | None] | None = None,
             settings: GenerationSettings | None = None, region: Region | None = None,
-            history: list[Turn] | None = None) -> Reply:
-        """Answer `question` about the loaded slide (or only its `region`), streaming pieces to `on_text`;
-        `stop()` ends it early, and so does `on_text` returning False (the answer so far is the reply).
+            history: list[Turn] | None = None, slide: int = 0) -> Reply:
+        """Answer `question` about the loaded case (or only a `region` of its slide `slide`, 0-based), streaming
+        pieces to `on_text`; `stop()` ends it early, and so does `on_text` returning False (the answer so far is
+        the reply).
 
         A stopped answer stays in the conversation as far as it got (marked in `messages()`). `history`
         replaces the conversation before the question (a stateless client sends all of it each time).
         """
         self.touch()
-        settings = self._checked_question(question, settings, region)
+        settings = self._checked_question(question, settings, region, slide)
         self._stop.clear()
-        return self._ask(question, on_text, settings, region, history)
+        return self._ask(question, on_text, settings, region, history, slide)
 
     def _ask(self, question: str, on_text: Callable[[str], bool | None] | None,
              settings: GenerationSettings | None, region: Region | None = None,
-             history: list[Turn] | None = None) -> Reply:
+             history: list[Turn] | None = None, slide: int = 0) -> Reply:
         pieces: list[str] = []
 
         def relay(piece: str) -> bool | None:
@@ -374,8 +515,8 @@ class WebSession:
         with self._busy, self.shared.model_slot():
             if history is not None:  # set under the session's lock: another request's history cannot slip in
                 image = self.chat.builder.image_token  # a literal placeholder in text would be read as a second image
-                self.chat.slide.turns = [SlideTurn(t.role, t.content.replace(image, "[image]"), getattr(t, "region", None))
-                                         for t in history]
+                self.chat.slide.turns = [SlideTurn(t.role, t.content.replace(image, "[image]"), getattr(t, "region", None),
+                                                   slide=getattr(t, "slide", 0)) for t in history]
             if settings.seed is not None:
                 import torch
 
@@ -383,20 +524,21 @@ class WebSession:
             self.chat.temperature, self.chat.max_new_tokens = settings.temperature, settings.max_new_tokens
             self.chat.builder.system_prompt = settings.system_prompt or None
             try:
-                answer = self.chat.ask(question, relay, region=region)
+                answer = self.chat.ask(question, relay, region=region, slide=slide)
             except _Stopped:
                 text = "".join(pieces).strip()
                 safe_question = question.strip().replace(self.chat.builder.image_token, "[image]")
                 scope = Region.of(region) if region is not None else None
-                self.chat.slide.turns += [SlideTurn("user", safe_question, scope), SlideTurn("assistant", text, scope)]
+                self.chat.slide.turns += [SlideTurn("user", safe_question, scope, slide=slide),
+                                          SlideTurn("assistant", text, scope, slide=slide)]
                 self.stopped_turns.add(len(self.chat.slide.turns) - 1)
                 return Reply(text, True, None, time.perf_counter() - started)
         self.touch()
         return Reply(answer.text, False, answer.first_token_seconds, time.perf_counter() - started, answer.new_tokens,
-                     answer.prompt_tokens, answer.evidence, answer.region, len(answer.coords))
+                     answer.prompt_tokens, answer.evidence, answer.region, len(answer.coords), slide)
 
     def ask_stream(self, question: str, settings: GenerationSettings | None = None,
-                   region: Region | None = None) -> Iterator[tuple[str, Reply | None]]:
+                   region: Region | None = None, slide: int = 0) -> Iterator[tuple[str, Reply | None]]:
         """`ask` as an iterator of (text so far, None) … ending with (final text, Reply).
 
         Generation starts at once, before the first item is asked for, so a page can redraw while
@@ -404,13 +546,13 @@ class WebSession:
         one that is dropped without being read needs `stop()`.
         """
         self.touch()
-        settings = self._checked_question(question, settings, region)  # refused here, before a thread starts
+        settings = self._checked_question(question, settings, region, slide)  # refused here, before a thread starts
         pieces: queue.SimpleQueue = queue.SimpleQueue()
         outcome: dict = {}
 
         def work() -> None:
             try:
-                outcome["reply"] = self._ask(question, pieces.put, settings, region)
+                outcome["reply"] = self._ask(question, pieces.put, settings, region, slide=slide)
             except BaseException as e:  # re-raised in the consumer's thread below
                 outcome["error"] = e
             finally:
@@ -469,6 +611,6 @@ class WebSession:
         # tensors go now rather than when the last reference is collected.
         if self._busy.acquire(timeout=5):
             try:
-                self.chat.slide, self.view, self.pending_path, self.slide_path = None, None, None, None
+                self.chat.slide, self.case, self.pending_path, self.pending_slide = None, [], None, None
             finally:
                 self._busy.release()

@@ -30,7 +30,15 @@ def transcript_markdown(session: "WebSession", name: str, config: dict, card=Non
     size = f"{width:,} × {height:,} pixels"
     if mpp:
         size = f"{wording.length(width * mpp)} × {wording.length(height * mpp)} ({size} at {mpp:.3g} µm per pixel)"
-    lines += [f"- Slide: {_inline(name)}, {size}", f"- Saved: {time.strftime('%Y-%m-%d %H:%M %Z')}"]
+    slides = session.chat.slides
+    case = len(slides) > 1
+    mpps = [float(s.features.attrs.get("level0_mpp") or 0) or None for s in slides] if case else [mpp]
+    if case:  # every slide of the case, numbered as the questions and the evidence name them
+        lines += [f"- Case of {len(slides)} slides: " + "; ".join(f"{i} {_inline(s.name)}"
+                                                                 for i, s in enumerate(slides, start=1))]
+    else:
+        lines += [f"- Slide: {_inline(name)}, {size}"]
+    lines += [f"- Saved: {time.strftime('%Y-%m-%d %H:%M %Z')}"]
     if card is not None:
         lines += [f"- {CARD_NAMES.get(part, part)}: {_inline(redact_paths(value))}" for part, value in card.rows()]
         if card.banner():
@@ -42,29 +50,38 @@ def transcript_markdown(session: "WebSession", name: str, config: dict, card=Non
         region = getattr(turn, "region", None)
         if turn.role == "user":
             number += 1
-            about = "the whole slide" if region is None else f"a region of {wording.region_text(region, mpp)} " \
-                                                             f"({wording.region_pixels(region)})"
+            slide = getattr(turn, "slide", 0) if case else 0
+            on = f" on slide {slide + 1}" if case else ""
+            about = ("the whole case" if case else "the whole slide") if region is None else (
+                f"a region{on} of {wording.region_text(region, _at(mpps, slide))} ({wording.region_pixels(region)})")
             lines += [f"## {number}. Question about {about}", "", _quoted(turn.content), ""]
             continue
         stopped = " *(stopped)*" if i in session.stopped_turns else ""
         lines += ["**Answer**" + stopped, "", turn.content.strip() or "*(no text)*", ""]
         evidence = turn.evidence if isinstance(turn, SlideTurn) else ()
         if evidence:
-            lines += _evidence_table(evidence, mpp)
+            lines += _evidence_table(evidence, mpps, case)
     if number == 0:
         lines += ["*No question has been asked yet.*", ""]
     return "\n".join(lines)
 
 
-def _evidence_table(evidence, mpp: float | None) -> list[str]:
+def _at(mpps: list, slide: int) -> float | None:
+    return mpps[slide] if 0 <= slide < len(mpps) else None
+
+
+def _evidence_table(evidence, mpps: list, case: bool = False) -> list[str]:
+    column = " slide |" if case else ""
     rows = ["Evidence — the patches that weighed most in this answer:", "",
-            "| # | centre | size | share | pooling weight | full-resolution pixels (x, y, side) |",
-            "|---|---|---|---|---|---|"]
+            f"| # |{column} centre | size | share | pooling weight | full-resolution pixels (x, y, side) |",
+            "|---|" + ("---|" if case else "") + "---|---|---|---|---|"]
     for e in evidence:
+        mpp = _at(mpps, e.slide if case else 0)
         half = e.size / 2
         centre = wording.position(e.x + half, e.y + half, mpp) if mpp else "?"
         size = f"{wording.length(e.size * mpp)} square" if mpp else "?"
-        rows.append(f"| {e.rank} | {centre} | {size} | {wording.share(e.weight)} | {e.weight:.4g} | "
+        where = f" {e.slide + 1} |" if case else ""
+        rows.append(f"| {e.rank} |{where} {centre} | {size} | {wording.share(e.weight)} | {e.weight:.4g} | "
                     f"{e.x:,}, {e.y:,}, {e.size:,} |")
     return rows + [""]
 

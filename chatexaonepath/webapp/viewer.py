@@ -64,17 +64,21 @@ def displayed_map(loaded) -> tuple[np.ndarray, str]:
     return values, ("pooling weight" if getattr(loaded, "clam_attention", None) is not None else "attention")
 
 
-def publish(registry: TileRegistry, session: "WebSession", card=None) -> dict:
-    """Publish the session's slide for its viewer (new secrets; the previous slide stops) and return the config.
+def publish(registry: TileRegistry, session: "WebSession", card=None, goto: dict | None = None) -> dict:
+    """Publish the session's slide on show for its viewer (new secrets; the slide shown before stops) and return
+    the config; `goto` (a level-0 x, y, w, h) is where the viewer flies once it opens.
 
+    In a case each slide is published when it is put on show; its tissue outline is found once and kept.
     `card` (the engine's `ModelCard`) heads the conversation's Markdown export.
     """
-    loaded = session.chat.slide
-    if loaded is None or session.slide_path is None:
+    loaded, path = session.shown_slide, session.slide_path
+    if loaded is None or path is None:
         raise ChatEXAONEPathError("Load a slide first.")
+    entry, index = session.case[session.shown], session.shown
     owner = weakref.ref(session)
-    tiles = registry.publish(session, session.open_shown_slide,
-                             alive=lambda: (s := owner()) is not None and not s.closed and s.chat.slide is loaded)
+    tiles = registry.publish(session, lambda: session.open_case_slide(loaded, path),
+                             alive=lambda: ((s := owner()) is not None and not s.closed
+                                            and s.shown_slide is loaded))
     weights, name = displayed_map(loaded)
     coords = loaded.features.coords
     coords = np.asarray(coords.cpu() if hasattr(coords, "cpu") else coords, np.int64).reshape(-1, 2)
@@ -83,17 +87,22 @@ def publish(registry: TileRegistry, session: "WebSession", card=None) -> dict:
     order = np.argsort(-weights, kind="stable")
     ranks = np.empty(len(weights), np.int64)
     ranks[order] = np.arange(1, len(weights) + 1)
-    with session.shared.model_slot():  # segmentation decodes the slide: one decode at a time, like loads
-        outline = tiles.with_slide(lambda slide: _tissue_outline(slide, session.shared.extractor.config.tissue))
+    if entry.outline is None:
+        with session.shared.model_slot():  # segmentation decodes the slide: one decode at a time, like loads
+            entry.outline = tiles.with_slide(lambda slide: _tissue_outline(slide,
+                                                                          session.shared.extractor.config.tissue))
+    outline = entry.outline
     tiles.overlay = {
         "patch_side": side, "x": coords[:, 0].tolist(), "y": coords[:, 1].tolist(),
         "weight": [float(f"{w:.4g}") for w in weights], "rank": ranks.tolist(), "map": name,
         "top": order[: session.shared.config.top_patches].tolist(), "tissue": outline,
     }
-    shown_name = session.display_name(session.slide_path)
+    shown_name = session.display_name(path)
     tiles.config = {"token": tiles.token, "key": tiles.key, "base": f"viewer/s/{tiles.token}/",
                     "name": Path(shown_name).name, "mpp": float(loaded.features.attrs["level0_mpp"]),
-                    **tiles.geometry(), "region": None, "goto": None}
+                    **tiles.geometry(), "region": None, "goto": None, "slide": index, "slides": len(session.case)}
+    if goto is not None:
+        tiles.config["goto"] = {**goto, "n": 1}
     # The conversation is read when it is downloaded, so the file always holds every answer so far.
     tiles.transcript = lambda: (transcript_markdown(s, shown_name, tiles.config, card)
                                 if (s := owner()) is not None else "")
@@ -152,6 +161,21 @@ def page_region(value) -> Region:
     return Region.of([round(v) for v in numbers])
 
 
+_CASE_PREFIX = re.compile(r"\s*([0-9]{1,2})\s*:(.*)", re.DOTALL)
+
+
+def page_case_region(value, slides: int) -> tuple[int, Region]:
+    """(0-based slide, region) from the region box: "x,y,w,h" (slide 1) or "N:x,y,w,h" (slide N of a case of
+    `slides`); anything else one sentence."""
+    if isinstance(value, str) and (match := _CASE_PREFIX.fullmatch(value)):
+        number = int(match.group(1))
+        if not 1 <= number <= slides:
+            raise ChatEXAONEPathError(f"The region names slide {number}, but this case has {slides} slide"
+                                      f"{'s' if slides != 1 else ''}; draw it again on the slide you mean.")
+        return number - 1, page_region(match.group(2).strip())
+    return 0, page_region(value)
+
+
 def viewer_update(registry: TileRegistry, session: "WebSession | None", **changes) -> dict | None:
     """The session's current viewer config with `changes` (region, goto); None when it shows no slide."""
     tiles = registry.published(session) if session is not None else None
@@ -175,9 +199,12 @@ def top_patch_goto(registry: TileRegistry, session: "WebSession", rank_index: in
 
 
 # -- the conversation, as the page shows it --------------------------------------------------------------
-def session_mpp(session: "WebSession | None") -> float | None:
-    """The loaded slide's level-0 µm per pixel (None without a slide)."""
-    loaded = session.chat.slide if session is not None else None
+def session_mpp(session: "WebSession | None", slide: int | None = None) -> float | None:
+    """The level-0 µm per pixel of the slide on show, or of the case's slide `slide` (None without one)."""
+    if session is None:
+        return None
+    slides = session.chat.slides
+    loaded = session.shown_slide if slide is None else slides[slide] if 0 <= slide < len(slides) else None
     try:
         return float(loaded.features.attrs["level0_mpp"]) if loaded is not None else None
     except (KeyError, TypeError, ValueError):
@@ -186,58 +213,85 @@ def session_mpp(session: "WebSession | None") -> float | None:
 
 def chat_messages(session: "WebSession", registry: TileRegistry) -> list[dict]:
     """`session.messages()` with region turns headed by their thumbnail and size, and answers followed by their
-    evidence chips — once per distinct set: an answer whose evidence an earlier answer showed says which."""
+    evidence chips — once per distinct set: an answer whose evidence an earlier answer showed says which.
+
+    In a case the chips and region headers name their slide (a click shows that slide first), and a region's
+    thumbnail is drawn only for the slide on show (the only one the viewer publishes).
+    """
     messages = session.messages()
     tiles = registry.published(session)
-    mpp = session_mpp(session)
+    case = len(session.chat.slides) > 1
     shown: dict[tuple, int] = {}  # the evidence's patches → the number of the answer that showed them
     answers = 0
-    loaded = session.chat.slide
-    unlike = loaded.typicality_warning if loaded is not None else None
+    unlike = case_warnings(session)
     for message, turn in zip(messages, session.turns):
         if turn.role == "assistant":
             answers += 1
             if unlike:  # beside every answer: a reader may scroll past the note over the chat
-                message["content"] += f'\n\n<span class="cxp-untypical" data-untypical="1">⚠ {html.escape(unlike)}</span>'
+                message["content"] += "".join(f'\n\n<span class="cxp-untypical" data-untypical="1">⚠ {html.escape(text)}'
+                                              "</span>" for text in unlike)
         if not isinstance(turn, SlideTurn):
             continue
+        slide = getattr(turn, "slide", 0)
         if turn.role == "user" and turn.region is not None:
-            message["content"] = region_header(turn.region, tiles, mpp) + message["content"]
+            on_show = tiles if slide == session.shown else None
+            message["content"] = (region_header(turn.region, on_show, session_mpp(session, slide),
+                                                slide=slide if case else None) + message["content"])
         elif turn.role == "assistant" and turn.evidence:
-            key = tuple(e.index for e in turn.evidence)
+            key = tuple((e.slide, e.index) for e in turn.evidence)
             if key in shown:
                 message["content"] += evidence_seen(len(key), shown[key])
             else:
                 shown[key] = answers
-                message["content"] += evidence_chips(turn.evidence, mpp)
+                mpps = {e.slide: session_mpp(session, e.slide) for e in turn.evidence}
+                message["content"] += evidence_chips(turn.evidence, mpps.get(0) if not case else None,
+                                                     by_slide=mpps if case else None)
     return messages
 
 
-def region_header(region: Region, tiles: SlideTiles | None, mpp: float | None = None) -> str:
-    """What heads a question about a region: its thumbnail (when the viewer shows the slide) and its size in µm."""
+def case_warnings(session: "WebSession") -> list[str]:
+    """The typicality warnings of the case's slides (chat/typicality.py), each naming its slide in a case."""
+    slides = session.chat.slides
+    if len(slides) <= 1:
+        warning = slides[0].typicality_warning if slides else None
+        return [warning] if warning else []
+    return [f"Slide {i} ({loaded.name}): {loaded.typicality_warning}"
+            for i, loaded in enumerate(slides, start=1) if loaded.typicality_warning]
+
+
+def region_header(region: Region, tiles: SlideTiles | None, mpp: float | None = None,
+                  slide: int | None = None) -> str:
+    """What heads a question about a region: its thumbnail (when the viewer shows the slide) and its size in µm;
+    `slide` (0-based) names its slide in a case."""
     picture = ""
     if tiles is not None:
         src = f"{tiles.config['base']}region/{region.x},{region.y},{region.width},{region.height}.jpeg"
         picture = f'<img class="cxp-region-thumb" src="{html.escape(src)}" alt="region" width="72"> '
         mpp = mpp or tiles.config.get("mpp")
-    label = f"Region: {wording.region_size(region, mpp)}" if mpp else f"Region: {region.describe()}"
+    where = f"Slide {slide + 1}, region" if slide is not None else "Region"
+    label = f"{where}: {wording.region_size(region, mpp)}" if mpp else f"{where}: {region.describe()}"
     title = (f"{wording.region_text(region, mpp)}; {wording.region_pixels(region)}. Show it on the slide"
              if mpp else "Show this place on the slide")
-    chip = _chip(region, label, title)
+    chip = _chip(region, label, title, slide)
     return f'<div class="cxp-region-turn" data-region="{region}">{picture}{chip}</div>\n\n'
 
 
-def evidence_chips(evidence, mpp: float | None = None) -> str:
+def evidence_chips(evidence, mpp: float | None = None, by_slide: dict[int, float | None] | None = None) -> str:
     """The chips under an answer: the patches that weighed most in it (centre in µm, share of the answer's
-    attention), each a link the viewer flies to; pixels and the pooling weight in the tooltip."""
+    attention), each a link the viewer flies to; pixels and the pooling weight in the tooltip. With `by_slide`
+    (a case: each slide's µm/px) each chip names its slide, and a click shows that slide first."""
     chips = []
     for e in evidence:
+        if by_slide is not None:
+            mpp = by_slide.get(e.slide)
         half = e.size / 2
         place = wording.position(e.x + half, e.y + half, mpp) if mpp else f"({e.x:,}, {e.y:,}) px"
         size = f"{wording.length(e.size * mpp)} square, " if mpp else ""
         title = (f"A {size}centre at {place}; top-left pixel ({e.x:,}, {e.y:,}) at full resolution; pooling "
                  f"weight {e.weight:.3g} in this answer. Show it on the slide")
-        chips.append(_chip(e.region, f"#{e.rank} · {wording.share(e.weight)} · {place}", title))
+        where = f"slide {e.slide + 1} · " if by_slide is not None else ""
+        chips.append(_chip(e.region, f"#{e.rank} · {where}{wording.share(e.weight)} · {place}", title,
+                           e.slide if by_slide is not None else None))
     return f'\n\n<div class="cxp-evidence">Evidence: {" ".join(chips)}</div>'
 
 
@@ -247,8 +301,10 @@ def evidence_seen(count: int, answer: int) -> str:
     return f'\n\n<div class="cxp-evidence cxp-evidence-seen">Evidence: the same {patches} as answer {answer}.</div>'
 
 
-def _chip(region: Region, label: str, title: str = "Show this place on the slide") -> str:
-    return (f'<a class="cxp-chip" href="#cxp-region={region}" title="{html.escape(title)}">'
+def _chip(region: Region, label: str, title: str = "Show this place on the slide", slide: int | None = None) -> str:
+    # "#cxp-region=x,y,w,h" flies the viewer there; "@N" (a case) shows slide N (from 1) first (static/viewer.js).
+    target = f"{region}@{slide + 1}" if slide is not None else str(region)
+    return (f'<a class="cxp-chip" href="#cxp-region={target}" title="{html.escape(title)}">'
             f'{html.escape(label)}</a>')
 
 
