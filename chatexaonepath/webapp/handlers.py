@@ -26,7 +26,8 @@ from .config import GenerationSettings
 from .engine import AppEngine
 from .messages import user_message
 from .session import LoadProgress, SlideView, WebSession
-from .viewer import chat_messages, page_region, region_header
+from .case import example_case_slides, strip_html
+from .viewer import chat_messages, page_case_region, region_header, session_mpp
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +58,33 @@ def error_html(message: str) -> str:
     return box(f'<span data-error="1">{html.escape(message)}</span>', "#b91c1c", "#fee2e2")
 
 
-def done_html(view: SlideView, seconds: float) -> str:
-    body = f"✓ {html.escape(view.summary)} Ready in {seconds:.1f} s — ask away."
+def done_html(view: SlideView, seconds: float, slides: int = 1) -> str:
+    case = f" This case has {slides} slides: ask about them together." if slides > 1 else ""
+    body = f"✓ {html.escape(view.summary)} Ready in {seconds:.1f} s — ask away.{case}"
     if view.unlike:  # over the chat, where the answers will appear
         return box(f'<span data-ready="{html.escape(view.name)}">{body}</span><br>'
                    f'<span class="cxp-untypical" data-untypical="1">⚠ {html.escape(view.unlike)}</span>',
                    "#b45309", "#fef3c7")
     return box(f'<span data-ready="{html.escape(view.name)}">{body}</span>', "#15803d", "#dcfce7")
+
+
+def upload_label(config, adding: bool = False) -> str:
+    """The upload box's label: what it takes, and whether the next slide replaces the case or joins it."""
+    what = ("svs, ndpi, tif, scn, bif, png, jpg; DICOM or mrxs as .zip; "
+            f"≤ {config.max_upload_gb:g} GB")
+    return f"Add a slide to this case ({what})" if adding else f"Slide file ({what})"
+
+
+def adding_controls(session: WebSession | None, engine: AppEngine) -> tuple:
+    """(add-slide button, upload box, example button) updates for whether the next load adds to the case."""
+    ready = session is not None and bool(session.case)
+    adding = ready and session.adding
+    button = gr.update(visible=ready, variant="primary" if adding else "secondary",
+                       value="Adding: the next slide joins this case (click to replace instead)" if adding
+                       else "Add a slide to this case")
+    example = gr.update(value="Add the synthetic example slide to this case" if adding
+                        else "Load the synthetic example slide")
+    return button, gr.update(label=upload_label(engine.config, adding)), example
 
 
 def gallery_items(view: SlideView) -> list[tuple]:
@@ -91,7 +112,7 @@ def finite(value: object, what: str, low: float, high: float) -> float:
 class PageHandlers:
     """The page's event handlers, bound to one engine; each looks up the caller's session."""
 
-    SKIP_LOAD = (gr.skip(),) * 7  # the outputs of a load event, all left as they are
+    SKIP_LOAD = (gr.skip(),) * 8  # the outputs of a load event, all left as they are
 
     def __init__(self, engine: AppEngine) -> None:
         self.engine = engine
@@ -149,7 +170,7 @@ class PageHandlers:
             session = self._session(request)
         except ChatEXAONEPathError as e:
             self._discard_gradio_copy(upload)  # a refused upload leaves nothing on disk
-            yield error_html(str(e)), *(gr.skip(),) * 5, None
+            yield error_html(str(e)), *(gr.skip(),) * 5, None, gr.skip()
             return
         yield from self._loading(session, lambda report: session.load_upload(upload, None, report), show, opacity)
 
@@ -157,10 +178,42 @@ class PageHandlers:
         try:
             session = self._session(request)
         except ChatEXAONEPathError as e:
-            yield error_html(str(e)), *(gr.skip(),) * 6
+            yield error_html(str(e)), *(gr.skip(),) * 7
             return
         yield from self._loading(session, lambda report: session.load(self.engine.example_slide(), None, report),
                                  show, opacity)
+
+    def load_example_case(self, show: bool, opacity: float, request: gr.Request) -> Iterator[tuple]:
+        """The demo's example case: a few held-out slides of one organ, loaded as a new case one after another."""
+        try:
+            session = self._session(request)
+            if self.engine.demo is None:
+                raise ChatEXAONEPathError("This server offers no example case (it serves no demo model).")
+            paths = example_case_slides(self.engine.demo)[:self.engine.config.max_case_slides]
+        except ChatEXAONEPathError as e:
+            yield error_html(str(e)), *(gr.skip(),) * 7
+            return
+
+        def load_all(report: Callable[[LoadProgress], None]) -> SlideView:
+            session.set_adding(False)
+            view = None
+            for i, path in enumerate(paths):
+                if i:
+                    session.set_adding(True)
+                view = session.load(path, None, report)
+            return view
+
+        yield from self._loading(session, load_all, show, opacity)
+
+    def toggle_adding(self, request: gr.Request) -> tuple:
+        """"Add a slide to this case": the upload box and the example button add to the case, or (clicked again)
+        replace it as before; a full case says so."""
+        try:
+            session = self._session(request)
+            session.set_adding(not session.adding)
+        except ChatEXAONEPathError as e:
+            return error_html(str(e)), *adding_controls(self._find(request), self.engine)
+        return gr.skip(), *adding_controls(session, self.engine)
 
     def load_with_mpp(self, mpp: float | None, show: bool, opacity: float, request: gr.Request) -> Iterator[tuple]:
         low, high = MPP_RANGE
@@ -171,7 +224,7 @@ class PageHandlers:
             message = str(e) if mpp not in (None, "", 0) else (
                 f"Enter the slide's µm per pixel first, between {low} and {high:g} (e.g. 0.25 for a 40× scan, "
                 "0.5 for 20×).")
-            yield error_html(message), *(gr.skip(),) * 6
+            yield error_html(message), *(gr.skip(),) * 7
             return
         yield from self._loading(session, lambda report: session.load_pending(value, report), show, opacity)
 
@@ -199,8 +252,13 @@ class PageHandlers:
         worker.start()
         skip = gr.skip()
         try:
+            listed = None  # the strip is redrawn when a slide starts loading, not at every patch
             while (progress := events.get()) is not None:
-                yield progress_html(progress), skip, skip, skip, skip, skip, skip
+                strip = skip
+                if session.pending_slide is not listed:
+                    listed = session.pending_slide
+                    strip = strip_html(session.strip(), session.shown, session.adding)
+                yield progress_html(progress), skip, skip, skip, skip, skip, skip, strip
         finally:
             if worker.is_alive():  # the browser went away mid-load
                 session.cancel()
@@ -208,11 +266,15 @@ class PageHandlers:
         if error is not None:
             missing_mpp = isinstance(error, MissingMppError)  # its message says to enter the value below
             message = user_message(error, "loading the slide", session.upload_folders())
-            yield error_html(message), skip, skip, gr.update(visible=missing_mpp), skip, skip, None
+            yield (error_html(message), skip, skip, gr.update(visible=missing_mpp), skip, skip, None,
+                   strip_html(session.strip(), session.shown, session.adding))
             return
         view = outcome["view"]
-        yield (done_html(view, time.perf_counter() - started), view.compose(show, _opacity(opacity)),
-               gallery_items(view), gr.update(visible=False), [], "", None)
+        slides = len(session.case)
+        yield (done_html(view, time.perf_counter() - started, slides), view.compose(show, _opacity(opacity)),
+               gallery_items(view), gr.update(visible=False),
+               chat_messages(session, self.engine.tiles) if slides > 1 else [], "", None,
+               strip_html(session.strip(), session.shown, session.adding))
 
     def cancel(self, request: gr.Request) -> None:
         session = self._find(request)
@@ -241,12 +303,14 @@ class PageHandlers:
             yield gr.skip(), gr.skip(), "Type a question first."
             return
         try:
-            scope = page_region(region) if region not in (None, "") and str(region).strip() else None  # "": the whole slide
             session = self._session(request)
+            slide, scope = 0, None  # "": the whole case
+            if region not in (None, "") and str(region).strip():  # "x,y,w,h", or "N:x,y,w,h" on slide N of a case
+                slide, scope = page_case_region(region, max(len(session.chat.slides), 1))
         except ChatEXAONEPathError as e:  # an unreadable region, or no session
             yield gr.skip(), question, f"**Error:** {e}"
             return
-        yield from self._answer(session, question, temperature, max_tokens, system_prompt, region=scope)
+        yield from self._answer(session, question, temperature, max_tokens, system_prompt, region=scope, slide=slide)
 
     def retry(self, question: str, temperature: float, max_tokens: float, system_prompt: str,
               request: gr.Request, region: str = "") -> Iterator[tuple]:
@@ -254,23 +318,28 @@ class PageHandlers:
             session = self._session(request)
             turns = session.turns
             scope = getattr(turns[-2], "region", None) if len(turns) >= 2 else None  # asked again as it was asked
+            slide = getattr(turns[-2], "slide", 0) if len(turns) >= 2 else 0
             last = session.drop_last_exchange()
         except ChatEXAONEPathError as e:
             yield gr.skip(), gr.skip(), str(e)
             return
         yield from self._answer(session, last, temperature, max_tokens, system_prompt, keep_question=question,
-                                region=scope)
+                                region=scope, slide=slide)
 
     def _answer(self, session: WebSession, question: str, temperature: float, max_tokens: float,
-                system_prompt: str, keep_question: str = "", region: Region | None = None) -> Iterator[tuple]:
+                system_prompt: str, keep_question: str = "", region: Region | None = None,
+                slide: int = 0) -> Iterator[tuple]:
         tiles = self.engine.tiles
-        header = region_header(region, tiles.published(session)) if region is not None else ""
+        header = ""
+        if region is not None:  # its thumbnail only when its slide is on show (the one the viewer publishes)
+            header = region_header(region, tiles.published(session) if slide == session.shown else None,
+                                   session_mpp(session, slide), slide if len(session.chat.slides) > 1 else None)
         history = chat_messages(session, tiles) + [{"role": "user", "content": header + question}]
         try:
             settings = GenerationSettings(finite(temperature, "Temperature", 0.0, 2.0),
                                           int(finite(max_tokens, "Max new tokens", 1, 1e6)),
                                           system_prompt if isinstance(system_prompt, str) else None)
-            stream = session.ask_stream(question, settings, region)  # starts now: the model reads meanwhile
+            stream = session.ask_stream(question, settings, region, slide)  # starts now: the model reads meanwhile
         except Exception as e:
             yield gr.skip(), question, f"**Error:** {user_message(e, 'answering', session.upload_folders())}"
             return

@@ -26,7 +26,8 @@ import gradio as gr
 from ..chat.session import repetition_defaults
 from ..vision_tower.slide import MPP_RANGE
 from .engine import AppEngine
-from .handlers import PageHandlers, box, progress_html  # noqa: F401 - progress_html: the page's API, tested
+from .case import STRIP_JS, strip_html
+from .handlers import PageHandlers, adding_controls, box, progress_html, upload_label  # noqa: F401 - progress_html: tested
 from .messages import redact_paths
 from .uploads import ACCEPTED_SUFFIXES
 from .viewer_page import ViewerHandlers, region_label, viewer_component
@@ -119,12 +120,17 @@ class PageState:
         """After a load (done, failed or cancelled): Cancel off; the chat names the slide on show."""
         session = self.engine.find_session(request.session_hash, getattr(request, "username", None))
         idle = gr.update(interactive=False, variant="secondary")
+        controls = adding_controls(session, self.engine)
         if session is None or session.chat.slide is None or session.slide_path is None:
-            return idle, gr.update(placeholder=NO_SLIDE_PLACEHOLDER)
+            return idle, gr.update(placeholder=NO_SLIDE_PLACEHOLDER), *controls
         name = html.escape(session.display_name(session.slide_path))
-        placeholder = (f"**{name}** is loaded. Ask about it below — about the whole slide, or draw a region on "
-                       "the slide first.")
-        return idle, gr.update(placeholder=placeholder)
+        if len(session.case) > 1:
+            placeholder = (f"A case of **{len(session.case)} slides** is loaded ({name} on show). Ask about them "
+                           "together below, or draw a region on the slide on show first.")
+        else:
+            placeholder = (f"**{name}** is loaded. Ask about it below — about the whole slide, or draw a region on "
+                           "the slide first.")
+        return idle, gr.update(placeholder=placeholder), *controls
 
     @staticmethod
     def answering():
@@ -151,12 +157,14 @@ def build_demo(engine: AppEngine) -> gr.Blocks:
             with gr.Column(scale=7, min_width=480, elem_id="cxp-slide"):
                 viewer = viewer_component()  # pan and zoom to full resolution, with the overlays (viewer.py)
             with gr.Column(scale=3, min_width=340, elem_id="cxp-side"):
-                upload = gr.File(label="Slide file (svs, ndpi, tif, scn, bif, png, jpg; DICOM or mrxs as .zip; "
-                                       f"≤ {engine.config.max_upload_gb:g} GB)",
-                                 file_types=list(ACCEPTED_SUFFIXES), elem_id="upload", height=76)
+                upload = gr.File(label=upload_label(engine.config), file_types=list(ACCEPTED_SUFFIXES),
+                                 elem_id="upload", height=76)
                 with gr.Row(elem_id="slide-buttons"):
                     example = gr.Button("Load the synthetic example slide", elem_id="example", size="sm",
                                         visible=engine.config.example)
+                    example_case = gr.Button("Load an example case (held-out demo slides)", elem_id="example-case",
+                                             size="sm", visible=engine.demo is not None)
+                    add_slide = gr.Button("Add a slide to this case", elem_id="add-slide", size="sm", visible=False)
                     cancel = gr.Button("Cancel loading", variant="secondary", elem_id="cancel", size="sm",
                                        interactive=False)
                 with gr.Row(visible=False, elem_id="mpp-row") as mpp_row:
@@ -164,6 +172,9 @@ def build_demo(engine: AppEngine) -> gr.Blocks:
                                     elem_id="mpp", minimum=MPP_RANGE[0], maximum=MPP_RANGE[1])
                     mpp_load = gr.Button("Load with this µm/px", elem_id="mpp-load", variant="primary")
                 status = gr.HTML("", elem_id="status")
+                # The case's slides, a click shows one (case.py); empty for a lone slide.
+                strip = gr.HTML(strip_html([], 0), elem_id="case-strip", js_on_load=STRIP_JS, padding=False,
+                                apply_default_css=False)
                 with gr.Tabs(elem_id="side-tabs"):
                     with gr.Tab("Chat", id="chat-tab", elem_id="chat-tab"):
                         questions = engine.demo.questions() if engine.demo is not None else example_questions()
@@ -236,10 +247,10 @@ def build_demo(engine: AppEngine) -> gr.Blocks:
         private = dict(instant, api_visibility="private")
         demo.load(handlers.start, None, status, api_name="start_session", **instant)  # the only way a session starts
         # The file box is emptied after each load (the status names the slide), ready for the next one.
-        load_outputs = [status, slide_view, gallery, mpp_row, chatbot, chat_status, upload]
+        load_outputs = [status, slide_view, gallery, mpp_row, chatbot, chat_status, upload, strip]
         show = dict(fn=viewing.show, inputs=None, outputs=[viewer, region], api_visibility="private", **model_work)
         loading = dict(fn=state.loading, inputs=None, outputs=cancel, **private)
-        loaded = dict(fn=state.loaded, inputs=None, outputs=[cancel, chatbot], **private)
+        loaded = dict(fn=state.loaded, inputs=None, outputs=[cancel, chatbot, add_slide, upload, example], **private)
         focus = dict(fn=None, inputs=None, outputs=None, js=FOCUS_QUESTION_JS, **private)
         upload.upload(handlers.claim, upload, status, **private).then(**loading).then(
             handlers.load_claimed, [show_heatmap, opacity], load_outputs, api_visibility="private",
@@ -248,6 +259,13 @@ def build_demo(engine: AppEngine) -> gr.Blocks:
                                        api_name="load_upload", **model_work).then(**show).then(**loaded).then(**focus)
         example.click(**loading).then(handlers.load_example, [show_heatmap, opacity], load_outputs,
                                       api_name="load_example_slide", **model_work).then(**show).then(**loaded).then(**focus)
+        example_case.click(**loading).then(handlers.load_example_case, [show_heatmap, opacity], load_outputs,
+                                           api_name="load_example_case", **model_work).then(**show).then(
+            **loaded).then(**focus)
+        add_slide.click(handlers.toggle_adding, None, [status, add_slide, upload, example], api_name="add_slide",
+                        **instant)
+        strip.select(viewing.switch_slide, [show_heatmap, opacity], [viewer, strip, slide_view, gallery],
+                     api_visibility="private", **model_work)
         mpp_load.click(**loading).then(handlers.load_with_mpp, [mpp, show_heatmap, opacity], load_outputs,
                                        api_name="load_with_mpp", **model_work).then(**show).then(**loaded).then(**focus)
         viewer.select(viewing.region_drawn, None, [region, viewer], **private)

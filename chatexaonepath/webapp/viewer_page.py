@@ -16,7 +16,8 @@ from ..chat.regions import Region
 from ..errors import ChatEXAONEPathError
 from . import wording
 from .slide_view import HEAT_SCALES
-from .viewer import WHOLE_SLIDE, page_region, publish, session_mpp, top_patch_goto, viewer_update
+from .case import strip_html
+from .viewer import WHOLE_SLIDE, page_case_region, page_region, publish, session_mpp, top_patch_goto, viewer_update
 
 if TYPE_CHECKING:
     from .session import WebSession
@@ -103,18 +104,26 @@ def viewer_component():
                    apply_default_css=False, padding=False)
 
 
-def region_box(region: Region | None, mpp: float | None):
-    """The region box's update: the region in pixels (what the ask API takes), its size and place in µm as its label."""
+def region_box(region: Region | None, mpp: float | None, slide: int | None = None):
+    """The region box's update: the region in pixels (what the ask API takes; "N:x,y,w,h" for slide N of a case),
+    its size and place in µm as its label."""
     if region is None:
         return gr.update(value="", label=region_label(None, None))
-    return gr.update(value=str(region), label=region_label(region, mpp))
+    value = f"{slide + 1}:{region}" if slide is not None else str(region)
+    return gr.update(value=value, label=region_label(region, mpp, slide))
 
 
-def region_label(region: Region | None, mpp: float | None) -> str:
+def region_label(region: Region | None, mpp: float | None, slide: int | None = None) -> str:
     """What the next question is about, in µm: the region box's label."""
     if region is None:
         return f"Next question about: {WHOLE_SLIDE}"
-    return f"Next question about: a region of {wording.region_text(region, mpp)}"
+    where = f" on slide {slide + 1}" if slide is not None else ""
+    return f"Next question about: a region{where} of {wording.region_text(region, mpp)}"
+
+
+def case_slide(session: "WebSession | None") -> int | None:
+    """The slide on show as a region names it: its index in a case of several, None for a lone slide."""
+    return session.shown if session is not None and len(session.case) > 1 else None
 
 
 class ViewerHandlers:
@@ -149,20 +158,50 @@ class ViewerHandlers:
         except ChatEXAONEPathError:
             return gr.skip(), gr.skip()
         session = self._session(request)
-        return (region_box(region, session_mpp(session)),
+        return (region_box(region, session_mpp(session), case_slide(session)),
                 viewer_update(self.engine.tiles, session, region=list(region.as_tuple())))
 
     def region_typed(self, text: str, request: gr.Request):
         """A region typed into the box is drawn on the viewer (an unreadable one is left to the question's check)."""
+        session = self._session(request)
+        slides = len(session.case) if session is not None else 1
         try:
-            region = page_region(text) if text and text.strip() else None
+            slide, region = page_case_region(text, max(slides, 1)) if text and text.strip() else (0, None)
         except ChatEXAONEPathError:
             return gr.skip(), gr.skip()
-        session = self._session(request)
-        rect = None if region is None else list(region.as_tuple())
-        box = region_box(region, session_mpp(session))
+        on_show = session is not None and slide == session.shown
+        rect = None if region is None or not on_show else list(region.as_tuple())  # drawn on its own slide only
+        box = region_box(region, session_mpp(session, slide) if session is not None else None,
+                         slide if slides > 1 else None)
         box.pop("value", None)  # the text stays as typed
         return viewer_update(self.engine.tiles, session, region=rect) or gr.skip(), box
+
+    def switch_slide(self, show: bool, opacity: float, request: gr.Request, event: gr.EventData) -> tuple:
+        """A slide of the case clicked in the strip (or an evidence chip of another slide): the viewer, the thumbnail
+        and the top patches show it, the viewer flying to the chip's place; the region box keeps its slide's region."""
+        data = getattr(event, "_data", None) or {}
+        session = self._session(request)
+        skip = (gr.skip(),) * 4
+        if session is None or not session.case:
+            return skip
+        try:
+            entry = session.show_slide(data.get("slide"))
+            goto = data.get("goto")
+            target = None
+            if goto is not None:
+                region = page_region(goto)
+                target = {"x": region.x, "y": region.y, "w": region.width, "h": region.height}
+            config = publish(self.engine.tiles, session, self.engine.card, goto=target)
+        except ChatEXAONEPathError as e:
+            logger.info("The viewer could not switch slides: %s", e)
+            return skip
+        try:
+            opacity = min(max(float(opacity), 0.0), 1.0)
+        except (TypeError, ValueError):
+            opacity = 0.3
+        view = entry.view
+        return (config, strip_html(session.strip(), session.shown, session.adding), view.compose(bool(show), opacity),
+                view.gallery())
 
     def whole_slide(self, request: gr.Request) -> tuple:
         """Back to questions about the whole slide."""

@@ -55,8 +55,9 @@ def test_out_of_memory_while_loading_is_a_message_and_the_next_load_works(make_e
     status, *_ = last(handlers.load_example(True, 0.5, tab()))
     assert "data-error" in status and "Out of memory while loading the slide" in status
     monkeypatch.setattr(session.chat, "load_slide", real_load)
-    status, image, gallery, mpp_row, chatbot, chat_status, upload = last(handlers.load_example(True, 0.5, tab()))
+    status, image, gallery, mpp_row, chatbot, chat_status, upload, strip = last(handlers.load_example(True, 0.5, tab()))
     assert "data-ready" in status and image.shape[2] == 3 and len(gallery) == 8 and upload is None
+    assert 'data-slides="0"' in strip  # a lone slide: the case strip has nothing to switch between
 
 
 def test_chat_handlers_explain_what_is_missing(make_engine):

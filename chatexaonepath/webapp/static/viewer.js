@@ -690,16 +690,22 @@
   const viewers = [];
 
   // Chips in the chat (evidence, a region's header) fly the viewer there. They are plain links, because the
-  // chat's sanitiser keeps an href but drops data attributes: "#cxp-region=x,y,w,h".
+  // chat's sanitiser keeps an href but drops data attributes: "#cxp-region=x,y,w,h", and in a case
+  // "#cxp-region=x,y,w,h@N": slide N (from 1), which the server puts on show first (the case strip's event).
   const CHIP = 'a[href^="#cxp-region="]';
   document.addEventListener("click", (event) => {
     const chip = event.target.closest && event.target.closest(CHIP);
     if (!chip) return;
     event.preventDefault();
     event.stopPropagation();
-    const rect = chip.getAttribute("href").slice("#cxp-region=".length).split(",").map(Number);
+    const [place, slide] = chip.getAttribute("href").slice("#cxp-region=".length).split("@");
+    const rect = place.split(",").map(Number);
+    if (rect.length !== 4 || !rect.every(Number.isFinite)) return;
     const viewer = viewers.find((v) => v.viewer);
-    if (viewer && rect.length === 4 && rect.every(Number.isFinite)) viewer.flyTo(rect);
+    const index = slide === undefined ? null : Number(slide) - 1;
+    const shown = viewer && viewer.config ? (viewer.config.slide || 0) : null;
+    if (index !== null && Number.isInteger(index) && index !== shown && window.CXPCase) window.CXPCase.show(index, rect);
+    else if (viewer) viewer.flyTo(rect);
   }, true);
 
   window.CXPViewer = {
