@@ -136,7 +136,7 @@ def test_the_model_card_names_the_demo_models_adapter_not_none(tiny_encoder):
     model = SimpleNamespace(config=SimpleNamespace(llm_name_or_path="embedded", tower_trained=True,
                                                    lora={"r": 64, "alpha": 16}))
     extractor = SimpleNamespace(encoder=tiny_encoder)
-    demo = SimpleNamespace(describe=lambda: "a demo", warning=lambda: "not a medical device")
+    demo = SimpleNamespace(describe=lambda: "a demo", warning=lambda: "not a medical device", failure=lambda: None)
     assert dict(describe_model(model, extractor, None, demo).rows())["LoRA"] == "r=64, alpha=16 (the demo model's)"
     assert "None" not in str(describe_model(model, extractor, None).rows())
 
