@@ -2,51 +2,75 @@
 
 A model answers about any slide it is shown, including slides nothing in its training resembled (another
 organ, another stain, a photograph); its answers there are unreliable and the user should be told. Every
-checkpoint `train` writes carries `typicality.json`: how far, in its training features' own units, a
-slide's patches and its mean patch lie from the training patches, with a threshold calibrated on the
-training and validation slides. Three numbers per slide, each in standard deviations of the training
-patches (`feature_mean`/`feature_std`, the tower's own standardisation):
+checkpoint `train` writes carries `typicality.json` and `typicality.safetensors`: a bank of its training
+patches and slide means (in the tower's standardised feature units, `feature_mean`/`feature_std`) and a
+threshold per measure. Three measures per slide, each a root-mean-square distance per feature dimension:
 
-- `patch_distance`: the median over the slide's patches of each patch's root-mean-square z-score;
+- `patch_distance`: the median over the slide's patches of each patch's distance to its nearest training
+  patch;
 - `patch_tail`: the 90th percentile of the same (a slide partly unlike the training slides);
-- `slide_distance`: the root-mean-square z-score of the slide's mean patch.
+- `slide_distance`: the distance of the slide's mean patch to the nearest training slide's mean.
 
-The score is the largest of the three, each divided by its threshold (the largest value any calibration
-slide reached, times a margin): a slide scores above 1 when one of them is further out than every
-calibration slide by the margin. Distances, not a density model: they need no more slides than a small
-cohort has, and they say which way a slide is unusual.
+Thresholds come from leaving each calibration slide out in turn (its distances to the other slides'
+patches and means): the largest value any calibration slide reached, times a margin. A slide scores
+above 1 when one measure is further out than every left-out calibration slide by the margin. Nearest
+neighbours rather than distances to the overall mean: a cohort holds several organs and stains, and a
+slide of one of them is typical when it is like *some* training slides, not like their average (measured
+with a tiny encoder: distance-to-mean flagged a held-out slide of an unusual stain while missing another
+painter's tissue; nearest neighbours did neither).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 TYPICALITY_FILE = "typicality.json"
+BANK_FILE = "typicality.safetensors"
 MEASURES = ("patch_distance", "patch_tail", "slide_distance")
-MARGIN = 1.25  # over the furthest calibration slide: held-out slides of the same kind stay under it
+MARGIN = 1.25  # over the furthest left-out calibration slide
+MAX_BANK_PATCHES = 8192  # patches kept for the nearest-neighbour search: 12 MB at 768-d in fp16
 UNTYPICAL_MESSAGE = ("This slide is unlike the slides this model was trained on; its answers are unreliable "
                      "for it.")
 
 
-def slide_measures(features: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> dict[str, float]:
-    """The three distances of one slide's (N, D) patch features from the training patches (see the module)."""
-    z = (features.float() - mean.float()) / std.float().clamp_min(1e-6)  # (N, D)
-    per_patch = z.pow(2).mean(1).sqrt()  # (N,)
-    slide = z.mean(0).pow(2).mean().sqrt()
+def standardise(features: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(N, D) features in the tower's units: per dimension, minus the training mean, over the training std."""
+    return (features.float() - mean.float()) / std.float().clamp_min(1e-6)
+
+
+def _nearest(queries: torch.Tensor, bank: torch.Tensor, exclude: torch.Tensor | None = None,
+             owner: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) distance of each query to its nearest bank row, per √dimension; bank rows of `owner == exclude`
+    are skipped (leave-one-slide-out)."""
+    distances = torch.cdist(queries, bank)  # (N, B)
+    if exclude is not None:
+        distances[:, owner == exclude] = float("inf")
+    return distances.min(1).values / math.sqrt(queries.shape[1])
+
+
+def measures_against(z: torch.Tensor, patches: torch.Tensor, means: torch.Tensor, *, leave_out: int | None = None,
+                     patch_owner: torch.Tensor | None = None) -> dict[str, float]:
+    """The three measures of one slide's standardised (N, D) patches against a bank (see the module)."""
+    per_patch = _nearest(z, patches, None if leave_out is None else torch.tensor(leave_out), patch_owner)
+    slide_owner = torch.arange(means.shape[0])
+    slide = _nearest(z.mean(0, keepdim=True), means, None if leave_out is None else torch.tensor(leave_out),
+                     slide_owner)
     return {"patch_distance": float(per_patch.median()), "patch_tail": float(torch.quantile(per_patch, 0.9)),
-            "slide_distance": float(slide)}
+            "slide_distance": float(slide[0])}
 
 
 @dataclass
 class Typicality:
-    """Thresholds calibrated on a checkpoint's training and validation slides, and the score of a slide."""
+    """A checkpoint's bank of training patches and slide means, its thresholds, and the score of a slide."""
 
     thresholds: dict[str, float]
+    patches: torch.Tensor  # (B, D) standardised training patches (a seeded sample)
+    means: torch.Tensor  # (S, D) standardised mean patch of each calibration slide
     calibration: dict = field(default_factory=dict)  # how the thresholds were set: slides, maxima, margin
 
     def score(self, measures: dict[str, float]) -> float:
@@ -54,35 +78,59 @@ class Typicality:
         return max(measures[k] / self.thresholds[k] for k in MEASURES)
 
     def assess(self, features: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> "SlideTypicality":
-        """The typicality of one slide's patch features."""
-        measures = slide_measures(features, mean, std)
+        """The typicality of one slide's (N, D) patch features."""
+        if features.shape[-1] != self.patches.shape[-1]:  # another encoder's features: unlike by construction
+            return SlideTypicality(math.inf, {k: math.inf for k in MEASURES})
+        measures = measures_against(standardise(features, mean, std), self.patches.float(), self.means.float())
         return SlideTypicality(self.score(measures), measures)
 
     @classmethod
-    def calibrate(cls, slides: list[dict[str, float]], margin: float = MARGIN) -> "Typicality":
-        """Thresholds from the measures of in-distribution slides (their maxima times `margin`)."""
-        if not slides:
-            raise ValueError("typicality needs at least one calibration slide")
-        maxima = {k: max(s[k] for s in slides) for k in MEASURES}
-        return cls({k: v * margin for k, v in maxima.items()},
-                   {"slides": len(slides), "maxima": maxima, "margin": margin})
+    def calibrate(cls, bags: list[torch.Tensor], mean: torch.Tensor, std: torch.Tensor, *, margin: float = MARGIN,
+                  max_patches: int = MAX_BANK_PATCHES, seed: int = 0) -> "Typicality":
+        """Thresholds from in-distribution slides' (N_i, D) features, each measured with itself left out."""
+        if len(bags) < 2:
+            raise ValueError("typicality needs at least two calibration slides (each is measured against the others)")
+        z = [standardise(b, mean, std) for b in bags]
+        generator = torch.Generator().manual_seed(seed)
+        per_slide = max(1, max_patches // len(z))
+        kept = [b[torch.randperm(b.shape[0], generator=generator)[:per_slide]] for b in z]
+        patches = torch.cat(kept)
+        owner = torch.cat([torch.full((k.shape[0],), i) for i, k in enumerate(kept)])
+        means = torch.stack([b.mean(0) for b in z])
+        left_out = [measures_against(b, patches, means, leave_out=i, patch_owner=owner) for i, b in enumerate(z)]
+        maxima = {k: max(m[k] for m in left_out) for k in MEASURES}
+        return cls({k: max(v, 1e-6) * margin for k, v in maxima.items()}, patches.half(), means.half(),
+                   {"slides": len(z), "bank_patches": int(patches.shape[0]), "maxima": maxima, "margin": margin})
 
     def save(self, directory: str | Path) -> Path:
-        from ..fileio import atomic_write_json
+        """typicality.safetensors (the bank), then typicality.json (thresholds): the JSON says it is complete."""
+        from safetensors.torch import save_file
 
-        return atomic_write_json(Path(directory) / TYPICALITY_FILE, asdict(self))
+        from ..fileio import atomic_write_json, atomic_write_with
+
+        directory = Path(directory)
+        tensors = {"patches": self.patches.contiguous(), "means": self.means.contiguous()}
+        atomic_write_with(directory / BANK_FILE, lambda tmp: save_file(tensors, str(tmp)))
+        return atomic_write_json(directory / TYPICALITY_FILE,
+                                 {"thresholds": self.thresholds, "calibration": self.calibration})
 
     @classmethod
     def load(cls, directory: str | Path) -> "Typicality | None":
-        """The checkpoint's typicality thresholds, or None for a checkpoint trained before they existed."""
-        path = Path(directory) / TYPICALITY_FILE
+        """The checkpoint's typicality, or None for a checkpoint trained before it existed."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        path = directory / TYPICALITY_FILE
         if not path.is_file():
             return None
+        if not (directory / BANK_FILE).is_file():  # the bank is written first: the JSON alone is a damaged copy
+            raise ValueError(f"{path.name} has no {BANK_FILE} beside it; copy the whole checkpoint folder")
         data = json.loads(path.read_text())
         thresholds = {k: float(data["thresholds"][k]) for k in MEASURES}
         if not all(math.isfinite(v) and v > 0 for v in thresholds.values()):
             raise ValueError(f"{path.name} has thresholds that are not positive numbers")
-        return cls(thresholds, data.get("calibration", {}))
+        bank = load_file(str(directory / BANK_FILE))
+        return cls(thresholds, bank["patches"], bank["means"], data.get("calibration", {}))
 
 
 @dataclass

@@ -26,7 +26,7 @@ from transformers import TrainerCallback, TrainingArguments
 from ..chat.conversation import DEFAULT_SYSTEM_PROMPT, PromptBuilder
 from ..chat.modeling import LORA_TARGETS, TOWER_WEIGHTS, ChatEXAONEPathConfig, ChatEXAONEPathForCausalLM
 from ..chat.provenance import check_features
-from ..chat.typicality import Typicality, slide_measures
+from ..chat.typicality import Typicality
 from ..vision_tower.features import read_features
 from ..errors import ChatEXAONEPathError
 from ..patients import patients_of, record_train_patients, seen_in_training, split_by_patient
@@ -403,17 +403,26 @@ def train_phase(config: PhaseConfig, data: DataConfig, *, resume: bool = False,
                        time.perf_counter() - started, chosen)
 
 
-def calibrate_typicality(model, records: list, *, max_slides: int = 512, seed: int = 0) -> Typicality:
+def calibrate_typicality(model, records: list, *, max_slides: int = 512, max_patches: int = 1024,
+                         seed: int = 0) -> Typicality:
     """The thresholds past which a slide is unlike this run's training and validation slides.
 
-    Measured with the tower's own feature statistics, on every slide (a seeded sample past `max_slides`:
-    reading every bag of a large cohort could take hours).
+    Measured with the tower's own feature statistics, on every slide (a seeded sample past `max_slides`
+    slides and `max_patches` patches a slide: reading every bag of a large cohort whole could take hours and
+    more memory than the machine has).
     """
     paths = sorted({p for r in records for p in getattr(r, "features_paths", (r.features_path,))})  # every slide of a case
     if len(paths) > max_slides:
         paths = sorted(random.Random(seed).sample(paths, max_slides))
     mean, std = model.tower.feature_mean.float().cpu(), model.tower.feature_std.float().cpu()
-    return Typicality.calibrate([slide_measures(read_features(p).features, mean, std) for p in paths])
+    bags = []
+    for i, path in enumerate(paths):
+        bag = read_features(path).features
+        if bag.shape[0] > max_patches:
+            bag = bag[torch.randperm(bag.shape[0], generator=torch.Generator().manual_seed(seed * 100_003 + i))
+                      [:max_patches]]
+        bags.append(bag)
+    return Typicality.calibrate(bags, mean, std, seed=seed)
 
 
 def _has_checkpoint(out: str) -> bool:

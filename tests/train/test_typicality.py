@@ -23,7 +23,7 @@ def bag(rng: np.random.Generator, label: int, n: int = 10, shift: float = 0.0, s
 
 def test_training_writes_thresholds_calibrated_on_its_own_slides(phase1_out, dataset_dir):
     saved = json.loads((phase1_out / TYPICALITY_FILE).read_text())
-    assert saved["calibration"]["slides"] == 8  # train and validation slides
+    assert saved["calibration"]["slides"] == 8 and (phase1_out / "typicality.safetensors").is_file()  # train and val slides
     model = ChatEXAONEPathForCausalLM.from_pretrained(phase1_out)
     assert model.typicality is not None
     mean, std = model.tower.feature_mean.cpu(), model.tower.feature_std.cpu()
@@ -65,6 +65,11 @@ def test_the_session_carries_the_warning_and_old_checkpoints_say_nothing(phase1_
 def test_a_damaged_file_is_refused_in_one_sentence(tmp_path):
     (tmp_path / TYPICALITY_FILE).write_text(json.dumps({"thresholds": {"patch_distance": 0, "patch_tail": 1,
                                                                         "slide_distance": 1}}))
+    with pytest.raises(ValueError, match="no typicality.safetensors beside it"):  # half a copied checkpoint
+        Typicality.load(tmp_path)
+    from safetensors.torch import save_file
+
+    save_file({"patches": torch.zeros(2, 3), "means": torch.zeros(1, 3)}, str(tmp_path / "typicality.safetensors"))
     with pytest.raises(ValueError, match="not positive numbers"):
         Typicality.load(tmp_path)
     assert Typicality.load(tmp_path / "absent") is None
@@ -85,5 +90,5 @@ def test_every_slide_of_a_case_calibrates(tmp_path):
     model = SimpleNamespace(tower=SimpleNamespace(feature_mean=torch.zeros(DIM), feature_std=torch.ones(DIM)))
     case = SimpleNamespace(features_path=paths[0], features_paths=tuple(paths))
     typicality = calibrate_typicality(model, [case])
-    assert typicality.calibration["slides"] == 3
+    assert typicality.calibration["slides"] == 3 and typicality.means.shape == (3, DIM)
     assert typicality.assess(read_features(paths[2]).features, torch.zeros(DIM), torch.ones(DIM)).typical
