@@ -104,19 +104,19 @@ def viewer_component():
                    apply_default_css=False, padding=False)
 
 
-def region_box(region: Region | None, mpp: float | None, slide: int | None = None):
+def region_box(region: Region | None, mpp: float | None, slide: int | None = None, case: bool = False):
     """The region box's update: the region in pixels (what the ask API takes; "N:x,y,w,h" for slide N of a case),
-    its size and place in µm as its label."""
+    its size and place in µm as its label; empty, the whole slide (the whole `case`)."""
     if region is None:
-        return gr.update(value="", label=region_label(None, None))
+        return gr.update(value="", label=region_label(None, None, case=case))
     value = f"{slide + 1}:{region}" if slide is not None else str(region)
     return gr.update(value=value, label=region_label(region, mpp, slide))
 
 
-def region_label(region: Region | None, mpp: float | None, slide: int | None = None) -> str:
+def region_label(region: Region | None, mpp: float | None, slide: int | None = None, case: bool = False) -> str:
     """What the next question is about, in µm: the region box's label."""
     if region is None:
-        return f"Next question about: {WHOLE_SLIDE}"
+        return f"Next question about: {'the whole case' if case else WHOLE_SLIDE}"
     where = f" on slide {slide + 1}" if slide is not None else ""
     return f"Next question about: a region{where} of {wording.region_text(region, mpp)}"
 
@@ -145,7 +145,8 @@ class ViewerHandlers:
         if self.engine.tiles.published(session) is not None:
             return gr.skip(), gr.skip()
         try:
-            return publish(self.engine.tiles, session, self.engine.card), region_box(None, None)
+            return (publish(self.engine.tiles, session, self.engine.card),
+                    region_box(None, None, case=len(session.case) > 1))
         except ChatEXAONEPathError as e:
             logger.warning("The viewer could not show the slide: %s", e)
             return None, region_box(None, None)
@@ -205,7 +206,9 @@ class ViewerHandlers:
 
     def whole_slide(self, request: gr.Request) -> tuple:
         """Back to questions about the whole slide."""
-        return region_box(None, None), viewer_update(self.engine.tiles, self._session(request), region=None) or gr.skip()
+        session = self._session(request)
+        case = session is not None and len(session.case) > 1
+        return region_box(None, None, case=case), viewer_update(self.engine.tiles, session, region=None) or gr.skip()
 
     def goto_patch(self, request: gr.Request, event: gr.SelectData):
         """A gallery patch clicked: the viewer flies to it (and shows it in its panel)."""

@@ -88,6 +88,7 @@ def test_a_case_is_built_switched_and_asked_about_slide_by_slide(app, browser, s
     page.wait_for_function(f"{V}.config && {V}.config.name === 'stroma.tiff' && {V}.root.dataset.open === '1'")
     strip = page.locator("#case-strip .cxp-case-slide")
     assert strip.count() == 2
+    page.wait_for_function("document.querySelector('#region').innerText.includes('the whole case')")
     assert [strip.nth(i).get_attribute("data-status") for i in range(2)] == ["ready", "ready"]
     assert strip.nth(1).get_attribute("aria-pressed") == "true" and "stroma.tiff" in strip.nth(1).inner_text()
     page.wait_for_function("document.querySelector('#upload').innerText.includes('Slide file')")  # back to replacing
