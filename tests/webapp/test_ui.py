@@ -208,3 +208,24 @@ def test_cancel_and_stop_are_enabled_only_around_their_work(make_engine):
             chain = [f for c in chain for f in next_of(c)]
             after = next((f for f in chain if f.fn is not None and f.fn.__name__ == off), None)
         assert after is not None and after.outputs[0] is blocks[button] and not after.trigger_only_on_success
+
+
+@pytest.mark.parametrize("unlike", [True, False])
+def test_a_slide_unlike_the_training_slides_is_flagged_over_the_chat_and_beside_each_answer(make_engine, monkeypatch,
+                                                                                          unlike):
+    import torch
+
+    from chatexaonepath.chat.typicality import MEASURES, UNTYPICAL_MESSAGE, Typicality
+    from chatexaonepath.webapp.viewer import chat_messages
+
+    engine = make_engine()
+    limit = 1e-6 if unlike else 1e6  # every slide is far from this bank, or none is
+    monkeypatch.setattr(engine.model, "typicality", Typicality({k: limit for k in MEASURES}, torch.ones(1, 64),
+                                                               torch.ones(1, 64)), raising=False)
+    handlers = opened(engine)
+    status = last(handlers.load_example(True, 0.3, tab()))[0]
+    last(handlers.ask("What is the diagnosis?", 0.0, 4, "", tab()))
+    answers = [m["content"] for m in chat_messages(engine.session("tab"), engine.tiles) if m["role"] == "assistant"]
+    assert ('data-untypical="1"' in status) == unlike and (UNTYPICAL_MESSAGE in status) == unlike
+    assert (UNTYPICAL_MESSAGE in answers[0]) == unlike
+    assert engine.session("tab").turns[-1].content.count("unlike") == 0  # the model's own text is left alone
