@@ -22,13 +22,13 @@ and these are a few lines each.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..eval.stats import wilson_interval
 from ..vision_tower.features import SlideFeatures
 from .lesions import NO_LESION
 from .scores import localisation_auc
@@ -108,16 +108,6 @@ def patch_colour_statistics(slide_path: str | Path, coords: np.ndarray, patch_si
 
 
 # -- statistics -----------------------------------------------------------------------------------------------
-def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion."""
-    if total == 0:
-        return (float("nan"), float("nan"))
-    p = correct / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def asked(labels: dict[str, str], question: str) -> str | None:
     """The true answer class of a slide for `question`, or None when it is not asked of this slide."""
     if question in ASKED_OF_LESIONS and labels["diagnosis"] == NO_LESION:
@@ -138,7 +128,8 @@ class Accuracy:
 
     @property
     def interval(self) -> tuple[float, float]:
-        return wilson_interval(self.correct, self.total)
+        """The 95 % Wilson interval (eval/stats.py); NaN when nothing was asked."""
+        return wilson_interval(self.correct, self.total) or (float("nan"), float("nan"))
 
     def __str__(self) -> str:
         low, high = self.interval

@@ -11,12 +11,12 @@ from chatexaonepath.synthetic.slides import make_synthetic_slide
 from chatexaonepath.vision_tower.features import SlideFeatures
 
 
-def test_the_wilson_interval_matches_its_formula_and_stays_in_bounds():
-    low, high = B.wilson_interval(8, 8)
+def test_an_accuracy_carries_its_wilson_interval():
+    low, high = B.Accuracy(8, 8).interval
     assert high == 1.0 and low == pytest.approx(0.676, abs=1e-3)  # 8/8 is not certainty
-    low, high = B.wilson_interval(12, 24)
+    low, high = B.Accuracy(12, 24).interval
     assert low == pytest.approx(0.314, abs=1e-3) and high == pytest.approx(0.686, abs=1e-3)
-    assert B.wilson_interval(0, 10)[0] == 0.0 and np.isnan(B.wilson_interval(0, 0)[0])
+    assert B.Accuracy(0, 10).interval[0] == 0.0 and np.isnan(B.Accuracy(0, 0).interval[0])
     assert str(B.Accuracy(3, 4)).startswith("0.75 [")
 
 
