@@ -154,3 +154,23 @@ def test_the_example_case_is_the_first_organs_held_out_slides_by_id(tmp_path):
     (cohort / "labels.csv").unlink()
     with pytest.raises(ChatEXAONEPathError, match="no labels"):
         example_case_slides(demo)
+
+
+def test_the_strip_shows_a_slide_loading_and_one_that_failed(make_engine, slides, tmp_path):
+    session = make_engine().session("tab")
+    session.load(slides["tumor"])
+    session.set_adding(True)
+    seen = []
+    session.load(slides["stroma"], on_progress=lambda progress: seen.append([s.status for s in session.strip()]))
+    assert seen[0] == ["ready", "loading"] and session.strip()[-1].status == "ready"
+    session.set_adding(True)
+    with pytest.raises(ChatEXAONEPathError):
+        session.load_upload(gradio_upload(tmp_path, slides["truncated"]))
+    assert [s.status for s in session.strip()] == ["ready", "ready", "failed"]
+    strip = strip_html(session.strip(), session.shown, session.adding)
+    assert 'data-status="failed"' in strip and "truncated.svs" in strip and str(tmp_path) not in strip
+    assert session.adding  # still adding: the next upload joins the case
+    seen.clear()
+    session.set_adding(False)
+    session.load(slides["normal_20x"], on_progress=lambda progress: seen.append([s.name for s in session.strip()]))
+    assert seen[0] == ["normal_20x.tiff"]  # a slide replacing the case is listed alone while it loads
