@@ -50,6 +50,18 @@ __all__ = ["GenerationSettings", "LoadCancelled", "LoadProgress", "Reply", "Slid
 logger = logging.getLogger(__name__)
 
 
+def _slide_index(value: object, count: int) -> bool:
+    """True for a whole number (not a bool) naming one of `count` slides, from 0."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < count
+
+
+def _numbered(value: object) -> str:
+    """A slide index as the page numbers slides (from 1), for a message; a scripted client's oddity is not echoed
+    (str() of a 5,000-digit int raises)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**6:
+        return str(value + 1)
+    return "of that number"
+
 
 class LoadCancelled(ChatEXAONEPathError):
     """The user (or the server) cancelled loading a slide."""
@@ -144,9 +156,8 @@ class WebSession:
 
     def show_slide(self, index: int) -> CaseSlide:
         """Put slide `index` (0-based) of the case on show."""
-        if not isinstance(index, int) or not 0 <= index < len(self.case):
-            shown = index + 1 if isinstance(index, int) else str(index)[:20]  # slides are numbered from 1 on the page
-            raise ChatEXAONEPathError(f"This case has {len(self.case)} slide(s); there is no slide {shown}.")
+        if not _slide_index(index, len(self.case)):
+            raise ChatEXAONEPathError(f"This case has {len(self.case)} slide(s); there is no slide {_numbered(index)}.")
         self.shown = index
         self.touch()
         return self.case[index]
@@ -225,10 +236,9 @@ class WebSession:
         settings.check(config)
         if self.chat.slide is None:
             raise ChatEXAONEPathError(self.notice or "Load a slide before asking about it.")
-        if not isinstance(slide, int) or not 0 <= slide < len(self.chat.slides):
-            shown = slide + 1 if isinstance(slide, int) else str(slide)[:20]
-            raise ChatEXAONEPathError(f"This case has {len(self.chat.slides)} slide(s); there is no slide {shown} "
-                                      "to ask about.")
+        if not _slide_index(slide, len(self.chat.slides)):
+            raise ChatEXAONEPathError(f"This case has {len(self.chat.slides)} slide(s); there is no slide "
+                                      f"{_numbered(slide)} to ask about.")
         if region is not None:  # a region outside its slide or without tissue: one sentence
             question_scope(self.chat.slides[slide], region)
         self._admit()

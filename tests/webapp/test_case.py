@@ -43,6 +43,9 @@ def test_adding_builds_a_case_and_a_plain_load_replaces_it(make_engine, slides, 
     assert session.view.name == "tumor" and session.shown_slide is session.chat.slides[0]
     with pytest.raises(ChatEXAONEPathError, match="no slide 6"):
         session.show_slide(5)
+    for odd in (True, -1, "1", 1.0, 10**5000, None):  # what a scripted client may send the strip's event
+        with pytest.raises(ChatEXAONEPathError, match="^This case has 2 slide"):
+            session.show_slide(odd)
     session.load_upload(gradio_upload(tmp_path, slides["normal_20x"]))  # not adding: a new case
     assert [s.name for s in session.case] == ["normal_20x.tiff"] and session.turns == []
     assert not any(path.exists() for path in kept)
