@@ -183,15 +183,14 @@ class ViewerHandlers:
         data = getattr(event, "_data", None) or {}
         session = self._session(request)
         skip = (gr.skip(),) * 4
-        if session is None or not session.case:
+        if session is None or not session.case or not isinstance(data, dict):  # a scripted client's oddity: nothing
             return skip
         try:
-            entry = session.show_slide(data.get("slide"))
-            goto = data.get("goto")
-            target = None
-            if goto is not None:
+            goto, target = data.get("goto"), None
+            if goto is not None:  # checked before the slide changes: a bad one changes nothing
                 region = page_region(goto)
                 target = {"x": region.x, "y": region.y, "w": region.width, "h": region.height}
+            entry = session.show_slide(data.get("slide"))
             config = publish(self.engine.tiles, session, self.engine.card, goto=target)
         except ChatEXAONEPathError as e:
             logger.info("The viewer could not switch slides: %s", e)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import gradio as gr
 import pytest
 
 from chatexaonepath.chat.regions import Region
@@ -177,3 +178,19 @@ def test_the_strip_shows_a_slide_loading_and_one_that_failed(make_engine, slides
     session.set_adding(False)
     session.load(slides["normal_20x"], on_progress=lambda progress: seen.append([s.name for s in session.strip()]))
     assert seen[0] == ["normal_20x.tiff"]  # a slide replacing the case is listed alone while it loads
+
+
+def test_a_scripted_switch_to_no_slide_changes_nothing(make_engine, slides, tmp_path):
+    from chatexaonepath.webapp.viewer_page import ViewerHandlers
+
+    engine = make_engine()
+    session = case_of_two(engine.session("tab"), slides, tmp_path)
+    handlers = ViewerHandlers(engine)
+    request = SimpleNamespace(session_hash="tab", username=None)
+    for data in ([1], {"slide": 7}, {"slide": "0"}, {"slide": 0, "goto": "1e309,0,1,1"}, None):
+        assert all(isinstance(out, type(gr.skip())) for out in
+                   handlers.switch_slide(True, 0.3, request, SimpleNamespace(_data=data)))
+    assert session.shown == 1
+    config, strip, image, gallery = handlers.switch_slide(True, 0.3, request, SimpleNamespace(_data={"slide": 0}))
+    assert config["name"] == "tumor.tiff" and config["slide"] == 0 and session.shown == 0
+    assert 'data-slide="0" data-status="ready" aria-pressed="true"' in strip and len(gallery) == 8
