@@ -95,6 +95,7 @@ def test_a_case_is_built_switched_and_asked_about_slide_by_slide(app, browser, s
     # A click on slide 1 switches the viewer; a region drawn there is slide 1's.
     strip.nth(0).click()
     page.wait_for_function(f"{V}.config.name === 'tumor.tiff' && {V}.root.dataset.open === '1' && {V}.overlay")
+    page.wait_for_function("document.querySelector('#viewer .cxp-legend-name').textContent.includes('slide 1')")
     page.evaluate(f"{V}.choose([0, 0, 1024, 1024])")
     page.wait_for_function("document.querySelector('#region textarea, #region input').value === '1:0,0,1024,1024'")
     assert "on slide 1" in page.inner_text("#region")

@@ -215,14 +215,16 @@
       // Nearly equal weights: say so, because a colour scale (the rank's above all) makes them look different.
       const flat = o.n > 1 && o.high <= 1.5 * o.low;
       const spread = `weights ${fmtShare(o.low)}–${fmtShare(o.high)} of the attention`;
+      // In a case each slide has its own map: the legend names the slide it colours.
+      const which = this.config && this.config.slides > 1 ? ` · slide ${this.config.slide + 1}` : "";
       if (this.scale === "rank") {
         q(".cxp-legend-low").textContent = "lowest";
         q(".cxp-legend-high").textContent = "highest";
-        q(".cxp-legend-name").textContent = `rank of ${o.n}${flat ? " · nearly equal" : ""}`;
+        q(".cxp-legend-name").textContent = `rank of ${o.n}${which}${flat ? " · nearly equal" : ""}`;
       } else {
         q(".cxp-legend-low").textContent = "0";
         q(".cxp-legend-high").textContent = fmtShare(o.high);
-        q(".cxp-legend-name").textContent = `attention${flat ? " · nearly equal" : ""}`;
+        q(".cxp-legend-name").textContent = `attention${which}${flat ? " · nearly equal" : ""}`;
       }
       const legend = q(".cxp-legend");
       legend.hidden = !this.showHeat;
