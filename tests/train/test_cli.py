@@ -20,12 +20,14 @@ def test_train_phase1_then_phase2_from_the_command_line(dataset_dir, tiny_llm, t
                  "--llm", tiny_llm, "--out", tmp_path / "p1", *fast)
     assert p1.returncode == 0, p1.stderr[-2000:]
     assert "train phase2 --init" in p1.stderr and "records train / validation" in p1.stderr
+    # --select-by loss: no decoding of the validation answers (test_validation.py covers exact match)
     p2 = run_cli("train", "phase2", "--init", tmp_path / "p1", "--data", dataset_dir / "instruct.json",
                  "--features", dataset_dir / "features", "--out", tmp_path / "p2", "--lora-r", "4",
-                 "--lora-targets", "q_proj,v_proj", *fast)
+                 "--lora-targets", "q_proj,v_proj", "--select-by", "loss", *fast)
     assert p2.returncode == 0, p2.stderr[-2000:]
     config = json.loads((tmp_path / "p2" / "config.json").read_text())
     assert config["tower_trained"] and config["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert json.loads((tmp_path / "p2" / "training_args.json").read_text())["phase_config"]["select_by"] == "loss"
     assert f"--model {tmp_path / 'p2'}" in p2.stderr.replace("\n", "")
 
 

@@ -64,11 +64,17 @@ def test_phase1_changes_only_the_tower_and_writes_a_loadable_checkpoint(dataset_
             torch.testing.assert_close(model.state_dict()[name], value)
 
 
+# Phase 2 selects by exact match unless told: decoding every short validation answer (the random tiny LLM never
+# stops before max_new_tokens) was most of these tests' time, and test_validation.py covers that path. The tests
+# below keep validation and the checkpoint choice; they select by the loss.
+FAST_SELECTION = dict(select_by="loss")
+
+
 def test_phase2_changes_only_lora_and_tower_and_loads_for_chat(dataset_dir, phase1_out, tmp_path):
     snapshot = Snapshot()
     out = tmp_path / "p2"
     train_phase(*phase_configs(2, out, dataset_dir / "instruct.json", dataset_dir / "features", init=str(phase1_out),
-                               learning_rate=1e-2), callbacks=[snapshot])
+                               learning_rate=1e-2, **FAST_SELECTION), callbacks=[snapshot])
     changed = snapshot.changed()
     assert {k for k in changed if "lora_" in k} and {k for k in changed if k.startswith("tower.")}
     assert all("lora_" in k or k.startswith("tower.") for k in changed)
@@ -103,7 +109,7 @@ class SpoilAfterFirstEpoch(TrainerCallback):
 def test_the_best_epoch_is_kept_not_the_last(dataset_dir, phase1_out, tmp_path):
     out = tmp_path / "p2"
     result = train_phase(*phase_configs(2, out, dataset_dir / "instruct.json", dataset_dir / "features",
-                                        init=str(phase1_out), epochs=3, save_total_limit=1),
+                                        init=str(phase1_out), epochs=3, save_total_limit=1, **FAST_SELECTION),
                          callbacks=[SpoilAfterFirstEpoch()])
     assert len(result.eval_losses) == 3 and result.best_eval_loss == result.eval_losses[0] < min(result.eval_losses[1:])
     info = json.loads((out / "training_args.json").read_text())["result"]
@@ -142,7 +148,7 @@ def trained_weights(out) -> dict[str, torch.Tensor]:
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(dataset_dir, phase1_out, tmp_path):
     def configs(out):
         return phase_configs(2, out, dataset_dir / "instruct.json", dataset_dir / "features", init=str(phase1_out),
-                             epochs=2, save_steps=4, max_patches=5, learning_rate=1e-2)
+                             epochs=2, save_steps=4, max_patches=5, learning_rate=1e-2, **FAST_SELECTION)
 
     train_phase(*configs(tmp_path / "straight"))
     with pytest.raises(Interrupt):
@@ -166,7 +172,7 @@ def test_resume_refuses_changed_data(dataset_dir, phase1_out, tmp_path):
     data = tmp_path / "instruct.json"
     data.write_text((dataset_dir / "instruct.json").read_text())
     config, data_config = phase_configs(2, out, data, dataset_dir / "features", init=str(phase1_out), max_steps=2,
-                                        save_steps=1)
+                                        save_steps=1, **FAST_SELECTION)
     with pytest.raises(Interrupt):
         train_phase(config, data_config, callbacks=[InterruptAfterSave(1)])
     records = json.loads(data.read_text())
