@@ -27,6 +27,10 @@ from .data import Record
 logger = logging.getLogger(__name__)
 
 SHORT_ANSWER_WORDS = 12
+# Validation answers are decoded to twice their reference's tokens plus this, not to max_new_tokens: an answer that
+# long can equal the reference (normalised) only through trailing punctuation, and a model that has not yet learned
+# to end its reply (every early epoch) would otherwise decode max_new_tokens for every validation answer.
+ANSWER_SLACK_TOKENS = 8
 SELECTION_METRIC = "score"  # the Trainer reports it as eval_score
 # The loss only breaks ties between equal exact-match accuracies: scaled far below one answer's worth.
 LOSS_TIEBREAK = 1e-4
@@ -61,7 +65,10 @@ def short_answers(records: list[Record], builder: PromptBuilder, max_words: int 
 
 @torch.no_grad()
 def exact_match(model, tokenizer, items: list[ShortAnswer], max_new_tokens: int = 32) -> float:
-    """Share of `items` whose greedy answer (chat's repetition guards) equals the reference, normalised."""
+    """Share of `items` whose greedy answer (chat's repetition guards) equals the reference, normalised.
+
+    Each answer is decoded up to `max_new_tokens`, or twice its reference's tokens plus ANSWER_SLACK_TOKENS if fewer.
+    """
     if not items:
         return float("nan")
     was_training = model.training
@@ -74,7 +81,9 @@ def exact_match(model, tokenizer, items: list[ShortAnswer], max_new_tokens: int 
             if item.features_path not in bags:
                 bags[item.features_path] = read_features(item.features_path).features.float()
             ids = torch.tensor([item.prompt_ids])
-            output = model.generate(ids, [bags[item.features_path]], max_new_tokens=max_new_tokens, do_sample=False,
+            reference_tokens = len(tokenizer(item.reference, add_special_tokens=False).input_ids)
+            limit = min(max_new_tokens, 2 * reference_tokens + ANSWER_SLACK_TOKENS)
+            output = model.generate(ids, [bags[item.features_path]], max_new_tokens=limit, do_sample=False,
                                     repetition_penalty=penalty, no_repeat_ngram_size=ngram,
                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
             answer = tokenizer.decode(output[0], skip_special_tokens=True)

@@ -11,7 +11,8 @@ from chatexaonepath.errors import ChatEXAONEPathError
 from chatexaonepath.train.data import load_records
 from chatexaonepath.train.phases import PhaseConfig, prompt_builder, train_phase
 from chatexaonepath.train.validation import (
-    SelectionCallback, normalise_answer, resolve_select_by, selection_score, short_answers,
+    ANSWER_SLACK_TOKENS, SelectionCallback, ShortAnswer, exact_match, normalise_answer, resolve_select_by,
+    selection_score, short_answers,
 )
 from tests.train.conftest import phase_configs, record, write_json
 
@@ -19,6 +20,38 @@ from tests.train.conftest import phase_configs, record, write_json
 def test_answers_are_compared_without_case_punctuation_or_spacing():
     assert normalise_answer("Adenocarcinoma.") == normalise_answer("  adenocarcinoma ") == "adenocarcinoma"
     assert normalise_answer("High grade.") != normalise_answer("Low grade.")
+
+
+class Replies:
+    """A stand-in model that answers each prompt with a fixed text and records how far it was let decode."""
+
+    def __init__(self, tokenizer, replies):
+        self.tokenizer, self.replies, self.limits, self.training, self.llm = tokenizer, list(replies), [], True, None
+
+    def eval(self):
+        self.training = False
+
+    def train(self, mode=True):
+        self.training = mode
+
+    def generate(self, ids, bags, max_new_tokens, **settings):
+        self.limits.append(max_new_tokens)
+        reply = self.tokenizer(self.replies.pop(0), add_special_tokens=False).input_ids[:max_new_tokens]
+        return torch.tensor([reply])
+
+
+def test_exact_match_decodes_about_as_long_as_the_reference_not_max_new_tokens(dataset_dir, tiny_llm):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
+    bag = dataset_dir / "features" / "s0.h5"
+    items = [ShortAnswer(bag, [1, 2], "Alpha."), ShortAnswer(bag, [1, 2], "Yes."),
+             ShortAnswer(bag, [1, 2], "High grade adenocarcinoma.")]
+    model = Replies(tokenizer, ["alpha", "Yes" + " ." * 40, "high grade adenocarcinoma of the colon"])
+    assert exact_match(model, tokenizer, items) == 2 / 3 and model.training  # trailing dots still match
+    for item, limit in zip(items, model.limits):
+        reference = len(tokenizer(item.reference, add_special_tokens=False).input_ids)
+        assert limit == min(32, 2 * reference + ANSWER_SLACK_TOKENS) < 32
 
 
 def test_the_selection_score_is_exact_match_first_and_loss_only_between_equals():
