@@ -9,10 +9,10 @@ import pytest
 from chatexaonepath.errors import ChatEXAONEPathError
 from chatexaonepath.train.data import load_records
 from chatexaonepath.synthetic.scores import (
-    CohortView, answer_correct, derangement, localisation_auc, named, roc_auc,
+    CohortView, answer_correct, derangement, description_facts, localisation_auc, named, roc_auc,
 )
 from chatexaonepath.synthetic.lesions import (
-    NO_LESION, QUESTIONS, SPLITS, LesionCohortConfig, make_lesion_cohort, plan_lesion_cohort,
+    DESCRIBE_QUESTIONS, NO_LESION, OTHER_QUESTIONS, OUT_OF_SCOPE, QUESTIONS, SPLITS, LesionCohortConfig, make_lesion_cohort, plan_lesion_cohort,
     read_lesion_labels, read_lesion_mask,
 )
 from chatexaonepath.synthetic.lesion_slides import (
@@ -165,7 +165,14 @@ def test_the_cohort_writes_slides_masks_reports_and_data_that_name_the_truth(coh
         row = labels[record["image"]]
         turns = record["conversations"]
         for question, answer in zip(turns[::2], turns[1::2]):
-            category = next(c for c, phrasings in QUESTIONS.items() if question["value"].split("\n")[-1] in phrasings)
+            asked = question["value"].split("\n")[-1]
+            if asked in DESCRIBE_QUESTIONS:  # the description names every fact the slide has, and no other
+                assert all(description_facts(answer["value"], row).values()), (row, answer)
+                continue
+            if asked in OTHER_QUESTIONS:  # what a slide cannot tell gets the honest answer, not an attribute
+                assert answer["value"] == OUT_OF_SCOPE
+                continue
+            category = next(c for c, phrasings in QUESTIONS.items() if asked in phrasings)
             if category in ("diagnosis", "organ") or (category in ("grade", "margins") and row["grade"]):
                 assert answer_correct(answer["value"], row[category], category), (row, answer)
     held_out = json.loads((cohort / "test.json").read_text())
