@@ -382,9 +382,7 @@ def train_phase(config: PhaseConfig, data: DataConfig, *, resume: bool = False,
         callbacks=[EpochCallback(train_set, val_set is not None, config.validate_every), LogCallback(), selection,
                    *(callbacks or [])],
         run_info=run_info, tower_learning_rate=config.tower_learning_rate,
-        # exact match generates with one slide's bag: case records are validated by their loss only
-        short_answers=short_answers([r for r in val_records if len(r.features_paths) == 1], builder)
-        if val_records and select_by != "loss" else None,
+        short_answers=short_answers(val_records, builder) if val_records and select_by != "loss" else None,
         select_by=select_by)
     output = trainer.train(resume_from_checkpoint=True if resume and _has_checkpoint(config.out) else None)
     history = trainer.state.log_history

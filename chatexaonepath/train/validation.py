@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from ..chat.conversation import PromptBuilder, Turn, turns_from_llava
+from ..chat.conversation import PromptBuilder, Turn, label_case, turns_from_llava
 from ..chat.session import repetition_defaults
 from ..vision_tower.features import read_features
 from .data import Record
@@ -38,11 +38,25 @@ LOSS_TIEBREAK = 1e-4
 
 @dataclass
 class ShortAnswer:
-    """One assistant reply to predict: the prompt before it (with the generation prompt) and the reference."""
+    """One assistant reply to predict: the prompt before it (with the generation prompt) and the reference.
 
-    features_path: Path
+    `features_paths` are the slide's features, or every slide's of a case in the case's order (one path alone is
+    taken as a one-slide tuple).
+    """
+
+    features_paths: tuple[Path, ...]
     prompt_ids: list[int]
     reference: str
+
+    def __post_init__(self) -> None:
+        if isinstance(self.features_paths, (str, Path)):
+            self.features_paths = (Path(self.features_paths),)
+        self.features_paths = tuple(self.features_paths)
+
+    @property
+    def features_path(self) -> Path:
+        """The (first) slide's features."""
+        return self.features_paths[0]
 
 
 def normalise_answer(text: str) -> str:
@@ -51,15 +65,21 @@ def normalise_answer(text: str) -> str:
 
 
 def short_answers(records: list[Record], builder: PromptBuilder, max_words: int = SHORT_ANSWER_WORDS) -> list[ShortAnswer]:
-    """Every reply of at most `max_words` words in `records`, with the conversation that leads to it."""
+    """Every reply of at most `max_words` words in `records`, with the conversation that leads to it.
+
+    A case's prompt is built as training builds it (data.SlideConversationDataset): each slide labelled with the
+    name its record gives it (`label_case`), so the reply is asked of the prompt the model learned from.
+    """
     items = []
     for record in records:
         turns = turns_from_llava(record.conversations)
-        for i, turn in enumerate(turns):
+        names = list(record.slide_names) or [p.name for p in record.features_paths]
+        labelled = label_case(turns, names, builder.image_token)
+        for i, turn in enumerate(labelled):
             if turn.role != "assistant" or len(turn.content.split()) > max_words:
                 continue
-            prompt = builder.build([Turn(t.role, t.content) for t in turns[:i]], add_generation_prompt=True)
-            items.append(ShortAnswer(record.features_path, prompt.input_ids, turn.content))
+            prompt = builder.build([Turn(t.role, t.content) for t in labelled[:i]], add_generation_prompt=True)
+            items.append(ShortAnswer(record.features_paths, prompt.input_ids, turn.content))
     return items
 
 
@@ -78,12 +98,15 @@ def exact_match(model, tokenizer, items: list[ShortAnswer], max_new_tokens: int 
     right = 0
     try:
         for item in items:
-            if item.features_path not in bags:
-                bags[item.features_path] = read_features(item.features_path).features.float()
+            for path in item.features_paths:
+                if path not in bags:
+                    bags[path] = read_features(path).features.float()
             ids = torch.tensor([item.prompt_ids])
             reference_tokens = len(tokenizer(item.reference, add_special_tokens=False).input_ids)
             limit = min(max_new_tokens, 2 * reference_tokens + ANSWER_SLACK_TOKENS)
-            output = model.generate(ids, [bags[item.features_path]], max_new_tokens=limit, do_sample=False,
+            # every slide of a case, in its order: one prompt about them all (slides_per_sample says so)
+            output = model.generate(ids, [bags[path] for path in item.features_paths],
+                                    slides_per_sample=[len(item.features_paths)], max_new_tokens=limit, do_sample=False,
                                     repetition_penalty=penalty, no_repeat_ngram_size=ngram,
                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
             answer = tokenizer.decode(output[0], skip_special_tokens=True)

@@ -74,6 +74,38 @@ def test_only_short_replies_are_checked_each_with_the_conversation_before_it(dat
     assert len(items[1].prompt_ids) > len(items[0].prompt_ids)  # the later answer sees the earlier turns
 
 
+def test_a_case_is_validated_on_the_prompt_training_builds_and_with_every_slide(dataset_dir, tiny_llm):
+    from transformers import AutoTokenizer
+
+    from chatexaonepath.chat.conversation import IGNORE_INDEX, PromptBuilder
+    from chatexaonepath.train.data import SlideConversationDataset
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
+    builder = PromptBuilder(tokenizer, num_image_tokens=3, system_prompt=None)
+    path = write_json(dataset_dir.parent / "case.json", [record("c", ["s0.tiff", "s1.tiff"],
+                                                                "<image>\nWhich slide shows the lesion?",
+                                                                "Slide 2 (s1.tiff).", "What is the diagnosis?", "Beta.")])
+    records = load_records([str(path)], str(dataset_dir / "features")).records
+    items = short_answers(records, builder)
+    trained = SlideConversationDataset(records, builder).samples[0]
+    assert [item.reference for item in items] == ["Slide 2 (s1.tiff).", "Beta."]
+    for item in items:  # each prompt is the training sequence up to its reply: the slide labels included
+        n = len(item.prompt_ids)
+        assert trained.input_ids[:n] == item.prompt_ids and trained.labels[n - 1] == IGNORE_INDEX != trained.labels[n]
+        assert item.features_paths == records[0].features_paths and len(item.features_paths) == 2
+    assert "Slide 2 (s1.tiff):" in tokenizer.decode([t for t in items[0].prompt_ids if t >= 0])  # not the image ids
+
+    class Case(Replies):
+        def generate(self, ids, bags, max_new_tokens, slides_per_sample=None, **settings):
+            self.seen = ([tuple(b.shape) for b in bags], slides_per_sample)
+            return super().generate(ids, bags, max_new_tokens)
+
+    model = Case(tokenizer, ["Slide 2 (s1.tiff)"])
+    assert exact_match(model, tokenizer, items[:1]) == 1.0
+    shapes = [tuple(bag.shape) for bag in SlideConversationDataset(records, builder)[0]["slide_features"]]
+    assert model.seen == (shapes, [2])  # both slides' bags, in the case's order, as one prompt's
+
+
 def _callback_after(scores: list[float], patience: int) -> tuple[SelectionCallback, int]:
     callback = SelectionCallback(patience)
 
