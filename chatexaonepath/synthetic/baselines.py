@@ -15,6 +15,11 @@ On the same slides and splits as the model (bench/learn_lesions.py):
   trained on the labels directly, the epoch chosen on validation): the ceiling the language-supervised
   tower is compared with.
 
+Cases (2–3 slides of one organ, at most one with a lesion) get the same baselines through one rule on
+per-slide diagnosis probabilities (each baseline's, fitted on the training slides' labels): the case's
+lesion slide is the slide least likely lesion-free, unless even it is below a threshold chosen on the
+validation cases (then none is), and the case's diagnosis is that slide's likeliest lesion type (or none).
+
 Classifiers are fitted in torch (full-batch L-BFGS for the linear ones): the package has torch already,
 and these are a few lines each.
 """
@@ -184,6 +189,18 @@ def nearest_centroid(train_x: np.ndarray, train_y: list[str], x: np.ndarray) -> 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 
 
+def _logistic_chosen_on_validation(train_x: np.ndarray, train_y: list[str], val_x: np.ndarray,
+                                   val_y: list[str]) -> tuple[torch.nn.Linear, list[str]]:
+    """The logistic regression whose penalty (of L2_GRID) gives the best validation accuracy."""
+    best, best_score = None, -1.0
+    for l2 in L2_GRID:
+        model, classes = fit_logistic(train_x, train_y, l2)
+        score = np.mean([p == t for p, t in zip(predict_logistic(model, classes, val_x), val_y)]) if val_y else 0.0
+        if score > best_score:
+            best, best_score = (model, classes), score
+    return best
+
+
 def classify(train: tuple[np.ndarray, list[str]], val: tuple[np.ndarray, list[str]],
              test: np.ndarray, method: str) -> list[str]:
     """Fit on train, choose the penalty on validation (logistic), predict test; inputs standardised on train."""
@@ -191,13 +208,7 @@ def classify(train: tuple[np.ndarray, list[str]], val: tuple[np.ndarray, list[st
     train_x, val_x, test_x = _standardise(train_x, val_x, test)
     if method == "centroid":
         return nearest_centroid(train_x, train_y, test_x)
-    best, best_score = None, -1.0
-    for l2 in L2_GRID:
-        model, classes = fit_logistic(train_x, train_y, l2)
-        score = np.mean([p == t for p, t in zip(predict_logistic(model, classes, val_x), val_y)]) if val_y else 0.0
-        if score > best_score:
-            best, best_score = (model, classes), score
-    return predict_logistic(*best, test_x)
+    return predict_logistic(*_logistic_chosen_on_validation(train_x, train_y, val_x, val_y), test_x)
 
 
 def _rows(view: SplitView, vectors: dict[str, np.ndarray], question: str) -> tuple[np.ndarray, list[str], list[str]]:
@@ -249,8 +260,7 @@ class ColourBaseline:
     localisation: dict[str, tuple[float, float]]  # space → (strict AUC, lenient AUC), mean over lesion slides
 
     def best(self, question: str) -> tuple[str, Accuracy]:
-        name = max(self.variants, key=lambda v: (self.variants[v][question].value, v))
-        return name, self.variants[name][question]
+        return best_variant(self.variants, question)
 
     def best_localisation(self, strict: bool = True) -> tuple[str, float]:
         index = 0 if strict else 1
@@ -312,6 +322,8 @@ class AbmilResult:
     epoch: int
     val_accuracy: float  # of the diagnosis, at the epoch kept
     predictions: dict[str, dict[str, str]] = field(default_factory=dict)  # question → slide → class
+    # validation and test slide → diagnosis class → probability (what the case rule is built on)
+    diagnosis_probabilities: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class Abmil(torch.nn.Module):
@@ -367,8 +379,14 @@ def abmil_baseline(views: dict[str, SplitView], seed: int = 0, epochs: int = 40,
             weights = model(bags[sid])[1].numpy()
             strict.append(localisation_auc(weights, test.coverage[sid], min_coverage=0.0))
             lenient.append(localisation_auc(weights, test.coverage[sid]))
+    probabilities = {}
+    with torch.no_grad():
+        for view in (views["val"], test):
+            for sid in view.ids:
+                p = torch.softmax(model(bags[sid])[0]["diagnosis"], 0).tolist()
+                probabilities[sid] = dict(zip(classes["diagnosis"], p))
     return AbmilResult({q: accuracy(predictions[q], test, q) for q in QUESTIONS}, _mean(strict), _mean(lenient),
-                       epoch, best[0][0], predictions)
+                       epoch, best[0][0], predictions, probabilities)
 
 
 def _train_abmil(views: dict[str, SplitView], bags: dict[str, torch.Tensor], seed: int, epochs: int, lr: float):
@@ -404,3 +422,112 @@ def _predict(model: Abmil, bag: dict[str, torch.Tensor], view: SplitView, classe
     with torch.no_grad():
         return {sid: classes[question][int(model(bag[sid])[0][question.replace(" ", "_")].argmax())]
                 for sid in view.ids}
+
+
+# -- cases ------------------------------------------------------------------------------------------------
+Probabilities = dict[str, dict[str, float]]  # slide → diagnosis class → probability
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(1, keepdims=True))
+    return shifted / shifted.sum(1, keepdims=True)
+
+
+def diagnosis_probabilities(views: dict[str, SplitView], vectors: dict[str, dict[str, np.ndarray]],
+                            method: str) -> Probabilities:
+    """Per validation and test slide, the diagnosis classes' probabilities from one slide-level vector per slide,
+    fitted on the training slides: logistic regression (penalty chosen on validation) or nearest centroid (a unit
+    Gaussian around each class mean: the centroid rule's own posterior)."""
+    train_x, train_y, _ = _rows(views["train"], vectors["train"], "diagnosis")
+    val_x, val_y, val_ids = _rows(views["val"], vectors["val"], "diagnosis")
+    test_x, _, test_ids = _rows(views["test"], vectors["test"], "diagnosis")
+    train_x, val_x, test_x = _standardise(train_x, val_x, test_x)
+    x = np.concatenate([val_x, test_x])
+    if method == "centroid":
+        classes = sorted(set(train_y))
+        centroids = np.stack([train_x[[v == c for v in train_y]].mean(0) for c in classes])
+        p = _softmax(-0.5 * ((x[:, None, :] - centroids[None]) ** 2).sum(-1))
+    else:
+        model, classes = _logistic_chosen_on_validation(train_x, train_y, val_x, val_y)
+        with torch.no_grad():
+            p = torch.softmax(model(torch.as_tensor(x, dtype=torch.float32)), 1).numpy()
+    return {sid: dict(zip(classes, map(float, row))) for sid, row in zip(val_ids + test_ids, p)}
+
+
+def lesion_score(probabilities: dict[str, float]) -> float:
+    """How likely a slide carries a lesion: one minus its no-lesion probability."""
+    return 1.0 - probabilities.get(NO_LESION, 0.0)
+
+
+def case_prediction(probabilities: Probabilities, case, threshold: float) -> dict[str, str]:
+    """The rule's answers to a case: its likeliest lesion slide (1-based) and that slide's likeliest lesion type,
+    or none for both when no slide's lesion score reaches `threshold`."""
+    scores = [lesion_score(probabilities[sid]) for sid in case.slide_ids]
+    k = int(np.argmax(scores))
+    if scores[k] < threshold:
+        return {"which_slide": NO_LESION, "case_diagnosis": NO_LESION}
+    p = probabilities[case.slide_ids[k]]
+    lesions = [c for c in p if c != NO_LESION]
+    return {"which_slide": str(k + 1), "case_diagnosis": max(lesions, key=p.get) if lesions else NO_LESION}
+
+
+def case_accuracy(predictions: dict[str, dict[str, str]], cases) -> dict[str, Accuracy]:
+    """Per case question, how many cases the predictions got right."""
+    from .lesions import CASE_SCORED
+
+    truth = {c.case_id: {"which_slide": str(c.lesion_slide) if c.lesion_slide else NO_LESION,
+                         "case_diagnosis": c.diagnosis} for c in cases}
+    return {q: Accuracy(sum(predictions[c.case_id][q] == truth[c.case_id][q] for c in cases), len(cases))
+            for q in CASE_SCORED}
+
+
+def case_rule_baseline(probabilities: Probabilities, val_cases: list, test_cases: list) -> dict[str, Accuracy]:
+    """The case rule on per-slide probabilities: its threshold chosen on the validation cases (the best mean of the
+    two questions' accuracies; ties: the lowest), its accuracy on the test cases."""
+    candidates = sorted({max(lesion_score(probabilities[sid]) for sid in c.slide_ids) for c in val_cases}) + [np.inf]
+    best, best_score = 0.5, -1.0
+    for threshold in candidates if val_cases else [0.5]:
+        scored = case_accuracy({c.case_id: case_prediction(probabilities, c, threshold) for c in val_cases}, val_cases)
+        score = float(np.mean([a.value for a in scored.values()])) if val_cases else 0.0
+        if score > best_score:
+            best, best_score = threshold, score
+    return case_accuracy({c.case_id: case_prediction(probabilities, c, best) for c in test_cases}, test_cases)
+
+
+def cases_in(view: SplitView, cases: list) -> list:
+    """The cases whose slides the view holds: its split's (splits share no slide), those with features."""
+    return [c for c in cases if all(sid in view.features for sid in c.slide_ids)]
+
+
+def colour_case_baseline(views: dict[str, SplitView], cases: list) -> dict[str, dict[str, Accuracy]]:
+    """The case rule on every colour variant (slide-level colour vector × nearest centroid or logistic regression):
+    variant → case question → test accuracy. As for slides, the best variant on the test split is the one to quote."""
+    per_split = {split: colour_slide_vectors(view) for split, view in views.items()}
+    val_cases, test_cases = cases_in(views["val"], cases), cases_in(views["test"], cases)
+    variants = {}
+    for name in per_split["train"]:
+        vectors = {split: per_split[split][name] for split in views}
+        for method in ("centroid", "logistic"):
+            variants[f"{name} / {method}"] = case_rule_baseline(diagnosis_probabilities(views, vectors, method),
+                                                                val_cases, test_cases)
+    return variants
+
+
+def best_variant(variants: dict[str, dict[str, Accuracy]], question: str) -> tuple[str, Accuracy]:
+    """The variant with the best test accuracy on `question` (ties: by name), and that accuracy."""
+    name = max(variants, key=lambda v: (variants[v][question].value, v))
+    return name, variants[name][question]
+
+
+def mean_pooled_case_baseline(views: dict[str, SplitView], cases: list) -> dict[str, Accuracy]:
+    """The case rule on logistic regression over each slide's mean patch feature."""
+    vectors = {split: {sid: view.features[sid].features.float().mean(0).numpy() for sid in view.ids}
+               for split, view in views.items()}
+    return case_rule_baseline(diagnosis_probabilities(views, vectors, "logistic"), cases_in(views["val"], cases),
+                              cases_in(views["test"], cases))
+
+
+def abmil_case_baseline(abmil: AbmilResult, views: dict[str, SplitView], cases: list) -> dict[str, Accuracy]:
+    """The case rule on the label-supervised ABMIL's per-slide diagnosis probabilities (the ceiling for cases)."""
+    return case_rule_baseline(abmil.diagnosis_probabilities, cases_in(views["val"], cases),
+                              cases_in(views["test"], cases))

@@ -16,8 +16,19 @@ each lesion type: `train` (lesions cover 0.5–3 % of the tissue, in one or two 
     instruct.json            phase-2 data (training slides): diagnosis, organ, grade and margins questions
     val_captions.json        the same two for the validation slides (training validates on them)
     val_instruct.json
-    test.json                held-out slides: one conversation per question, first phrasing
+    test.json                held-out slides: one conversation per question, first phrasing; then the
+                             held-out cases: one conversation per case question, first phrasing
+    cases.csv                case_id, organ, split, slides (ids in the case's order, space-separated),
+                             lesion_slide (1-based position; empty: none), diagnosis
     cohort.json              the LesionCohortConfig that made it
+
+Cases: within each split, slides of one organ are put together into cases of 2–3 slides of which at most one
+carries a lesion (a lesion slide with one or two of the split's lesion-free slides of that organ, and a few
+cases of lesion-free slides only). The lesion-free slides are few (a quarter), so one can sit in several cases;
+a case never leaves its slides' split. Their phase-2 records (`image` a list of the slides, named `<id>.tiff`
+as the app names an uploaded slide) ask "Which slide shows the lesion?" (answered as the slide labels name
+the slide: `Slide 2 (les-0007.tiff).`, or that none does) and "What is the diagnosis of this case?", with
+paraphrases in training; they follow the single-slide records in instruct.json, val_instruct.json and test.json.
 
 Slide ids (`les-0007`) are in a seeded random order: they reveal nothing. Files are written atomically; a
 rerun keeps the slides already written, so an interrupted run resumes.
@@ -37,6 +48,7 @@ from typing import Callable
 import numpy as np
 
 from ..assets import usable_cores
+from ..chat.conversation import slide_label
 from ..errors import ChatEXAONEPathError
 from ..fileio import atomic_write_json, atomic_write_text, atomic_write_with
 from .lesion_slides import GRADES, LESION_TYPES, ORGANS, LesionSpec, make_lesion_slide
@@ -72,6 +84,16 @@ FINDINGS = {
     "squamous cell carcinoma": "nests of atypical squamous cells with keratin pearls and intercellular bridges",
     "melanoma": "sheets of atypical epithelioid cells with large nuclei and prominent nucleoli",
 }
+# Case questions (a case: 2–3 slides of one organ, at most one with a lesion); held-out cases get the first phrasing.
+CASE_QUESTIONS = {
+    "case_diagnosis": ("What is the diagnosis of this case?", "What is the diagnosis for this case?",
+                       "What do these slides show?"),
+    "which_slide": ("Which slide shows the lesion?", "On which slide is the lesion?",
+                    "Which of these slides carries the lesion?"),
+}
+CASE_SCORED = tuple(CASE_QUESTIONS)  # what bench/learn_lesions.py reports per case question
+NO_SLIDE_ANSWER = "None of the slides shows a lesion."
+CASE_SIZES = (2, 3)
 ORGAN_FINDINGS = {"colon": "colonic mucosa with regular crypts", "liver": "liver with plates of hepatocytes",
                   "lymph node": "lymph node with sheets of small lymphocytes and germinal centres"}
 
@@ -244,7 +266,8 @@ def _training_records(slide: LesionSlide) -> tuple[dict, list[dict]]:
 
 
 def lesion_records(slides: list[LesionSlide]) -> dict[str, list[dict]]:
-    """captions.json, instruct.json, val_captions.json, val_instruct.json and test.json as LLaVA records."""
+    """captions.json, instruct.json, val_captions.json, val_instruct.json and test.json as LLaVA records (each
+    split's cases after its slides)."""
     files: dict[str, list[dict]] = {"captions.json": [], "instruct.json": [], "val_captions.json": [],
                                     "val_instruct.json": [], "test.json": []}
     for slide in slides:
@@ -262,7 +285,106 @@ def lesion_records(slides: list[LesionSlide]) -> dict[str, list[dict]]:
         caption_record, qa = _training_records(slide)
         files[f"{prefix}captions.json"].append(caption_record)
         files[f"{prefix}instruct.json"] += qa
+    for case in plan_cases(slides):  # after the single-slide records: their order and meaning stay as they were
+        name = "test.json" if case.split == "test" else f"{'val_' if case.split == 'val' else ''}instruct.json"
+        files[name] += case_records(case)
     return files
+
+
+# -- cases ----------------------------------------------------------------------------------------------------
+@dataclass
+class LesionCase:
+    """A case of the cohort: 2–3 slides of one organ and split, at most one of them with a lesion."""
+
+    case_id: str
+    organ: str
+    split: str
+    slide_ids: tuple[str, ...]  # in the case's order: slide 1, 2, …
+    lesion_slide: int | None  # 1-based position of the slide with the lesion; None: no slide has one
+    diagnosis: str  # the lesion slide's diagnosis, or NO_LESION
+
+    @property
+    def names(self) -> list[str]:
+        """The slides as the case's `image` list and the slide labels name them (`les-0007.tiff`, as the app names
+        a slide file), so training sees the labels the app shows the LLM."""
+        return [f"{sid}.tiff" for sid in self.slide_ids]
+
+
+def plan_cases(slides: list[LesionSlide]) -> list[LesionCase]:
+    """The cases of a cohort, per split and organ: each lesion slide with one or two (alternately) of the lesion-free
+    slides of its organ and split, its position cycling through the case; and up to as many cases of lesion-free
+    slides only as there are lesion-free slides (distinct sets of 2–3). Drawn from the slides' own seeds, so a
+    cohort always gets the same cases; ids in a seeded order (they reveal nothing)."""
+    from itertools import combinations
+
+    rng = np.random.default_rng([int(s.seed) for s in slides] or [0])
+    planned: list[tuple] = []
+    positions = {size: 0 for size in CASE_SIZES}  # per case size, where the next lesion goes: positions balance
+    for split in SPLITS:
+        organs = dict.fromkeys(s.organ for s in slides if s.split == split)
+        for organ in organs:
+            mine = sorted((s for s in slides if s.split == split and s.organ == organ), key=lambda s: s.slide_id)
+            normal = [s.slide_id for s in mine if s.diagnosis == NO_LESION]
+            lesion = [s for s in mine if s.diagnosis != NO_LESION]
+            if normal:
+                for j, slide in enumerate(lesion):
+                    size = min(CASE_SIZES[j % len(CASE_SIZES)], 1 + len(normal))
+                    others = [normal[i] for i in rng.choice(len(normal), size - 1, replace=False)]
+                    at = positions[size] % size
+                    positions[size] += 1
+                    planned.append((organ, split, tuple(others[:at] + [slide.slide_id] + others[at:]), at + 1,
+                                    slide.diagnosis))
+            sets = [c for size in sorted(CASE_SIZES, reverse=True) for c in combinations(normal, size)]
+            for chosen in sets[:len(normal)]:
+                order = rng.permutation(len(chosen))
+                planned.append((organ, split, tuple(chosen[i] for i in order), None, NO_LESION))
+    ids = rng.permutation(len(planned))
+    return [LesionCase(f"case-{ids[i]:04d}", *plan) for i, plan in enumerate(planned)]
+
+
+def case_answers(case: LesionCase) -> dict[str, str]:
+    """The short answer to each case question: the lesion slide named as its label names it (or none), and the
+    case's diagnosis in the words the single-slide diagnosis uses."""
+    which = (slide_label(case.lesion_slide, case.names[case.lesion_slide - 1]).rstrip(":") + "."
+             if case.lesion_slide else NO_SLIDE_ANSWER)
+    return {"which_slide": which, "case_diagnosis": DIAGNOSIS_ANSWERS[case.diagnosis]}
+
+
+def _case_record(record_id: str, case: LesionCase, turns: list[tuple[str, str]]) -> dict:
+    """A LLaVA record about a case: `image` lists its slides, one `<image>` for them all (SlideChat's layout)."""
+    return {**llava_record(record_id, case.names[0], turns), "image": case.names}
+
+
+def case_records(case: LesionCase) -> list[dict]:
+    """A held-out case: one record per case question, first phrasing. Else two conversations, each asking both
+    questions (each question first in one of them), the phrasings rotating with the case."""
+    answers = case_answers(case)
+    if case.split == "test":
+        return [_case_record(f"{case.case_id}-{q}", case, [(CASE_QUESTIONS[q][0], answers[q])]) for q in CASE_SCORED]
+    k = int(case.case_id.rsplit("-", 1)[1])
+    return [_case_record(f"{case.case_id}-qa{n}", case,
+                         [(CASE_QUESTIONS[q][(k + n) % len(CASE_QUESTIONS[q])], answers[q]) for q in order])
+            for n, order in enumerate((CASE_SCORED, CASE_SCORED[::-1]))]
+
+
+CASE_FIELDS = ("case_id", "organ", "split", "slides", "lesion_slide", "diagnosis")
+
+
+def _write_cases(path: Path, cases: list[LesionCase]) -> None:
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(CASE_FIELDS)
+    for c in sorted(cases, key=lambda c: c.case_id):
+        writer.writerow([c.case_id, c.organ, c.split, " ".join(c.slide_ids), c.lesion_slide or "", c.diagnosis])
+    atomic_write_text(path, table.getvalue())
+
+
+def read_lesion_cases(path: str | Path) -> list[LesionCase]:
+    """cases.csv → its cases, by id."""
+    with open(path, newline="") as f:
+        return [LesionCase(row["case_id"], row["organ"], row["split"], tuple(row["slides"].split()),
+                           int(row["lesion_slide"]) if row["lesion_slide"] else None, row["diagnosis"])
+                for row in csv.DictReader(f)]
 
 
 LABEL_FIELDS = ("slide_id", "organ", "diagnosis", "grade", "margins", "lesion_fraction", "foci", "pigment", "split")
@@ -354,8 +476,9 @@ def make_lesion_cohort(out: str | Path, config: LesionCohortConfig,
     for name, records in lesion_records(slides).items():
         atomic_write_json(out / name, records)
     _write_labels(out / "labels.csv", slides)
+    _write_cases(out / "cases.csv", plan_cases(slides))
     atomic_write_json(previous, settings)
     logger.info("Lesion cohort in %s: %d slides (%d held out)", out, len(slides), sum(s.split == "test" for s in slides))
     return {name: out / name for name in ("slides", "masks", "reports", "labels.csv", "captions.json",
                                           "instruct.json", "val_captions.json", "val_instruct.json", "test.json",
-                                          "cohort.json")}
+                                          "cases.csv", "cohort.json")}

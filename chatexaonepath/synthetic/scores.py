@@ -7,6 +7,12 @@ ROC AUC against the lesion mask and averaged over the held-out slides that have 
 (`localisation_auc`, the headline): every patch the lesion overlaps at all is positive. Leniently
 (`localisation_auc_lenient`): patches at least MIN_COVERAGE lesion against patches without any, the
 slivers the lesion only grazes left out of both sides.
+
+Cases (2–3 slides of one organ, at most one with a lesion; synthetic/lesions.py) are scored as the app
+asks them: the case's slides loaded into one session, each named by its file name, and each case question
+asked in a fresh conversation. "What is the diagnosis of this case?" is right when the answer names the
+case's diagnosis and no other; "Which slide shows the lesion?" when it names the lesion's slide (by its
+number or its name) and no other, or, for a case without a lesion, says that none does.
 """
 
 from __future__ import annotations
@@ -20,9 +26,13 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ChatEXAONEPathError
+from ..eval.stats import wilson_interval
 from ..vision_tower.features import SlideFeatures, read_features
 from .lesion_slides import patch_lesion_coverage
-from .lesions import DESCRIBE_QUESTIONS, NO_LESION, QUESTIONS, SCORED, read_lesion_labels, read_lesion_mask
+from .lesions import (
+    CASE_QUESTIONS, CASE_SCORED, DESCRIBE_QUESTIONS, NO_LESION, QUESTIONS, SCORED, LesionCase, read_lesion_cases,
+    read_lesion_labels, read_lesion_mask,
+)
 
 # Patches the lesion covers less than this are slivers at its border: their look hardly changes, no model can
 # single them out, and with "any overlap" they cap the AUC near 0.85 (docs/demo_model.md).
@@ -242,3 +252,123 @@ def derangement(ids: list[str], seed: int = 0) -> dict[str, str]:
     while any(a == b for a, b in zip(ids, shuffled)):
         rng.shuffle(shuffled)
     return dict(zip(ids, shuffled))
+
+
+# -- cases ----------------------------------------------------------------------------------------------------
+_NONE_WORDS = re.compile(r"\b(none|neither|no slide|no lesion)\b")
+
+
+def named_slides(answer: str, names: list[str]) -> set:
+    """The slides an answer names: 1-based positions (`slide 2`, or a slide's file name as its label gives it),
+    and NO_LESION when it says that none does. Names count whole (a stem alone, like `a` of `a.svs`, could be any
+    word)."""
+    text = answer.lower()
+    found: set = {int(n) for n in re.findall(r"\bslide\s*(\d+)", text)}
+    for position, name in enumerate(names, 1):
+        if name and re.search(rf"(?<![\w.-]){re.escape(name.lower())}(?![\w-])", text):
+            found.add(position)
+    if _NONE_WORDS.search(text):
+        found.add(NO_LESION)
+    return found
+
+
+def case_truth(case: LesionCase, question: str) -> str | int:
+    """The true answer to a case question: the diagnosis, or the lesion slide's position (NO_LESION: none)."""
+    if question == "case_diagnosis":
+        return case.diagnosis
+    return case.lesion_slide or NO_LESION
+
+
+def case_answer_correct(answer: str, case: LesionCase, question: str, names: list[str] | None = None) -> bool:
+    """Right when the answer names the true class (or slide) and no other; `names` are the slides it was shown
+    (default: the case's own)."""
+    if question == "case_diagnosis":
+        return answer_correct(answer, case.diagnosis, "diagnosis")
+    return named_slides(answer, names or case.names) == {case_truth(case, question)}
+
+
+@dataclass
+class CaseView:
+    """The cases of one split whose slides all have features (read once, scored many times)."""
+
+    cases: list[LesionCase]
+    features: dict[str, SlideFeatures]
+
+    @classmethod
+    def load(cls, cohort_dir: str | Path, features_dir: str | Path, split: str = "test") -> "CaseView":
+        cohort_dir, features_dir = Path(cohort_dir), Path(features_dir)
+        if not (cohort_dir / "cases.csv").is_file():
+            raise ChatEXAONEPathError(f"{cohort_dir} has no cases.csv (made before cohorts had cases); run "
+                                      f"`chatexaonepath synth lesions` on it again.")
+        cases = [c for c in read_lesion_cases(cohort_dir / "cases.csv") if c.split == split
+                 and all((features_dir / f"{sid}.h5").is_file() for sid in c.slide_ids)]
+        if not cases:
+            raise ChatEXAONEPathError(f"No {split} case of {cohort_dir} has features in {features_dir}.")
+        slides = sorted({sid for c in cases for sid in c.slide_ids})
+        return cls(sorted(cases, key=lambda c: c.case_id), {sid: read_features(features_dir / f"{sid}.h5")
+                                                              for sid in slides})
+
+
+@dataclass
+class CaseScore:
+    """Per case question: the answers, and how many were right."""
+
+    answers: list[dict]  # {"case", "category", "truth", "answer", "correct", "slides"}
+
+    def counts(self, question: str) -> tuple[int, int]:
+        """(right, asked) for a case question."""
+        chosen = [a["correct"] for a in self.answers if a["category"] == question]
+        return sum(chosen), len(chosen)
+
+    @property
+    def accuracy(self) -> dict[str, float]:
+        """Case question → fraction right (NaN when none was asked)."""
+        return {q: (c / n if n else float("nan")) for q in CASE_SCORED for c, n in [self.counts(q)]}
+
+    def interval(self, question: str) -> tuple[float, float] | None:
+        """The 95 % Wilson interval of a case question's accuracy (None when none was asked)."""
+        return wilson_interval(*self.counts(question))
+
+
+def score_cases(model, view: CaseView, answer_from: dict[str, str] | None = None, max_new_tokens: int = 24,
+                on_case: Callable[[int, int], None] | None = None) -> CaseScore:
+    """Ask each case question of every case, the case's slides loaded together as the app loads them.
+
+    `answer_from` maps a case to the case whose slides answer for it (the shuffled-case control): the answers are
+    scored against the asked case's truth, the slide numbers and names against the slides shown.
+    """
+    session = session_for(model, max_new_tokens)
+    by_id = {c.case_id: c for c in view.cases}
+    answers = []
+    for done, case in enumerate(view.cases, 1):
+        shown = by_id[(answer_from or {}).get(case.case_id, case.case_id)]
+        for i, (sid, name) in enumerate(zip(shown.slide_ids, shown.names)):
+            session.use_features(view.features[sid], name, add=i > 0)
+        for question in CASE_SCORED:
+            session.reset()  # each question in a fresh conversation about the same slides
+            answer = session.ask(CASE_QUESTIONS[question][0]).text
+            answers.append({"case": case.case_id, "category": question, "truth": case_truth(case, question),
+                            "answer": answer, "correct": case_answer_correct(answer, case, question, shown.names),
+                            "slides": len(shown.slide_ids)})
+        if on_case is not None:
+            on_case(done, len(view.cases))
+    return CaseScore(answers)
+
+
+def case_derangement(cases: list[LesionCase], seed: int = 0) -> dict[str, str]:
+    """Each case → another case, of as many slides where there is one (so slide numbers mean the same): the
+    shuffled-case control."""
+    if len(cases) < 2:
+        raise ChatEXAONEPathError("The shuffled-case control needs at least 2 cases.")
+    by_size: dict[int, list[str]] = {}
+    for case in cases:
+        by_size.setdefault(len(case.slide_ids), []).append(case.case_id)
+    mapping = {}
+    for size, ids in sorted(by_size.items()):
+        if len(ids) >= 2:
+            mapping |= derangement(ids, seed + size)
+    rest = [c.case_id for c in cases if c.case_id not in mapping]  # a size with a single case: any other case
+    everyone = [c.case_id for c in cases]
+    for case_id in rest:
+        mapping[case_id] = random.Random(seed).choice([other for other in everyone if other != case_id])
+    return mapping

@@ -2,6 +2,7 @@
 and the scores (answer matching, localisation AUC) the benchmark and the demo build use."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from chatexaonepath.synthetic.scores import (
 )
 from chatexaonepath.synthetic.lesions import (
     DESCRIBE_QUESTIONS, NO_LESION, OTHER_QUESTIONS, OUT_OF_SCOPE, QUESTIONS, SPLITS, LesionCohortConfig, make_lesion_cohort, plan_lesion_cohort,
-    read_lesion_labels, read_lesion_mask,
+    plan_cases, read_lesion_cases, read_lesion_labels, read_lesion_mask,
 )
 from chatexaonepath.synthetic.lesion_slides import (
     MASK_DOWNSAMPLE, NORMAL, PALETTES, Canvas, LesionSpec, ScannerLook, _paint_lesion, downsample_mask,
@@ -136,6 +137,11 @@ def test_bad_settings_are_one_sentence_errors():
         LesionCohortConfig(size=1024)
 
 
+def images(record: dict) -> list[str]:
+    """A record's slides: one, or a case's list."""
+    return record["image"] if isinstance(record["image"], list) else [record["image"]]
+
+
 SMALL = dict(per_combination=(1, 1, 1), organs=["colon"], lesions=["adenocarcinoma", "melanoma"], size=2048,
              lesion_area=(0.01, 0.02), eval_lesion_area=0.01, seed=1)
 
@@ -154,7 +160,7 @@ def test_the_cohort_writes_slides_masks_reports_and_data_that_name_the_truth(coh
     for name, wanted in (("captions.json", "train"), ("instruct.json", "train"), ("val_captions.json", "val"),
                          ("val_instruct.json", "val"), ("test.json", "test")):
         records = json.loads((cohort / name).read_text())
-        assert records and {split[r["image"]] for r in records} == {wanted}, name
+        assert records and {split[Path(i).stem] for r in records for i in images(r)} == {wanted}, name
     for record in json.loads((cohort / "captions.json").read_text()):
         row = labels[record["image"]]
         caption = record["conversations"][1]["value"]  # what the slide shows: organ, finding, grade, margins
@@ -162,6 +168,8 @@ def test_the_cohort_writes_slides_masks_reports_and_data_that_name_the_truth(coh
         if row["grade"]:
             assert row["grade"] in caption and row["margins"] in caption
     for record in json.loads((cohort / "instruct.json").read_text()):
+        if isinstance(record["image"], list):  # a case: test_the_cases_* check them
+            continue
         row = labels[record["image"]]
         turns = record["conversations"]
         for question, answer in zip(turns[::2], turns[1::2]):
@@ -175,8 +183,10 @@ def test_the_cohort_writes_slides_masks_reports_and_data_that_name_the_truth(coh
             category = next(c for c, phrasings in QUESTIONS.items() if asked in phrasings)
             if category in ("diagnosis", "organ") or (category in ("grade", "margins") and row["grade"]):
                 assert answer_correct(answer["value"], row[category], category), (row, answer)
-    held_out = json.loads((cohort / "test.json").read_text())
+    held_out = [r for r in json.loads((cohort / "test.json").read_text()) if not isinstance(r["image"], list)]
     assert {r["image"] for r in held_out} == {sid for sid, row in labels.items() if row["split"] == "test"}
+    planned = sorted(plan_cases(plan_lesion_cohort(LesionCohortConfig(**SMALL))), key=lambda c: c.case_id)
+    assert read_lesion_cases(cohort / "cases.csv") == planned and {c.split for c in planned} == set(SPLITS)
     for sid, row in labels.items():
         report = (cohort / "reports" / f"{sid}.txt").read_text()
         assert row["organ"].capitalize() in report and (row["diagnosis"] in report or row["diagnosis"] == NO_LESION)
