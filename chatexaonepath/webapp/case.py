@@ -3,7 +3,8 @@
 A case is the slides of one conversation (chat/session.py: 1–8, each pooled alone and named to the LLM).
 The page keeps one `CaseSlide` per ready slide, in the chat's order, and at most one more that is loading
 or failed (`WebSession.pending_slide`): the strip shows them all, the chat only the ready ones. The
-example case is a few held-out slides of the demo model's cohort, picked by a rule that never sees the model.
+example case is a held-out case of the demo model's cohort (its slides: one with a lesion, the others without, as
+the model was trained on cases), picked by a rule that never sees the model.
 """
 
 from __future__ import annotations
@@ -86,8 +87,13 @@ element.addEventListener('click', (event) => {
 
 
 def example_case_slides(demo, count: int = EXAMPLE_CASE_SLIDES) -> list[Path]:
-    """The example case of a demo build: the first `count` held-out (test-split) slides, by id, of the first organ
-    of its cohort that has at least two; a fixed rule that never sees the model."""
+    """The example case of a demo build, by fixed rules that never see the model.
+
+    When its cohort has cases (cases.csv): a held-out case with a lesion — the one holding the demo's example slide
+    (itself chosen before any scoring) if one does, with as many slides as there are up to `count`, ties by case id
+    — its slides in the case's order, as the model was trained and checked on it. Else (a cohort drawn before
+    cases): the first `count` held-out slides, by id, of the first organ of its cohort that has at least two.
+    """
     folder = Path(demo.folder) / "cohort"
     try:
         with open(folder / "labels.csv", newline="") as f:
@@ -95,6 +101,9 @@ def example_case_slides(demo, count: int = EXAMPLE_CASE_SLIDES) -> list[Path]:
     except OSError as e:
         raise ChatEXAONEPathError("The demo model's cohort has no labels, so it has no example case; rebuild the "
                                   "demo.") from e
+    held_out_case = _held_out_case(folder, (demo.card.get("example") or {}).get("slide"), count)
+    if held_out_case:
+        return held_out_case
     organs = list(demo.card.get("organs") or []) or sorted({row.get("organ", "") for row in rows})
     for organ in organs:
         held_out = sorted(row["slide_id"] for row in rows if row.get("split") == "test" and row.get("organ") == organ)
@@ -104,3 +113,19 @@ def example_case_slides(demo, count: int = EXAMPLE_CASE_SLIDES) -> list[Path]:
             return paths
     raise ChatEXAONEPathError("The demo model's cohort has no organ with two held-out slides, so it has no "
                               "example case.")
+
+
+def _held_out_case(folder: Path, example_slide: str | None, count: int) -> list[Path]:
+    """The slides of the held-out case `example_case_slides` offers, or [] when the cohort has no such case."""
+    try:
+        with open(folder / "cases.csv", newline="") as f:
+            cases = [row for row in csv.DictReader(f) if row.get("split") == "test" and row.get("lesion_slide")]
+    except OSError:
+        return []
+    candidates = []
+    for row in cases:
+        paths = [folder / "slides" / f"{slide_id}.tiff" for slide_id in row["slides"].split()]
+        if 2 <= len(paths) <= count and all(path.is_file() for path in paths):
+            holds_example = example_slide is not None and example_slide in row["slides"].split()
+            candidates.append(((not holds_example, -len(paths), row["case_id"]), paths))
+    return min(candidates, key=lambda c: c[0])[1] if candidates else []

@@ -160,6 +160,26 @@ def test_the_example_case_is_the_first_organs_held_out_slides_by_id(tmp_path):
         example_case_slides(demo)
 
 
+def test_the_example_case_is_a_held_out_case_of_the_cohort_the_one_with_the_example_slide_first(tmp_path):
+    cohort = tmp_path / "cohort"
+    (cohort / "slides").mkdir(parents=True)
+    (cohort / "labels.csv").write_text("slide_id,organ,split\n" + "".join(f"s-{i},colon,test\n" for i in range(6)))
+    for i in range(6):
+        (cohort / "slides" / f"s-{i}.tiff").write_bytes(b"")
+    (cohort / "cases.csv").write_text(
+        "case_id,organ,split,slides,lesion_slide,diagnosis\n"
+        "case-0000,colon,train,s-0 s-1 s-2,1,melanoma\n"  # not held out
+        "case-0001,colon,test,s-3 s-4 s-5,,none\n"  # no lesion to find
+        "case-0002,colon,test,s-4 s-1,2,melanoma\n"
+        "case-0003,colon,test,s-5 s-2 s-4,3,melanoma\n"
+        "case-0004,colon,test,s-0 s-5,1,adenocarcinoma\n")
+    demo = SimpleNamespace(folder=tmp_path, card={"organs": ["colon"], "example": {"slide": "s-0"}})
+    assert [p.name for p in example_case_slides(demo)] == ["s-0.tiff", "s-5.tiff"]  # holds the example slide
+    demo.card["example"]["slide"] = "s-9"
+    assert [p.name for p in example_case_slides(demo)] == ["s-5.tiff", "s-2.tiff", "s-4.tiff"]  # the most slides
+    assert [p.name for p in example_case_slides(demo, count=2)] == ["s-4.tiff", "s-1.tiff"]  # then by id
+
+
 def test_the_strip_shows_a_slide_loading_and_one_that_failed(make_engine, slides, tmp_path):
     session = make_engine().session("tab")
     session.load(slides["tumor"])
