@@ -14,13 +14,19 @@ embedded LLM, each phase keeping the checkpoint its validation slides score best
 - beside it, on the same slides: colour statistics (every variant; the best one on the test split counts),
   the untrained features' outlier score, mean-pooled features with a linear classifier, a label-supervised
   ABMIL on the same features (the ceiling), the trained model asked about another test slide (shuffled),
-  and untrained towers (each one's localisation; their spread).
+  and untrained towers (each one's localisation; their spread);
+- the held-out cases (2–3 slides of one organ, at most one with a lesion): the model's answers to "What is the
+  diagnosis of this case?" and "Which slide shows the lesion?" (with their Wilson intervals), the model asked
+  about another case (shuffled), and the same baselines turned into a case rule (each slide's diagnosis
+  probabilities → the slide least likely lesion-free, or none below a threshold chosen on the validation
+  cases; that slide's likeliest lesion type is the case's diagnosis).
 
 Every setting — epochs, learning rates, the checkpoint kept — is chosen on the validation split; the test
 split is only scored. Final lines (minimum over seeds unless said): `lesion_accuracy`, `organ_accuracy`,
 `grade_accuracy`, `localisation_auc` (strict), `ceiling_ratio` (median over seeds of the model's diagnosis
 accuracy over ABMIL's), `colour_baseline_accuracy` and `colour_outlier_auc` (the maximum over seeds of the
-best colour variant: the strongest colour result seen), and the wall time.
+best colour variant: the strongest colour result seen), `case_diagnosis_accuracy` and
+`which_slide_accuracy` (held-out cases), and the wall time.
 
     python bench/learn_lesions.py [--seeds 0,1,2] [--precision auto|fp32|bf16] [--out DIR] [--keep]
 
@@ -51,8 +57,10 @@ except ImportError:
 from chatexaonepath.chat.modeling import ChatEXAONEPathConfig, ChatEXAONEPathForCausalLM
 from chatexaonepath.synthetic import baselines as B
 from chatexaonepath.synthetic.demo_model import DemoBuildConfig, build_demo_model
-from chatexaonepath.synthetic.lesions import SCORED
-from chatexaonepath.synthetic.scores import CohortView, derangement, score_lesion_cohort, untrained_localisation
+from chatexaonepath.synthetic.lesions import CASE_SCORED, SCORED, read_lesion_cases
+from chatexaonepath.synthetic.scores import (
+    CaseView, CohortView, case_derangement, derangement, score_cases, score_lesion_cohort, untrained_localisation,
+)
 
 UNTRAINED_TOWERS = 8
 
@@ -73,6 +81,30 @@ def model_accuracy(score, view: CohortView) -> dict[str, B.Accuracy]:
     return result
 
 
+def case_model_accuracy(score) -> dict[str, B.Accuracy]:
+    """The chat answers' accuracy per case question with counts (for the interval)."""
+    return {q: B.Accuracy(*score.counts(q)) for q in CASE_SCORED}
+
+
+def case_figures(model, cohort: Path, features: Path, views: dict, abmil: B.AbmilResult, seed: int) -> dict:
+    """The case lines of a seed: the model, the shuffled-case control and the baselines, on the test cases (the
+    baselines' settings chosen on the validation cases)."""
+    cases = CaseView.load(cohort, features, split="test")
+    every = read_lesion_cases(cohort / "cases.csv")
+    trained = score_cases(model, cases)
+    shuffled = score_cases(model, cases, answer_from=case_derangement(cases.cases, seed))
+    colour = B.colour_case_baseline(views, every)
+    return {
+        "cases": len(cases.cases),
+        "model": {q: asdict(a) for q, a in case_model_accuracy(trained).items()},
+        "model_answers": trained.answers,
+        "shuffled": {q: asdict(a) for q, a in case_model_accuracy(shuffled).items()},
+        "colour": {q: [name, asdict(a)] for q in CASE_SCORED for name, a in [B.best_variant(colour, q)]},
+        "mean_pooled": {q: asdict(a) for q, a in B.mean_pooled_case_baseline(views, every).items()},
+        "abmil": {q: asdict(a) for q, a in B.abmil_case_baseline(abmil, views, every).items()},
+    }
+
+
 def run_seed(seed: int, args, work: Path, log) -> dict:
     """Build, score and compare one seed; returns its figures."""
     started = time.perf_counter()
@@ -84,15 +116,17 @@ def run_seed(seed: int, args, work: Path, log) -> dict:
     model = ChatEXAONEPathForCausalLM.from_pretrained(demo.model_dir)  # what `--model` loads
     trained = score_lesion_cohort(model, test)
     shuffled = score_lesion_cohort(model, test, answer_from=derangement(test.ids, seed))
+    log(f"seed {seed}: baselines")
+    views = B.load_split_views(work / "cohort", work / "features", work / "colour.json")
+    colour = B.colour_baseline(views)
+    abmil = B.abmil_baseline(views, seed=seed)
+    log(f"seed {seed}: cases")
+    cases = case_figures(model, work / "cohort", work / "features", views, abmil, seed)
     in_dim = model.config.aggregator["in_dim"]
     del model
     base = untrained_model(in_dim, args.llm, seed)
     untrained_aucs = untrained_localisation(base, test, range(args.untrained_towers))
     del base
-    log(f"seed {seed}: baselines")
-    views = B.load_split_views(work / "cohort", work / "features", work / "colour.json")
-    colour = B.colour_baseline(views)
-    abmil = B.abmil_baseline(views, seed=seed)
     figures = {
         "seed": seed,
         "model": {q: asdict(a) for q, a in model_accuracy(trained, test).items()},
@@ -112,6 +146,7 @@ def run_seed(seed: int, args, work: Path, log) -> dict:
         "seconds": demo.card["seconds"] | {"scoring": round(time.perf_counter() - started - sum(
             v for v in demo.card["seconds"].values() if isinstance(v, (int, float))), 1)},
         "test_slides": len(test.ids), "patches": demo.card["patches"],
+        "case": cases,
     }
     (work / "bench.json").write_text(json.dumps(figures, indent=1, default=str))
     return figures
@@ -138,10 +173,21 @@ def seed_table(f: dict) -> list[tuple[str, str]]:
         (f"untrained towers' strict AUC (each of {len(untrained)})", " ".join(f"{a:.2f}" for a in untrained)
          + f" (mean {np.mean(untrained):.2f}, range {min(untrained):.2f}–{max(untrained):.2f})"),
         ("best colour variant for the diagnosis", f['colour']["diagnosis"][0]),
+        *case_rows(f["case"]),
         ("checkpoint kept (validation): phase 1 / phase 2",
          " / ".join(f"epoch {c['epoch']:g}" if c else "last" for c in f["selection"].values())),
         ("time: " + " / ".join(f["seconds"]), " / ".join(f"{v:.0f}" for v in f["seconds"].values()) + " s"),
     ]
+    return rows
+
+
+def case_rows(c: dict) -> list[tuple[str, str]]:
+    """A seed's case lines: the model with its interval beside the shuffled-case control and the baselines."""
+    rows = [("test cases", str(c["cases"]))]
+    for q in CASE_SCORED:
+        rows.append((f"{q}: model / shuffled case / ABMIL / mean-pooled / colour (best)",
+                     f"{acc(c['model'][q])} / {acc(c['shuffled'][q]).value:.2f} / {acc(c['abmil'][q]).value:.2f} / "
+                     f"{acc(c['mean_pooled'][q]).value:.2f} / {acc(c['colour'][q][1]).value:.2f}"))
     return rows
 
 
@@ -181,6 +227,9 @@ def main() -> None:
         print(f"  {q:<10} per seed {' '.join(f'{v:.2f}' for v in summary[q])}  min {min(summary[q]):.2f}  "
               f"median {statistics.median(summary[q]):.2f}")
     print(f"  localisation (strict) per seed {' '.join(f'{v:.3f}' for v in strict)}")
+    cases = {q: [acc(f["case"]["model"][q]).value for f in results] for q in CASE_SCORED}
+    for q in CASE_SCORED:
+        print(f"  {q:<14} per seed {' '.join(f'{v:.2f}' for v in cases[q])}  min {min(cases[q]):.2f}")
     print(f"  chosen on validation only; the test split was scored once per seed ({args.precision} precision)")
     if args.out is None:
         shutil.rmtree(root, ignore_errors=True)
@@ -191,6 +240,8 @@ def main() -> None:
     print(f"ceiling_ratio: {statistics.median(ratios):.3f}")
     print(f"colour_baseline_accuracy: {max(acc(f['colour']['diagnosis'][1]).value for f in results):.3f}")
     print(f"colour_outlier_auc: {max(f['colour_outlier'][1] for f in results):.3f}")
+    print(f"case_diagnosis_accuracy: {min(cases['case_diagnosis']):.3f}")
+    print(f"which_slide_accuracy: {min(cases['which_slide']):.3f}")
     print(f"wall_seconds: {time.perf_counter() - started:.0f}")
 
 

@@ -2,9 +2,11 @@
 
 `ensure_demo_model()` returns a ready demo model from the user cache, building it first when the
 cache has none for this code and data version: lesion cohort (synthetic/lesions.py) → features with the
-patch encoder the app serves → phase 1 → phase 2 → a validation check → a check on the held-out slides
-(per-question accuracy with its interval and how many distinct answers each question got, the description's
-facts, localisation AUC of the heatmap), written to `demo.json` beside the checkpoint.
+patch encoder the app serves → phase 1 → phase 2 (the slides' questions and the cases' "which slide shows the
+lesion?" and "what is the diagnosis of this case?") → a validation check → a check on the held-out slides and
+cases (per-question accuracy with its interval and how many distinct answers each question got, the case
+questions among them, the description's facts, localisation AUC of the heatmap), written to `demo.json` beside
+the checkpoint.
 
 The validation check decides whether a build learned: diagnosis accuracy on the validation slides of at least
 0.8, and no question answered the same way for 80 % or more of them (a collapse to one answer). A build that
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEMO_FORMAT = 2  # bump when the build changes in a way the hashed sources do not show
+DEMO_FORMAT = 3  # bump when the build changes in a way the hashed sources do not show (3: cases in the cohort)
 CARD_FILE = "demo.json"
 BUILD_FILE = "build.json"  # the settings of a build, written when it starts
 # What the demo model is, in the words the banner and the model card use.
@@ -143,9 +145,12 @@ class DemoModel:
             parts = []
             for category, q in check.get("questions", {}).items():
                 low, high = q["interval"]
-                parts.append(f"{category} {q['correct']}/{q['asked']} ({q['accuracy']:.2f}, 95 % CI {low:.2f}–"
-                             f"{high:.2f}; {q['distinct_answers']} distinct answer{'s' if q['distinct_answers'] != 1 else ''})")
-            figures = (f"; on the {check['held_out_slides']} held-out test slides: " + ", ".join(parts) +
+                parts.append(f"{category.replace('_', ' ')} {q['correct']}/{q['asked']} ({q['accuracy']:.2f}, 95 % CI "
+                             f"{low:.2f}–{high:.2f}; {q['distinct_answers']} distinct answer"
+                             f"{'s' if q['distinct_answers'] != 1 else ''})")
+            cases = check.get("held_out_cases") or 0
+            figures = (f"; on the {check['held_out_slides']} held-out test slides"
+                       f"{f' and {cases} held-out cases of 2–3 of them' if cases else ''}: " + ", ".join(parts) +
                        f"; heatmap localisation AUC {check['localisation_auc']:.2f} (strict)")
         precision = c.get("precision") or {}
         ran = f"; features {precision['features']}, training {precision['training']}" if precision else ""
@@ -428,6 +433,7 @@ def step_progress(stage: str, report: ProgressFn):
 
 
 SCORED_QUESTIONS = ("diagnosis", "organ", "grade", "margins")  # lesions.SCORED, without importing it at start-up
+CASE_QUESTIONS_SCORED = ("case_diagnosis", "which_slide")  # lesions.CASE_SCORED, likewise
 PHASE_DATA = {1: ("captions.json", "val_captions.json"), 2: ("instruct.json", "val_instruct.json")}
 
 
@@ -489,27 +495,41 @@ def _validate(folder: Path, run: Path, config: DemoBuildConfig, report: Progress
 
 
 def _check(folder: Path, model_dir: Path, report: ProgressFn) -> dict:
+    """Score the held-out slides, and the held-out cases after them (the check's bar counts both)."""
     from ..chat.modeling import ChatEXAONEPathForCausalLM
     from ..eval.stats import wilson_interval
-    from .scores import DESCRIPTION, CohortView, score_lesion_cohort
+    from .scores import DESCRIPTION, CaseView, CohortView, score_cases, score_lesion_cohort
 
     model = ChatEXAONEPathForCausalLM.from_pretrained(model_dir)
     view = CohortView.load(folder / "cohort", folder / "features")
-    report("check", 0, len(view.ids))
+    cases = CaseView.load(folder / "cohort", folder / "features") if _has_cases(folder, "test") else None
+    total = len(view.ids) + (len(cases.cases) if cases else 0)
+    report("check", 0, total)
     score = score_lesion_cohort(model, view, categories=(*SCORED_QUESTIONS, DESCRIPTION),
-                                on_slide=lambda done, total: report("check", done, total))
-    spread = answer_spread(score.answers)
+                                on_slide=lambda done, _: report("check", done, total))
+    case_answers = score_cases(model, cases, on_case=lambda done, _: report("check", len(view.ids) + done, total)
+                               ).answers if cases else []
     questions = {}
-    for category, s in spread.items():
-        correct = sum(a["correct"] for a in score.answers if a["category"] == category)
-        questions[category] = {"asked": s["asked"], "correct": correct, "accuracy": correct / s["asked"],
-                               "interval": list(wilson_interval(correct, s["asked"])),
-                               "distinct_answers": s["distinct_answers"], "top_share": s["top_share"]}
+    for answers in (score.answers, case_answers):  # the case questions next to the slide questions
+        for category, s in answer_spread(answers).items():
+            correct = sum(a["correct"] for a in answers if a["category"] == category)
+            questions[category] = {"asked": s["asked"], "correct": correct, "accuracy": correct / s["asked"],
+                                   "interval": list(wilson_interval(correct, s["asked"])),
+                                   "distinct_answers": s["distinct_answers"], "top_share": s["top_share"]}
     facts = [f for a in score.answers if a["category"] == DESCRIPTION for f in a["facts"].values()]
-    return {"held_out_slides": len(view.ids), "accuracy": score.accuracy, "questions": questions,
-            "description_facts": sum(facts) / len(facts) if facts else None,
+    return {"held_out_slides": len(view.ids), "held_out_cases": len(cases.cases) if cases else 0,
+            "accuracy": score.accuracy | {q: questions[q]["accuracy"] for q in CASE_QUESTIONS_SCORED if q in questions},
+            "questions": questions, "description_facts": sum(facts) / len(facts) if facts else None,
             "localisation_auc": score.localisation_auc, "localisation_auc_lenient": score.localisation_auc_lenient,
-            "per_slide_auc": score.per_slide_auc, "answers": score.answers}
+            "per_slide_auc": score.per_slide_auc, "answers": score.answers, "case_answers": case_answers}
+
+
+def _has_cases(folder: Path, split: str) -> bool:
+    """Whether the build's cohort has cases of `split` (a cohort with too few lesion-free slides may have none)."""
+    from .lesions import read_lesion_cases
+
+    path = folder / "cohort" / "cases.csv"
+    return path.is_file() and any(c.split == split for c in read_lesion_cases(path))
 
 
 def _pick_example(folder: Path) -> dict:

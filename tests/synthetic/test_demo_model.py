@@ -56,9 +56,13 @@ def test_a_build_runs_every_stage_and_writes_its_card_last(built):
     card = json.loads((demo.folder / "demo.json").read_text())
     assert card["what"] == DEMO_DESCRIPTION and card["encoder"] == "tiny-vit-test"
     assert card["train_slides"] == card["test_slides"] == 4 and card["patches"] > 0
-    assert set(card["check"]["accuracy"]) == {"diagnosis", "organ", "grade", "margins", "description"}
+    assert set(card["check"]["accuracy"]) == {"diagnosis", "organ", "grade", "margins", "description",
+                                              "case_diagnosis", "which_slide"}
     questions = card["check"]["questions"]
     assert questions["diagnosis"]["asked"] == card["test_slides"]  # the whole test split, not a sample
+    # the held-out cases (one per organ here: its melanoma slide beside its lesion-free one), next to the slides
+    assert questions["which_slide"]["asked"] == questions["case_diagnosis"]["asked"] == card["check"]["held_out_cases"] == 2
+    assert "2 held-out cases" in demo.describe() and "which slide " in demo.describe()
     for q in questions.values():  # what a collapse cannot hide: the interval and how many answers were distinct
         low, high = q["interval"]
         assert 0.0 <= low <= q["accuracy"] <= high <= 1.0 and 1 <= q["distinct_answers"] <= q["asked"]
@@ -73,6 +77,19 @@ def test_a_build_runs_every_stage_and_writes_its_card_last(built):
     # Phase 1 trains on subsampled bags (the recipe's), phase 2 and everything served on whole slides.
     runs = {name: json.loads((demo.folder / name / "training_args.json").read_text()) for name in ("p1", "model")}
     assert [runs[name]["data"]["config"]["max_patches"] for name in ("p1", "model")] == [16, None]
+    # Phase 2 trains on the training cases (two records each) and validates on the validation cases too.
+    assert runs["model"]["data"]["case_records"] == 2 * 2 + 2 * 2 and runs["p1"]["data"]["case_records"] == 0
+
+
+@pytest.mark.slow
+def test_the_example_case_is_a_held_out_case_with_the_example_slide(built):
+    from chatexaonepath.synthetic.lesions import read_lesion_cases
+    from chatexaonepath.webapp.case import example_case_slides
+
+    _, demo, _ = built
+    slides = [p.stem for p in example_case_slides(demo)]
+    case = next(c for c in read_lesion_cases(demo.folder / "cohort" / "cases.csv") if list(c.slide_ids) == slides)
+    assert case.split == "test" and case.lesion_slide and demo.card["example"]["slide"] in slides
 
 
 def runs_precision(demo) -> str:
@@ -316,3 +333,29 @@ def test_the_validation_rules():
         "one answer to 83% of the organ questions"]
     answers = [{"category": "organ", "answer": a} for a in ("Liver.", "liver. ", "Colon.")]
     assert demo_module.answer_spread(answers) == {"organ": {"asked": 3, "distinct_answers": 2, "top_share": 2 / 3}}
+
+
+@pytest.mark.slow
+def test_the_benchmark_scores_the_held_out_cases_beside_their_controls_and_baselines(built):
+    import importlib.util
+
+    from chatexaonepath.chat.modeling import ChatEXAONEPathForCausalLM
+    from chatexaonepath.synthetic import baselines as B
+
+    spec = importlib.util.spec_from_file_location("learn_lesions", demo_module.Path(__file__).parents[2] / "bench" /
+                                                  "learn_lesions.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    _, demo, _ = built
+    cohort, features = demo.folder / "cohort", demo.folder / "features"
+    views = B.load_split_views(cohort, features)
+    abmil = B.abmil_baseline(views, seed=0, epochs=2)
+    model = ChatEXAONEPathForCausalLM.from_pretrained(demo.model_dir)
+    figures = bench.case_figures(model, cohort, features, views, abmil, seed=0)
+    assert figures["cases"] == 2 and len(figures["model_answers"]) == 4
+    for line in ("model", "shuffled", "mean_pooled", "abmil"):
+        assert {q: figures[line][q]["total"] for q in ("case_diagnosis", "which_slide")} == {
+            "case_diagnosis": 2, "which_slide": 2}, line
+    assert all(figures["colour"][q][1]["total"] == 2 and " / " in figures["colour"][q][0] for q in figures["colour"])
+    rows = dict(bench.case_rows(figures))
+    assert rows["test cases"] == "2" and any(key.startswith("which_slide: model") for key in rows)
