@@ -13,12 +13,15 @@ A case is built by loading slides in adding mode (`set_adding`): each joins the 
 replacing it, within the case budgets (`max_case_slides`, `max_case_patches`, and `max_session_gb` for
 every slide's upload together), checked before the work starts; a refused or failed add leaves the case
 as it was. Loading without adding mode replaces the whole case. The page shows one slide of the case at
-a time (`shown`); a region belongs to one slide (`ask(..., slide=i)`).
+a time (`shown`); a region belongs to one slide (`ask(..., slide=i)`). The API's case, several uploaded
+files each loaded in a session of its own, is the first file's session answering with the others' slides
+joined for that answer only (`ask(..., joined=...)`), within the same case budgets.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -27,13 +30,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from ..chat.conversation import Turn
 from ..chat.regions import Region, SlideTurn, question_scope
-from ..chat.session import ChatSession
+from ..chat.session import ChatSession, LoadedSlide
 from ..errors import BudgetExceededError, ChatEXAONEPathError, MissingMppError, ServerBusyError
 from ..vision_tower.slide import Slide, open_slide
 from .case import CaseSlide, thumbnail_url
@@ -226,8 +229,9 @@ class WebSession:
         return [*found, *(p.resolve() for p in found)]
 
     def _checked_question(self, question: str, settings: GenerationSettings | None,
-                          region: Region | None = None, slide: int = 0) -> GenerationSettings:
-        """Refuse a question, settings or region past the app's limits, and count it against the rate."""
+                          region: Region | None = None, slide: int = 0,
+                          joined: Sequence[LoadedSlide] = ()) -> GenerationSettings:
+        """Refuse a question, settings, case or region past the app's limits, and count it against the rate."""
         config = self.shared.config
         settings = settings or self.shared.default_settings
         if len(question) > config.max_question_chars:
@@ -236,13 +240,28 @@ class WebSession:
         settings.check(config)
         if self.chat.slide is None:
             raise ChatEXAONEPathError(self.notice or "Load a slide before asking about it.")
-        if not _slide_index(slide, len(self.chat.slides)):
-            raise ChatEXAONEPathError(f"This case has {len(self.chat.slides)} slide(s); there is no slide "
+        slides = [*self.chat.slides, *joined]
+        if joined:  # the page checks its case as it grows; a case named per question is checked here
+            self._check_joined_case(slides)
+        if not _slide_index(slide, len(slides)):
+            raise ChatEXAONEPathError(f"This case has {len(slides)} slide(s); there is no slide "
                                       f"{_numbered(slide)} to ask about.")
         if region is not None:  # a region outside its slide or without tissue: one sentence
-            question_scope(self.chat.slides[slide], region)
+            question_scope(slides[slide], region)
         self._admit()
         return settings
+
+    def _check_joined_case(self, slides: list[LoadedSlide]) -> None:
+        """Refuse a case past `max_case_slides` or `max_case_patches`, as the page refuses adding to one."""
+        config = self.shared.config
+        if len(slides) > config.max_case_slides:
+            raise BudgetExceededError(f"The case has {len(slides)} slides; this server allows up to "
+                                      f"{config.max_case_slides} in one conversation (--max-case-slides).")
+        patches = sum(len(loaded.features) for loaded in slides)
+        if patches > config.max_case_patches:
+            raise BudgetExceededError(f"The case's slides have {patches:,} tissue patches together; this server "
+                                      f"allows up to {config.max_case_patches:,} in one conversation "
+                                      "(--max-case-patches).")
 
     # -- slides --------------------------------------------------------------------------------------------
     def claim_upload(self, upload: str | Path) -> Path:
@@ -497,22 +516,25 @@ class WebSession:
 
     def ask(self, question: str, on_text: Callable[[str], bool | None] | None = None,
             settings: GenerationSettings | None = None, region: Region | None = None,
-            history: list[Turn] | None = None, slide: int = 0) -> Reply:
+            history: list[Turn] | None = None, slide: int = 0, joined: Sequence[LoadedSlide] = ()) -> Reply:
         """Answer `question` about the loaded case (or only a `region` of its slide `slide`, 0-based), streaming
         pieces to `on_text`; `stop()` ends it early, and so does `on_text` returning False (the answer so far is
         the reply).
 
         A stopped answer stays in the conversation as far as it got (marked in `messages()`). `history`
         replaces the conversation before the question (a stateless client sends all of it each time).
+        `joined`: slides loaded by other sessions that join this session's case, after its own slides, for this
+        answer only (the API's case of several uploaded files), within the case budgets; the conversation stays
+        this session's, and theirs are not touched.
         """
         self.touch()
-        settings = self._checked_question(question, settings, region, slide)
+        settings = self._checked_question(question, settings, region, slide, joined)
         self._stop.clear()
-        return self._ask(question, on_text, settings, region, history, slide)
+        return self._ask(question, on_text, settings, region, history, slide, joined)
 
     def _ask(self, question: str, on_text: Callable[[str], bool | None] | None,
              settings: GenerationSettings | None, region: Region | None = None,
-             history: list[Turn] | None = None, slide: int = 0) -> Reply:
+             history: list[Turn] | None = None, slide: int = 0, joined: Sequence[LoadedSlide] = ()) -> Reply:
         pieces: list[str] = []
 
         def relay(piece: str) -> bool | None:
@@ -522,7 +544,7 @@ class WebSession:
             return on_text(piece) if on_text is not None else None
 
         started = time.perf_counter()
-        with self._busy, self.shared.model_slot():
+        with self._busy, self.shared.model_slot(), self._joined(joined):
             if history is not None:  # set under the session's lock: another request's history cannot slip in
                 image = self.chat.builder.image_token  # a literal placeholder in text would be read as a second image
                 self.chat.slide.turns = [SlideTurn(t.role, t.content.replace(image, "[image]"), getattr(t, "region", None),
@@ -546,6 +568,23 @@ class WebSession:
         self.touch()
         return Reply(answer.text, False, answer.first_token_seconds, time.perf_counter() - started, answer.new_tokens,
                      answer.prompt_tokens, answer.evidence, answer.region, len(answer.coords), slide)
+
+    @contextlib.contextmanager
+    def _joined(self, joined: Sequence[LoadedSlide]) -> Iterator[None]:
+        """The case with `joined` after this session's own slides while the answer runs (the session's lock is held).
+
+        Each joins as a shallow copy with no conversation of its own: the chat keeps the conversation on the
+        case's first slide, and the other session's slide (its tensors shared, read only) stays as it was.
+        """
+        if not joined:
+            yield
+            return
+        own = self.chat.slides
+        self.chat.slides = [*own, *(dataclasses.replace(loaded, turns=[]) for loaded in joined)]
+        try:
+            yield
+        finally:  # the other sessions' slides are theirs: none stays in this one (nor keeps their memory)
+            self.chat.slides = own
 
     def ask_stream(self, question: str, settings: GenerationSettings | None = None,
                    region: Region | None = None, slide: int = 0) -> Iterator[tuple[str, Reply | None]]:

@@ -17,6 +17,7 @@ from chatexaonepath.webapp.api import ApiKeys, ApiServer
 from chatexaonepath.webapp.api.keys import ApiOwner
 
 KEY = "k" * 24 + "-alpha"
+OTHER_KEY = "o" * 24 + "-beta"
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def engine(tiny_chat_model, tiny_encoder, tmp_path_factory):
     engine = AppEngine(tiny_chat_model, FeatureExtractor(extract, tiny_encoder),
                        AppConfig(features_dir=str(root / "features"), max_new_tokens=12, example=False,
                                  max_upload_gb=0.05, max_session_gb=0.1, api_max_files_per_key=3,
-                                 api_max_conversation_chars=3_000, api_max_messages=8),
+                                 api_max_conversation_chars=3_000, api_max_messages=8, max_case_slides=2),
                        example_path=root / "example.tiff", work_dir=root / "work")
     yield engine
     engine.close()
@@ -47,9 +48,9 @@ def headless(engine, keys=None):
 
 @pytest.fixture(scope="module")
 def api(engine, tmp_path_factory):
-    """The API alone (as `chatexaonepath serve` runs it) with one key: its base URL."""
+    """The API alone (as `chatexaonepath serve` runs it) with two keys (alpha, beta): its base URL."""
     key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
-    key_file.write_text(f"{KEY} alpha\n")
+    key_file.write_text(f"{KEY} alpha\n{OTHER_KEY} beta\n")
     with headless(engine, ApiKeys.load(key_file)) as url:
         yield url
 
@@ -333,3 +334,152 @@ def test_a_client_that_goes_away_stops_its_answer(api, tumor_file, engine):
         time.sleep(0.01)
     freed = time.perf_counter() - hung_up
     assert engine.gate.active == 0 and freed < full_seconds / 4, (freed, full_seconds)  # not the 400 tokens
+
+
+# -- a case: several slides of one patient in one conversation (issue 31) ----------------------------------------
+@pytest.fixture(scope="module")
+def stroma_file(api, slides):
+    """The stroma slide uploaded and processed once for the module: with the tumor slide, a case of two."""
+    http = client(api)
+    body = upload(http, slides["stroma"]).json()
+    assert wait_processed(http, body["id"])["status"] == "processed"
+    return body["id"]
+
+
+def case_question(parts, text="Which slide shows tumour?", **extra):
+    return {"model": "chatexaonepath-untrained", "messages": [{"role": "user", "content": [
+        *parts, {"type": "text", "text": text}]}], **extra}
+
+
+def file_part(file_id):
+    return {"type": "file", "file": {"file_id": file_id}}
+
+
+def slide_part(file_id, region=None):
+    return {"type": "slide", "slide": {"file_id": file_id, **({"region": region} if region else {})}}
+
+
+def test_a_case_of_two_slides_is_answered_from_both_labelled_as_the_page_labels_them(api, engine, slides, tumor_file,
+                                                                                    stroma_file):
+    from openai import OpenAI
+
+    openai = OpenAI(base_url=api, api_key=KEY, max_retries=0)
+    http = client(api)
+    patches = {f: http.get(f"/files/{f}").json()["slide"]["patches"] for f in (tumor_file, stroma_file)}
+    question = "Which slide shows tumour?"
+    messages = [{"role": "user", "content": [file_part(tumor_file), file_part(stroma_file),
+                                             {"type": "text", "text": question}]}]
+    answer = openai.chat.completions.create(model="chatexaonepath-untrained", messages=messages)
+    evidence = answer.model_extra["evidence"]
+    assert evidence["slides"] == [
+        {"number": 1, "file_id": tumor_file, "slide": "tumor.tiff", "region": None,
+         "patches_in_scope": patches[tumor_file]},
+        {"number": 2, "file_id": stroma_file, "slide": "stroma.tiff", "region": None,
+         "patches_in_scope": patches[stroma_file]}]
+    assert evidence["file_id"] is None and evidence["region"] is None  # about the whole case, not one slide
+    assert evidence["patches_in_scope"] == sum(patches.values()) and len(evidence["patches"]) == 3
+    names = {1: (tumor_file, "tumor.tiff"), 2: (stroma_file, "stroma.tiff")}
+    assert all((p["file_id"], p["slide"]) == names[p["slide_number"]] for p in evidence["patches"])
+    weights = [p["weight"] for p in evidence["patches"]]
+    assert weights == sorted(weights, reverse=True)  # the heaviest of the whole case, whichever slide
+
+    # The page's own case of the same two slides answers the same (greedy): same labels, same order, same tokens.
+    direct = engine.session("case-check")
+    direct.load(slides["tumor"])
+    direct.set_adding(True)
+    direct.load(slides["stroma"])
+    page = direct.ask(question)
+    engine.end_session("case-check")
+    assert answer.choices[0].message.content == page.text and answer.usage.prompt_tokens == page.prompt_tokens
+    single = http.post("/chat/completions", json=ask(tumor_file, question)).json()
+    assert answer.usage.prompt_tokens > single["usage"]["prompt_tokens"] + engine.model.config.num_visual_tokens
+    # One slide's evidence is as it always was: no case fields.
+    assert set(single["evidence"]) == {"file_id", "slide", "region", "patches_in_scope", "patches"}
+    assert set(single["evidence"]["patches"][0]) == {"rank", "index", "x", "y", "size", "weight"}
+
+    streamed = list(openai.chat.completions.create(model="chatexaonepath-untrained", messages=messages, stream=True))
+    final = [c for c in streamed if c.choices and c.choices[0].finish_reason][0]
+    assert final.model_extra["evidence"] == evidence
+    # The case lived for its answers only: the first file's session holds its own slide again, not the other's.
+    session = engine.find_session(tumor_file, ApiOwner("alpha"))
+    assert [s.name for s in session.chat.slides] == ["tumor.tiff"]
+    assert [s.name for s in engine.find_session(stroma_file, ApiOwner("alpha")).chat.slides] == ["stroma.tiff"]
+
+
+def test_regions_in_a_case_each_belong_to_the_slide_their_part_names(api, engine, tumor_file, stroma_file):
+    from chatexaonepath.chat.regions import Region
+
+    http = client(api)
+    body = {"model": "chatexaonepath-untrained", "messages": [
+        {"role": "user", "content": [file_part(tumor_file), slide_part(stroma_file, [0, 0, 1024, 1024]),
+                                     {"type": "text", "text": "What is in this part of the second slide?"}]},
+        {"role": "assistant", "content": "Stroma."},
+        {"role": "user", "content": [slide_part(tumor_file, [1024, 1024, 1024, 1024]),
+                                     {"type": "text", "text": "And in this part of the first?"}]}]}
+    reply = http.post("/chat/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    evidence = reply.json()["evidence"]
+    assert (evidence["file_id"], evidence["slide"], evidence["region"]) == (tumor_file, "tumor.tiff",
+                                                                           [1024, 1024, 1024, 1024])
+    first, second = evidence["slides"]
+    assert first["region"] == [1024, 1024, 1024, 1024] and second["region"] is None
+    assert 0 < first["patches_in_scope"] < http.get(f"/files/{tumor_file}").json()["slide"]["patches"]
+    assert second["patches_in_scope"] == http.get(f"/files/{stroma_file}").json()["slide"]["patches"]
+    assert all(p["slide_number"] == 1 and p["x"] >= 1024 and p["y"] >= 1024 for p in evidence["patches"])
+    turns = engine.find_session(tumor_file, ApiOwner("alpha")).turns
+    assert (turns[0].slide, turns[0].region) == (1, Region(0, 0, 1024, 1024))  # the earlier question's own slide
+    assert (turns[2].slide, turns[2].region) == (0, Region(1024, 1024, 1024, 1024))
+
+    body["messages"][-1]["content"][0] = slide_part(stroma_file, [0, 0, 1024, 1024])
+    on_second = http.post("/chat/completions", json=body).json()["evidence"]
+    assert on_second["file_id"] == stroma_file and on_second["slides"][0]["region"] is None
+    assert all(p["slide_number"] == 2 and p["file_id"] == stroma_file and p["x"] < 1024 and p["y"] < 1024
+               for p in on_second["patches"])
+
+    two = case_question([slide_part(tumor_file, [0, 0, 1024, 1024]), slide_part(stroma_file, [0, 0, 1024, 1024])])
+    assert "one region" in error_of(http.post("/chat/completions", json=two), 400, "invalid_region")["message"]
+    outside = case_question([file_part(tumor_file), slide_part(stroma_file, [10**6, 10**6, 100, 100])])
+    error_of(http.post("/chat/completions", json=outside), 400, "invalid_region")
+
+
+def test_a_case_past_the_servers_limits_or_with_another_keys_file_is_refused_before_any_work(
+        api, engine, slides, tumor_file, stroma_file, monkeypatch):
+    http = client(api)
+    session = engine.find_session(tumor_file, ApiOwner("alpha"))
+    turns_before, work_before = list(session.turns), len(session._recent_work)
+
+    # More slides than --max-case-slides (2 here): refused from the request alone, before any file is looked up.
+    three = case_question([file_part(tumor_file), file_part(stroma_file), file_part("file-never-uploaded")])
+    error = error_of(http.post("/chat/completions", json=three), 400, "too_many_slides")
+    assert "2" in error["message"] and "--max-case-slides" in error["message"]
+
+    patches = sum(http.get(f"/files/{f}").json()["slide"]["patches"] for f in (tumor_file, stroma_file))
+    monkeypatch.setattr(engine.config, "max_case_patches", patches - 1)
+    error = error_of(http.post("/chat/completions", json=case_question([file_part(tumor_file),
+                                                                        file_part(stroma_file)])),
+                     400, "too_many_patches")
+    assert f"{patches:,}" in error["message"] and "--max-case-patches" in error["message"]
+    assert session.turns == turns_before and len(session._recent_work) == work_before  # no model work was done
+    assert http.post("/chat/completions", json=ask(tumor_file)).status_code == 200  # one slide: no case budget
+    monkeypatch.undo()
+
+    # Another key's file in a case is "no such file", exactly as an id that never existed, either way round.
+    other = client(api, OTHER_KEY)
+    theirs = upload(other, slides["tumor"], name="theirs.tiff").json()["id"]
+    try:
+        mine_then_theirs = error_of(http.post("/chat/completions", json=case_question(
+            [file_part(tumor_file), file_part(theirs)])), 404, "file_not_found")
+        never = error_of(http.post("/chat/completions", json=case_question(
+            [file_part(tumor_file), file_part("file-never-uploaded")])), 404, "file_not_found")
+        assert mine_then_theirs["message"].replace(theirs, "ID") == never["message"].replace("file-never-uploaded",
+                                                                                              "ID")
+        assert wait_processed(other, theirs)["status"] == "processed"
+        error_of(other.post("/chat/completions", json=case_question([file_part(theirs), file_part(tumor_file)])),
+                 404, "file_not_found")
+        error_of(other.post("/chat/completions", json=case_question([file_part(theirs), file_part(stroma_file)])),
+                 404, "file_not_found")
+        assert other.post("/chat/completions", json=ask(theirs)).status_code == 200  # its own file answers
+        # beta's questions never touched alpha's sessions
+        assert len(session._recent_work) == work_before + 1
+    finally:
+        other.delete(f"/files/{theirs}")

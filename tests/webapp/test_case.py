@@ -214,3 +214,31 @@ def test_a_scripted_switch_to_no_slide_changes_nothing(make_engine, slides, tmp_
     config, strip, image, gallery = handlers.switch_slide(True, 0.3, request, SimpleNamespace(_data={"slide": 0}))
     assert config["name"] == "tumor.tiff" and config["slide"] == 0 and session.shown == 0
     assert 'data-slide="0" data-status="ready" aria-pressed="true"' in strip and len(gallery) == 8
+
+
+def test_slides_of_other_sessions_join_a_case_for_one_answer_within_the_case_budgets(make_engine, slides, tmp_path,
+                                                                                   monkeypatch):
+    """The API's case: each file its own session, the first answering with the others' slides joined."""
+    engine = make_engine(max_case_slides=2)
+    first, second, third = (engine.session(name) for name in ("a", "b", "c"))
+    for session, name in ((first, "tumor"), (second, "stroma"), (third, "normal_20x")):
+        session.load_upload(gradio_upload(tmp_path, slides[name]))
+    second.ask("What is it?")
+    theirs = list(second.turns)
+
+    reply = first.ask("Which slide shows tumour?", joined=[second.chat.slide], region=Region(0, 0, 1024, 1024),
+                      slide=1)
+    assert reply.slide == 1 and reply.region == Region(0, 0, 1024, 1024)
+    assert all(e.slide == 1 and e.x < 1024 for e in reply.evidence)
+    assert [s.name for s in first.chat.slides] == ["tumor.tiff"]  # joined for that answer only
+    assert first.turns[-1].slide == 1 and second.turns == theirs  # the conversation is the first session's alone
+
+    with pytest.raises(BudgetExceededError, match=r"^The case has 3 slides.*\(--max-case-slides\)\.$"):
+        first.ask("And now?", joined=[second.chat.slide, third.chat.slide])
+    patches = len(first.chat.slide.features) + len(second.chat.slide.features)
+    monkeypatch.setattr(engine.config, "max_case_patches", patches - 1)
+    with pytest.raises(BudgetExceededError, match=f"{patches:,} tissue patches.*--max-case-patches"):
+        first.ask("And now?", joined=[second.chat.slide])
+    with pytest.raises(ChatEXAONEPathError, match="no slide 3"):
+        first.ask("And now?", slide=2)
+    assert first.turns[-1].content != "And now?"  # refused before any work

@@ -4,9 +4,10 @@ The page's server mounts it (cli.launch_app), so `make demo` serves /v1 beside t
 engine, model slot, sessions and limits; `chatexaonepath serve` runs it alone under uvicorn (serve.py).
 Every request is checked in this order, each refusal one sentence in OpenAI's error shape: the key
 (401; without a key file, a client not on this machine: 403), the body's size and form, the request's
-fields against the server's limits, the key's file (404 for any id that is not its own), then the
-key's budgets (429) — all before any work starts. Work that may wait (a new session, ending one, an
-answer) runs in threads, so the event loop only hands bytes on.
+fields against the server's limits (a case's slide count included), the key's files (404 for any id
+that is not its own), the case's patch budget, then the key's budgets (429) — all before any work
+starts. Work that may wait (a new session, ending one, an answer) runs in threads, so the event loop
+only hands bytes on.
 """
 
 from __future__ import annotations
@@ -126,11 +127,11 @@ class Api:
         body = await read_json(request, JSON_BODY_SLACK + 8 * config.api_max_conversation_chars)
         parsed = parse_chat_request(body, config, self.engine.default_settings.system_prompt)
         self._check_model(parsed.model)
-        record, session = self.files.ready(owner, parsed.file_id)
+        members = self.files.ready_case(owner, parsed.file_ids)  # each the key's own and ready, then the case's budget
         self.budgets.enter(owner)
         try:
             self.budgets.check_tokens(owner, parsed.settings.max_new_tokens)
-            run = AnswerRun(record, session, parsed, owner, self.budgets)
+            run = AnswerRun(members, parsed, owner, self.budgets)
         except BaseException:
             self.budgets.leave(owner)
             raise

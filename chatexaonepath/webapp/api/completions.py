@@ -8,6 +8,10 @@ text as it streams: text that could be the start of one is held back until it is
 a match ends generation there (`on_text` returns False). A client that goes away stops the generation
 at its next piece. The key's token budget is charged when the answer ends (the most it asked for,
 when it ended without a reply).
+
+A case (several files in one conversation) is answered by its first file's session, with the other
+files' slides joined for this answer only (`WebSession.ask(joined=…)`), so each is labelled and pooled
+exactly as the page's case; its evidence says which file each patch is on.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import AsyncIterator
 
 from ..session import Reply, WebSession
 from .errors import from_exception
-from .files import ApiFile
+from .files import ApiFile, bad_request_failed
 from .keys import ApiOwner, KeyBudgets
 from .requests import ChatRequest
 
@@ -64,9 +68,16 @@ class StopMatcher:
 class AnswerRun:
     """One answer being generated for a request (see the module's docstring)."""
 
-    def __init__(self, record: ApiFile, session: WebSession, request: ChatRequest, owner: ApiOwner,
+    def __init__(self, members: list[tuple[ApiFile, WebSession]], request: ChatRequest, owner: ApiOwner,
                  budgets: KeyBudgets) -> None:
-        self.record, self.session, self.request, self.owner, self.budgets = record, session, request, owner, budgets
+        self.members, self.request, self.owner, self.budgets = members, request, owner, budgets
+        self.record, self.session = members[0]  # the first file's session holds the conversation
+        self.joined = []  # the other files' slides, taken now: a file deleted from here on still answers this once
+        for record, session in members[1:]:
+            loaded = session.chat.slide
+            if loaded is None:  # its session ended since it was found ready
+                raise bad_request_failed(record)
+            self.joined.append(loaded)
         self.matcher = StopMatcher(request.stop)
         self.cancelled = threading.Event()
         self.reply: Reply | None = None
@@ -105,7 +116,7 @@ class AnswerRun:
                 if self.cancelled.is_set():
                     raise _ClientGone
                 self.reply = self.session.ask(request.question, self._on_text, request.settings, request.region,
-                                              history=request.history)
+                                              history=request.history, slide=request.slide, joined=self.joined)
             finally:
                 self.record.answering.release()
             spent = self.reply.prompt_tokens + self.reply.new_tokens
@@ -141,15 +152,37 @@ class AnswerRun:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def evidence(self) -> dict | None:
-        """What the answer rests on: the slide, the region asked about, and its most-weighted patches."""
+        """What the answer rests on: the slide, the region asked about, and its most-weighted patches; for a case,
+        also each slide's file and scope, and the slide each patch is on (`case_evidence`)."""
         reply = self.reply
         if reply is None:
             return None
+        if len(self.members) > 1:
+            return case_evidence(reply, [record for record, _ in self.members])
         region = list(reply.region.as_tuple()) if reply.region is not None else None
         return {"file_id": self.record.id, "slide": self.record.filename, "region": region,
                 "patches_in_scope": reply.patches,
                 "patches": [{"rank": e.rank, "index": e.index, "x": e.x, "y": e.y, "size": e.size,
                              "weight": round(float(e.weight), 6)} for e in reply.evidence]}
+
+
+def case_evidence(reply: Reply, records: list[ApiFile]) -> dict:
+    """A case's evidence: the single-slide fields (`file_id`, `slide`: the region's slide, null for a question about
+    the whole case), `slides` (each file in the case's order, numbered as its label names it to the model, with
+    its region and patches in scope) and, on each patch, the slide it is on."""
+    region = list(reply.region.as_tuple()) if reply.region is not None else None
+    slides = []
+    for index, record in enumerate(records):
+        own = region if index == reply.slide else None  # a region is on one slide; the others are seen whole
+        patches = reply.patches if own is not None else int((record.slide or {}).get("patches", 0))
+        slides.append({"number": index + 1, "file_id": record.id, "slide": record.filename, "region": own,
+                       "patches_in_scope": patches})
+    asked = records[reply.slide] if region is not None else None
+    return {"file_id": asked.id if asked else None, "slide": asked.filename if asked else None, "region": region,
+            "patches_in_scope": sum(s["patches_in_scope"] for s in slides), "slides": slides,
+            "patches": [{"rank": e.rank, "slide_number": e.slide + 1, "file_id": records[e.slide].id,
+                         "slide": records[e.slide].filename, "index": e.index, "x": e.x, "y": e.y, "size": e.size,
+                         "weight": round(float(e.weight), 6)} for e in reply.evidence]}
 
 
 def completion_body(run: AnswerRun, completion_id: str, model: str) -> dict:

@@ -7,7 +7,8 @@ budgets, the model slot as a load that makes way for questions). Its status foll
 object — `uploaded` while it is read, `processed` once it can be asked about, `error` with the one
 sentence — and the page's finer loading stage goes in an extra field. A key sees its own files only:
 any other id, another key's included, is "no such file". An idle file ends with its session
-(`--session-idle-minutes`) and then says so.
+(`--session-idle-minutes`) and then says so. A conversation about several files (a case) checks each
+as one file is checked, then the case's budget; no per-case state is kept beyond the request.
 """
 
 from __future__ import annotations
@@ -179,6 +180,18 @@ class FileRegistry:
             raise bad_request_failed(record)
         session.touch()
         return record, session
+
+    def ready_case(self, owner: ApiOwner, file_ids: list[str]) -> list[tuple[ApiFile, WebSession]]:
+        """`owner`'s processed files of one conversation (one slide, or a case) and their sessions, in order; the
+        first refusal of `ready`, else a case past the server's `max_case_patches` (400), before any work starts."""
+        members = [self.ready(owner, file_id) for file_id in file_ids]
+        limit = self.engine.config.max_case_patches
+        patches = sum((record.slide or {}).get("patches", 0) for record, _ in members)
+        if len(members) > 1 and patches > limit:
+            raise ApiError(400, f"The case's {len(members)} slides have {patches:,} tissue patches together, past the "
+                                f"{limit:,} this server takes in one conversation (--max-case-patches).",
+                           "too_many_patches", param="messages")
+        return members
 
     def delete(self, owner: ApiOwner, file_id: str) -> ApiFile:
         """Forget `owner`'s file, stop its load if one runs, delete its upload and free its memory."""

@@ -5,9 +5,11 @@ What is read, and checked before any work starts (each mistake one sentence, `pa
   user and assistant turns ending with a user message; consecutive messages of one role are joined.
   Content is a string or a list of parts: `text`; `file` (`{"type": "file", "file": {"file_id": …}}`,
   as OpenAI's SDK sends an uploaded file); `slide` (`{"type": "slide", "slide": {"file_id": …,
-  "region": [x, y, w, h]}}`, our own, for a level-0 region). All slide references name one file: one
-  slide per conversation. A user message's region is what that message asks about; one without a
-  region asks about the whole slide.
+  "region": [x, y, w, h]}}`, our own, for a level-0 region). The files the messages name are the
+  conversation's slides: one, or a case of several (in order of first appearance, at most the server's
+  `max_case_slides`), each labelled to the model as the page labels a case's slides. A user message's
+  region is what that message asks about, on the slide its part names; one without a region asks about
+  the whole slide (or case).
 - `max_tokens` / `max_completion_tokens`, `temperature`, `stop` (up to 4), `seed`, `stream`,
   `stream_options.include_usage`: honoured within the server's limits.
 - `n` (1), `top_p` (1), `frequency_penalty` / `presence_penalty` (0), `logprobs` (false), `user`,
@@ -40,17 +42,23 @@ IGNORED = {"user", "metadata", "parallel_tool_calls"}  # about the caller, not t
 
 @dataclass
 class ChatRequest:
-    """One chat completion request, checked: what to ask about which slide, with what settings."""
+    """One chat completion request, checked: what to ask about which slide (or case), with what settings."""
 
     model: str
-    file_id: str
+    file_ids: list[str]  # the slides, in order of first appearance: one, or a case
     question: str
     region: Region | None
-    history: list[Turn]
+    history: list[SlideTurn]  # each turn's region and the slide (index into file_ids) it belongs to
     settings: GenerationSettings
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    slide: int = 0  # the slide (index into file_ids) the question's region belongs to
+
+    @property
+    def file_id(self) -> str:
+        """The conversation's first slide: the one slide, or the case's first (its session holds the conversation)."""
+        return self.file_ids[0]
 
 
 def parse_chat_request(body: object, config: AppConfig, default_system_prompt: str | None) -> ChatRequest:
@@ -61,16 +69,25 @@ def parse_chat_request(body: object, config: AppConfig, default_system_prompt: s
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("'model' must name the served model (GET /v1/models lists it).", param="model")
-    system, turns, file_id, regions = _conversation(body.get("messages"), config)
+    system, turns, file_ids, regions = _conversation(body.get("messages"), config)
     question = turns[-1].content
-    history = [SlideTurn(t.role, t.content, regions.get(i)) for i, t in enumerate(turns[:-1])]
+    history = []
+    for i, turn in enumerate(turns[:-1]):
+        index, scope = _scope(regions, i)
+        history.append(SlideTurn(turn.role, turn.content, scope, slide=index))
+    slide, region = _scope(regions, len(turns) - 1)
     settings = _settings(body, config, system if system is not None else default_system_prompt)
     stream = _boolean(body.get("stream", False), "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}:
         raise bad_request("'stream_options' takes only include_usage.", param="stream_options")
-    return ChatRequest(model, file_id, question, regions.get(len(turns) - 1), history, settings,
-                       _stops(body.get("stop")), stream, _boolean(options.get("include_usage", False), "include_usage"))
+    return ChatRequest(model, file_ids, question, region, history, settings, _stops(body.get("stop")), stream,
+                       _boolean(options.get("include_usage", False), "include_usage"), slide)
+
+
+def _scope(regions: dict[int, tuple[int, Region]], turn: int) -> tuple[int, Region | None]:
+    """(the slide's index, its region) a turn asks about; (0, None): the whole slide or case."""
+    return regions.get(turn, (0, None))
 
 
 def _check_fields(body: dict) -> None:
@@ -86,8 +103,10 @@ def _check_fields(body: dict) -> None:
                               "unsupported_parameter", name)
 
 
-def _conversation(messages: object, config: AppConfig) -> tuple[str | None, list[Turn], str, dict[int, Region]]:
-    """(system prompt, user/assistant turns ending with a user's, the slide's file id, regions by turn index)."""
+def _conversation(messages: object,
+                  config: AppConfig) -> tuple[str | None, list[Turn], list[str], dict[int, tuple[int, Region]]]:
+    """(system prompt, user/assistant turns ending with a user's, the slides' file ids in order of first appearance,
+    (slide index, region) by turn index)."""
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list of {role, content} objects.", param="messages")
     if len(messages) > config.api_max_messages:
@@ -95,8 +114,8 @@ def _conversation(messages: object, config: AppConfig) -> tuple[str | None, list
                           f"{config.api_max_messages} (--api-max-messages).", "context_length_exceeded", "messages")
     system: list[str] = []
     turns: list[Turn] = []
-    regions: dict[int, Region] = {}
-    file_ids: set[str] = set()
+    regions: dict[int, tuple[str, Region]] = {}
+    file_ids: dict[str, None] = {}  # ordered: the case's slides in order of first appearance
     chars = 0
     for number, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
@@ -108,14 +127,16 @@ def _conversation(messages: object, config: AppConfig) -> tuple[str | None, list
         if message.get("tool_calls") or message.get("function_call") or message.get("audio"):
             raise bad_request(f"messages[{number}] carries tool calls or audio, which this server does not take.",
                               "unsupported_content", "messages")
-        text, slide, region = _content(message.get("content"), number, role)
+        text, slides, region = _content(message.get("content"), number, role)
         chars += len(text)
         if chars > config.api_max_conversation_chars:
             raise bad_request(f"The conversation is over {config.api_max_conversation_chars:,} characters, the most "
                               "this server takes (--api-max-conversation-chars); start a new one.",
                               "context_length_exceeded", "messages")
-        if slide is not None:
-            file_ids.add(slide)
+        file_ids.update(dict.fromkeys(slides))
+        if len(file_ids) > config.max_case_slides:  # before the rest is read: the count alone refuses it
+            raise bad_request(f"The messages name more than {config.max_case_slides} different slides, the most this "
+                              "server takes in one conversation (--max-case-slides).", "too_many_slides", "messages")
         if role in ("system", "developer"):
             system.append(text)
             continue
@@ -135,39 +156,45 @@ def _conversation(messages: object, config: AppConfig) -> tuple[str | None, list
         regions = {index + 1: region for index, region in regions.items()}
     if not turns[-1].content.strip():
         raise bad_request("The last user message has no text to answer.", param="messages")
-    if len(file_ids) != 1:
-        raise bad_request("Refer to the slide (one per conversation) with a content part "
-                          "{\"type\": \"file\", \"file\": {\"file_id\": …}} from POST /v1/files." if not file_ids else
-                          f"The messages name {len(file_ids)} different slides; one conversation is about one slide.",
-                          "missing_slide" if not file_ids else "several_slides", "messages")
-    return ("\n\n".join(system) if system else None), turns, file_ids.pop(), regions
+    if not file_ids:
+        raise bad_request("Refer to the slide (or the slides of a case) with a content part "
+                          "{\"type\": \"file\", \"file\": {\"file_id\": …}} from POST /v1/files.",
+                          "missing_slide", "messages")
+    order = {file_id: index for index, file_id in enumerate(file_ids)}
+    return ("\n\n".join(system) if system else None), turns, list(file_ids), \
+        {turn: (order[file_id], region) for turn, (file_id, region) in regions.items()}
 
 
-def _content(content: object, number: int, role: str) -> tuple[str, str | None, Region | None]:
-    """A message's text, the file id its slide part names (if any) and that part's region (if any)."""
+def _content(content: object, number: int, role: str) -> tuple[str, list[str], tuple[str, Region] | None]:
+    """A message's text, the file ids its slide parts name (in order) and the one region it asks about, with the
+    file id of the slide that region is on (if any)."""
     if isinstance(content, str):
-        return content, None, None
+        return content, [], None
     if content is None and role == "assistant":
-        return "", None, None
+        return "", [], None
     if not isinstance(content, list):
         raise bad_request(f"messages[{number}].content must be a string or a list of content parts.", param="messages")
     texts: list[str] = []
-    file_id, region = None, None
+    file_ids: dict[str, None] = {}
+    region: tuple[str, Region] | None = None
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif kind in ("file", "slide") and role == "user":
-            if file_id is not None:
-                raise bad_request(f"messages[{number}] refers to the slide twice; one slide part per message.",
-                                  "several_slides", "messages")
-            file_id, region = _slide_part(part, kind, number)
+            file_id, part_region = _slide_part(part, kind, number)
+            file_ids[file_id] = None
+            if part_region is not None:
+                if region is not None:
+                    raise bad_request(f"messages[{number}] names a second region; a question asks about one region "
+                                      "of one slide at a time.", "invalid_region", "messages")
+                region = (file_id, part_region)
         else:
             raise bad_request(f"messages[{number}] has a content part of type {str(kind)[:24]!r}, which this server "
                               f"does not take{' from the ' + role if kind in ('file', 'slide') else ''}: it reads "
                               "text, and a slide uploaded with POST /v1/files as a file or slide part.",
                               "unsupported_content", "messages")
-    return "\n".join(texts), file_id, region
+    return "\n".join(texts), list(file_ids), region
 
 
 def _slide_part(part: dict, kind: str, number: int) -> tuple[str, Region | None]:
