@@ -23,7 +23,7 @@ from .choices import extract_choice
 from .closed_data import ClosedItem, load_closed_items
 from .closed_report import summarize_closed, write_closed_outputs
 from .criteria import EvalError
-from .data import JsonlLog, read_records
+from .data import JsonlLog, item_images, read_records
 from .leakage import check_training_patients
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,8 @@ def run_closed(config: ClosedConfig, out_dir: str | Path, *, model=None,
     loaded = load_closed_items(config.data, config.features, instruction=config.instruction,
                                require_features=config.model is not None)
     items = loaded.items
-    patients = check_training_patients(config.model, [i.image for i in items], patient_map, config.strict)
+    patients = check_training_patients(config.model, [s for i in items for s in item_images(i)], patient_map,
+                                       config.strict)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_resume(out_dir, config)
     saved = _saved_config(out_dir)

@@ -2,6 +2,8 @@
 
 - WSI-Bench `*_choice_test.json`: LLaVA records whose question lists `A) … B) … C) … D) …` inline and
   whose reference answer is the letter; `*_TF_question_test.json`: the reference is `Yes` / `No`.
+  In every LLaVA file `image` may also be a list of 1–8 slides (a case, as `eval run` reads it): the
+  question is answered over all of them, each labelled, and the shuffled baseline swaps whole cases.
   `image` is the authors' path (`TCGA-LUSC/<slide>.pt`); the features are found under `--features`
   as that path, or as `<slide>.h5/.pt` in that subfolder or flat.
 - SlideBench-VQA CSV (SlideChat): columns `ID, Slide, Tumor, Broad Category, Narrow Category,
@@ -27,7 +29,7 @@ from ..errors import ChatEXAONEPathError
 from ..patients import slide_key
 from .choices import LETTERS, NO, YES, letter_answer, split_options, yes_no_answer
 from .criteria import EvalError
-from .data import read_records, resolve_features
+from .data import read_records, record_images, resolve_features
 
 CSV_REQUIRED = ("ID", "Slide", "Question", "Answer")
 STRICT_NAMES = ("_choice", "_tf_question", "_tf")  # WSI-Bench's closed files: every question must parse
@@ -40,14 +42,16 @@ class ClosedItem:
     id: str
     file: str  # the data file's name: accuracy is reported per file
     row: str  # "record 12" / "row 7": where it is in that file
-    image: str  # the slide as the data names it
-    features: Path | None
+    image: str  # the slide as the data names it (a case's first slide)
+    features: Path | None  # None when not found (for a case: when any of its slides' is not)
     turns: list[Turn]  # what the model is asked (earlier reference exchanges, then this question)
     question: str  # this question as asked, options included
     options: dict[str, str]  # {letter: text}, or {"Yes": "Yes", "No": "No"}
     answer: str  # the right choice: a letter, "Yes" or "No"
     category: str
     subcategory: str | None = None
+    case_features: tuple[Path, ...] = ()  # a case: every slide's features, in order (`features` is the first's)
+    case_names: tuple[str, ...] = ()  # how the case's labels name its slides
 
     @property
     def kind(self) -> str:
@@ -63,7 +67,8 @@ class ClosedItem:
         return {"id": self.id, "file": self.file, "image": self.image, "slide": self.slide,
                 "features": str(self.features) if self.features else None, "question": self.question,
                 "options": self.options, "reference": self.answer, "kind": self.kind, "category": self.category,
-                "subcategory": self.subcategory}
+                "subcategory": self.subcategory,
+                **({"case": [str(p) for p in self.case_features]} if self.case_features else {})}
 
 
 @dataclass
@@ -138,9 +143,7 @@ def _llava_items(path: Path, features_dir: Path | None) -> ClosedSet:
     for number, record in enumerate(read_records(path, "Test data"), 1):
         where = f"record {number}"
         record_id = str(record.get("id") or f"{path.stem}-{number}")
-        image = record.get("image")
-        if not isinstance(image, str) or not image.strip():
-            raise EvalError(f"{path} {where} ({record_id}) has no 'image' (a slide id or a features path).")
+        images = record_images(record, f"{path} {where} ({record_id})")
         try:
             turns = turns_from_llava(record.get("conversations"))
         except ChatEXAONEPathError as e:
@@ -148,7 +151,9 @@ def _llava_items(path: Path, features_dir: Path | None) -> ClosedSet:
         pairs = [(turns[i], turns[i + 1]) for i in range(0, len(turns) - 1, 2)]
         if not pairs:
             raise EvalError(f"{path} {where} ({record_id}) has no gpt reply to use as the answer key.")
-        features = resolve_features(image.strip(), features_dir, path.parent)
+        resolved = [resolve_features(image, features_dir, path.parent) for image in images]
+        case = tuple(resolved) if len(images) > 1 and all(resolved) else ()
+        names = tuple(Path(image).name for image in images) if len(images) > 1 else ()
         metadata = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
         for n, (human, gpt) in enumerate(pairs):
             item_id = record_id if len(pairs) == 1 else f"{record_id}#{n + 1}"
@@ -162,9 +167,10 @@ def _llava_items(path: Path, features_dir: Path | None) -> ClosedSet:
             category = message.get("category") or record.get("category") or metadata.get("category") \
                 or _category_of(path)
             out.items.append(ClosedItem(
-                id=item_id, file=path.name, row=where, image=image.strip(), features=features,
-                turns=turns[: 2 * n + 1], question=human.content.replace(IMAGE_TOKEN, "").strip(), options=options,
-                answer=answer, category=str(category)))
+                id=item_id, file=path.name, row=where, image=images[0],
+                features=resolved[0] if all(resolved) else None, turns=turns[: 2 * n + 1],
+                question=human.content.replace(IMAGE_TOKEN, "").strip(), options=options, answer=answer,
+                category=str(category), case_features=case, case_names=names))
     return out
 
 

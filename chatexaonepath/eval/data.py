@@ -222,7 +222,7 @@ def load_test_items(data: str | Path, features_dir: str | Path | None = None,
     items: list[TestItem] = []
     for index, record in enumerate(read_records(data, "Test data")):
         record_id = _field(record, "id") or f"item{index:05d}"
-        images = _images(record, record_id, data)
+        images = record_images(record, f"Record {record_id} of {data}")
         image = images[0]
         try:
             turns = turns_from_llava(record.get("conversations"))
@@ -257,17 +257,22 @@ def load_test_items(data: str | Path, features_dir: str | Path | None = None,
     return items
 
 
-def _images(record: dict, record_id: str, data: Path) -> list[str]:
-    """A record's slides: `image` as one id or path, or a list of 1–8 of them (a case)."""
+def record_images(record: dict, where: str) -> list[str]:
+    """A record's slides: `image` as one id or path, or a list of 1–8 of them (a case); `where` names the record
+    in the one-sentence refusal (e.g. "Record r1 of test.json")."""
     image = record.get("image")
     images = [str(i).strip() for i in image] if isinstance(image, list) else [_field(record, "image")]
     if not images or not all(images):
-        raise EvalError(f"Record {record_id} of {data} has no 'image' (a slide id or a features path, or a list of "
-                        "them for a case).")
+        raise EvalError(f"{where} has no 'image' (a slide id or a features path, or a list of them for a case).")
     if len(images) > MAX_CASE_SLIDES:
-        raise EvalError(f"Record {record_id} of {data} lists {len(images)} slides; a case has at most "
-                        f"{MAX_CASE_SLIDES}.")
+        raise EvalError(f"{where} lists {len(images)} slides; a case has at most {MAX_CASE_SLIDES}.")
     return images
+
+
+def item_images(item) -> list[str]:
+    """Every slide a test item (or closed-ended item) asks about, by name: its case's slides, else its one slide
+    (a case's patients are all checked against training, not only its first slide's)."""
+    return list(getattr(item, "case_names", ()) or ()) or [item.image]
 
 
 def _record_report(record: dict, image: str, reports_dir: Path | None, pairs: list) -> tuple[str, str | None, str]:

@@ -26,7 +26,7 @@ from .baselines import case_derangement, paired_difference, parse_baselines
 from ..patients import load_patient_map
 from .criteria import AcceptanceRule, CriteriaSet, Criterion, EvalError, load_criteria
 from ..fileio import atomic_write_json
-from .data import JsonlLog, load_answers, load_test_items
+from .data import JsonlLog, item_images, load_answers, load_test_items
 from .excerpts import ReportExcerpter
 from .judge import Judge, JudgeBackendFailure, JudgeConfig, JudgeItem
 from .leakage import check_training_patients
@@ -307,7 +307,8 @@ def run_eval(generate_config: "GenerateConfig", out_dir: str | Path, judge_backe
     baselines = parse_baselines(baselines)
     patient_map = load_patient_map(patient_map) if patient_map else None
     items = load_test_items(generate_config.data, generate_config.features, generate_config.reports)
-    patients = check_training_patients(generate_config.model, [i.image for i in items], patient_map, strict)
+    patients = check_training_patients(generate_config.model, [s for i in items for s in item_images(i)],
+                                       patient_map, strict)
     judge, extra = _setup(out_dir, judge_backend, criteria, rule, judge_config)  # fail fast on a bad judge spec
     logs = {c: JsonlLog(out_dir / ("answers.jsonl" if c == "model" else f"answers_{c}.jsonl"))
             for c in ["model", *baselines]}

@@ -1,14 +1,20 @@
-"""`eval` reads case items (image lists); the shuffled baseline swaps whole cases."""
+"""`eval run` and `eval closed` read case items (image lists), answer over every slide of a case, check every
+slide's patient against training, and the shuffled baseline swaps whole cases."""
 
 import json
+import shutil
 
 import pytest
 
 from chatexaonepath.chat.modeling import ChatEXAONEPathForCausalLM
 from chatexaonepath.eval.answers import GenerateConfig, generate_answers
 from chatexaonepath.eval.baselines import case_derangement
+from chatexaonepath.eval.closed import ClosedConfig, run_closed
+from chatexaonepath.eval.closed_data import load_closed_items
 from chatexaonepath.eval.criteria import EvalError
 from chatexaonepath.eval.data import JsonlLog, load_test_items
+from chatexaonepath.eval.run import run_eval
+from chatexaonepath.patients import record_train_patients
 
 
 def qa(record_id, image, question="Which slide shows carcinoma?\n<image>", answer="Slide 1."):
@@ -60,3 +66,56 @@ def test_the_shuffled_baseline_swaps_whole_cases(workspace, tmp_path, case_data)
     assert used["c1"] == [str(p) for p in items["c2"].case_features]
     with pytest.raises(EvalError, match="only one case of 2 slides"):
         case_derangement([items["c1"], items["s1"], items["s2"]])
+
+
+def choice_case_file(tmp_path):
+    """A WSI-Bench-named closed file (every question must parse) whose records are cases and single slides."""
+    data = [qa("c1", ["S1", "S2.svs"], "Which slide shows carcinoma? A) Slide 1 B) Slide 2\n<image>", "A"),
+            qa("c2", ["S2", "S1"], "<image> or <image>: which shows carcinoma? A) The first B) The second", "B"),
+            qa("s1", "S1", "<image>\nIs it carcinoma?", "Yes"),
+            qa("s2", ["S2"], "Which organ? A) Colon B) Liver", "B")]  # a one-slide list is a single slide
+    path = tmp_path / "Cases_choice_test.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_eval_closed_answers_case_items_over_every_slide_and_its_baselines_swap_whole_cases(workspace, tmp_path):
+    path = choice_case_file(tmp_path)
+    items = {i.id: i for i in load_closed_items([path], workspace / "features").items}
+    assert [p.name for p in items["c1"].case_features] == ["S1.h5", "S2.h5"]
+    assert items["c1"].case_names == ("S1", "S2.svs") and items["c1"].options == {"A": "Slide 1", "B": "Slide 2"}
+    assert items["s2"].case_features == () and items["s2"].features.name == "S2.h5"
+
+    model = ChatEXAONEPathForCausalLM.from_pretrained(workspace / "ckpt")
+    bags, original = [], model.generate
+    model.generate = lambda ids, feats, **k: bags.append(len(feats)) or original(ids, feats, **k)
+    config = ClosedConfig(data=[str(path)], model=str(workspace / "ckpt"), features=str(workspace / "features"),
+                          baselines="blind,shuffled", max_new_tokens=3, batch_size=4)
+    summary = run_closed(config, tmp_path / "run", model=model).summary
+    assert sum(bags) == 2 * (2 + 2 + 1 + 1)  # model and shuffled: every slide of each case; blind: none
+    used = {c: {r["id"]: r["features_used"] for r in JsonlLog(tmp_path / "run" / f).records()}
+            for c, f in (("model", "answers.jsonl"), ("blind", "answers_blind.jsonl"),
+                         ("shuffled", "answers_shuffled.jsonl"))}
+    assert used["model"]["c1"] == [str(p) for p in items["c1"].case_features]
+    assert used["shuffled"]["c1"] == [str(p) for p in items["c2"].case_features]  # a whole case for a whole case
+    assert used["shuffled"]["s1"] == str(items["s2"].features) and set(used["blind"].values()) == {None}
+    answers = {r["id"]: r for r in JsonlLog(tmp_path / "run" / "answers.jsonl").records()}
+    assert answers["c1"]["case"] == [str(p) for p in items["c1"].case_features] and "case" not in answers["s1"]
+    assert summary["overall"]["n"] == 4 and set(summary["baselines"]) == {"blind", "shuffled"}
+
+
+def test_every_slide_of_a_case_is_checked_against_the_training_patients(workspace, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(workspace / "ckpt", ckpt)
+    # S2, the second slide of case c1, was a training patient's: a case's first slide alone would hide it.
+    (ckpt / "training_args.json").write_text(json.dumps({"train_patients": record_train_patients(["S2"])}))
+    closed = tmp_path / "Cases_choice_test.json"
+    closed.write_text(json.dumps([qa("c1", ["S1", "S2"], "Which slide? A) Slide 1 B) Slide 2\n<image>", "A")]))
+    with pytest.raises(EvalError, match="--strict: 1 of 2 test patients were seen in training"):
+        run_closed(ClosedConfig(data=[str(closed)], model=str(ckpt), features=str(workspace / "features"),
+                                strict=True), tmp_path / "closed")
+    (tmp_path / "cases.json").write_text(json.dumps([qa("c1", ["S1", "S2"])]))
+    with pytest.raises(EvalError, match="--strict: 1 of 2 test patients were seen in training"):
+        run_eval(GenerateConfig(model=str(ckpt), data=str(tmp_path / "cases.json"),
+                                features=str(workspace / "features")), tmp_path / "open", "local:embedded", strict=True)
+    assert not (tmp_path / "closed").exists() and not (tmp_path / "open").exists()  # refused before any answer
