@@ -52,6 +52,7 @@ class ClosedItem:
     subcategory: str | None = None
     case_features: tuple[Path, ...] = ()  # a case: every slide's features, in order (`features` is the first's)
     case_names: tuple[str, ...] = ()  # how the case's labels name its slides
+    absent: str | None = None  # the first slide whose features were not found: the one an error must name
 
     @property
     def kind(self) -> str:
@@ -124,11 +125,9 @@ def _check_features(items: list[ClosedItem], features_dir: Path | None) -> None:
         return
     first = missing[0]
     where = f"in {features_dir}" if features_dir else "(give --features DIR)"
-    hint = " SlideChat's CSV feature files are not read: extract the slides with `chatexaonepath slide extract`." \
-        if features_dir and any(features_dir.rglob(f"{first.slide}.csv")) else \
-        " Extract them with `chatexaonepath slide extract`."
     raise EvalError(f"{len(missing)} of {len(items)} questions have no features file {where} (first: slide "
-                    f"{first.image!r}, {first.file} {first.row}).{hint}")
+                    f"{first.absent or first.image!r}, {first.file} {first.row}). Extract them with "
+                    "`chatexaonepath slide extract`.")
 
 
 def _category_of(path: Path) -> str:
@@ -170,7 +169,8 @@ def _llava_items(path: Path, features_dir: Path | None) -> ClosedSet:
                 id=item_id, file=path.name, row=where, image=images[0],
                 features=resolved[0] if all(resolved) else None, turns=turns[: 2 * n + 1],
                 question=human.content.replace(IMAGE_TOKEN, "").strip(), options=options, answer=answer,
-                category=str(category), case_features=case, case_names=names))
+                category=str(category), case_features=case, case_names=names,
+                absent=next((image for image, r in zip(images, resolved) if r is None), None)))
     return out
 
 

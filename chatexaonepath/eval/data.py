@@ -26,13 +26,13 @@ from .criteria import EvalError
 from ..fileio import atomic_write_text
 from ..patients import slide_key
 from ..raider.ingest import report_id_problem
+from ..vision_tower.features import FEATURE_SUFFIXES
 from .judge import JudgeItem
 
 logger = logging.getLogger(__name__)
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".dcm",
                   ".png", ".jpg", ".jpeg"}
-FEATURE_SUFFIXES = (".h5", ".hdf5", ".pt")
 
 
 # --- files --------------------------------------------------------------------------------------------
@@ -220,6 +220,7 @@ def load_test_items(data: str | Path, features_dir: str | Path | None = None,
     if reports_dir is not None and not reports_dir.is_dir():
         raise EvalError(f"Reports folder not found: {reports_dir}.")
     items: list[TestItem] = []
+    absent: list[str] = []
     for index, record in enumerate(read_records(data, "Test data")):
         record_id = _field(record, "id") or f"item{index:05d}"
         images = record_images(record, f"Record {record_id} of {data}")
@@ -233,6 +234,7 @@ def load_test_items(data: str | Path, features_dir: str | Path | None = None,
             raise EvalError(f"Record {record_id} of {data} has no gpt reply to use as a reference answer.")
         report, report_id, source = _record_report(record, image, reports_dir, pairs)
         resolved = [resolve_features(i, features_dir, data.parent) for i in images]
+        absent += [i for i, r in zip(images, resolved) if r is None][:1]  # a case names its missing slide
         case = tuple(resolved) if len(images) > 1 and all(resolved) else ()
         names = tuple(Path(i).name for i in images) if len(images) > 1 else ()
         for n, (human, gpt) in enumerate(pairs):
@@ -249,7 +251,7 @@ def load_test_items(data: str | Path, features_dir: str | Path | None = None,
     if missing:
         where = f"in {features_dir}" if features_dir else "(give --features DIR)"
         raise EvalError(f"{len(missing)} of {len(items)} test items have no features file {where} "
-                        f"(first: image {missing[0].image!r}); extract them with `chatexaonepath slide extract`.")
+                        f"(first: image {absent[0]!r}); extract them with `chatexaonepath slide extract`.")
     sources = {s: sum(i.report_source == s for i in items) for s in ("record", "file", "reference")}
     if sources["reference"]:
         logger.warning("%d test item(s) have no report (no 'report', 'report_id' or REPORTS/<slide id>.txt): "

@@ -27,11 +27,10 @@ import torch
 from ..chat.conversation import IGNORE_INDEX, IMAGE_TOKEN, MAX_CASE_SLIDES, PromptBuilder, label_case, turns_from_llava
 from ..chat.provenance import PROVENANCE_KEYS, describe, file_provenance
 from ..errors import ChatEXAONEPathError
-from ..vision_tower.features import read_features
+from ..vision_tower.features import FEATURE_SUFFIXES, read_features
 
 logger = logging.getLogger(__name__)
 
-FEATURE_SUFFIXES = (".h5", ".hdf5", ".pt", ".csv")
 # Slide-file suffixes some datasets leave on `image` ("TCGA-…-01Z-00-DX1.svs"): the features are named by stem.
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".dcm", ".png", ".jpg")
 

@@ -31,6 +31,9 @@ SETTINGS_ATTRS = (
 # What a file written before an attribute existed was made with (every file before `decoder` used OpenSlide,
 # every one before `stain_target_sha256` the default Macenko reference or none).
 SETTINGS_DEFAULTS = {"decoder": "openslide", "stain_target_sha256": "none"}
+# The feature files `read_features` reads (a record's `image` naming one is a path, not a slide id): training and
+# evaluation resolve the same names, so SlideChat's `.csv` data both trains and is evaluated.
+FEATURE_SUFFIXES = (".h5", ".hdf5", ".pt", ".csv")
 
 
 @dataclass

@@ -119,3 +119,38 @@ def test_every_slide_of_a_case_is_checked_against_the_training_patients(workspac
         run_eval(GenerateConfig(model=str(ckpt), data=str(tmp_path / "cases.json"),
                                 features=str(workspace / "features")), tmp_path / "open", "local:embedded", strict=True)
     assert not (tmp_path / "closed").exists() and not (tmp_path / "open").exists()  # refused before any answer
+
+
+def slidechat_csv(path, patches=4, dim=6):
+    """A features CSV as SlideChat ships them: columns 0..D-1, then each patch's image path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [",".join([*map(str, range(dim)), "img_path"])]
+    rows += [",".join(["0.5"] * dim) + f",./BLCA/{path.stem}/{i}_0.jpeg" for i in range(patches)]
+    path.write_text("\n".join(rows) + "\n")
+
+
+def test_slidechat_test_json_with_csv_features_is_read_by_both_commands(tmp_path):
+    """SlideChat's test JSON as shipped: `image` lists of `.csv` files under a tumour folder, `<image>` at the end."""
+    from chatexaonepath.vision_tower.features import read_features
+
+    for slide in ("TCGA-A", "TCGA-B"):
+        slidechat_csv(tmp_path / "feat" / "BLCA" / f"{slide}.csv")
+    data = [qa("sc1", ["./BLCA/TCGA-A.csv", "./BLCA/TCGA-B.csv"],
+               "Which slide shows carcinoma?\nA) Slide 1\nB) Slide 2\n<image>", "A) Slide 1")]
+    (tmp_path / "slidechat_test.json").write_text(json.dumps(data))
+    item = load_test_items(tmp_path / "slidechat_test.json", tmp_path / "feat")[0]
+    closed = load_closed_items([tmp_path / "slidechat_test.json"], tmp_path / "feat").items[0]
+    for case in (item.case_features, closed.case_features):
+        assert [p.name for p in case] == ["TCGA-A.csv", "TCGA-B.csv"]
+        assert read_features(case[1]).features.shape == (4, 6)
+    assert closed.answer == "A" and closed.case_names == ("TCGA-A.csv", "TCGA-B.csv")
+
+
+def test_a_case_missing_one_slides_features_names_that_slide(tmp_path):
+    slidechat_csv(tmp_path / "feat" / "BLCA" / "TCGA-A.csv")
+    data = [qa("sc1", ["./BLCA/TCGA-A.csv", "./BLCA/TCGA-GONE.csv"], "Is it carcinoma?\n<image>", "Yes")]
+    (tmp_path / "t.json").write_text(json.dumps(data))
+    with pytest.raises(EvalError, match="TCGA-GONE"):
+        load_test_items(tmp_path / "t.json", tmp_path / "feat")
+    with pytest.raises(EvalError, match="TCGA-GONE"):
+        load_closed_items([tmp_path / "t.json"], tmp_path / "feat")
