@@ -90,13 +90,18 @@ def error_of(response, status, code=None):
     return error
 
 
+def processed_file(api, path) -> str:
+    """`path` uploaded and waited for until processed: its file id."""
+    http = client(api)
+    body = upload(http, path).json()
+    assert wait_processed(http, body["id"])["status"] == "processed"
+    return body["id"]
+
+
 @pytest.fixture(scope="module")
 def tumor_file(api, slides):
     """The tumor slide uploaded and processed once for the module: its file id."""
-    http = client(api)
-    body = upload(http, slides["tumor"]).json()
-    assert wait_processed(http, body["id"])["status"] == "processed"
-    return body["id"]
+    return processed_file(api, slides["tumor"])
 
 
 def test_the_official_client_uploads_a_slide_waits_for_it_and_streams_an_answer(api, engine, slides):
@@ -340,10 +345,7 @@ def test_a_client_that_goes_away_stops_its_answer(api, tumor_file, engine):
 @pytest.fixture(scope="module")
 def stroma_file(api, slides):
     """The stroma slide uploaded and processed once for the module: with the tumor slide, a case of two."""
-    http = client(api)
-    body = upload(http, slides["stroma"]).json()
-    assert wait_processed(http, body["id"])["status"] == "processed"
-    return body["id"]
+    return processed_file(api, slides["stroma"])
 
 
 def case_question(parts, text="Which slide shows tumour?", **extra):
