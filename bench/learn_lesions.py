@@ -30,7 +30,8 @@ and `which_slide_accuracy` (held-out cases, the minimum over seeds).
 
     python bench/learn_lesions.py [--seeds 0,1,2] [--precision auto|fp32|bf16] [--out DIR] [--keep]
 
-`--out` keeps each seed's build folder (`DIR/seed-N`) and resumes it.
+`--out` keeps each seed's build folder (`DIR/seed-N`) and resumes it; a seed already scored with the same
+settings (its `bench.json`) is read back, not scored again.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ except ImportError:
 
 from chatexaonepath.chat.modeling import ChatEXAONEPathConfig, ChatEXAONEPathForCausalLM
 from chatexaonepath.synthetic import baselines as B
-from chatexaonepath.synthetic.demo_model import DemoBuildConfig, build_demo_model
+from chatexaonepath.synthetic.demo_model import DemoBuildConfig, build_demo_model, load_ready
 from chatexaonepath.synthetic.lesions import CASE_SCORED, SCORED, read_lesion_cases
 from chatexaonepath.synthetic.scores import (
     CaseView, CohortView, case_derangement, derangement, score_cases, score_lesion_cohort, untrained_localisation,
@@ -110,6 +111,15 @@ def run_seed(seed: int, args, work: Path, log) -> dict:
     started = time.perf_counter()
     config = DemoBuildConfig(seed=seed, precision=args.precision, llm=args.llm, check=False,
                              split_sizes=tuple(args.split_sizes), size=args.size)
+    # A seed scored before with these settings is not scored again: a bench stopped after its first seed (each
+    # takes most of an hour on two cores) resumes at the next one. The build itself is checked by build_demo_model.
+    settings = json.loads(json.dumps({"build": asdict(config), "untrained_towers": args.untrained_towers}))
+    scored = work / "bench.json"
+    if scored.is_file() and load_ready(work) is not None:
+        figures = json.loads(scored.read_text())
+        if figures.get("settings") == settings:
+            log(f"seed {seed}: scored before ({scored})")
+            return figures
     demo = build_demo_model(work, config, progress=lambda stage, done, total: done is None and log(f"seed {seed}: {stage}"))
     log(f"seed {seed}: scoring")
     test = CohortView.load(work / "cohort", work / "features", split="test")
@@ -147,6 +157,7 @@ def run_seed(seed: int, args, work: Path, log) -> dict:
             v for v in demo.card["seconds"].values() if isinstance(v, (int, float))), 1)},
         "test_slides": len(test.ids), "patches": demo.card["patches"],
         "case": cases,
+        "settings": settings,
     }
     (work / "bench.json").write_text(json.dumps(figures, indent=1, default=str))
     return figures
