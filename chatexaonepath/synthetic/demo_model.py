@@ -393,7 +393,15 @@ def _extract(folder: Path, extractor, report: ProgressFn) -> int:
         raise ChatEXAONEPathError(f"{len(summary.failed)} of {len(slides)} synthetic slides failed to extract; "
                                   f"see {summary.errors_file}.")
     report("features", len(slides), len(slides))
-    return sum(max(r.num_patches, 0) for r in summary.results)
+    return sum(r.num_patches if r.num_patches >= 0 else _patches_in(folder / "features" / f"{r.slide_id}.h5")
+               for r in summary.results)
+
+
+def _patches_in(path: Path) -> int:
+    """The patches of a features file: a slide extracted by an earlier, interrupted run is skipped, not counted."""
+    from ..vision_tower.features import read_features
+
+    return len(read_features(path).features)
 
 
 def recipe_phase_config(recipe: DemoBuildConfig, phase: int, out: Path, init: Path | None = None) -> PhaseConfig:

@@ -359,3 +359,13 @@ def test_the_benchmark_scores_the_held_out_cases_beside_their_controls_and_basel
     assert all(figures["colour"][q][1]["total"] == 2 and " / " in figures["colour"][q][0] for q in figures["colour"])
     rows = dict(bench.case_rows(figures))
     assert rows["test cases"] == "2" and any(key.startswith("which_slide: model") for key in rows)
+
+
+@pytest.mark.slow
+def test_a_resumed_build_counts_the_patches_extracted_before(built, extractor):
+    """A build resumed after its features were made (Ctrl-C in phase 2, say) finds every slide extracted already:
+    its card must still count their patches, not 0."""
+    from chatexaonepath.synthetic import demo_model as demo_module
+
+    _, demo, _ = built
+    assert demo_module._extract(demo.folder, extractor, lambda *a: None) == demo.card["patches"] > 0
