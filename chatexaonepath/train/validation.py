@@ -40,23 +40,12 @@ LOSS_TIEBREAK = 1e-4
 class ShortAnswer:
     """One assistant reply to predict: the prompt before it (with the generation prompt) and the reference.
 
-    `features_paths` are the slide's features, or every slide's of a case in the case's order (one path alone is
-    taken as a one-slide tuple).
+    `features_paths` are the slide's features, or every slide's of a case in the case's order.
     """
 
     features_paths: tuple[Path, ...]
     prompt_ids: list[int]
     reference: str
-
-    def __post_init__(self) -> None:
-        if isinstance(self.features_paths, (str, Path)):
-            self.features_paths = (Path(self.features_paths),)
-        self.features_paths = tuple(self.features_paths)
-
-    @property
-    def features_path(self) -> Path:
-        """The (first) slide's features."""
-        return self.features_paths[0]
 
 
 def normalise_answer(text: str) -> str:

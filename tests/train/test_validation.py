@@ -45,8 +45,8 @@ def test_exact_match_decodes_about_as_long_as_the_reference_not_max_new_tokens(d
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
     bag = dataset_dir / "features" / "s0.h5"
-    items = [ShortAnswer(bag, [1, 2], "Alpha."), ShortAnswer(bag, [1, 2], "Yes."),
-             ShortAnswer(bag, [1, 2], "High grade adenocarcinoma.")]
+    items = [ShortAnswer((bag,), [1, 2], "Alpha."), ShortAnswer((bag,), [1, 2], "Yes."),
+             ShortAnswer((bag,), [1, 2], "High grade adenocarcinoma.")]
     model = Replies(tokenizer, ["alpha", "Yes" + " ." * 40, "high grade adenocarcinoma of the colon"])
     assert exact_match(model, tokenizer, items) == 2 / 3 and model.training  # trailing dots still match
     for item, limit in zip(items, model.limits):
